@@ -1,0 +1,92 @@
+//! The stock Firebrand runner's jobs: diagnostics for tests, benchmarks and health checks.
+//!
+//! A dedicated runner binary for an application looks like `main.rs` beside this file: build a
+//! [`Registry`] with the application's jobs, then call [`firebrand::run_if_child`].
+
+use std::time::Duration;
+
+use firebrand::child::RunnerStats;
+use firebrand::{Job, Registry};
+use serde::{Deserialize, Serialize};
+
+/// Returns its argument.
+pub const ECHO: Job<Vec<u8>, Vec<u8>> = Job::new("firebrand.echo");
+/// Sleeps for the given milliseconds.
+pub const SLEEP: Job<u64, ()> = Job::new("firebrand.sleep");
+/// Fails with the given message.
+pub const FAIL: Job<String, ()> = Job::new("firebrand.fail");
+/// Panics with the given message.
+pub const PANIC: Job<String, ()> = Job::new("firebrand.panic");
+/// Chains SHA-256 over a seed: CPU-bound work.
+pub const HASH: Job<HashArgs, String> = Job::new("firebrand.hash");
+/// The runner's process id.
+pub const PID: Job<(), u32> = Job::new("firebrand.pid");
+/// The runner's value of an environment variable.
+pub const ENV: Job<String, Option<String>> = Job::new("firebrand.env");
+/// What the runner has served so far.
+pub const STATS: Job<(), RunnerStats> = Job::new("firebrand.stats");
+
+/// The argument of [`HASH`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HashArgs {
+    /// The bytes to start from.
+    pub seed: Vec<u8>,
+    /// How many times to hash.
+    pub rounds: u32,
+}
+
+/// The stock runner's jobs.
+///
+/// # Panics
+/// Never: the names are unique.
+#[must_use]
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    registry
+        .register(&ECHO, |bytes: Vec<u8>| async move { ok(bytes) })
+        .and_then(|r| {
+            r.register(&SLEEP, |ms: u64| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                ok(())
+            })
+        })
+        .and_then(|r| {
+            r.register(
+                &FAIL,
+                |message: String| async move { Err::<(), _>(message) },
+            )
+        })
+        .and_then(|r| {
+            r.register(&PANIC, |message: String| async move {
+                if !message.is_empty() {
+                    panic!("{message}");
+                }
+                ok(())
+            })
+        })
+        .and_then(|r| r.register(&HASH, |args: HashArgs| async move { ok(hash(&args)) }))
+        .and_then(|r| r.register(&PID, |()| async { ok(std::process::id()) }))
+        .and_then(|r| {
+            r.register(
+                &ENV,
+                |name: String| async move { ok(std::env::var(name).ok()) },
+            )
+        })
+        .and_then(|r| r.register(&STATS, |()| async { ok(firebrand::child::stats()) }))
+        .expect("stock job names are unique");
+    registry
+}
+
+fn ok<T>(value: T) -> Result<T, String> {
+    Ok(value)
+}
+
+/// The work of [`HASH`], as a hex digest.
+#[must_use]
+pub fn hash(args: &HashArgs) -> String {
+    let mut digest = ring::digest::digest(&ring::digest::SHA256, &args.seed);
+    for _ in 1..args.rounds {
+        digest = ring::digest::digest(&ring::digest::SHA256, digest.as_ref());
+    }
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}

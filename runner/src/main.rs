@@ -1,0 +1,21 @@
+//! `firebrand-runner`: the stock runner binary. A pool starts it with `FIREBRAND_PARENT` set.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    firebrand::run_if_child(&firebrand_runner::registry());
+    eprintln!(
+        "firebrand-runner serves jobs for a Firebrand pool, which starts it with {} set.\n\
+         Point a pool at it with `LocalBackend::builder().command(\"{}\")`.",
+        firebrand::token::PARENT_ENV,
+        std::env::args().next().unwrap_or_default()
+    );
+    ExitCode::from(2)
+}

@@ -1,0 +1,218 @@
+//! Runners as local processes.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use tokio::process::{Child, Command};
+
+use super::{Backend, BootRequest, Exit, Machine};
+use crate::error::BackendError;
+
+/// Boots runners as processes on this machine: by default the current executable, which
+/// serves jobs through [`run_if_child`](crate::run_if_child) (embedded mode).
+///
+/// The environment is explicit: a runner gets the variables set with
+/// [`env`](LocalBackendBuilder::env), those named with [`forward`](LocalBackendBuilder::forward)
+/// that the parent has, and the boot token; nothing else of the parent's.
+///
+/// ```no_run
+/// use firebrand::LocalBackend;
+///
+/// let backend = LocalBackend::builder()
+///     .command("target/release/firebrand-runner")
+///     .env("MODEL_DIR", "/srv/models")
+///     .forward("HOME")
+///     .build();
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    program: Option<PathBuf>,
+    args: Vec<OsString>,
+    env: BTreeMap<String, String>,
+    forward: Vec<String>,
+}
+
+/// Configures a [`LocalBackend`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct LocalBackendBuilder {
+    backend: LocalBackend,
+}
+
+impl Default for LocalBackend {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl LocalBackend {
+    /// A builder with the defaults: the current executable, no arguments, and `RUST_LOG`,
+    /// `RUST_BACKTRACE` and `PATH` forwarded.
+    pub fn builder() -> LocalBackendBuilder {
+        LocalBackendBuilder {
+            backend: LocalBackend {
+                program: None,
+                args: Vec::new(),
+                env: BTreeMap::new(),
+                forward: ["RUST_LOG", "RUST_BACKTRACE", "PATH"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+        }
+    }
+
+    fn command(&self, request: &BootRequest) -> Result<Command, BackendError> {
+        let program = match &self.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| BackendError::Spawn {
+                program: "<current executable>".into(),
+                source: e,
+            })?,
+        };
+        let mut command = Command::new(program);
+        command
+            .args(&self.args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for name in &self.forward {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        command.envs(&self.env);
+        command.envs(request.env.iter().map(|(k, v)| (k, v)));
+        Ok(command)
+    }
+}
+
+impl LocalBackendBuilder {
+    /// Runs `program` instead of the current executable, e.g. a `firebrand-runner` binary.
+    pub fn command(mut self, program: impl Into<PathBuf>) -> Self {
+        self.backend.program = Some(program.into());
+        self
+    }
+
+    /// Adds a command-line argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.backend.args.push(arg.into());
+        self
+    }
+
+    /// Sets an environment variable for every runner.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.backend.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Forwards the parent's value of `name`, when it has one.
+    pub fn forward(mut self, name: impl Into<String>) -> Self {
+        self.backend.forward.push(name.into());
+        self
+    }
+
+    /// Forwards none of the default variables; only those named afterwards.
+    pub fn forward_none(mut self) -> Self {
+        self.backend.forward.clear();
+        self
+    }
+
+    /// The backend.
+    #[must_use]
+    pub fn build(self) -> LocalBackend {
+        self.backend
+    }
+}
+
+impl Backend for LocalBackend {
+    fn bind_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    fn parent_addrs(&self, bound: SocketAddr) -> Vec<String> {
+        vec![bound.to_string()]
+    }
+
+    fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
+        let spawned = self.command(&request).and_then(|mut command| {
+            let program = format!("{:?}", command.as_std().get_program());
+            command
+                .spawn()
+                .map_err(|source| BackendError::Spawn { program, source })
+        });
+        async move {
+            let child = spawned?;
+            let pid = child.id().unwrap_or_default();
+            tracing::debug!(runner = %request.runner_id, pid, "runner process spawned");
+            Ok(Box::new(LocalProcess { child, pid }) as Box<dyn Machine>)
+        }
+        .boxed()
+    }
+}
+
+/// A runner process. Dropping it kills the process.
+struct LocalProcess {
+    child: Child,
+    pid: u32,
+}
+
+fn describe_status(status: std::process::ExitStatus) -> Exit {
+    #[cfg(unix)]
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        return Exit {
+            code: None,
+            description: format!("killed by signal {signal}"),
+        };
+    }
+    Exit {
+        code: status.code(),
+        description: status.to_string(),
+    }
+}
+
+impl Machine for LocalProcess {
+    fn describe(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Exit> {
+        async move {
+            match self.child.wait().await {
+                Ok(status) => describe_status(status),
+                Err(e) => Exit {
+                    code: None,
+                    description: format!("cannot wait for the process: {e}"),
+                },
+            }
+        }
+        .boxed()
+    }
+
+    fn terminate(
+        mut self: Box<Self>,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<(), BackendError>> {
+        async move {
+            if tokio::time::timeout(grace, self.child.wait())
+                .await
+                .is_err()
+            {
+                tracing::debug!(
+                    pid = self.pid,
+                    "runner did not exit within its grace; killing"
+                );
+                self.child.kill().await.map_err(|e| {
+                    BackendError::Other(format!("cannot kill pid {}: {e}", self.pid))
+                })?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,62 @@
+//! Backends boot and terminate the machines that runners run on.
+
+mod local;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+pub use local::{LocalBackend, LocalBackendBuilder};
+
+use crate::error::{BackendError, RunnerId};
+
+/// What a backend needs to start one runner.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct BootRequest {
+    /// The runner's id.
+    pub runner_id: RunnerId,
+    /// Environment the runner must receive, on top of the backend's own: at least
+    /// [`PARENT_ENV`](crate::token::PARENT_ENV) with the boot token. It holds a private key:
+    /// never log it.
+    pub env: Vec<(String, String)>,
+}
+
+/// How a machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, where there is one.
+    pub code: Option<i32>,
+    /// A description: the status, a signal, an OOM kill.
+    pub description: String,
+}
+
+/// Boots runner machines for a [`Pool`](crate::Pool).
+///
+/// Implementations must leave nothing running that the pool has given up on: a machine whose
+/// [`Machine::terminate`] returned, a machine dropped without being terminated, and a
+/// [`boot`](Backend::boot) future dropped before it finished.
+pub trait Backend: Send + Sync + 'static {
+    /// Where the pool's QUIC endpoint binds.
+    fn bind_addr(&self) -> SocketAddr;
+
+    /// The addresses a runner dials, given the endpoint's bound address, tried in order.
+    fn parent_addrs(&self, bound: SocketAddr) -> Vec<String>;
+
+    /// Starts a machine running a runner with `request.env`.
+    fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>>;
+}
+
+/// One booted machine, owned by the pool's runner handle.
+pub trait Machine: Send + 'static {
+    /// A description for logs: a process id, a machine id.
+    fn describe(&self) -> String;
+
+    /// Resolves when the machine stops by itself. Cancel-safe.
+    fn exited(&mut self) -> BoxFuture<'_, Exit>;
+
+    /// Stops the machine, waiting up to `grace` for it to stop by itself first (its runner was
+    /// already told to exit), then forcing it.
+    fn terminate(self: Box<Self>, grace: Duration) -> BoxFuture<'static, Result<(), BackendError>>;
+}

@@ -1,0 +1,137 @@
+//! Serving one call stream on the runner.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+
+use super::terminator::{Ending, STATS};
+use crate::registry::{JobFailure, Registry};
+use crate::wire::{self, CallHead, ReplyHead, WireError};
+
+/// What a call stream needs from its runner.
+pub(crate) struct CallContext {
+    pub(crate) registry: Registry,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) max_payload_len: usize,
+}
+
+/// Reads one request, runs its job, and writes the reply.
+pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut recv: RecvStream) {
+    let (head, args) = match read_request(&mut recv, cx.max_payload_len).await {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed call request");
+            let _ = recv.stop(wire::stream::MALFORMED);
+            let reply = ReplyHead::Malformed {
+                message: e.to_string(),
+            };
+            let _ = finish(&mut send, &reply, None).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("call", job = %head.job);
+    async move {
+        let Some(handler) = cx.registry.handler(&head.job) else {
+            tracing::warn!("unknown job");
+            let _ = finish(&mut send, &ReplyHead::UnknownJob, None).await;
+            return;
+        };
+        // The parent keeps within the runner's concurrency, so this wait is short; it exists so
+        // that the limit holds even against a parent that does not.
+        let Ok(_slot) = cx.slots.acquire().await else {
+            return;
+        };
+        STATS.running();
+        let job = AssertUnwindSafe(async { handler(&args).await }).catch_unwind();
+        let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
+        let job = async move {
+            match deadline {
+                Some(limit) => tokio::time::timeout(limit, job).await.ok(),
+                None => Some(job.await),
+            }
+        };
+        tokio::pin!(job);
+        let stopped = send.stopped();
+        let outcome = tokio::select! {
+            outcome = &mut job => outcome,
+            stopped = stopped => match stopped {
+                Ok(_) => {
+                    // The parent reset its side: the caller gave up. Dropping the job aborts it.
+                    tracing::debug!("call cancelled by the parent");
+                    STATS.ended(Ending::Cancelled);
+                    return;
+                }
+                // The connection is gone. Let the job finish within its deadline (the serve
+                // loop bounds the whole drain), though its result has nowhere to go.
+                Err(_) => job.await,
+            },
+        };
+        let (reply, payload, ending) = match outcome {
+            None => (ReplyHead::TimedOut, None, Ending::TimedOut),
+            Some(Ok(Ok(frame))) => (ReplyHead::Ok, Some(frame), Ending::Succeeded),
+            Some(Ok(Err(failure))) => (failure_head(failure), None, Ending::Failed),
+            Some(Err(panic)) => {
+                let message = panic_message(&panic);
+                tracing::error!(%message, "job panicked");
+                (ReplyHead::Panicked { message }, None, Ending::Panicked)
+            }
+        };
+        STATS.ended(ending);
+        if let Err(e) = finish(&mut send, &reply, payload).await {
+            tracing::debug!(error = %e, "reply not delivered");
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn read_request(
+    recv: &mut RecvStream,
+    max_payload_len: usize,
+) -> Result<(CallHead, Vec<u8>), WireError> {
+    let head: CallHead = wire::read_head(recv).await?;
+    let args = wire::read_frame(recv, max_payload_len).await?;
+    Ok((head, args))
+}
+
+fn failure_head(failure: JobFailure) -> ReplyHead {
+    match failure {
+        JobFailure::Failed(message) => ReplyHead::Failed { message },
+        JobFailure::BadArgs(message) => ReplyHead::BadArgs { message },
+        JobFailure::BadResult(message) => ReplyHead::BadResult { message },
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Writes the reply head and, for `Ok`, the result frame, then finishes the stream.
+async fn finish(
+    send: &mut SendStream,
+    head: &ReplyHead,
+    payload: Option<Vec<u8>>,
+) -> Result<(), WireError> {
+    let head = Bytes::from(wire::encode_payload_frame(head)?);
+    match payload {
+        Some(payload) => {
+            send.write_all_chunks(&mut [head, Bytes::from(payload)])
+                .await?
+        }
+        None => send.write_all(&head).await?,
+    }
+    let _ = send.finish();
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! The child side: a runner process that dials its parent and serves jobs.
+//!
+//! An app embeds the runner with one call at the top of `main`:
+//!
+//! ```no_run
+//! # fn registry() -> firebrand::Registry { firebrand::Registry::new() }
+//! fn main() {
+//!     let registry = registry();
+//!     // Serves jobs and exits when started by a pool; returns at once otherwise.
+//!     firebrand::run_if_child(&registry);
+//!     // ... the app's own main, which may build a pool with the same registry ...
+//! }
+//! ```
+
+mod call;
+mod terminator;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+pub use terminator::RunnerStats;
+
+use crate::registry::Registry;
+use crate::token::{BootToken, TokenError, PARENT_ENV};
+use crate::wire::{self, close, ControlMessage, DrainReason, Hello, HelloReply};
+use crate::{tls, transport};
+use call::{serve_call, CallContext};
+use terminator::{Terminator, STATS};
+
+/// Process exit codes of a runner.
+pub mod exit_code {
+    /// The runner stopped cleanly: idle, drained, or released by its parent.
+    pub const CLEAN: i32 = 0;
+    /// The boot token was missing or malformed.
+    pub const BAD_TOKEN: i32 = 2;
+    /// The parent could not be reached before the connect failsafe.
+    pub const UNREACHABLE: i32 = 3;
+    /// The parent refused the runner.
+    pub const REFUSED: i32 = 4;
+    /// The connection to the parent was lost.
+    pub const PARENT_LOST: i32 = 5;
+    /// The runner could not set itself up (socket, TLS configuration).
+    pub const SETUP: i32 = 6;
+}
+
+/// Why a runner stopped serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServeExit {
+    /// The parent closed the connection: it is done with this runner.
+    Released,
+    /// The parent disappeared; in-flight calls were drained for at most the grace period.
+    ParentLost(String),
+}
+
+/// Why a runner could not serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The boot token was missing or malformed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// No parent address answered before the connect failsafe.
+    #[error("parent not reached within {failsafe:?}: {last_error}")]
+    Unreachable {
+        /// The failsafe period.
+        failsafe: Duration,
+        /// The last connection error.
+        last_error: String,
+    },
+    /// The parent refused this runner.
+    #[error("parent refused this runner: {0}")]
+    Refused(String),
+    /// Local set-up failed.
+    #[error("runner set-up failed: {0}")]
+    Setup(String),
+}
+
+impl ServeError {
+    /// The process exit code for this error.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServeError::Token(_) => exit_code::BAD_TOKEN,
+            ServeError::Unreachable { .. } => exit_code::UNREACHABLE,
+            ServeError::Refused(_) => exit_code::REFUSED,
+            ServeError::Setup(_) => exit_code::SETUP,
+        }
+    }
+}
+
+/// Counts of what this runner process has served so far.
+#[must_use]
+pub fn stats() -> RunnerStats {
+    STATS.snapshot()
+}
+
+/// Serves `registry` and exits the process if [`FIREBRAND_PARENT`](PARENT_ENV) is set;
+/// returns at once otherwise.
+///
+/// Call it first thing in `main`, before any async runtime starts: when it serves, it builds its
+/// own. A malformed token prints the reason to stderr and exits non-zero (see [`exit_code`]).
+pub fn run_if_child(registry: &Registry) {
+    if std::env::var_os(PARENT_ENV).is_none() {
+        return;
+    }
+    let token = BootToken::from_env();
+    // The token holds a private key: keep it from processes this one starts.
+    std::env::remove_var(PARENT_ENV);
+    let code = match token {
+        Err(e) => {
+            eprintln!("firebrand runner: {e}");
+            exit_code::BAD_TOKEN
+        }
+        Ok(token) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("firebrand runner: cannot start the async runtime: {e}");
+                    std::process::exit(exit_code::SETUP);
+                }
+            };
+            let result = runtime.block_on(serve(token, registry.clone()));
+            runtime.shutdown_timeout(Duration::from_millis(200));
+            exit_code_of(&result)
+        }
+    };
+    std::process::exit(code)
+}
+
+/// The exit code for how [`serve`] ended.
+#[must_use]
+pub fn exit_code_of(result: &Result<ServeExit, ServeError>) -> i32 {
+    match result {
+        Ok(ServeExit::Released) => exit_code::CLEAN,
+        Ok(ServeExit::ParentLost(_)) => exit_code::PARENT_LOST,
+        Err(e) => {
+            eprintln!("firebrand runner: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Dials the parent named in `token`, serves `registry` until the parent releases the runner or
+/// is lost, and drains in-flight calls.
+///
+/// # Errors
+/// A [`ServeError`] if the parent is never reached or refuses the runner.
+pub async fn serve(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
+    let span = tracing::info_span!("runner", runner = %token.runner_id);
+    let _enter = span.enter();
+    let settings = token.settings.clone();
+    let (endpoint, connection, mut control) = connect(&token, &registry).await?;
+    tracing::info!("connected to parent");
+
+    let terminator = Arc::new(Terminator::new());
+    let cx = Arc::new(CallContext {
+        registry,
+        slots: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
+        max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
+    });
+    let idle = async {
+        match settings.idle_shutdown_after {
+            Some(after) => terminator.idle_for(after).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle);
+    let mut terminate = sigterm();
+    // Once draining, the parent should release the runner when its calls finish; this bounds
+    // the wait for a parent that never does.
+    let mut drain_deadline: Option<Instant> = None;
+    let exit = loop {
+        let deadline = async {
+            match drain_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let guard = terminator.stream_started();
+                    let cx = Arc::clone(&cx);
+                    tokio::spawn(async move {
+                        serve_call(cx, send, recv).await;
+                        drop(guard);
+                    });
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE => {
+                    break ServeExit::Released;
+                }
+                Err(e) => break ServeExit::ParentLost(e.to_string()),
+            },
+            () = &mut idle, if drain_deadline.is_none() => {
+                tracing::info!("idle: draining");
+                drain_deadline = Some(Instant::now() + settings.drain_grace + settings.peer_timeout);
+                announce_drain(&mut control, DrainReason::Idle).await;
+            }
+            () = terminate.recv(), if drain_deadline.is_none() => {
+                tracing::info!("SIGTERM: draining");
+                drain_deadline = Some(Instant::now() + settings.drain_grace);
+                announce_drain(&mut control, DrainReason::Terminated).await;
+            }
+            () = deadline => {
+                tracing::warn!("parent did not release the draining runner; exiting");
+                break ServeExit::Released;
+            }
+        }
+    };
+    match &exit {
+        ServeExit::Released => tracing::info!("released by parent"),
+        ServeExit::ParentLost(why) => tracing::warn!(reason = %why, "parent lost: draining"),
+    }
+    if tokio::time::timeout(settings.drain_grace, terminator.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = stats().in_flight,
+            "drain grace over; abandoning calls"
+        );
+    }
+    connection.close(close::RUNNER_EXIT, b"runner exiting");
+    // Give the close frame a moment to leave; the parent also sees the process exit.
+    let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
+    Ok(exit)
+}
+
+async fn announce_drain(control: &mut quinn::SendStream, reason: DrainReason) {
+    if let Err(e) = wire::write_frame(control, &ControlMessage::Draining { reason }).await {
+        tracing::debug!(error = %e, "could not announce drain");
+    }
+}
+
+/// A stream of SIGTERMs; never yields where signals are not available.
+fn sigterm() -> Signal {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => Signal(Some(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM");
+                Signal(None)
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    Signal(None)
+}
+
+struct Signal(
+    #[cfg(unix)] Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] Option<()>,
+);
+
+impl Signal {
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.0 {
+            if s.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+type Connected = (quinn::Endpoint, quinn::Connection, quinn::SendStream);
+
+/// Dials the parent's addresses in turn until one accepts the runner, or the failsafe passes.
+async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, ServeError> {
+    let settings = &token.settings;
+    let failsafe = Instant::now() + settings.connect_failsafe;
+    let ca = rustls::pki_types::CertificateDer::from(token.ca_cert.clone());
+    let crypto = Arc::new(
+        tls::client_crypto(&ca, &token.runner_identity())
+            .map_err(|e| ServeError::Setup(e.to_string()))?,
+    );
+    let transport = transport::transport_config(
+        settings.peer_timeout,
+        settings.keep_alive,
+        settings.max_concurrency,
+    );
+    let hello = Hello {
+        runner_id: token.runner_id,
+        manifest: registry.manifest(),
+        pid: std::process::id(),
+    };
+    let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::from("no address resolved");
+    loop {
+        for addr in &token.parent_addrs {
+            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(addr.as_str()).await {
+                Ok(found) => found.collect(),
+                Err(e) => {
+                    last_error = format!("cannot resolve {addr}: {e}");
+                    continue;
+                }
+            };
+            for target in resolved {
+                let endpoint = match endpoints.iter().find(|(v6, _)| *v6 == target.is_ipv6()) {
+                    Some((_, e)) => e.clone(),
+                    None => {
+                        let e =
+                            transport::client_endpoint(target, crypto.clone(), transport.clone())
+                                .map_err(|e| {
+                                ServeError::Setup(format!("cannot bind a UDP socket: {e}"))
+                            })?;
+                        endpoints.push((target.is_ipv6(), e.clone()));
+                        e
+                    }
+                };
+                let attempt = handshake(&endpoint, target, &token.server_name, &hello);
+                match tokio::time::timeout_at(failsafe, attempt).await {
+                    Ok(Ok((connection, control))) => return Ok((endpoint, connection, control)),
+                    Ok(Err(Attempt::Refused(reason))) => return Err(ServeError::Refused(reason)),
+                    Ok(Err(Attempt::Failed(e))) => {
+                        tracing::debug!(%target, error = %e, "parent not reached");
+                        last_error = format!("{target}: {e}");
+                    }
+                    Err(_) => {
+                        last_error = format!("{target}: handshake still running at the failsafe")
+                    }
+                }
+            }
+        }
+        if Instant::now() + backoff >= failsafe {
+            return Err(ServeError::Unreachable {
+                failsafe: settings.connect_failsafe,
+                last_error,
+            });
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+enum Attempt {
+    Refused(String),
+    Failed(String),
+}
+
+async fn handshake(
+    endpoint: &quinn::Endpoint,
+    target: SocketAddr,
+    server_name: &str,
+    hello: &Hello,
+) -> Result<(quinn::Connection, quinn::SendStream), Attempt> {
+    let connection = endpoint
+        .connect(target, server_name)
+        .map_err(|e| Attempt::Failed(e.to_string()))?
+        .await
+        .map_err(|e| classify(&e))?;
+    // With TLS 1.3 the client finishes its handshake before the server has checked its
+    // certificate: only the parent's reply proves that it accepted us.
+    let exchange = async {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(&wire::PROTOCOL_VERSION.to_be_bytes())
+            .await?;
+        wire::write_frame(&mut send, hello).await?;
+        let reply: HelloReply = wire::read_head(&mut recv).await?;
+        Ok::<_, wire::WireError>((reply, send))
+    };
+    match exchange.await {
+        Ok((HelloReply::Accepted, send)) => Ok((connection, send)),
+        Err(e) => Err(match connection.close_reason() {
+            Some(reason) => classify(&reason),
+            None => Attempt::Failed(e.to_string()),
+        }),
+    }
+}
+
+fn classify(error: &quinn::ConnectionError) -> Attempt {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::REFUSED => {
+            Attempt::Refused(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        e => Attempt::Failed(e.to_string()),
+    }
+}

@@ -1,0 +1,155 @@
+//! Errors at the library's boundaries.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// A runner's id: the UUID its certificate is issued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunnerId(pub Uuid);
+
+impl fmt::Display for RunnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The first group is enough to tell runners apart in logs.
+        let text = self.0.simple().to_string();
+        f.write_str(&text[..8])
+    }
+}
+
+/// Why a call did not return a result.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// No runner slot came free within the queue timeout.
+    #[error("no runner slot came free within {waited:?}")]
+    QueueTimeout {
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// The job ran past its execution timeout; it was aborted on the runner.
+    #[error("job did not finish within {after:?} and was aborted")]
+    Timeout {
+        /// The execution timeout.
+        after: Duration,
+    },
+    /// The runner was lost while the call ran. The job may or may not have run.
+    #[error("runner {runner} was lost mid-call: {reason}")]
+    RunnerLost {
+        /// The runner that was lost.
+        runner: RunnerId,
+        /// What the transport or backend reported.
+        reason: String,
+    },
+    /// The job returned an error.
+    #[error("job failed: {message}")]
+    Failed {
+        /// The error's `Display` text, from the runner.
+        message: String,
+    },
+    /// The job panicked. The runner keeps serving.
+    #[error("job panicked: {message}")]
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+    /// No job of that name is registered.
+    #[error("no job named `{job}` is registered")]
+    UnknownJob {
+        /// The name called.
+        job: String,
+    },
+    /// The argument (on the parent) or the result (on the runner) did not encode.
+    #[error("encoding failed: {message}")]
+    Encode {
+        /// The encoder's error.
+        message: String,
+    },
+    /// The result (on the parent) or the argument (on the runner) did not decode.
+    #[error("decoding failed: {message}")]
+    Decode {
+        /// The decoder's error.
+        message: String,
+    },
+    /// No runner could be booted to serve the call.
+    #[error("runner boot failed: {0}")]
+    BootFailed(Arc<BootError>),
+    /// A peer broke the wire protocol.
+    #[error("protocol error: {message}")]
+    Protocol {
+        /// What was wrong.
+        message: String,
+    },
+    /// The pool is shut down or shutting down.
+    #[error("pool is closed")]
+    Closed,
+}
+
+/// Why a runner did not boot.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootError {
+    /// The runner did not connect and say hello within the boot timeout. Its machine was
+    /// terminated.
+    #[error("runner did not connect within the boot timeout of {0:?}")]
+    Timeout(Duration),
+    /// The runner's machine stopped before the runner connected.
+    #[error("runner exited before connecting: {0}")]
+    Exited(String),
+    /// The runner connected, but its job registry or protocol differs from the parent's.
+    #[error("runner is incompatible with its parent: {0}")]
+    Incompatible(String),
+    /// The backend could not start a machine.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A certificate for the runner could not be issued.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The pool closed while the runner booted.
+    #[error("pool closed during boot")]
+    PoolClosed,
+}
+
+/// An error from a [`Backend`](crate::Backend).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The runner process could not be spawned.
+    #[error("cannot spawn runner `{program}`: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The backend's configuration is invalid.
+    #[error("invalid backend configuration: {0}")]
+    Config(String),
+    /// Any other backend failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Why a pool could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// A builder setting is invalid.
+    #[error("invalid pool configuration: {0}")]
+    InvalidConfig(String),
+    /// The QUIC endpoint could not bind.
+    #[error("cannot bind the pool's endpoint on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The pool's CA or server certificate could not be made.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A `min` runner failed to boot at start.
+    #[error("a min runner failed to boot: {0}")]
+    Boot(Arc<BootError>),
+}

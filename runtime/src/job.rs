@@ -1,0 +1,69 @@
+//! Typed job handles.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A value that can cross the wire as a job's argument or result.
+///
+/// Implemented for every `Serialize + DeserializeOwned + Send + 'static` type.
+pub trait Payload: Serialize + DeserializeOwned + Send + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Payload for T {}
+
+/// A typed name for a remote job: the name it is registered under, its argument type `A` and
+/// its result type `R`.
+///
+/// Declare one `const` per job in a module that both the parent and the runner compile, so that
+/// calling a job with the wrong argument type is a compile error.
+///
+/// ```
+/// use firebrand::Job;
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct ResizeArgs { width: u32, height: u32 }
+///
+/// const RESIZE: Job<ResizeArgs, Vec<u8>> = Job::new("resize");
+/// assert_eq!(RESIZE.name(), "resize");
+/// ```
+pub struct Job<A, R> {
+    name: &'static str,
+    // `fn(A) -> R` keeps the handle `Send + Sync + Copy` whatever `A` and `R` are.
+    types: PhantomData<fn(A) -> R>,
+}
+
+impl<A, R> Job<A, R> {
+    /// Names a job. The name must be unique within a [`Registry`](crate::Registry).
+    #[must_use]
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            types: PhantomData,
+        }
+    }
+
+    /// The name the job is registered under.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl<A, R> Clone for Job<A, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A, R> Copy for Job<A, R> {}
+
+impl<A, R> fmt::Debug for Job<A, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job")
+            .field("name", &self.name)
+            .field("args", &std::any::type_name::<A>())
+            .field("output", &std::any::type_name::<R>())
+            .finish()
+    }
+}

@@ -1,0 +1,56 @@
+//! Firebrand: elastic remote execution for Rust, in the style of Elixir's FLAME.
+//!
+//! Application code calls `pool.call(&JOB, args).await`. The [`Pool`] boots runners on demand
+//! through a [`Backend`] (local processes by default), each of which dials back over QUIC with
+//! mutual TLS and serves the jobs of a [`Registry`]. Runners stop themselves when idle, when their
+//! parent is lost, and when they never reach it.
+//!
+//! ```no_run
+//! use firebrand::{Job, Pool, Registry};
+//!
+//! const SQUARE: Job<u64, u64> = Job::new("square");
+//!
+//! fn registry() -> Registry {
+//!     let mut registry = Registry::new();
+//!     registry
+//!         .register(&SQUARE, |n: u64| async move { Ok::<_, std::convert::Infallible>(n * n) })
+//!         .expect("unique job names");
+//!     registry
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let registry = registry();
+//!     // In a runner process this serves jobs and exits; in the parent it returns at once.
+//!     firebrand::run_if_child(&registry);
+//!
+//!     tokio::runtime::Runtime::new()?.block_on(async {
+//!         let pool = Pool::builder(&registry).max(2).build().await?;
+//!         assert_eq!(pool.call(&SQUARE, 7).await?, 49);
+//!         pool.shutdown().await;
+//!         Ok(())
+//!     })
+//! }
+//! ```
+#![deny(missing_docs)]
+#![cfg_attr(not(unix), allow(unused))]
+
+#[cfg(not(unix))]
+compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");
+
+pub mod backend;
+pub mod child;
+mod error;
+mod job;
+mod pool;
+mod registry;
+pub mod tls;
+pub mod token;
+mod transport;
+pub mod wire;
+
+pub use backend::{Backend, LocalBackend};
+pub use child::run_if_child;
+pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
+pub use job::{Job, Payload};
+pub use pool::{Call, Pool, PoolBuilder, PoolStats};
+pub use registry::{JobSignature, Manifest, Registry, RegistryError};

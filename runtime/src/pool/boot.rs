@@ -1,0 +1,113 @@
+//! Booting one runner: certificate, token, machine, and the wait for its hello.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use super::listener::Admitted;
+use super::runner::{self, RunnerHandle};
+use super::Shared;
+use crate::backend::{BootRequest, Machine};
+use crate::error::{BootError, RunnerId};
+use crate::tls::PARENT_SERVER_NAME;
+use crate::token::{BootToken, PARENT_ENV};
+
+/// How long past its boot timeout a runner certificate stays valid. It is checked once, at
+/// the handshake, which the boot timeout already bounds.
+const CERT_MARGIN: Duration = Duration::from_secs(3600);
+
+/// Boots a runner in the background and supervises it once it is ready.
+pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
+    let shared = Arc::clone(shared);
+    let id = RunnerId(Uuid::new_v4());
+    let span = tracing::info_span!("runner", runner = %id, min);
+    shared.tasks.clone().spawn(
+        async move {
+            let mut closing = shared.closing.clone();
+            let booted = tokio::select! {
+                booted = boot(&shared, id, min) => booted,
+                _ = closing.wait_for(|closing| *closing) => Err(BootError::PoolClosed),
+            };
+            match booted {
+                Ok((handle, machine, control)) => {
+                    tracing::info!(machine = %handle.machine, "runner ready");
+                    if shared.runner_ready(Arc::clone(&handle), min) {
+                        runner::supervise(shared, handle, machine, control, closing).await;
+                    } else {
+                        handle
+                            .connection
+                            .close(crate::wire::close::DONE, b"pool closed");
+                        let _ = machine.terminate(shared.config.terminate_grace).await;
+                    }
+                }
+                Err(error) => {
+                    shared.listener.abandon(id);
+                    tracing::warn!(%error, "runner boot failed");
+                    shared.boot_failed(min, error);
+                }
+            }
+        }
+        .instrument(span),
+    );
+}
+
+type Booted = (Arc<RunnerHandle>, Box<dyn Machine>, quinn::RecvStream);
+
+async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootError> {
+    let started = Instant::now();
+    let config = &shared.config;
+    let deadline = started + config.boot_timeout;
+    let cert = shared
+        .ca
+        .issue_runner(id.0, config.boot_timeout + CERT_MARGIN)?;
+    let mut admitted = shared.listener.expect(id, cert.cert.clone());
+    let token = BootToken::new(
+        shared.parent_addrs.clone(),
+        PARENT_SERVER_NAME.into(),
+        shared.ca.cert(),
+        &cert,
+        id.0,
+        shared.runner_settings(min),
+    );
+    let request = BootRequest {
+        runner_id: id,
+        env: vec![(PARENT_ENV.to_string(), token.encode())],
+    };
+    let mut machine = tokio::time::timeout_at(deadline, shared.backend.boot(request))
+        .await
+        .map_err(|_| BootError::Timeout(config.boot_timeout))??;
+    let outcome = tokio::select! {
+        // A refusal reaches `admitted` before the refused runner exits: look there first.
+        biased;
+        admitted = &mut admitted => admitted.unwrap_or(Err(BootError::PoolClosed)),
+        exit = machine.exited() => Err(BootError::Exited(exit.description)),
+        () = tokio::time::sleep_until(deadline) => Err(BootError::Timeout(config.boot_timeout)),
+    };
+    match outcome {
+        Ok(Admitted {
+            connection,
+            control,
+            pid,
+        }) => {
+            tracing::debug!(pid, elapsed = ?started.elapsed(), "runner admitted");
+            let handle = RunnerHandle::new(
+                id,
+                connection,
+                machine.describe(),
+                usize::try_from(config.max_payload_len).unwrap_or(usize::MAX),
+            );
+            Ok((Arc::new(handle), machine, control))
+        }
+        Err(error) => {
+            shared.listener.abandon(id);
+            // It never served a call: nothing to drain.
+            if let Err(e) = machine.terminate(Duration::ZERO).await {
+                tracing::error!(error = %e, "terminating a failed boot failed");
+            }
+            Err(error)
+        }
+    }
+}

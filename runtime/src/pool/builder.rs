@@ -1,0 +1,289 @@
+//! Pool configuration.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Backend, LocalBackend};
+use crate::error::PoolError;
+use crate::registry::Manifest;
+use crate::token::RunnerSettings;
+
+use super::Pool;
+
+/// A pool's settings, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolConfig {
+    pub(crate) name: String,
+    pub(crate) min: usize,
+    pub(crate) max: usize,
+    pub(crate) max_concurrency: u32,
+    pub(crate) idle_shutdown_after: Option<Duration>,
+    pub(crate) min_idle_shutdown_after: Option<Duration>,
+    pub(crate) boot_timeout: Duration,
+    pub(crate) call_timeout: Option<Duration>,
+    pub(crate) queue_timeout: Duration,
+    pub(crate) single_use: bool,
+    pub(crate) drain_grace: Duration,
+    pub(crate) terminate_grace: Duration,
+    pub(crate) boot_retry_after: Duration,
+    pub(crate) boot_attempts: u32,
+    pub(crate) peer_timeout: Duration,
+    pub(crate) keep_alive: Duration,
+    pub(crate) connect_failsafe: Duration,
+    pub(crate) max_payload_len: u64,
+    pub(crate) bind: Option<SocketAddr>,
+}
+
+impl PoolConfig {
+    pub(crate) fn runner_settings(&self, min: bool) -> RunnerSettings {
+        RunnerSettings {
+            max_concurrency: self.max_concurrency,
+            idle_shutdown_after: if min {
+                self.min_idle_shutdown_after
+            } else {
+                self.idle_shutdown_after
+            },
+            connect_failsafe: self.connect_failsafe,
+            drain_grace: self.drain_grace,
+            max_payload_len: self.max_payload_len,
+            peer_timeout: self.peer_timeout,
+            keep_alive: self.keep_alive,
+        }
+    }
+
+    fn validate(&self) -> Result<(), PoolError> {
+        let invalid = |why: String| Err(PoolError::InvalidConfig(why));
+        if self.max == 0 {
+            return invalid("max must be at least 1".into());
+        }
+        if self.min > self.max {
+            return invalid(format!("min ({}) exceeds max ({})", self.min, self.max));
+        }
+        if self.max_concurrency == 0 {
+            return invalid("max_concurrency must be at least 1".into());
+        }
+        if self.boot_attempts == 0 {
+            return invalid("boot_attempts must be at least 1".into());
+        }
+        for (name, value) in [
+            ("boot_timeout", Some(self.boot_timeout)),
+            ("queue_timeout", Some(self.queue_timeout)),
+            ("timeout", self.call_timeout),
+            ("idle_shutdown_after", self.idle_shutdown_after),
+            ("min_idle_shutdown_after", self.min_idle_shutdown_after),
+            ("peer_timeout", Some(self.peer_timeout)),
+            ("keep_alive", Some(self.keep_alive)),
+            ("connect_failsafe", Some(self.connect_failsafe)),
+        ] {
+            if value == Some(Duration::ZERO) {
+                return invalid(format!("{name} must be longer than zero"));
+            }
+        }
+        if self.keep_alive >= self.peer_timeout {
+            return invalid(format!(
+                "keep_alive ({:?}) must be shorter than peer_timeout ({:?})",
+                self.keep_alive, self.peer_timeout
+            ));
+        }
+        if self.max_payload_len < 1024 || self.max_payload_len > u64::from(u32::MAX) {
+            return invalid("max_payload_len must be between 1 KiB and 4 GiB".into());
+        }
+        Ok(())
+    }
+}
+
+/// Configures and starts a [`Pool`]. Defaults follow FLAME's where it has them.
+///
+/// ```no_run
+/// # async fn f(registry: firebrand::Registry) -> Result<(), firebrand::PoolError> {
+/// use std::time::Duration;
+/// use firebrand::{LocalBackend, Pool};
+///
+/// let pool = Pool::builder(&registry)
+///     .backend(LocalBackend::default())
+///     .min(0)
+///     .max(8)
+///     .max_concurrency(4)
+///     .idle_shutdown_after(Duration::from_secs(10))
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until `build` is awaited"]
+pub struct PoolBuilder {
+    manifest: Manifest,
+    backend: Option<Arc<dyn Backend>>,
+    config: PoolConfig,
+}
+
+impl PoolBuilder {
+    pub(crate) fn new(manifest: Manifest) -> Self {
+        Self {
+            manifest,
+            backend: None,
+            config: PoolConfig {
+                name: "firebrand".into(),
+                min: 0,
+                max: 1,
+                max_concurrency: 100,
+                idle_shutdown_after: Some(Duration::from_secs(30)),
+                min_idle_shutdown_after: None,
+                boot_timeout: Duration::from_secs(30),
+                call_timeout: Some(Duration::from_secs(30)),
+                queue_timeout: Duration::from_secs(30),
+                single_use: false,
+                drain_grace: Duration::from_secs(30),
+                terminate_grace: Duration::from_secs(5),
+                boot_retry_after: Duration::from_secs(1),
+                boot_attempts: 3,
+                peer_timeout: Duration::from_secs(5),
+                keep_alive: Duration::from_secs(1),
+                connect_failsafe: Duration::from_secs(20),
+                max_payload_len: 128 << 20,
+                bind: None,
+            },
+        }
+    }
+
+    /// Where runners boot. Default: [`LocalBackend::default()`], the current executable.
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// A name for logs. Default: `firebrand`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Runners booted at start and kept up: one that dies is replaced. Default: 0.
+    pub fn min(mut self, min: usize) -> Self {
+        self.config.min = min;
+        self
+    }
+
+    /// The most runners, booted and booting. Default: 1.
+    pub fn max(mut self, max: usize) -> Self {
+        self.config.max = max;
+        self
+    }
+
+    /// Calls one runner serves at once. Default: 100.
+    pub fn max_concurrency(mut self, n: u32) -> Self {
+        self.config.max_concurrency = n;
+        self
+    }
+
+    /// A runner with no calls for this long stops; `None` never. Default: 30 s.
+    pub fn idle_shutdown_after(mut self, after: impl Into<Option<Duration>>) -> Self {
+        self.config.idle_shutdown_after = after.into();
+        self
+    }
+
+    /// The same for the `min` runners. Default: `None`, never.
+    pub fn min_idle_shutdown_after(mut self, after: impl Into<Option<Duration>>) -> Self {
+        self.config.min_idle_shutdown_after = after.into();
+        self
+    }
+
+    /// How long a runner has from the backend's boot request to its accepted hello. A runner
+    /// that misses it is terminated and can no longer connect. Default: 30 s.
+    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
+        self.config.boot_timeout = timeout;
+        self
+    }
+
+    /// The execution deadline of a call, enforced on the parent and the runner; `None` for
+    /// none. Default: 30 s. Queue time does not count against it.
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.config.call_timeout = timeout.into();
+        self
+    }
+
+    /// How long a call may wait for a free runner slot. Default: 30 s.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.config.queue_timeout = timeout;
+        self
+    }
+
+    /// Stop each runner after its first call. Default: `false`.
+    pub fn single_use(mut self, single_use: bool) -> Self {
+        self.config.single_use = single_use;
+        self
+    }
+
+    /// How long in-flight calls may run on when the pool shuts down, or on a runner that lost its
+    /// parent or got SIGTERM. Default: 30 s.
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.config.drain_grace = grace;
+        self
+    }
+
+    /// How long a released runner has to exit before it is killed. Default: 5 s.
+    pub fn terminate_grace(mut self, grace: Duration) -> Self {
+        self.config.terminate_grace = grace;
+        self
+    }
+
+    /// The debounce before a failed boot is retried; it doubles with each failure in a row, up
+    /// to 32 times. Default: 1 s.
+    pub fn boot_retry_after(mut self, after: Duration) -> Self {
+        self.config.boot_retry_after = after;
+        self
+    }
+
+    /// Boot failures in a row, with no runner up, after which waiting callers fail with
+    /// [`CallError::BootFailed`](crate::CallError::BootFailed). Default: 3.
+    pub fn boot_attempts(mut self, attempts: u32) -> Self {
+        self.config.boot_attempts = attempts;
+        self
+    }
+
+    /// A peer silent for this long is lost (the QUIC idle timeout). It bounds how long a
+    /// runner outlives a parent that died without closing. Default: 5 s.
+    pub fn peer_timeout(mut self, timeout: Duration) -> Self {
+        self.config.peer_timeout = timeout;
+        self
+    }
+
+    /// The QUIC keep-alive interval; below `peer_timeout`. Default: 1 s.
+    pub fn keep_alive(mut self, interval: Duration) -> Self {
+        self.config.keep_alive = interval;
+        self
+    }
+
+    /// A runner that has not been accepted by its parent this long after starting exits.
+    /// Default: 20 s.
+    pub fn connect_failsafe(mut self, failsafe: Duration) -> Self {
+        self.config.connect_failsafe = failsafe;
+        self
+    }
+
+    /// The largest encoded argument or result, in bytes. Default: 128 MiB.
+    pub fn max_payload_len(mut self, len: u64) -> Self {
+        self.config.max_payload_len = len;
+        self
+    }
+
+    /// Where the pool's endpoint binds. Default: the backend's choice (loopback for
+    /// [`LocalBackend`]).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.config.bind = Some(addr);
+        self
+    }
+
+    /// Starts the pool: binds its endpoint, and boots the `min` runners and waits for them.
+    ///
+    /// # Errors
+    /// [`PoolError::InvalidConfig`] for a bad setting, before anything starts;
+    /// [`PoolError::Boot`] if a `min` runner fails to boot (nothing is left running).
+    pub async fn build(self) -> Result<Pool, PoolError> {
+        self.config.validate()?;
+        let backend = self
+            .backend
+            .unwrap_or_else(|| Arc::new(LocalBackend::default()));
+        Pool::start(self.config, self.manifest, backend).await
+    }
+}

@@ -1,0 +1,329 @@
+//! Placement: which runner serves a call, who waits, and when the pool grows.
+//!
+//! All decisions happen under one short `parking_lot` lock on [`State`]. A call takes a
+//! [`Lease`] on a runner slot; dropping the lease frees the slot and hands it straight to the
+//! oldest waiting caller.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::runner::RunnerHandle;
+use super::{PoolStats, Shared};
+use crate::error::{BootError, CallError, RunnerId};
+use crate::wire::close;
+
+type Waiter = oneshot::Sender<Result<Lease, CallError>>;
+
+/// A ready runner and its parent-side accounting.
+pub(crate) struct Slot {
+    pub(crate) handle: Arc<RunnerHandle>,
+    in_flight: u32,
+    draining: bool,
+    min: bool,
+}
+
+/// The pool's mutable state.
+#[derive(Default)]
+pub(crate) struct State {
+    runners: Vec<Slot>,
+    booting: usize,
+    booting_min: usize,
+    waiters: VecDeque<Waiter>,
+    pub(crate) closed: bool,
+    boot_failures: u32,
+    last_boot_error: Option<Arc<BootError>>,
+    retry_scheduled: bool,
+}
+
+impl State {
+    pub(crate) fn stats(&self) -> PoolStats {
+        PoolStats {
+            ready: self.runners.iter().filter(|s| !s.draining).count(),
+            booting: self.booting,
+            draining: self.runners.iter().filter(|s| s.draining).count(),
+            in_flight: self.runners.iter().map(|s| s.in_flight as usize).sum(),
+            queued: self.waiters.iter().filter(|w| !w.is_closed()).count(),
+        }
+    }
+
+    pub(crate) fn handles(&self) -> Vec<Arc<RunnerHandle>> {
+        self.runners.iter().map(|s| Arc::clone(&s.handle)).collect()
+    }
+
+    pub(crate) fn has_boot_error(&self) -> bool {
+        self.last_boot_error.is_some()
+    }
+
+    pub(crate) fn last_boot_error(&self) -> Option<Arc<BootError>> {
+        self.last_boot_error.clone()
+    }
+
+    /// Fails every waiting caller with `error`.
+    pub(crate) fn fail_waiters(&mut self, error: &CallError) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Err(error.clone()));
+        }
+    }
+}
+
+/// One call's claim on one runner slot. Dropping it frees the slot.
+pub(crate) struct Lease {
+    shared: Arc<Shared>,
+    runner: Option<Arc<RunnerHandle>>,
+}
+
+impl Lease {
+    pub(crate) fn runner(&self) -> &RunnerHandle {
+        self.runner
+            .as_ref()
+            .expect("a lease holds its runner until dropped")
+    }
+
+    /// Gives the slot back without taking the lock: for use under it.
+    fn disarm(mut self) -> Arc<RunnerHandle> {
+        self.runner
+            .take()
+            .expect("a lease holds its runner until dropped")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(runner) = self.runner.take() {
+            self.shared.release(runner.id);
+        }
+    }
+}
+
+impl Shared {
+    /// Takes a slot on the least-loaded runner, waiting in FIFO order for at most `queue_timeout`.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        queue_timeout: Duration,
+    ) -> Result<Lease, CallError> {
+        let queued = {
+            let mut state = self.state.lock();
+            if state.closed {
+                return Err(CallError::Closed);
+            }
+            if !state.waiters.iter().any(|w| !w.is_closed()) {
+                if let Some(lease) = self.take_slot(&mut state) {
+                    return Ok(lease);
+                }
+            }
+            let (waiter, queued) = oneshot::channel();
+            state.waiters.push_back(waiter);
+            let boots = self.plan_boots(&mut state);
+            drop(state);
+            self.start_boots(boots);
+            queued
+        };
+        match tokio::time::timeout(queue_timeout, queued).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(_)) => Err(CallError::Closed),
+            Err(_) => {
+                let mut state = self.state.lock();
+                state.waiters.retain(|w| !w.is_closed());
+                let booted_nothing = state.runners.is_empty();
+                match &state.last_boot_error {
+                    Some(error) if booted_nothing => Err(CallError::BootFailed(Arc::clone(error))),
+                    _ => Err(CallError::QueueTimeout {
+                        waited: queue_timeout,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Leases a slot on the least-loaded runner that has one free.
+    fn take_slot(self: &Arc<Self>, state: &mut State) -> Option<Lease> {
+        let max = self.config.max_concurrency;
+        let slot = state
+            .runners
+            .iter_mut()
+            .filter(|s| !s.draining && s.in_flight < max)
+            .min_by_key(|s| s.in_flight)?;
+        slot.in_flight += 1;
+        if self.config.single_use {
+            slot.draining = true;
+        }
+        Some(Lease {
+            shared: Arc::clone(self),
+            runner: Some(Arc::clone(&slot.handle)),
+        })
+    }
+
+    /// Hands free slots to waiting callers, oldest first.
+    fn dispatch(self: &Arc<Self>, state: &mut State) {
+        while let Some(waiter) = state.waiters.pop_front() {
+            if waiter.is_closed() {
+                continue;
+            }
+            let Some(lease) = self.take_slot(state) else {
+                state.waiters.push_front(waiter);
+                break;
+            };
+            if let Err(Ok(lease)) = waiter.send(Ok(lease)) {
+                // The caller left between the check and the send.
+                let runner = lease.disarm();
+                if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner.id) {
+                    slot.in_flight -= 1;
+                    slot.draining &= !self.config.single_use;
+                }
+            }
+        }
+    }
+
+    fn release(self: &Arc<Self>, runner: RunnerId) {
+        let mut state = self.state.lock();
+        self.free_slot(&mut state, runner);
+        self.dispatch(&mut state);
+        if state.closed && state.runners.iter().all(|s| s.in_flight == 0) {
+            self.calls_drained.notify_waiters();
+        }
+    }
+
+    fn free_slot(&self, state: &mut State, runner: RunnerId) {
+        let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) else {
+            return;
+        };
+        slot.in_flight -= 1;
+        if slot.draining && slot.in_flight == 0 {
+            slot.handle.connection.close(close::DONE, b"drained");
+        }
+    }
+
+    /// The runner announced that it is draining: place nothing more on it.
+    pub(crate) fn runner_draining(&self, runner: RunnerId) {
+        let mut state = self.state.lock();
+        if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) {
+            slot.draining = true;
+            if slot.in_flight == 0 {
+                slot.handle.connection.close(close::DONE, b"drained");
+            }
+        }
+        self.publish(&state);
+    }
+
+    /// How many runners to boot now, and which of them are `min` runners. Counts them as booting.
+    fn plan_boots(&self, state: &mut State) -> Vec<bool> {
+        if state.closed {
+            return Vec::new();
+        }
+        let config = &self.config;
+        let per_runner = config.max_concurrency as usize;
+        let min_up = state
+            .runners
+            .iter()
+            .filter(|s| s.min && !s.draining)
+            .count();
+        let min_missing = config.min.saturating_sub(min_up + state.booting_min);
+        let waiting = state.waiters.iter().filter(|w| !w.is_closed()).count();
+        let absorbed = state.booting * per_runner;
+        let for_demand = waiting.saturating_sub(absorbed).div_ceil(per_runner);
+        let room = config
+            .max
+            .saturating_sub(state.runners.len() + state.booting);
+        let total = min_missing.max(for_demand).min(room);
+        let mins = min_missing.min(total);
+        state.booting += total;
+        state.booting_min += mins;
+        if total > 0 {
+            self.publish(state);
+        }
+        (0..total).map(|i| i < mins).collect()
+    }
+
+    fn start_boots(self: &Arc<Self>, plan: Vec<bool>) {
+        for min in plan {
+            super::boot::spawn(self, min);
+        }
+    }
+
+    /// Plans and starts whatever boots the current state calls for.
+    pub(crate) fn grow(self: &Arc<Self>) {
+        let plan = self.plan_boots(&mut self.state.lock());
+        self.start_boots(plan);
+    }
+
+    /// A booted runner is ready. Returns `false` if the pool closed meanwhile.
+    pub(crate) fn runner_ready(self: &Arc<Self>, handle: Arc<RunnerHandle>, min: bool) -> bool {
+        let mut state = self.state.lock();
+        state.booting -= 1;
+        if min {
+            state.booting_min -= 1;
+        }
+        if state.closed {
+            return false;
+        }
+        state.boot_failures = 0;
+        state.last_boot_error = None;
+        state.runners.push(Slot {
+            handle,
+            in_flight: 0,
+            draining: false,
+            min,
+        });
+        self.dispatch(&mut state);
+        self.publish(&state);
+        true
+    }
+
+    /// A boot failed: retry after a debounce that doubles with each failure in a row, while
+    /// callers wait or `min` is unmet; after `boot_attempts` failures with nothing running, fail
+    /// the waiting callers instead of letting them wait out their timeout.
+    pub(crate) fn boot_failed(self: &Arc<Self>, min: bool, error: BootError) {
+        let error = Arc::new(error);
+        let mut state = self.state.lock();
+        state.booting -= 1;
+        if min {
+            state.booting_min -= 1;
+        }
+        state.boot_failures += 1;
+        state.last_boot_error = Some(Arc::clone(&error));
+        let failures = state.boot_failures;
+        if failures >= self.config.boot_attempts && state.runners.is_empty() && state.booting == 0 {
+            state.fail_waiters(&CallError::BootFailed(Arc::clone(&error)));
+        }
+        self.publish(&state);
+        if state.closed || state.retry_scheduled {
+            return;
+        }
+        state.retry_scheduled = true;
+        drop(state);
+        let delay =
+            self.config.boot_retry_after * 2u32.saturating_pow(failures.saturating_sub(1).min(5));
+        let shared = Arc::clone(self);
+        self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            shared.state.lock().retry_scheduled = false;
+            shared.grow();
+        });
+    }
+
+    /// A runner is gone: forget it, and boot replacements that `min` or waiting callers need.
+    pub(crate) fn runner_gone(self: &Arc<Self>, runner: RunnerId) {
+        let mut state = self.state.lock();
+        state.runners.retain(|s| s.handle.id != runner);
+        self.publish(&state);
+        if state.closed && state.runners.iter().all(|s| s.in_flight == 0) {
+            self.calls_drained.notify_waiters();
+        }
+        let plan = self.plan_boots(&mut state);
+        drop(state);
+        self.start_boots(plan);
+    }
+
+    fn publish(&self, state: &State) {
+        let stats = state.stats();
+        self.runner_counts.send_if_modified(|old| {
+            let changed = (old.ready, old.booting, old.draining)
+                != (stats.ready, stats.booting, stats.draining);
+            *old = stats;
+            changed
+        });
+    }
+}

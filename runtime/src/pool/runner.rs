@@ -1,0 +1,188 @@
+//! The parent's handle on one runner: its connection, its calls, and its machine's lifecycle.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use quinn::{ConnectionError, ReadError, RecvStream, SendStream, WriteError};
+use tokio::sync::watch;
+
+use super::Shared;
+use crate::backend::Machine;
+use crate::error::{CallError, RunnerId};
+use crate::wire::{self, close, ControlMessage, ReplyHead, WireError};
+
+/// One connected runner.
+pub(crate) struct RunnerHandle {
+    pub(crate) id: RunnerId,
+    pub(crate) connection: quinn::Connection,
+    pub(crate) machine: String,
+    max_payload_len: usize,
+    /// How the machine ended, once it has: the best explanation for a lost call.
+    exit: OnceLock<String>,
+}
+
+/// A call's stream pair. Dropped before the reply is read, it cancels the call on the runner.
+struct CallStream {
+    send: SendStream,
+    recv: RecvStream,
+    done: bool,
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.send.reset(wire::stream::CANCELLED);
+            let _ = self.recv.stop(wire::stream::CANCELLED);
+        }
+    }
+}
+
+impl RunnerHandle {
+    pub(crate) fn new(
+        id: RunnerId,
+        connection: quinn::Connection,
+        machine: String,
+        max_payload_len: usize,
+    ) -> Self {
+        Self {
+            id,
+            connection,
+            machine,
+            max_payload_len,
+            exit: OnceLock::new(),
+        }
+    }
+
+    /// Sends an encoded request and returns the encoded result, within `timeout`.
+    pub(crate) async fn call(
+        &self,
+        request: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, CallError> {
+        let exchange = self.exchange(request);
+        match timeout {
+            None => exchange.await,
+            Some(after) => tokio::time::timeout(after, exchange)
+                .await
+                .map_err(|_| CallError::Timeout { after })?,
+        }
+        .map_err(|failure| match failure {
+            Failure::Reply(ReplyHead::TimedOut) => CallError::Timeout {
+                after: timeout.unwrap_or_default(),
+            },
+            Failure::Reply(head) => reply_error(head),
+            Failure::Wire(e) => self.wire_error(e),
+        })
+    }
+
+    async fn exchange(&self, request: &[u8]) -> Result<Vec<u8>, Failure> {
+        let (send, recv) = self.connection.open_bi().await?;
+        let mut stream = CallStream {
+            send,
+            recv,
+            done: false,
+        };
+        stream
+            .send
+            .write_all(request)
+            .await
+            .map_err(WireError::from)?;
+        let _ = stream.send.finish();
+        let head: ReplyHead = wire::read_head(&mut stream.recv).await?;
+        let result = match head {
+            ReplyHead::Ok => Ok(wire::read_frame(&mut stream.recv, self.max_payload_len).await?),
+            other => Err(Failure::Reply(other)),
+        };
+        stream.done = true;
+        result
+    }
+
+    fn wire_error(&self, error: WireError) -> CallError {
+        match error {
+            WireError::Read(ReadError::ConnectionLost(e))
+            | WireError::Write(WriteError::ConnectionLost(e))
+            | WireError::Connection(e) => self.lost(&e),
+            e => match self.connection.close_reason() {
+                Some(reason) => self.lost(&reason),
+                None => CallError::Protocol {
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+
+    fn lost(&self, error: &ConnectionError) -> CallError {
+        let reason = match self.exit.get() {
+            Some(exit) => format!("runner process ({}) exited: {exit}", self.machine),
+            None => error.to_string(),
+        };
+        CallError::RunnerLost {
+            runner: self.id,
+            reason,
+        }
+    }
+}
+
+enum Failure {
+    Reply(ReplyHead),
+    Wire(WireError),
+}
+
+impl<E: Into<WireError>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Wire(e.into())
+    }
+}
+
+fn reply_error(head: ReplyHead) -> CallError {
+    match head {
+        ReplyHead::Failed { message } => CallError::Failed { message },
+        ReplyHead::Panicked { message } => CallError::Panicked { message },
+        ReplyHead::UnknownJob => CallError::UnknownJob {
+            job: "(not registered on the runner)".into(),
+        },
+        ReplyHead::BadArgs { message } => CallError::Decode { message },
+        ReplyHead::BadResult { message } => CallError::Encode { message },
+        ReplyHead::Malformed { message } => CallError::Protocol { message },
+        ReplyHead::Ok | ReplyHead::TimedOut => unreachable!("handled by the caller"),
+    }
+}
+
+/// Watches a ready runner until it ends, then forgets it and terminates its machine.
+pub(crate) async fn supervise(
+    shared: Arc<Shared>,
+    handle: Arc<RunnerHandle>,
+    mut machine: Box<dyn Machine>,
+    mut control: RecvStream,
+    mut closing: watch::Receiver<bool>,
+) {
+    let mut control_open = true;
+    let ended = loop {
+        tokio::select! {
+            message = wire::read_head::<ControlMessage>(&mut control), if control_open => match message {
+                Ok(ControlMessage::Draining { reason }) => {
+                    tracing::info!(?reason, "runner draining");
+                    shared.runner_draining(handle.id);
+                }
+                // The connection is ending; its own branch says why.
+                Err(_) => control_open = false,
+            },
+            error = handle.connection.closed() => break error.to_string(),
+            exit = machine.exited() => {
+                let _ = handle.exit.set(exit.description.clone());
+                // Fail this runner's calls now rather than at the QUIC idle timeout.
+                handle.connection.close(close::RUNNER_EXIT, b"runner process exited");
+                break format!("process exited: {}", exit.description);
+            }
+            _ = closing.wait_for(|closing| *closing) => {
+                handle.connection.close(close::DONE, b"pool closed");
+                break "pool closed".to_string();
+            }
+        }
+    };
+    tracing::info!(reason = %ended, "runner ended");
+    shared.runner_gone(handle.id);
+    if let Err(e) = machine.terminate(shared.config.terminate_grace).await {
+        tracing::error!(error = %e, machine = %handle.machine, "terminating the runner failed");
+    }
+}

@@ -1,0 +1,256 @@
+//! The registry of named jobs, and its manifest.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Display};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Job, Payload};
+use crate::wire;
+
+/// What a job handler produces: an encoded result frame, or a failure to report.
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, JobFailure>> + Send>>;
+pub(crate) type Handler = Arc<dyn Fn(&[u8]) -> HandlerFuture + Send + Sync>;
+
+/// Why a registered job did not produce a result.
+#[derive(Debug)]
+pub(crate) enum JobFailure {
+    /// The argument bytes did not decode as the job's argument type.
+    BadArgs(String),
+    /// The job returned an error.
+    Failed(String),
+    /// The job's result did not encode.
+    BadResult(String),
+}
+
+/// An error building a [`Registry`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// Two jobs were registered under one name.
+    #[error("job `{name}` is registered twice")]
+    Duplicate {
+        /// The name registered twice.
+        name: String,
+    },
+    /// A job name was empty or longer than 256 bytes.
+    #[error("job name `{name}` is invalid: it must be 1 to 256 bytes long")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+}
+
+/// Maps job names to async closures. The parent and its runners must build the same registry:
+/// a runner whose [`Manifest`] differs is refused when it connects.
+///
+/// ```
+/// use firebrand::{Job, Registry};
+///
+/// const DOUBLE: Job<u64, u64> = Job::new("double");
+///
+/// let mut registry = Registry::new();
+/// registry.register(&DOUBLE, |n: u64| async move { Ok::<_, std::convert::Infallible>(n * 2) })?;
+/// assert!(registry.register(&DOUBLE, |n: u64| async move { Ok::<_, std::convert::Infallible>(n) }).is_err());
+/// # Ok::<(), firebrand::RegistryError>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct Registry {
+    jobs: BTreeMap<&'static str, Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    signature: JobSignature,
+    handler: Handler,
+}
+
+impl Registry {
+    /// An empty registry.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `handler` as the body of `job`.
+    ///
+    /// The handler gets the decoded argument and returns `Result<R, E>`. An `Err` reaches the
+    /// caller as [`CallError::Failed`](crate::CallError::Failed) carrying `E`'s `Display` text.
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] if the name is taken; a name is never silently overwritten.
+    pub fn register<A, R, E, F, Fut>(
+        &mut self,
+        job: &Job<A, R>,
+        handler: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        A: Payload,
+        R: Payload,
+        E: Display,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        let name = job.name();
+        if name.is_empty() || name.len() > wire::MAX_JOB_NAME_LEN {
+            return Err(RegistryError::InvalidName { name: name.into() });
+        }
+        if self.jobs.contains_key(name) {
+            return Err(RegistryError::Duplicate { name: name.into() });
+        }
+        let handler: Handler = Arc::new(move |bytes: &[u8]| -> HandlerFuture {
+            match wire::decode_payload::<A>(bytes) {
+                Ok(args) => {
+                    let run = handler(args);
+                    Box::pin(async move {
+                        let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                        wire::encode_payload_frame(&output)
+                            .map_err(|e| JobFailure::BadResult(e.to_string()))
+                    })
+                }
+                Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
+            }
+        });
+        let signature = JobSignature {
+            name: name.into(),
+            args: std::any::type_name::<A>().into(),
+            output: std::any::type_name::<R>().into(),
+        };
+        self.jobs.insert(name, Entry { signature, handler });
+        Ok(self)
+    }
+
+    /// The names and types of every registered job.
+    #[must_use]
+    pub fn manifest(&self) -> Manifest {
+        Manifest {
+            jobs: self.jobs.values().map(|e| e.signature.clone()).collect(),
+        }
+    }
+
+    pub(crate) fn handler(&self, name: &str) -> Option<&Handler> {
+        self.jobs.get(name).map(|e| &e.handler)
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.jobs.keys()).finish()
+    }
+}
+
+/// A job's name and the Rust type names of its argument and result.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobSignature {
+    /// The registered name.
+    pub name: String,
+    /// `std::any::type_name` of the argument type.
+    pub args: String,
+    /// `std::any::type_name` of the result type.
+    pub output: String,
+}
+
+/// The signatures of a registry's jobs, sorted by name. A runner sends its manifest when it
+/// connects, and the parent refuses it unless it equals the parent's own.
+///
+/// Type names come from `std::any::type_name`, which is stable for one compiler and one source
+/// tree: build the parent and its runners from the same commit with the same toolchain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    jobs: Vec<JobSignature>,
+}
+
+impl Manifest {
+    /// The job signatures, sorted by name.
+    pub fn jobs(&self) -> &[JobSignature] {
+        &self.jobs
+    }
+
+    /// Whether a job of this name is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.jobs
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .is_ok()
+    }
+
+    /// A SHA-256 over every signature: equal manifests have equal fingerprints.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for s in &self.jobs {
+            for field in [&s.name, &s.args, &s.output] {
+                ctx.update(&(field.len() as u64).to_be_bytes());
+                ctx.update(field.as_bytes());
+            }
+        }
+        let mut out = [0; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    /// Describes how `theirs` differs from `self`, one line per job; empty when they agree.
+    pub fn differences(&self, theirs: &Manifest) -> Vec<String> {
+        let ours: BTreeMap<_, _> = self.jobs.iter().map(|s| (&s.name, s)).collect();
+        let other: BTreeMap<_, _> = theirs.jobs.iter().map(|s| (&s.name, s)).collect();
+        let mut out = Vec::new();
+        for (name, mine) in &ours {
+            match other.get(name) {
+                None => out.push(format!("job `{name}` is missing on the runner")),
+                Some(them) if them != mine => out.push(format!(
+                    "job `{name}` is `{} -> {}` on the parent but `{} -> {}` on the runner",
+                    mine.args, mine.output, them.args, them.output
+                )),
+                Some(_) => {}
+            }
+        }
+        for name in other.keys().filter(|n| !ours.contains_key(*n)) {
+            out.push(format!("job `{name}` exists only on the runner"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Job<u32, u32> = Job::new("a");
+    const B: Job<String, ()> = Job::new("b");
+    const A_STRING: Job<String, u32> = Job::new("a");
+
+    fn ok<T>(v: T) -> std::future::Ready<Result<T, String>> {
+        std::future::ready(Ok(v))
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut r = Registry::new();
+        r.register(&A, ok).unwrap();
+        let err = r.register(&A_STRING, |_s: String| ok(1)).unwrap_err();
+        assert_eq!(err, RegistryError::Duplicate { name: "a".into() });
+    }
+
+    #[test]
+    fn manifest_differences_name_each_job() {
+        let mut parent = Registry::new();
+        parent
+            .register(&A, ok)
+            .unwrap()
+            .register(&B, |_| ok(()))
+            .unwrap();
+        let mut runner = Registry::new();
+        runner.register(&A_STRING, |_s: String| ok(1)).unwrap();
+        let (p, r) = (parent.manifest(), runner.manifest());
+        assert_ne!(p.fingerprint(), r.fingerprint());
+        let diff = p.differences(&r);
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(diff[0]
+            .contains("`a` is `u32 -> u32` on the parent but `alloc::string::String -> u32`"));
+        assert!(diff[1].contains("`b` is missing on the runner"));
+        assert!(p.differences(&p.clone()).is_empty());
+        assert!(p.contains("b") && !p.contains("c"));
+    }
+}
