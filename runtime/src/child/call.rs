@@ -77,7 +77,7 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             Some(Ok(Ok(frame))) => (ReplyHead::Ok, Some(frame), Ending::Succeeded),
             Some(Ok(Err(failure))) => (failure_head(failure), None, Ending::Failed),
             Some(Err(panic)) => {
-                let message = panic_message(&panic);
+                let message = panic_message(panic.as_ref());
                 tracing::error!(%message, "job panicked");
                 (ReplyHead::Panicked { message }, None, Ending::Panicked)
             }

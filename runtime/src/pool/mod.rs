@@ -153,22 +153,21 @@ impl Pool {
         }
         let mut counts = shared.runner_counts.subscribe();
         shared.grow();
-        let outcome = counts
-            .wait_for(|c| c.ready >= min || shared.state.lock().has_boot_error())
-            .await
-            .map(|c| c.ready >= min);
-        match outcome {
-            Ok(true) => Ok(()),
-            _ => {
-                let error = shared
-                    .state
-                    .lock()
-                    .last_boot_error()
-                    .unwrap_or_else(|| Arc::new(BootError::PoolClosed));
-                self.shutdown().await;
-                Err(PoolError::Boot(error))
+        // Never lock the state while borrowing the watch: `publish` takes them the other way.
+        let failed = loop {
+            let ready = counts.borrow_and_update().ready;
+            if ready >= min {
+                return Ok(());
             }
-        }
+            if let Some(error) = shared.state.lock().last_boot_error() {
+                break error;
+            }
+            if counts.changed().await.is_err() {
+                break Arc::new(BootError::PoolClosed);
+            }
+        };
+        self.shutdown().await;
+        Err(PoolError::Boot(failed))
     }
 
     /// Calls `job` with `args` on a runner and returns its result. Await the returned [`Call`],

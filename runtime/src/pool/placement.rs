@@ -53,10 +53,6 @@ impl State {
         self.runners.iter().map(|s| Arc::clone(&s.handle)).collect()
     }
 
-    pub(crate) fn has_boot_error(&self) -> bool {
-        self.last_boot_error.is_some()
-    }
-
     pub(crate) fn last_boot_error(&self) -> Option<Arc<BootError>> {
         self.last_boot_error.clone()
     }
@@ -317,6 +313,8 @@ impl Shared {
         self.start_boots(plan);
     }
 
+    /// Publishes runner counts. Called under the state lock, so it takes the watch's lock
+    /// second; nothing may take them in the other order.
     fn publish(&self, state: &State) {
         let stats = state.stats();
         self.runner_counts.send_if_modified(|old| {

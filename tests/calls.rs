@@ -1,0 +1,145 @@
+//! Calls on one runner: results, errors, panics, deadlines, cancellation and concurrency.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pool, within};
+use firebrand::child::RunnerStats;
+use firebrand::{CallError, Job, Pool};
+use firebrand_runner::{HashArgs, ECHO, FAIL, HASH, PANIC, PID, SLEEP, STATS};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+async fn one_runner(max_concurrency: u32) -> Pool {
+    pool()
+        .min(1)
+        .max(1)
+        .max_concurrency(max_concurrency)
+        .build()
+        .await
+        .expect("pool starts")
+}
+
+/// Polls the runner's own counters until `done` holds; the stats call itself is in flight.
+async fn stats_until(pool: &Pool, done: impl Fn(&RunnerStats) -> bool) -> RunnerStats {
+    let deadline = tokio::time::Instant::now() + 5 * SECOND;
+    loop {
+        let stats = pool.call(&STATS, ()).await.unwrap();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "runner stats stuck at {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn typed_round_trip() {
+    let pool = one_runner(4).await;
+    let bytes: Vec<u8> = (0..=255).collect();
+    assert_eq!(pool.call(&ECHO, bytes.clone()).await.unwrap(), bytes);
+    let args = HashArgs {
+        seed: b"firebrand".to_vec(),
+        rounds: 1000,
+    };
+    let expected = firebrand_runner::hash(&args);
+    assert_eq!(pool.call(&HASH, args).await.unwrap(), expected);
+    let pid = pool.call(&PID, ()).await.unwrap();
+    assert_ne!(pid, std::process::id(), "the job ran in another process");
+    pool.shutdown().await;
+    common::wait_dead(pid, 5 * SECOND).await;
+}
+
+#[tokio::test]
+async fn job_errors_and_unknown_jobs_are_distinct() {
+    let pool = one_runner(4).await;
+    match pool.call(&FAIL, "disk full".into()).await {
+        Err(CallError::Failed { message }) => assert_eq!(message, "disk full"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    const MISSING: Job<(), ()> = Job::new("not.registered");
+    match pool.call(&MISSING, ()).await {
+        Err(CallError::UnknownJob { job }) => assert_eq!(job, "not.registered"),
+        other => panic!("expected UnknownJob, got {other:?}"),
+    }
+    pool.shutdown().await;
+    assert!(matches!(pool.call(&PID, ()).await, Err(CallError::Closed)));
+}
+
+#[tokio::test]
+async fn a_panicking_job_is_an_error_and_the_runner_keeps_serving() {
+    let pool = one_runner(4).await;
+    let pid = pool.call(&PID, ()).await.unwrap();
+    match pool.call(&PANIC, "boom at item 7".into()).await {
+        Err(CallError::Panicked { message }) => assert_eq!(message, "boom at item 7"),
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert_eq!(pool.call(&PID, ()).await.unwrap(), pid, "same runner still serving");
+    assert_eq!(pool.call(&STATS, ()).await.unwrap().panicked, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn execution_timeout_aborts_the_remote_job() {
+    let pool = one_runner(4).await;
+    let started = std::time::Instant::now();
+    let result = pool.call(&SLEEP, 60_000).timeout(Duration::from_millis(300)).await;
+    assert!(
+        matches!(result, Err(CallError::Timeout { after }) if after == Duration::from_millis(300)),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < 5 * SECOND);
+    // Only the stats call itself is left running: the sleep was aborted, not left behind.
+    let stats = stats_until(&pool, |s| s.in_flight == 1).await;
+    assert_eq!(stats.timed_out + stats.cancelled, 1, "{stats:?}");
+    assert_eq!(stats.succeeded, stats.started - 2, "{stats:?}");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_call_cancels_it_on_the_runner() {
+    let pool = one_runner(4).await;
+    let caller = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 60_000).timeout(None).await }
+    });
+    stats_until(&pool, |s| s.in_flight == 2).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    let stats = stats_until(&pool, |s| s.in_flight == 1).await;
+    assert_eq!(stats.cancelled, 1, "{stats:?}");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrency_limit_is_respected_per_runner() {
+    let pool = one_runner(3).await;
+    let calls: Vec<_> = (0..9)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&SLEEP, 200).await })
+        })
+        .collect();
+    let mut peak_queued = 0;
+    for call in calls {
+        peak_queued = peak_queued.max(pool.stats().queued);
+        within(20 * SECOND, call).await.unwrap().unwrap();
+    }
+    let stats = pool.call(&STATS, ()).await.unwrap();
+    assert_eq!(stats.peak_in_flight, 3, "{stats:?}");
+    assert!(peak_queued > 0, "calls beyond the limit waited on the parent");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn cast_runs_in_the_background() {
+    let pool = one_runner(4).await;
+    pool.cast(&SLEEP, 10).unwrap();
+    pool.cast(&SLEEP, 10).unwrap();
+    let stats = stats_until(&pool, |s| s.succeeded >= 2).await;
+    assert_eq!(stats.failed, 0);
+    const MISSING: Job<(), ()> = Job::new("not.registered");
+    assert!(matches!(pool.cast(&MISSING, ()), Err(CallError::UnknownJob { .. })));
+    pool.shutdown().await;
+}

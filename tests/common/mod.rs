@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests. Every test uses real `firebrand-runner` processes.
+#![allow(dead_code)]
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use firebrand::backend::{BootRequest, Exit, Machine};
+use firebrand::token::{BootToken, PARENT_ENV};
+use firebrand::{Backend, BackendError, LocalBackend, Pool, PoolBuilder};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use parking_lot::Mutex;
+
+/// The stock runner binary that Cargo built for these tests.
+pub const RUNNER: &str = env!("CARGO_BIN_EXE_firebrand-runner");
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn local_backend() -> LocalBackend {
+    LocalBackend::builder().command(RUNNER).build()
+}
+
+/// A pool of stock runners, with short timeouts suited to tests.
+pub fn pool() -> PoolBuilder {
+    init_tracing();
+    Pool::builder(&firebrand_runner::registry())
+        .backend(local_backend())
+        .boot_timeout(Duration::from_secs(20))
+        .queue_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(20))
+}
+
+/// Fails the test if `future` takes longer than `limit`.
+pub async fn within<T>(limit: Duration, future: impl IntoFuture<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
+}
+
+/// Whether a process is running (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => !matches!(
+            stat.rsplit(')').next().and_then(|s| s.trim().chars().next()),
+            Some('Z') | Some('X') | None
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Polls for a process to end; no event reports the end of a process that is not our child.
+pub async fn wait_dead(pid: u32, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    while alive(pid) {
+        assert!(
+            started.elapsed() < limit,
+            "process {pid} still alive after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// What a [`Recording`] backend saw.
+#[derive(Default)]
+pub struct Seen {
+    pub tokens: Vec<String>,
+    pub machines: Vec<String>,
+}
+
+/// Wraps a backend and records each boot's token and machine. With `spawn` off it starts
+/// nothing, and its machines never exit by themselves: a runner that never dials back.
+#[derive(Clone)]
+pub struct Recording {
+    inner: LocalBackend,
+    spawn: bool,
+    pub seen: Arc<Mutex<Seen>>,
+}
+
+impl Recording {
+    pub fn new(inner: LocalBackend) -> Self {
+        Self {
+            inner,
+            spawn: true,
+            seen: Arc::default(),
+        }
+    }
+
+    pub fn silent() -> Self {
+        Self {
+            spawn: false,
+            ..Self::new(local_backend())
+        }
+    }
+
+    pub fn boots(&self) -> usize {
+        self.seen.lock().tokens.len()
+    }
+
+    pub fn token(&self, i: usize) -> BootToken {
+        BootToken::decode(&self.seen.lock().tokens[i]).unwrap()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.seen
+            .lock()
+            .machines
+            .iter()
+            .filter_map(|m| m.strip_prefix("pid ")?.parse().ok())
+            .collect()
+    }
+}
+
+impl Backend for Recording {
+    fn bind_addr(&self) -> std::net::SocketAddr {
+        self.inner.bind_addr()
+    }
+
+    fn parent_addrs(&self, bound: std::net::SocketAddr) -> Vec<String> {
+        self.inner.parent_addrs(bound)
+    }
+
+    fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
+        let token = request
+            .env
+            .iter()
+            .find(|(k, _)| k == PARENT_ENV)
+            .map(|(_, v)| v.clone())
+            .expect("the pool always sends a token");
+        self.seen.lock().tokens.push(token);
+        if !self.spawn {
+            return async { Ok(Box::new(NeverDials) as Box<dyn Machine>) }.boxed();
+        }
+        async move {
+            let machine = self.inner.boot(request).await?;
+            self.seen.lock().machines.push(machine.describe());
+            Ok(machine)
+        }
+        .boxed()
+    }
+}
+
+/// A machine whose runner never starts.
+struct NeverDials;
+
+impl Machine for NeverDials {
+    fn describe(&self) -> String {
+        "never-dials".into()
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Exit> {
+        std::future::pending().boxed()
+    }
+
+    fn terminate(self: Box<Self>, _grace: Duration) -> BoxFuture<'static, Result<(), BackendError>> {
+        async { Ok(()) }.boxed()
+    }
+}
+
+/// Runs the stock runner with `token`, capturing its output.
+pub fn spawn_runner(token: &str) -> tokio::process::Child {
+    tokio::process::Command::new(RUNNER)
+        .env(PARENT_ENV, token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn firebrand-runner")
+}

@@ -1,0 +1,139 @@
+//! Losing runners, losing the parent, and dropping the pool: nothing hangs and nothing leaks.
+
+mod common;
+
+use std::io::BufRead as _;
+use std::time::{Duration, Instant};
+
+use common::{alive, local_backend, pool, wait_dead, within, Recording};
+use firebrand::CallError;
+use firebrand_runner::{PID, SLEEP};
+
+const SECOND: Duration = Duration::from_secs(1);
+const HELPER_ENV: &str = "FIREBRAND_TEST_PARENT_HELPER";
+
+fn sigkill(pid: u32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill {pid}");
+}
+
+#[tokio::test]
+async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
+    let pool = pool()
+        .min(1)
+        .max(1)
+        .peer_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(10))
+        .build()
+        .await
+        .unwrap();
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 60_000).timeout(None).await }
+    });
+    let mut counts = pool.watch_runners();
+    // Wait until the call is on the runner before killing it.
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let killed = Instant::now();
+    sigkill(pid);
+    // Well under the 30 s QUIC idle timeout set above: the backend saw the process exit.
+    match within(2 * SECOND, call).await.unwrap() {
+        Err(CallError::RunnerLost { reason, .. }) => {
+            assert!(reason.contains("signal 9"), "{reason}")
+        }
+        other => panic!("expected RunnerLost, got {other:?}"),
+    }
+    assert!(killed.elapsed() < 2 * SECOND);
+    // The min runner is replaced.
+    within(20 * SECOND, counts.wait_for(|c| c.ready == 1 && c.booting == 0))
+        .await
+        .unwrap();
+    let replacement = pool.call(&PID, ()).await.unwrap();
+    assert_ne!(replacement, pid);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_the_pool_leaves_no_runner_behind() {
+    let backend = Recording::new(local_backend());
+    let pool = pool().backend(backend.clone()).min(2).max(2).build().await.unwrap();
+    pool.call(&PID, ()).await.unwrap();
+    let pids = backend.pids();
+    assert_eq!(pids.len(), 2);
+    drop(pool);
+    for pid in pids {
+        wait_dead(pid, 10 * SECOND).await;
+    }
+}
+
+/// The parent in `parent_killed_runners_exit_within_10s`: a pool with two runners, whose pids it
+/// prints before waiting to be killed. Runs only as that test's child process.
+#[test]
+#[ignore = "helper process, started by parent_killed_runners_exit_within_10s"]
+fn parent_helper() {
+    if std::env::var_os(HELPER_ENV).is_none() {
+        return;
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let backend = Recording::new(local_backend());
+        let pool = pool().backend(backend.clone()).min(2).max(2).build().await.unwrap();
+        pool.call(&PID, ()).await.unwrap();
+        for pid in backend.pids() {
+            println!("RUNNER_PID {pid}");
+        }
+        println!("READY");
+        std::future::pending::<()>().await;
+    });
+}
+
+#[tokio::test]
+async fn parent_killed_runners_exit_within_10s() {
+    let mut parent = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["parent_helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(HELPER_ENV, "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = parent.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut pids = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap_or_default();
+            // libtest may print its own `test parent_helper ... ` at the start of a line.
+            if let Some((_, pid)) = line.split_once("RUNNER_PID ") {
+                pids.push(pid.trim().parse::<u32>().unwrap());
+            } else if line.ends_with("READY") {
+                let _ = tx.send(pids);
+                return;
+            }
+        }
+    });
+    let pids = rx.recv_timeout(Duration::from_secs(60));
+    let pids = pids.expect("parent helper became ready");
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|p| alive(*p)));
+    sigkill(parent.0.id());
+    parent.0.wait().unwrap();
+    let killed = Instant::now();
+    for pid in pids {
+        wait_dead(pid, 10 * SECOND).await;
+    }
+    println!("runners exited {:?} after their parent was killed", killed.elapsed());
+}
+
+/// Kills the helper parent if the test fails before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,205 @@
+//! Growth, shrinkage, and boots that fail.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{alive, local_backend, pool, within, Recording};
+use firebrand::{BootError, CallError, LocalBackend, PoolError, PoolStats};
+use firebrand_runner::{PID, SLEEP};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn grows_to_max_under_load_and_no_further() {
+    let backend = Recording::new(local_backend());
+    let pool = pool()
+        .backend(backend.clone())
+        .max(3)
+        .max_concurrency(2)
+        .build()
+        .await
+        .unwrap();
+    let mut counts = pool.watch_runners();
+    let peak = Arc::new(parking_lot::Mutex::new(PoolStats::default()));
+    let watcher = tokio::spawn({
+        let peak = Arc::clone(&peak);
+        async move {
+            while counts.changed().await.is_ok() {
+                let now = *counts.borrow_and_update();
+                let mut peak = peak.lock();
+                peak.ready = peak.ready.max(now.ready);
+                peak.booting = peak.booting.max(now.ready + now.booting + now.draining);
+            }
+        }
+    });
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&SLEEP, 400).await })
+        })
+        .collect();
+    for call in calls {
+        within(30 * SECOND, call).await.unwrap().unwrap();
+    }
+    assert_eq!(backend.boots(), 3, "exactly max runners were booted");
+    let peak = *peak.lock();
+    assert_eq!(peak.ready, 3, "all of max came up");
+    assert!(peak.booting <= 3, "never more than max at once: {peak:?}");
+    pool.shutdown().await;
+    watcher.abort();
+    for pid in backend.pids() {
+        assert!(!alive(pid), "runner {pid} left running after shutdown");
+    }
+}
+
+#[tokio::test]
+async fn idle_runners_shut_down_while_min_runners_stay() {
+    let backend = Recording::new(local_backend());
+    let pool = pool()
+        .backend(backend.clone())
+        .min(1)
+        .max(3)
+        .max_concurrency(1)
+        .idle_shutdown_after(SECOND)
+        .build()
+        .await
+        .unwrap();
+    let min_pid = pool.call(&PID, ()).await.unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&SLEEP, 500).await })
+        })
+        .collect();
+    for call in calls {
+        within(30 * SECOND, call).await.unwrap().unwrap();
+    }
+    assert_eq!(backend.boots(), 3);
+    let mut counts = pool.watch_runners();
+    within(10 * SECOND, counts.wait_for(|c| c.ready == 1 && c.draining == 0))
+        .await
+        .unwrap();
+    for pid in backend.pids().into_iter().filter(|p| *p != min_pid) {
+        common::wait_dead(pid, 5 * SECOND).await;
+    }
+    // The min runner outlives several idle periods.
+    let shrank = tokio::time::timeout(3 * SECOND, counts.wait_for(|c| c.ready == 0)).await;
+    assert!(shrank.is_err(), "the min runner stopped");
+    assert_eq!(pool.call(&PID, ()).await.unwrap(), min_pid);
+    pool.shutdown().await;
+    common::wait_dead(min_pid, 5 * SECOND).await;
+}
+
+#[tokio::test]
+async fn boot_timeout_terminates_the_runner() {
+    // `sleep` never dials back: the pool must give up on it and kill it.
+    let backend = Recording::new(LocalBackend::builder().command("sleep").arg("600").build());
+    let pool = pool()
+        .backend(backend.clone())
+        .boot_timeout(Duration::from_millis(700))
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    match within(10 * SECOND, pool.call(&PID, ())).await {
+        Err(CallError::BootFailed(e)) => {
+            assert!(matches!(*e, BootError::Timeout(t) if t == Duration::from_millis(700)), "{e}")
+        }
+        other => panic!("expected a boot timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < 5 * SECOND);
+    let pids = backend.pids();
+    assert_eq!(pids.len(), 1);
+    assert!(!alive(pids[0]), "the timed-out machine was terminated before the error");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_runner_that_crashes_at_boot_fails_fast_with_its_exit_status() {
+    let pool = pool()
+        .backend(LocalBackend::builder().command("false").build())
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    match within(10 * SECOND, pool.call(&PID, ())).await {
+        Err(CallError::BootFailed(e)) => {
+            assert!(matches!(&*e, BootError::Exited(s) if s.contains("exit status: 1")), "{e}")
+        }
+        other => panic!("expected a boot failure, got {other:?}"),
+    }
+    assert!(started.elapsed() < 5 * SECOND, "failed fast, not at the boot timeout");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_boot_is_retried_while_callers_wait() {
+    // The first boot spawns a missing program; later ones work.
+    let pool = pool()
+        .backend(FirstBootFails::default())
+        .boot_retry_after(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    within(10 * SECOND, pool.call(&PID, ())).await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_config_is_refused_before_anything_starts() {
+    let err = pool().min(3).max(2).build().await.err().unwrap();
+    assert!(matches!(&err, PoolError::InvalidConfig(why) if why.contains("min (3) exceeds max (2)")));
+    let err = pool().max_concurrency(0).build().await.err().unwrap();
+    assert!(matches!(err, PoolError::InvalidConfig(_)));
+    let err = pool()
+        .backend(LocalBackend::builder().command("/nonexistent/runner").build())
+        .min(1)
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, PoolError::Boot(e) if e.to_string().contains("cannot spawn runner")),
+        "{err}"
+    );
+}
+
+#[derive(Default)]
+struct FirstBootFails {
+    booted: std::sync::atomic::AtomicBool,
+}
+
+impl firebrand::Backend for FirstBootFails {
+    fn bind_addr(&self) -> std::net::SocketAddr {
+        local_backend().bind_addr()
+    }
+
+    fn parent_addrs(&self, bound: std::net::SocketAddr) -> Vec<String> {
+        local_backend().parent_addrs(bound)
+    }
+
+    fn boot(
+        &self,
+        request: firebrand::backend::BootRequest,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<Box<dyn firebrand::backend::Machine>, firebrand::BackendError>,
+    > {
+        let first = !self.booted.swap(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if first {
+                LocalBackend::builder()
+                    .command("/nonexistent/runner")
+                    .build()
+                    .boot(request)
+                    .await
+            } else {
+                local_backend().boot(request).await
+            }
+        })
+    }
+}
