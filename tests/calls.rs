@@ -29,7 +29,10 @@ async fn stats_until(pool: &Pool, done: impl Fn(&RunnerStats) -> bool) -> Runner
         if done(&stats) {
             return stats;
         }
-        assert!(tokio::time::Instant::now() < deadline, "runner stats stuck at {stats:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "runner stats stuck at {stats:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -75,7 +78,11 @@ async fn a_panicking_job_is_an_error_and_the_runner_keeps_serving() {
         Err(CallError::Panicked { message }) => assert_eq!(message, "boom at item 7"),
         other => panic!("expected Panicked, got {other:?}"),
     }
-    assert_eq!(pool.call(&PID, ()).await.unwrap(), pid, "same runner still serving");
+    assert_eq!(
+        pool.call(&PID, ()).await.unwrap(),
+        pid,
+        "same runner still serving"
+    );
     assert_eq!(pool.call(&STATS, ()).await.unwrap().panicked, 1);
     pool.shutdown().await;
 }
@@ -84,7 +91,10 @@ async fn a_panicking_job_is_an_error_and_the_runner_keeps_serving() {
 async fn execution_timeout_aborts_the_remote_job() {
     let pool = one_runner(4).await;
     let started = std::time::Instant::now();
-    let result = pool.call(&SLEEP, 60_000).timeout(Duration::from_millis(300)).await;
+    let result = pool
+        .call(&SLEEP, 60_000)
+        .timeout(Duration::from_millis(300))
+        .await;
     assert!(
         matches!(result, Err(CallError::Timeout { after }) if after == Duration::from_millis(300)),
         "{result:?}"
@@ -128,7 +138,10 @@ async fn concurrency_limit_is_respected_per_runner() {
     }
     let stats = pool.call(&STATS, ()).await.unwrap();
     assert_eq!(stats.peak_in_flight, 3, "{stats:?}");
-    assert!(peak_queued > 0, "calls beyond the limit waited on the parent");
+    assert!(
+        peak_queued > 0,
+        "calls beyond the limit waited on the parent"
+    );
     pool.shutdown().await;
 }
 
@@ -140,6 +153,9 @@ async fn cast_runs_in_the_background() {
     let stats = stats_until(&pool, |s| s.succeeded >= 2).await;
     assert_eq!(stats.failed, 0);
     const MISSING: Job<(), ()> = Job::new("not.registered");
-    assert!(matches!(pool.cast(&MISSING, ()), Err(CallError::UnknownJob { .. })));
+    assert!(matches!(
+        pool.cast(&MISSING, ()),
+        Err(CallError::UnknownJob { .. })
+    ));
     pool.shutdown().await;
 }

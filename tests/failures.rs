@@ -49,9 +49,12 @@ async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
     }
     assert!(killed.elapsed() < 2 * SECOND);
     // The min runner is replaced.
-    within(20 * SECOND, counts.wait_for(|c| c.ready == 1 && c.booting == 0))
-        .await
-        .unwrap();
+    within(
+        20 * SECOND,
+        counts.wait_for(|c| c.ready == 1 && c.booting == 0),
+    )
+    .await
+    .unwrap();
     let replacement = pool.call(&PID, ()).await.unwrap();
     assert_ne!(replacement, pid);
     pool.shutdown().await;
@@ -60,7 +63,13 @@ async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
 #[tokio::test]
 async fn dropping_the_pool_leaves_no_runner_behind() {
     let backend = Recording::new(local_backend());
-    let pool = pool().backend(backend.clone()).min(2).max(2).build().await.unwrap();
+    let pool = pool()
+        .backend(backend.clone())
+        .min(2)
+        .max(2)
+        .build()
+        .await
+        .unwrap();
     pool.call(&PID, ()).await.unwrap();
     let pids = backend.pids();
     assert_eq!(pids.len(), 2);
@@ -80,7 +89,13 @@ fn parent_helper() {
     }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let backend = Recording::new(local_backend());
-        let pool = pool().backend(backend.clone()).min(2).max(2).build().await.unwrap();
+        let pool = pool()
+            .backend(backend.clone())
+            .min(2)
+            .max(2)
+            .build()
+            .await
+            .unwrap();
         pool.call(&PID, ()).await.unwrap();
         for pid in backend.pids() {
             println!("RUNNER_PID {pid}");
@@ -94,7 +109,13 @@ fn parent_helper() {
 async fn parent_killed_runners_exit_within_10s() {
     let mut parent = KillOnDrop(
         std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["parent_helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "parent_helper",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(HELPER_ENV, "1")
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -125,7 +146,10 @@ async fn parent_killed_runners_exit_within_10s() {
     for pid in pids {
         wait_dead(pid, 10 * SECOND).await;
     }
-    println!("runners exited {:?} after their parent was killed", killed.elapsed());
+    println!(
+        "runners exited {:?} after their parent was killed",
+        killed.elapsed()
+    );
 }
 
 /// Kills the helper parent if the test fails before it does.

@@ -78,9 +78,12 @@ async fn idle_runners_shut_down_while_min_runners_stay() {
     }
     assert_eq!(backend.boots(), 3);
     let mut counts = pool.watch_runners();
-    within(10 * SECOND, counts.wait_for(|c| c.ready == 1 && c.draining == 0))
-        .await
-        .unwrap();
+    within(
+        10 * SECOND,
+        counts.wait_for(|c| c.ready == 1 && c.draining == 0),
+    )
+    .await
+    .unwrap();
     for pid in backend.pids().into_iter().filter(|p| *p != min_pid) {
         common::wait_dead(pid, 5 * SECOND).await;
     }
@@ -106,14 +109,20 @@ async fn boot_timeout_terminates_the_runner() {
     let started = std::time::Instant::now();
     match within(10 * SECOND, pool.call(&PID, ())).await {
         Err(CallError::BootFailed(e)) => {
-            assert!(matches!(*e, BootError::Timeout(t) if t == Duration::from_millis(700)), "{e}")
+            assert!(
+                matches!(*e, BootError::Timeout(t) if t == Duration::from_millis(700)),
+                "{e}"
+            )
         }
         other => panic!("expected a boot timeout, got {other:?}"),
     }
     assert!(started.elapsed() < 5 * SECOND);
     let pids = backend.pids();
     assert_eq!(pids.len(), 1);
-    assert!(!alive(pids[0]), "the timed-out machine was terminated before the error");
+    assert!(
+        !alive(pids[0]),
+        "the timed-out machine was terminated before the error"
+    );
     pool.shutdown().await;
 }
 
@@ -128,11 +137,17 @@ async fn a_runner_that_crashes_at_boot_fails_fast_with_its_exit_status() {
     let started = std::time::Instant::now();
     match within(10 * SECOND, pool.call(&PID, ())).await {
         Err(CallError::BootFailed(e)) => {
-            assert!(matches!(&*e, BootError::Exited(s) if s.contains("exit status: 1")), "{e}")
+            assert!(
+                matches!(&*e, BootError::Exited(s) if s.contains("exit status: 1")),
+                "{e}"
+            )
         }
         other => panic!("expected a boot failure, got {other:?}"),
     }
-    assert!(started.elapsed() < 5 * SECOND, "failed fast, not at the boot timeout");
+    assert!(
+        started.elapsed() < 5 * SECOND,
+        "failed fast, not at the boot timeout"
+    );
     pool.shutdown().await;
 }
 
@@ -152,11 +167,17 @@ async fn a_failed_boot_is_retried_while_callers_wait() {
 #[tokio::test]
 async fn a_bad_config_is_refused_before_anything_starts() {
     let err = pool().min(3).max(2).build().await.err().unwrap();
-    assert!(matches!(&err, PoolError::InvalidConfig(why) if why.contains("min (3) exceeds max (2)")));
+    assert!(
+        matches!(&err, PoolError::InvalidConfig(why) if why.contains("min (3) exceeds max (2)"))
+    );
     let err = pool().max_concurrency(0).build().await.err().unwrap();
     assert!(matches!(err, PoolError::InvalidConfig(_)));
     let err = pool()
-        .backend(LocalBackend::builder().command("/nonexistent/runner").build())
+        .backend(
+            LocalBackend::builder()
+                .command("/nonexistent/runner")
+                .build(),
+        )
         .min(1)
         .build()
         .await

@@ -220,10 +220,10 @@ pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError>
     const MIB: usize = 1 << 20;
     match bytes.len().saturating_mul(16) {
         0..=65_536 => decode_limited::<T, { 64 << 10 }>(bytes),
-        0..=1_048_576 => decode_limited::<T, MIB>(bytes),
-        0..=16_777_216 => decode_limited::<T, { 16 * MIB }>(bytes),
-        0..=268_435_456 => decode_limited::<T, { 256 * MIB }>(bytes),
-        0..=4_294_967_296 => decode_limited::<T, { 4096 * MIB }>(bytes),
+        65_537..=1_048_576 => decode_limited::<T, MIB>(bytes),
+        1_048_577..=16_777_216 => decode_limited::<T, { 16 * MIB }>(bytes),
+        16_777_217..=268_435_456 => decode_limited::<T, { 256 * MIB }>(bytes),
+        268_435_457..=4_294_967_296 => decode_limited::<T, { 4096 * MIB }>(bytes),
         _ => decode_limited::<T, { usize::MAX }>(bytes),
     }
 }

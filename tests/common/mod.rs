@@ -51,7 +51,9 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
         Ok(stat) => !matches!(
-            stat.rsplit(')').next().and_then(|s| s.trim().chars().next()),
+            stat.rsplit(')')
+                .next()
+                .and_then(|s| s.trim().chars().next()),
             Some('Z') | Some('X') | None
         ),
         Err(_) => false,
@@ -162,7 +164,10 @@ impl Machine for NeverDials {
         std::future::pending().boxed()
     }
 
-    fn terminate(self: Box<Self>, _grace: Duration) -> BoxFuture<'static, Result<(), BackendError>> {
+    fn terminate(
+        self: Box<Self>,
+        _grace: Duration,
+    ) -> BoxFuture<'static, Result<(), BackendError>> {
         async { Ok(()) }.boxed()
     }
 }

@@ -1,0 +1,381 @@
+//! Who may connect, and what a runner does with hostile input.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{local_backend, pool, spawn_runner, within, Recording};
+use firebrand::child::exit_code;
+use firebrand::tls::{self, IssuedCert, PoolCa, PARENT_SERVER_NAME};
+use firebrand::token::{BootToken, RunnerSettings, PARENT_ENV};
+use firebrand::wire::{self, CallHead, Hello, HelloReply, ReplyHead};
+use firebrand::{BootError, CallError, Job, Pool};
+use firebrand_runner::{ECHO, PID};
+use rustls::pki_types::CertificateDer;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Runs a runner process to its end and returns its exit code and stderr.
+async fn run_runner(token: &BootToken) -> (i32, String) {
+    let child = spawn_runner(&token.encode());
+    let output = within(30 * SECOND, child.wait_with_output()).await.unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A pool whose boots start nothing, so that tests can dial with its tokens themselves.
+async fn pool_with_silent_boots(
+    boots: usize,
+) -> (Pool, Recording, Vec<tokio::task::JoinHandle<()>>) {
+    let backend = Recording::silent();
+    let pool = pool()
+        .backend(backend.clone())
+        .max(boots)
+        .max_concurrency(1)
+        .boot_timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let calls = (0..boots)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let _ = pool.call(&PID, ()).await;
+            })
+        })
+        .collect();
+    let mut counts = pool.watch_runners();
+    within(10 * SECOND, counts.wait_for(|c| c.booting == boots))
+        .await
+        .unwrap();
+    while backend.boots() < boots {
+        tokio::task::yield_now().await;
+    }
+    (pool, backend, calls)
+}
+
+#[tokio::test]
+async fn a_runner_id_is_admitted_once_and_only_with_its_own_certificate() {
+    let (pool, backend, calls) = pool_with_silent_boots(2).await;
+    let (first, second) = (backend.token(0), backend.token(1));
+
+    // The first runner's certificate, claiming to be the second runner.
+    let mut impostor = first.clone();
+    impostor.runner_id = second.runner_id;
+    let (code, stderr) = run_runner(&impostor).await;
+    assert_eq!(code, exit_code::REFUSED, "{stderr}");
+    assert!(stderr.contains("was not issued to runner"), "{stderr}");
+
+    // An id the pool never issued.
+    let mut unknown = first.clone();
+    unknown.runner_id = uuid::Uuid::new_v4();
+    let (code, stderr) = run_runner(&unknown).await;
+    assert_eq!(code, exit_code::REFUSED, "{stderr}");
+    assert!(stderr.contains("unknown runner id"), "{stderr}");
+
+    // The genuine runner is admitted and serves the waiting call...
+    let mut genuine = spawn_runner(&first.encode());
+    let mut counts = pool.watch_runners();
+    within(10 * SECOND, counts.wait_for(|c| c.ready == 1))
+        .await
+        .unwrap();
+
+    // ...and its token cannot be used again.
+    let (code, stderr) = run_runner(&first).await;
+    assert_eq!(code, exit_code::REFUSED, "{stderr}");
+    assert!(stderr.contains("has already connected"), "{stderr}");
+
+    for call in calls {
+        call.abort();
+    }
+    pool.shutdown().await;
+    let status = within(10 * SECOND, genuine.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(exit_code::CLEAN));
+}
+
+#[tokio::test]
+async fn a_runner_whose_boot_timed_out_is_refused() {
+    let backend = Recording::silent();
+    let pool = pool()
+        .backend(backend.clone())
+        .boot_timeout(Duration::from_millis(300))
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let result = pool.call(&PID, ()).await;
+    assert!(
+        matches!(&result, Err(CallError::BootFailed(e)) if matches!(**e, BootError::Timeout(_))),
+        "{result:?}"
+    );
+    let (code, stderr) = run_runner(&backend.token(0)).await;
+    assert_eq!(code, exit_code::REFUSED, "{stderr}");
+    assert!(stderr.contains("was given up on"), "{stderr}");
+    pool.shutdown().await;
+}
+
+/// Dials the parent in `token` as an attacker would: with `identity`, or no certificate.
+async fn dial(
+    token: &BootToken,
+    identity: Option<&IssuedCert>,
+) -> Result<HelloReply, quinn::ConnectionError> {
+    let ca = CertificateDer::from(token.ca_cert.clone());
+    let crypto = match identity {
+        Some(identity) => tls::client_crypto(&ca, identity).unwrap(),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca).unwrap();
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            config.alpn_protocols = vec![wire::ALPN.to_vec()];
+            quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap()
+        }
+    };
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = token.parent_addrs[0].parse().unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let attempt = async {
+        let connection = endpoint
+            .connect_with(config, addr, &token.server_name)
+            .unwrap()
+            .await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(&wire::PROTOCOL_VERSION.to_be_bytes())
+            .await?;
+        let hello = Hello {
+            runner_id: token.runner_id,
+            manifest: firebrand_runner::registry().manifest(),
+            pid: 1,
+        };
+        wire::write_frame(&mut send, &hello).await?;
+        let reply: HelloReply = wire::read_head(&mut recv).await?;
+        Ok::<_, anyhow::Error>((connection, reply))
+    };
+    match within(10 * SECOND, attempt).await {
+        Ok((_, reply)) => Ok(reply),
+        Err(e) => Err(match e.downcast::<quinn::ConnectionError>() {
+            Ok(e) => e,
+            Err(e) => match e.downcast::<wire::WireError>() {
+                Ok(wire::WireError::Read(quinn::ReadError::ConnectionLost(e))) => e,
+                Ok(wire::WireError::Write(quinn::WriteError::ConnectionLost(e))) => e,
+                other => panic!("unexpected failure: {other:?}"),
+            },
+        }),
+    }
+}
+
+/// Whether the parent closed the connection with a TLS alert (QUIC crypto error 0x1XX).
+fn tls_alert(error: &quinn::ConnectionError) -> bool {
+    matches!(error, quinn::ConnectionError::ConnectionClosed(close)
+        if (0x100..0x200).contains(&u64::from(close.error_code)))
+}
+
+#[tokio::test]
+async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
+    let (pool, backend, calls) = pool_with_silent_boots(1).await;
+    let token = backend.token(0);
+
+    let error = dial(&token, None).await.unwrap_err();
+    assert!(tls_alert(&error), "no certificate: {error}");
+
+    // A certificate for the right runner id, signed by another CA.
+    let rogue = PoolCa::generate("rogue").unwrap();
+    let forged = rogue
+        .issue_runner(token.runner_id, Duration::from_secs(60))
+        .unwrap();
+    let error = dial(&token, Some(&forged)).await.unwrap_err();
+    assert!(tls_alert(&error), "another CA: {error}");
+    assert_eq!(pool.stats().ready, 0);
+
+    // The same client with the identity the pool issued is admitted: the refusals above were
+    // about the certificates, not about this client.
+    let reply = dial(&token, Some(&token.runner_identity())).await.unwrap();
+    assert_eq!(reply, HelloReply::Accepted);
+    for call in calls {
+        call.abort();
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_runner_with_a_different_registry_is_refused_at_connect() {
+    const EXTRA: Job<u32, u32> = Job::new("only.on.parent");
+    let mut registry = firebrand_runner::registry();
+    registry
+        .register(&EXTRA, |n: u32| async move { Ok::<_, String>(n) })
+        .unwrap();
+    common::init_tracing();
+    let pool = Pool::builder(&registry)
+        .backend(local_backend())
+        .boot_timeout(Duration::from_secs(20))
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    match within(10 * SECOND, pool.call(&ECHO, vec![1])).await {
+        Err(CallError::BootFailed(e)) => match &*e {
+            BootError::Incompatible(why) => {
+                assert!(
+                    why.contains("job `only.on.parent` is missing on the runner"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected Incompatible, got {other}"),
+        },
+        other => panic!("expected a boot failure, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < 5 * SECOND,
+        "refused at connect, not at the boot timeout"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_token_is_a_clear_error() {
+    for (value, expected) in [
+        ("garbage", "unsupported boot token version"),
+        ("fb1.!!!", "not valid base64"),
+        ("fb1.AAAA", "boot token is malformed"),
+    ] {
+        let output = tokio::process::Command::new(common::RUNNER)
+            .env(PARENT_ENV, value)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(exit_code::BAD_TOKEN));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{value}: {stderr}");
+    }
+    let output = tokio::process::Command::new(common::RUNNER)
+        .env_remove(PARENT_ENV)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("FIREBRAND_PARENT"));
+}
+
+/// The test plays the parent itself, so that it can send what no pool would.
+#[tokio::test]
+async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
+    let ca = PoolCa::generate("hostile").unwrap();
+    let server = ca.issue_server().unwrap();
+    let crypto = tls::server_crypto(ca.cert(), &server).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let id = uuid::Uuid::new_v4();
+    let identity = ca.issue_runner(id, Duration::from_secs(600)).unwrap();
+    let settings = RunnerSettings {
+        max_concurrency: 4,
+        idle_shutdown_after: None,
+        connect_failsafe: Duration::from_secs(20),
+        drain_grace: Duration::from_secs(5),
+        max_payload_len: 1 << 20,
+        peer_timeout: Duration::from_secs(10),
+        keep_alive: Duration::from_secs(1),
+    };
+    let token = BootToken::new(
+        vec![endpoint.local_addr().unwrap().to_string()],
+        PARENT_SERVER_NAME.into(),
+        ca.cert(),
+        &identity,
+        id,
+        settings,
+    );
+    let mut runner = spawn_runner(&token.encode());
+    let connection = within(20 * SECOND, async {
+        endpoint.accept().await.unwrap().await.unwrap()
+    })
+    .await;
+    let (mut control_send, mut control) = connection.accept_bi().await.unwrap();
+    let mut version = [0; 2];
+    control.read_exact(&mut version).await.unwrap();
+    let hello: Hello = wire::read_head(&mut control).await.unwrap();
+    assert_eq!(hello.runner_id, id);
+    wire::write_frame(&mut control_send, &HelloReply::Accepted)
+        .await
+        .unwrap();
+
+    // A head frame that announces 4 GiB.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    send.write_all(&[0; 64]).await.unwrap();
+    let _ = send.finish();
+    let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
+    assert!(
+        matches!(&reply, ReplyHead::Malformed { message } if message.contains("exceeds the limit")),
+        "{reply:?}"
+    );
+
+    // A valid head whose argument frame exceeds the runner's payload limit.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut request = wire::encode_payload_frame(&CallHead {
+        job: ECHO.name().into(),
+        timeout_ms: 0,
+    })
+    .unwrap();
+    request.extend_from_slice(&(2u32 << 20).to_be_bytes());
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
+    assert!(matches!(reply, ReplyHead::Malformed { .. }), "{reply:?}");
+
+    // A string that claims an absurd length inside a small frame.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut head = vec![0xFD];
+    head.extend_from_slice(&(u64::MAX / 4).to_le_bytes());
+    let mut request = (head.len() as u32).to_be_bytes().to_vec();
+    request.extend_from_slice(&head);
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
+    assert!(matches!(reply, ReplyHead::Malformed { .. }), "{reply:?}");
+
+    // Arguments of the wrong type for the job.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut request = wire::encode_payload_frame(&CallHead {
+        job: ECHO.name().into(),
+        timeout_ms: 0,
+    })
+    .unwrap();
+    request.extend(wire::encode_payload_frame(&u8::MAX).unwrap());
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
+    assert!(matches!(reply, ReplyHead::BadArgs { .. }), "{reply:?}");
+
+    // The runner still serves a well-formed call.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut request = wire::encode_payload_frame(&CallHead {
+        job: ECHO.name().into(),
+        timeout_ms: 5_000,
+    })
+    .unwrap();
+    request.extend(wire::encode_payload_frame(&vec![1u8, 2, 3]).unwrap());
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
+    assert_eq!(reply, ReplyHead::Ok);
+    let body = wire::read_frame(&mut recv, 1 << 20).await.unwrap();
+    assert_eq!(
+        wire::decode_payload::<Vec<u8>>(&body).unwrap(),
+        vec![1, 2, 3]
+    );
+
+    connection.close(wire::close::DONE, b"done");
+    let status = within(10 * SECOND, runner.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(exit_code::CLEAN));
+}
