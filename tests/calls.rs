@@ -159,3 +159,115 @@ async fn cast_runs_in_the_background() {
     ));
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn waiting_callers_are_served_in_arrival_order() {
+    let pool = one_runner(1).await;
+    let blocker = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 300).await }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..5u8 {
+        let caller = pool.clone();
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            caller.call(&ECHO, vec![i]).await.unwrap();
+            done_tx.send(i).unwrap();
+        });
+        // Each caller is queued before the next one arrives.
+        while pool.stats().queued <= usize::from(i) {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(done_tx);
+    blocker.await.unwrap().unwrap();
+    let mut order = Vec::new();
+    while let Some(i) = done_rx.recv().await {
+        order.push(i);
+    }
+    assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_that_finds_no_slot_in_time_gets_a_queue_timeout() {
+    let pool = one_runner(1).await;
+    let blocker = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 2_000).await }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let waited = Duration::from_millis(200);
+    match pool.call(&PID, ()).queue_timeout(waited).await {
+        Err(CallError::QueueTimeout { waited: w }) => assert_eq!(w, waited),
+        other => panic!("expected QueueTimeout, got {other:?}"),
+    }
+    assert_eq!(
+        pool.stats().queued,
+        0,
+        "the timed-out caller left the queue"
+    );
+    blocker.await.unwrap().unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_calls_finish() {
+    let pool = one_runner(2).await;
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 500).await }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    within(10 * SECOND, pool.shutdown()).await;
+    running
+        .await
+        .unwrap()
+        .expect("the running call completed during the drain");
+    assert!(
+        !common::alive(pid),
+        "shutdown returns once runners are gone"
+    );
+}
+
+#[tokio::test]
+async fn runners_get_an_explicit_environment() {
+    use firebrand_runner::ENV;
+    // Cargo sets both of these for test binaries; setting variables here would race with the
+    // other tests' threads.
+    let backend = firebrand::LocalBackend::builder()
+        .command(common::RUNNER)
+        .env("FIREBRAND_TEST_SET", "set-value")
+        .forward("CARGO_PKG_NAME")
+        .build();
+    let pool = pool().backend(backend).build().await.unwrap();
+    let get = |name: &str| pool.call(&ENV, name.to_string());
+    assert_eq!(
+        get("FIREBRAND_TEST_SET").await.unwrap().as_deref(),
+        Some("set-value")
+    );
+    assert_eq!(
+        get("CARGO_PKG_NAME").await.unwrap().as_deref(),
+        Some(env!("CARGO_PKG_NAME"))
+    );
+    assert_eq!(
+        get("CARGO_MANIFEST_DIR").await.unwrap(),
+        None,
+        "not forwarded"
+    );
+    assert_eq!(
+        get(firebrand::token::PARENT_ENV).await.unwrap(),
+        None,
+        "the boot token is removed from the runner's environment"
+    );
+    pool.shutdown().await;
+}

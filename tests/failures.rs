@@ -161,3 +161,29 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test]
+async fn sigterm_drains_the_runner_and_min_replaces_it() {
+    let pool = pool().min(1).max(1).build().await.unwrap();
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 700).await }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    running
+        .await
+        .unwrap()
+        .expect("the running call finished during the drain");
+    wait_dead(pid, 10 * SECOND).await;
+    let mut counts = pool.watch_runners();
+    within(20 * SECOND, counts.wait_for(|c| c.ready == 1))
+        .await
+        .unwrap();
+    assert_ne!(pool.call(&PID, ()).await.unwrap(), pid);
+    pool.shutdown().await;
+}

@@ -379,3 +379,78 @@ async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
     let status = within(10 * SECOND, runner.wait()).await.unwrap();
     assert_eq!(status.code(), Some(exit_code::CLEAN));
 }
+
+#[tokio::test]
+async fn a_runner_that_never_reaches_its_parent_exits_at_the_failsafe() {
+    // A UDP port that nothing listens on.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    drop(socket);
+    let ca = PoolCa::generate("failsafe").unwrap();
+    let id = uuid::Uuid::new_v4();
+    let token = BootToken::new(
+        vec![addr.to_string()],
+        PARENT_SERVER_NAME.into(),
+        ca.cert(),
+        &ca.issue_runner(id, Duration::from_secs(60)).unwrap(),
+        id,
+        RunnerSettings {
+            max_concurrency: 1,
+            idle_shutdown_after: None,
+            connect_failsafe: Duration::from_millis(1500),
+            drain_grace: Duration::from_secs(1),
+            max_payload_len: 1 << 20,
+            peer_timeout: Duration::from_secs(1),
+            keep_alive: Duration::from_millis(300),
+        },
+    );
+    let started = std::time::Instant::now();
+    let (code, stderr) = run_runner(&token).await;
+    assert_eq!(code, exit_code::UNREACHABLE, "{stderr}");
+    assert!(
+        stderr.contains("parent not reached within 1.5s"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < 10 * SECOND);
+}
+
+#[tokio::test]
+async fn a_protocol_version_mismatch_is_refused_with_both_versions() {
+    let (pool, backend, calls) = pool_with_silent_boots(1).await;
+    let token = backend.token(0);
+    let ca = CertificateDer::from(token.ca_cert.clone());
+    let crypto = tls::client_crypto(&ca, &token.runner_identity()).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connection = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            token.parent_addrs[0].parse().unwrap(),
+            &token.server_name,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    send.write_all(&(wire::PROTOCOL_VERSION + 1).to_be_bytes())
+        .await
+        .unwrap();
+    match within(10 * SECOND, connection.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, wire::close::REFUSED);
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(
+                reason.contains(&format!(
+                    "the parent speaks {}, the runner {}",
+                    wire::PROTOCOL_VERSION,
+                    wire::PROTOCOL_VERSION + 1
+                )),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    for call in calls {
+        call.abort();
+    }
+    pool.shutdown().await;
+}
