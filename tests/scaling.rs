@@ -224,3 +224,32 @@ impl firebrand::Backend for FirstBootFails {
         })
     }
 }
+
+#[tokio::test]
+async fn single_use_runners_serve_one_call_each() {
+    let pool = pool().single_use(true).build().await.unwrap();
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let pid = pool.call(&PID, ()).await.unwrap();
+        assert!(!pids.contains(&pid), "a runner served twice");
+        common::wait_dead(pid, 5 * SECOND).await;
+        pids.push(pid);
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_during_a_boot_retry_backoff_returns_promptly() {
+    let pool = pool()
+        .backend(LocalBackend::builder().command("false").build())
+        .boot_retry_after(Duration::from_secs(30))
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    assert!(matches!(
+        pool.call(&PID, ()).await,
+        Err(CallError::BootFailed(_))
+    ));
+    within(5 * SECOND, pool.shutdown()).await;
+}

@@ -113,6 +113,13 @@ impl Listener {
     }
 }
 
+impl Drop for Listener {
+    // The accept task holds its own handle on the endpoint: closing it is what ends that task.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum AdmitError {
     #[error("handshake failed: {0}")]

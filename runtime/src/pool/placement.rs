@@ -293,8 +293,12 @@ impl Shared {
         let delay =
             self.config.boot_retry_after * 2u32.saturating_pow(failures.saturating_sub(1).min(5));
         let shared = Arc::clone(self);
+        let mut closing = self.closing.clone();
         self.tasks.spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = closing.wait_for(|closing| *closing) => return,
+            }
             shared.state.lock().retry_scheduled = false;
             shared.grow();
         });
