@@ -8,9 +8,12 @@ use std::time::Duration;
 use firebrand::child::RunnerStats;
 use firebrand::{Job, Registry};
 use serde::{Deserialize, Serialize};
+pub use serde_bytes::ByteBuf;
 
 /// Returns its argument.
 pub const ECHO: Job<Vec<u8>, Vec<u8>> = Job::new("firebrand.echo");
+/// Returns its argument, encoded as one byte string: the fast path for bulk data.
+pub const ECHO_BYTES: Job<ByteBuf, ByteBuf> = Job::new("firebrand.echo_bytes");
 /// Sleeps for the given milliseconds.
 pub const SLEEP: Job<u64, ()> = Job::new("firebrand.sleep");
 /// Fails with the given message.
@@ -44,6 +47,7 @@ pub fn registry() -> Registry {
     let mut registry = Registry::new();
     registry
         .register(&ECHO, |bytes: Vec<u8>| async move { ok(bytes) })
+        .and_then(|r| r.register(&ECHO_BYTES, |bytes: ByteBuf| async move { ok(bytes) }))
         .and_then(|r| {
             r.register(&SLEEP, |ms: u64| async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -32,7 +32,6 @@
 //! }
 //! ```
 #![deny(missing_docs)]
-#![cfg_attr(not(unix), allow(unused))]
 
 #[cfg(not(unix))]
 compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");
@@ -45,7 +44,7 @@ mod pool;
 mod registry;
 pub mod tls;
 pub mod token;
-mod transport;
+pub mod transport;
 pub mod wire;
 
 pub use backend::{Backend, LocalBackend};

@@ -1,4 +1,7 @@
 //! QUIC endpoints and transport settings, set on purpose rather than left at quinn's defaults.
+//!
+//! Public so that tools and benchmarks can build a raw QUIC peer with exactly the settings a
+//! pool and its runners use.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 ///
 /// `incoming_bidi` is how many streams the *peer* may open at once: the runner's concurrency plus
 /// slack on the runner, and one control stream (plus slack) on the parent.
-pub(crate) fn transport_config(
+pub fn transport_config(
     peer_timeout: Duration,
     keep_alive: Duration,
     incoming_bidi: u32,
@@ -36,7 +39,10 @@ pub(crate) fn transport_config(
 }
 
 /// The runner's client endpoint, bound to the wildcard address of `target`'s family.
-pub(crate) fn client_endpoint(
+///
+/// # Errors
+/// The OS error if the UDP socket cannot be bound.
+pub fn client_endpoint(
     target: SocketAddr,
     crypto: Arc<quinn::crypto::rustls::QuicClientConfig>,
     transport: Arc<TransportConfig>,
@@ -54,7 +60,10 @@ pub(crate) fn client_endpoint(
 }
 
 /// The parent's server endpoint.
-pub(crate) fn server_endpoint(
+///
+/// # Errors
+/// The OS error if the UDP socket cannot be bound.
+pub fn server_endpoint(
     bind: SocketAddr,
     crypto: quinn::crypto::rustls::QuicServerConfig,
     transport: Arc<TransportConfig>,

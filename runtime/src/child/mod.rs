@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 pub use terminator::RunnerStats;
 
@@ -155,7 +156,10 @@ pub fn exit_code_of(result: &Result<ServeExit, ServeError>) -> i32 {
 /// A [`ServeError`] if the parent is never reached or refuses the runner.
 pub async fn serve(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
     let span = tracing::info_span!("runner", runner = %token.runner_id);
-    let _enter = span.enter();
+    serve_in_span(token, registry).instrument(span).await
+}
+
+async fn serve_in_span(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
     let settings = token.settings.clone();
     let (endpoint, connection, mut control) = connect(&token, &registry).await?;
     tracing::info!("connected to parent");
@@ -240,32 +244,23 @@ async fn announce_drain(control: &mut quinn::SendStream, reason: DrainReason) {
     }
 }
 
-/// A stream of SIGTERMs; never yields where signals are not available.
-fn sigterm() -> Signal {
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => Signal(Some(s)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM");
-                Signal(None)
-            }
+/// SIGTERM, or nothing if it cannot be watched.
+fn sigterm() -> Sigterm {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => Sigterm(Some(signal)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            Sigterm(None)
         }
     }
-    #[cfg(not(unix))]
-    Signal(None)
 }
 
-struct Signal(
-    #[cfg(unix)] Option<tokio::signal::unix::Signal>,
-    #[cfg(not(unix))] Option<()>,
-);
+struct Sigterm(Option<tokio::signal::unix::Signal>);
 
-impl Signal {
+impl Sigterm {
     async fn recv(&mut self) {
-        #[cfg(unix)]
-        if let Some(s) = &mut self.0 {
-            if s.recv().await.is_some() {
+        if let Some(signal) = &mut self.0 {
+            if signal.recv().await.is_some() {
                 return;
             }
         }

@@ -6,9 +6,10 @@ mod listener;
 mod placement;
 mod runner;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -179,9 +180,10 @@ impl Pool {
         Call {
             shared: Arc::clone(&self.inner.shared),
             job: *job,
-            args,
+            args: Some(args),
             timeout: config.call_timeout,
             queue_timeout: config.queue_timeout,
+            running: None,
         }
     }
 
@@ -194,7 +196,7 @@ impl Pool {
     /// # Panics
     /// Outside a Tokio runtime.
     pub fn cast<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> Result<(), CallError> {
-        let call = self.call(job, args);
+        let mut call = self.call(job, args);
         let prepared = call.prepare()?;
         let shared = Arc::clone(&call.shared);
         let name = job.name();
@@ -261,15 +263,29 @@ impl Drop for PoolInner {
     }
 }
 
-/// A call in preparation; `.await` it to run it.
+/// A call: a future of the job's result. Set per-call options before awaiting it.
+///
+/// ```no_run
+/// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+/// # const JOB: firebrand::Job<u32, u32> = firebrand::Job::new("job");
+/// use std::time::Duration;
+///
+/// let out = pool.call(&JOB, 7).timeout(Duration::from_secs(5)).await?;
+/// let all = futures_util::future::try_join_all((0..4).map(|n| pool.call(&JOB, n))).await?;
+/// # Ok(()) }
+/// ```
 #[must_use = "a call does nothing unless awaited"]
 pub struct Call<A, R> {
     shared: Arc<Shared>,
     job: Job<A, R>,
-    args: A,
+    args: Option<A>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
+    running: Option<Pin<Box<dyn Future<Output = Result<R, CallError>> + Send>>>,
 }
+
+// `Call` never pins its argument: it is moved out, encoded, on the first poll.
+impl<A, R> Unpin for Call<A, R> {}
 
 impl<A: Payload, R: Payload> Call<A, R> {
     /// The execution deadline for this call; `None` for none. Default: the pool's
@@ -286,8 +302,11 @@ impl<A: Payload, R: Payload> Call<A, R> {
         self
     }
 
-    fn prepare(&self) -> Result<Prepared<R>, CallError> {
+    fn prepare(&mut self) -> Result<Prepared<R>, CallError> {
         let name = self.job.name();
+        let args = self.args.take().ok_or(CallError::Protocol {
+            message: "call polled after completion".into(),
+        })?;
         if self.shared.state.lock().closed {
             return Err(CallError::Closed);
         }
@@ -298,7 +317,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
             u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
         });
         let request =
-            wire::encode_request(name, timeout_ms, &self.args).map_err(|e| CallError::Encode {
+            wire::encode_request(name, timeout_ms, &args).map_err(|e| CallError::Encode {
                 message: e.to_string(),
             })?;
         Ok(Prepared {
@@ -336,13 +355,20 @@ impl<R: Payload> Prepared<R> {
     }
 }
 
-impl<A: Payload, R: Payload> IntoFuture for Call<A, R> {
+impl<A: Payload, R: Payload> Future for Call<A, R> {
     type Output = Result<R, CallError>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        let prepared = self.prepare();
-        let shared = self.shared;
-        Box::pin(async move { prepared?.run(&shared).await })
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.running.is_none() {
+            let prepared = this.prepare();
+            let shared = Arc::clone(&this.shared);
+            this.running = Some(Box::pin(async move { prepared?.run(&shared).await }));
+        }
+        this.running
+            .as_mut()
+            .expect("set above")
+            .as_mut()
+            .poll(cx)
     }
 }

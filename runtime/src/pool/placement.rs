@@ -105,7 +105,11 @@ impl Shared {
             if state.closed {
                 return Err(CallError::Closed);
             }
-            if !state.waiters.iter().any(|w| !w.is_closed()) {
+            while state.waiters.front().is_some_and(|w| w.is_closed()) {
+                state.waiters.pop_front();
+            }
+            // Only when nobody waits: a free slot goes to the oldest caller first.
+            if state.waiters.is_empty() {
                 if let Some(lease) = self.take_slot(&mut state) {
                     return Ok(lease);
                 }
@@ -117,12 +121,14 @@ impl Shared {
             self.start_boots(boots);
             queued
         };
-        match tokio::time::timeout(queue_timeout, queued).await {
+        // Bound first, so that the receiver is dropped (and the waiter seen as gone) before the
+        // state is locked below.
+        let outcome = tokio::time::timeout(queue_timeout, queued).await;
+        match outcome {
             Ok(Ok(lease)) => lease,
             Ok(Err(_)) => Err(CallError::Closed),
             Err(_) => {
-                let mut state = self.state.lock();
-                state.waiters.retain(|w| !w.is_closed());
+                let state = self.state.lock();
                 let booted_nothing = state.runners.is_empty();
                 match &state.last_boot_error {
                     Some(error) if booted_nothing => Err(CallError::BootFailed(Arc::clone(error))),
@@ -217,7 +223,9 @@ impl Shared {
             .filter(|s| s.min && !s.draining)
             .count();
         let min_missing = config.min.saturating_sub(min_up + state.booting_min);
-        let waiting = state.waiters.iter().filter(|w| !w.is_closed()).count();
+        // Callers who gave up may still be counted until dispatch reaches them; that can only
+        // bring a boot forward, never past `max`.
+        let waiting = state.waiters.len();
         let absorbed = state.booting * per_runner;
         let for_demand = waiting.saturating_sub(absorbed).div_ceil(per_runner);
         let room = config

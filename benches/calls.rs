@@ -1,0 +1,172 @@
+//! Warm-path benchmarks: latency, throughput and payload, each against its baselines in the same
+//! run. Runners and baseline peers are separate processes.
+//!
+//! ```sh
+//! cargo bench --bench calls && python3 benches/summary.py
+//! ```
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use firebrand_runner::{ByteBuf, ECHO_BYTES};
+use support::{run_in_flight, warm_pool, Latencies, QuicEcho, TcpEcho};
+
+fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let latencies = Latencies::default();
+    let payload = vec![7u8; 64];
+    let mut group = c.benchmark_group("latency");
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+
+    let pool = rt.block_on(warm_pool(1));
+    group.bench_function("firebrand", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut nanos = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
+                    nanos.push(started.elapsed().as_nanos() as u64);
+                    assert_eq!(reply.unwrap().len(), 64);
+                }
+                latencies.record("firebrand", nanos.clone());
+                Duration::from_nanos(nanos.iter().sum())
+            })
+        })
+    });
+    rt.block_on(pool.shutdown());
+
+    let quic = rt.block_on(QuicEcho::start());
+    group.bench_function("baseline_quic", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut nanos = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let reply = quic.echo(&payload).await;
+                    nanos.push(started.elapsed().as_nanos() as u64);
+                    assert_eq!(reply.len(), 64);
+                }
+                latencies.record("baseline_quic", nanos.clone());
+                Duration::from_nanos(nanos.iter().sum())
+            })
+        })
+    });
+    drop(quic);
+
+    let mut tcp = TcpEcho::start();
+    let mut reply = [0u8; 64];
+    group.bench_function("baseline_tcp", |b| {
+        b.iter_custom(|iters| {
+            let mut nanos = Vec::with_capacity(iters as usize);
+            for _ in 0..iters {
+                let started = Instant::now();
+                tcp.echo(&payload, &mut reply);
+                nanos.push(started.elapsed().as_nanos() as u64);
+            }
+            latencies.record("baseline_tcp", nanos.clone());
+            Duration::from_nanos(nanos.iter().sum())
+        })
+    });
+    group.finish();
+    support::write_results("latency", &latencies.summary());
+}
+
+fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    const CALLS: u64 = 2_000;
+    let payload = vec![7u8; 64];
+    let mut group = c.benchmark_group("throughput");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(CALLS));
+    for runners in [1, 4] {
+        let pool = rt.block_on(warm_pool(runners));
+        for in_flight in [1, 8, 64, 256] {
+            let id = BenchmarkId::new(format!("firebrand_{runners}_runners"), in_flight);
+            group.bench_with_input(id, &in_flight, |b, &in_flight| {
+                b.iter_custom(|iters| {
+                    rt.block_on(run_in_flight(iters * CALLS, in_flight, || async {
+                        let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
+                        assert_eq!(reply.unwrap().len(), 64);
+                    }))
+                })
+            });
+        }
+        rt.block_on(pool.shutdown());
+    }
+    let quic = rt.block_on(QuicEcho::start());
+    for in_flight in [1, 8, 64, 256] {
+        let id = BenchmarkId::new("baseline_quic", in_flight);
+        group.bench_with_input(id, &in_flight, |b, &in_flight| {
+            b.iter_custom(|iters| {
+                rt.block_on(run_in_flight(iters * CALLS, in_flight, || async {
+                    assert_eq!(quic.echo(&payload).await.len(), 64);
+                }))
+            })
+        });
+    }
+    group.finish();
+}
+
+fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = c.benchmark_group("payload");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    let sizes = [1usize << 20, 16 << 20, 64 << 20];
+    let pool = rt.block_on(warm_pool(1));
+    for size in sizes {
+        let data = vec![0x5Au8; size];
+        // The argument goes out and the result comes back: both directions count.
+        group.throughput(Throughput::Bytes(2 * size as u64));
+        group.bench_with_input(BenchmarkId::new("firebrand", size >> 20), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let reply = pool.call(&ECHO_BYTES, ByteBuf::from(data.clone())).await;
+                        assert_eq!(reply.unwrap().len(), size);
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    rt.block_on(pool.shutdown());
+    let quic = rt.block_on(QuicEcho::start());
+    for size in sizes {
+        let data = vec![0x5Au8; size];
+        group.throughput(Throughput::Bytes(2 * size as u64));
+        group.bench_with_input(BenchmarkId::new("baseline_quic", size >> 20), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        assert_eq!(quic.echo(&data).await.len(), size);
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    support::run_peer_if_asked();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = Criterion::default().configure_from_args();
+    latency(&mut c, &rt);
+    throughput(&mut c, &rt);
+    payload(&mut c, &rt);
+    c.final_summary();
+}

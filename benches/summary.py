@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Prints the benchmark table from criterion's output and the benches' own result files.
+
+Run after `cargo bench`:  python3 benches/summary.py [target-dir]
+Every Firebrand figure is set against a baseline measured in the same run.
+"""
+import json
+import os
+import sys
+
+target = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "target")
+criterion = os.path.join(target, "criterion")
+extra = os.path.join(target, "firebrand-bench")
+
+
+def estimate(*path):
+    """Mean time of one iteration in seconds, and its throughput unit count."""
+    base = os.path.join(criterion, *path)
+    try:
+        with open(os.path.join(base, "new", "estimates.json")) as f:
+            mean = json.load(f)["mean"]["point_estimate"] / 1e9
+        with open(os.path.join(base, "new", "benchmark.json")) as f:
+            throughput = json.load(f).get("throughput") or {}
+    except FileNotFoundError:
+        return None, None
+    units = throughput.get("Elements") or throughput.get("Bytes") or throughput.get("BytesDecimal")
+    return mean, units
+
+
+def load(name):
+    try:
+        with open(os.path.join(extra, name + ".json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+rows = []
+
+
+def row(benchmark, firebrand, baseline, ratio, target, ok):
+    verdict = "n/a" if ok is None else ("meets" if ok else "MISSES")
+    rows.append((benchmark, firebrand, baseline, ratio, target, verdict))
+
+
+latency = load("latency")
+if latency:
+    fb, qa, tcp = latency["firebrand"], latency["baseline_quic"], latency["baseline_tcp"]
+    r = fb["p50_us"] / qa["p50_us"]
+    row("warm call p50", f'{fb["p50_us"]:.1f} µs', f'A {qa["p50_us"]:.1f} µs, B {tcp["p50_us"]:.1f} µs',
+        f"{r:.2f}× A", "≤ 1.25× A", r <= 1.25)
+    row("warm call p99", f'{fb["p99_us"]:.1f} µs', f'A {qa["p99_us"]:.1f} µs, B {tcp["p99_us"]:.1f} µs',
+        f'{fb["p99_us"] / qa["p99_us"]:.2f}× A', "", None)
+
+for k in (1, 8, 64, 256):
+    base, units = estimate("throughput", "baseline_quic", str(k))
+    if base is None:
+        continue
+    base_rate = units / base
+    for runners in (1, 4):
+        t, u = estimate("throughput", f"firebrand_{runners}_runners", str(k))
+        if t is None:
+            continue
+        rate = u / t
+        r = rate / base_rate
+        target = "≥ 0.8× A" if k == 64 else ""
+        row(f"throughput, {k} in flight, {runners} runner{'s' if runners > 1 else ''}",
+            f"{rate:,.0f} calls/s", f"A {base_rate:,.0f} calls/s", f"{r:.2f}× A", target,
+            (r >= 0.8) if k == 64 else None)
+
+for mib in (1, 16, 64):
+    base, units = estimate("payload", "baseline_quic", str(mib))
+    t, u = estimate("payload", "firebrand", str(mib))
+    if base is None or t is None:
+        continue
+    rate, base_rate = u / t / 1e6, units / base / 1e6
+    r = rate / base_rate
+    row(f"payload echo, {mib} MiB", f"{rate:,.0f} MB/s", f"A {base_rate:,.0f} MB/s", f"{r:.2f}× A",
+        "≥ 0.7× A" if mib == 64 else "", (r >= 0.7) if mib == 64 else None)
+
+floor, _ = estimate("cold_start", "process_floor")
+first, _ = estimate("cold_start", "first_result")
+if floor and first:
+    extra_ms = (first - floor) * 1e3
+    row("cold start to first result", f"{first * 1e3:.1f} ms", f"process start {floor * 1e3:.1f} ms",
+        f"floor + {extra_ms:.1f} ms", "≤ floor + 15 ms", extra_ms <= 15)
+one, _ = estimate("cold_start", "1_ready")
+eight, _ = estimate("cold_start", "8_ready")
+if one and eight:
+    r = eight / one
+    row("8 runners ready at once", f"{eight * 1e3:.1f} ms", f"1 runner {one * 1e3:.1f} ms", f"{r:.2f}× one",
+        "≤ 2× one", r <= 2)
+
+queued, _ = estimate("queueing", "10k_calls_4x8")
+memory = load("memory")
+if queued:
+    row("10,000 queued calls, max 4 × 8", f"{queued:.2f} s total", "", f"{10_000 / queued:,.0f} calls/s", "", None)
+if memory:
+    q, idle = memory["queueing"], memory["idle"]
+    row("10,000 queued calls: parent RSS growth", f'{q["peak_growth_mib"]:.1f} MiB', "", "", "≤ 50 MiB",
+        q["peak_growth_mib"] <= 50)
+    row("parent RSS per idle runner", f'{idle["per_runner_kib"]:.0f} KiB', f'{idle["runners"]} runners', "",
+        "≤ 1 MiB", idle["per_runner_kib"] <= 1024)
+
+if not rows:
+    sys.exit(f"no results under {target}: run `cargo bench` first")
+header = ("benchmark", "Firebrand", "baseline", "ratio", "target", "verdict")
+print("| " + " | ".join(header) + " |")
+print("|" + "---|" * len(header))
+for r in rows:
+    print("| " + " | ".join(r) + " |")

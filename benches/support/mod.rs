@@ -1,0 +1,291 @@
+//! What the benchmarks share: the baseline echo peers (raw QUIC with mTLS, and TCP), pools of
+//! stock runners, per-call latency recording, RSS sampling, and result files for
+//! `benches/summary.py`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use firebrand::tls::{self, PoolCa, PARENT_SERVER_NAME};
+use firebrand::token::{BootToken, RunnerSettings};
+use firebrand::{transport, LocalBackend, Pool};
+use parking_lot::Mutex;
+use rustls::pki_types::CertificateDer;
+
+/// The stock runner, built by `cargo bench`.
+pub const RUNNER: &str = env!("CARGO_BIN_EXE_firebrand-runner");
+
+const PEER_ENV: &str = "FIREBRAND_BENCH_PEER";
+const PEER_ARG_ENV: &str = "FIREBRAND_BENCH_PEER_ARG";
+
+/// The transport both Firebrand and baseline A use.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub const CONCURRENCY: u32 = 256;
+
+/// If this process was started as a baseline peer, serves as one and exits.
+pub fn run_peer_if_asked() {
+    let Ok(kind) = std::env::var(PEER_ENV) else {
+        return;
+    };
+    let arg = std::env::var(PEER_ARG_ENV).expect("peer argument");
+    match kind.as_str() {
+        "quic" => tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(quic_peer(BootToken::decode(&arg).unwrap())),
+        "tcp" => tcp_peer(&arg),
+        other => panic!("unknown peer kind {other}"),
+    }
+    std::process::exit(0);
+}
+
+fn spawn_peer(kind: &str, arg: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .env(PEER_ENV, kind)
+        .env(PEER_ARG_ENV, arg)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn a baseline peer")
+}
+
+/// Kills the peer process when the baseline is dropped.
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Baseline A: a raw quinn + rustls mTLS echo in another process, dialled in the same direction
+/// as a runner dials its parent, with the same transport settings, one stream per request.
+pub struct QuicEcho {
+    connection: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    _peer: Peer,
+}
+
+impl QuicEcho {
+    pub async fn start() -> Self {
+        let ca = PoolCa::generate("bench").unwrap();
+        let server = ca.issue_server().unwrap();
+        let endpoint = transport::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            tls::server_crypto(ca.cert(), &server).unwrap(),
+            transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1),
+        )
+        .unwrap();
+        let id = uuid::Uuid::new_v4();
+        let token = BootToken::new(
+            vec![endpoint.local_addr().unwrap().to_string()],
+            PARENT_SERVER_NAME.into(),
+            ca.cert(),
+            &ca.issue_runner(id, Duration::from_secs(3600)).unwrap(),
+            id,
+            RunnerSettings {
+                max_concurrency: CONCURRENCY,
+                idle_shutdown_after: None,
+                connect_failsafe: Duration::from_secs(20),
+                drain_grace: Duration::from_secs(1),
+                max_payload_len: 1 << 30,
+                peer_timeout: PEER_TIMEOUT,
+                keep_alive: KEEP_ALIVE,
+            },
+        );
+        let peer = Peer(spawn_peer("quic", &token.encode()));
+        let connection = endpoint.accept().await.unwrap().await.unwrap();
+        Self {
+            connection,
+            _endpoint: endpoint,
+            _peer: peer,
+        }
+    }
+
+    pub async fn echo(&self, payload: &[u8]) -> Vec<u8> {
+        let (mut send, mut recv) = self.connection.open_bi().await.unwrap();
+        send.write_all(payload).await.unwrap();
+        send.finish().unwrap();
+        recv.read_to_end(1 << 30).await.unwrap()
+    }
+}
+
+async fn quic_peer(token: BootToken) {
+    let ca = CertificateDer::from(token.ca_cert.clone());
+    let crypto = Arc::new(tls::client_crypto(&ca, &token.runner_identity()).unwrap());
+    let target = token.parent_addrs[0].parse().unwrap();
+    let endpoint = transport::client_endpoint(
+        target,
+        crypto,
+        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, CONCURRENCY),
+    )
+    .unwrap();
+    let connection = endpoint.connect(target, &token.server_name).unwrap().await.unwrap();
+    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        tokio::spawn(async move {
+            let Ok(data) = recv.read_to_end(1 << 30).await else { return };
+            if send.write_all(&data).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// Baseline B: a TCP ping-pong with `TCP_NODELAY`, to a peer process.
+pub struct TcpEcho {
+    stream: std::net::TcpStream,
+    _peer: Peer,
+}
+
+impl TcpEcho {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = Peer(spawn_peer("tcp", &listener.local_addr().unwrap().to_string()));
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            _peer: peer,
+        }
+    }
+
+    pub fn echo(&mut self, payload: &[u8], reply: &mut [u8]) {
+        self.stream.write_all(payload).unwrap();
+        self.stream.read_exact(reply).unwrap();
+    }
+}
+
+fn tcp_peer(addr: &str) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut buf = [0u8; 64];
+    while stream.read_exact(&mut buf).is_ok() {
+        if stream.write_all(&buf).is_err() {
+            break;
+        }
+    }
+}
+
+/// A pool of `runners` warm stock runners.
+pub async fn warm_pool(runners: usize) -> Pool {
+    Pool::builder(&firebrand_runner::registry())
+        .backend(LocalBackend::builder().command(RUNNER).build())
+        .min(runners)
+        .max(runners)
+        .max_concurrency(CONCURRENCY)
+        .min_idle_shutdown_after(None)
+        .peer_timeout(PEER_TIMEOUT)
+        .keep_alive(KEEP_ALIVE)
+        .max_payload_len(1 << 30)
+        .build()
+        .await
+        .expect("a pool of stock runners")
+}
+
+/// Per-call latencies, recorded inside criterion's own iterations.
+#[derive(Default, Clone)]
+pub struct Latencies(Arc<Mutex<BTreeMap<String, Vec<u64>>>>);
+
+impl Latencies {
+    pub fn record(&self, name: &str, nanos: Vec<u64>) {
+        self.0.lock().entry(name.into()).or_default().extend(nanos);
+    }
+
+    /// `{name: {p50_us, p99_us, samples}}`.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (name, samples) in self.0.lock().iter_mut() {
+            samples.sort_unstable();
+            let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+            out.insert(
+                name.clone(),
+                serde_json::json!({ "p50_us": at(0.50), "p99_us": at(0.99), "samples": samples.len() }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+/// The resident set size of this process, in bytes.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// Samples RSS every millisecond until dropped; `peak()` is the highest seen.
+pub struct RssSampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    pub fn start() -> Self {
+        let peak = Arc::new(AtomicU64::new(rss_bytes()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        Self {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn peak(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed).max(rss_bytes())
+    }
+}
+
+/// `target/firebrand-bench/`, beside criterion's own output.
+pub fn results_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<bench> -> target/
+    let target = exe.ancestors().nth(3).unwrap().to_path_buf();
+    let dir = target.join("firebrand-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn write_results(name: &str, value: &serde_json::Value) {
+    let path = results_dir().join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(value).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+}
+
+/// Times `calls` calls of `call`, `in_flight` at a time.
+pub async fn run_in_flight<F, Fut>(calls: u64, in_flight: usize, call: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures_util::StreamExt as _;
+    let started = Instant::now();
+    futures_util::stream::iter(0..calls)
+        .map(|_| call())
+        .buffer_unordered(in_flight)
+        .for_each(|()| async {})
+        .await;
+    started.elapsed()
+}
