@@ -146,17 +146,21 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     for size in sizes {
         let data = vec![0x5Au8; size];
         group.throughput(Throughput::Bytes(2 * size as u64));
-        group.bench_with_input(BenchmarkId::new("baseline_quic", size >> 20), &size, |b, _| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        assert_eq!(quic.echo(&data).await.len(), size);
-                    }
-                    started.elapsed()
+        group.bench_with_input(
+            BenchmarkId::new("baseline_quic", size >> 20),
+            &size,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            assert_eq!(quic.echo(&data).await.len(), size);
+                        }
+                        started.elapsed()
+                    })
                 })
-            })
-        });
+            },
+        );
     }
     group.finish();
 }

@@ -45,7 +45,9 @@ fn cold_start(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 for _ in 0..iters {
                     let started = Instant::now();
                     let pool = cold_pool(0).build().await.unwrap();
-                    pool.call(&ECHO_BYTES, ByteBuf::from(vec![1; 64])).await.unwrap();
+                    pool.call(&ECHO_BYTES, ByteBuf::from(vec![1; 64]))
+                        .await
+                        .unwrap();
                     total += started.elapsed();
                     pool.shutdown().await;
                 }
@@ -166,7 +168,10 @@ fn memory(rt: &tokio::runtime::Runtime) {
         })
     });
     println!("idle runner memory: {idle}");
-    support::write_results("memory", &serde_json::json!({ "queueing": queued, "idle": idle }));
+    support::write_results(
+        "memory",
+        &serde_json::json!({ "queueing": queued, "idle": idle }),
+    );
 }
 
 fn main() {

@@ -124,10 +124,16 @@ async fn quic_peer(token: BootToken) {
         transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, CONCURRENCY),
     )
     .unwrap();
-    let connection = endpoint.connect(target, &token.server_name).unwrap().await.unwrap();
+    let connection = endpoint
+        .connect(target, &token.server_name)
+        .unwrap()
+        .await
+        .unwrap();
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         tokio::spawn(async move {
-            let Ok(data) = recv.read_to_end(1 << 30).await else { return };
+            let Ok(data) = recv.read_to_end(1 << 30).await else {
+                return;
+            };
             if send.write_all(&data).await.is_ok() {
                 let _ = send.finish();
             }
@@ -144,7 +150,10 @@ pub struct TcpEcho {
 impl TcpEcho {
     pub fn start() -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = Peer(spawn_peer("tcp", &listener.local_addr().unwrap().to_string()));
+        let peer = Peer(spawn_peer(
+            "tcp",
+            &listener.local_addr().unwrap().to_string(),
+        ));
         let (stream, _) = listener.accept().unwrap();
         stream.set_nodelay(true).unwrap();
         Self {
@@ -200,7 +209,8 @@ impl Latencies {
         let mut out = serde_json::Map::new();
         for (name, samples) in self.0.lock().iter_mut() {
             samples.sort_unstable();
-            let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+            let at =
+                |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
             out.insert(
                 name.clone(),
                 serde_json::json!({ "p50_us": at(0.50), "p99_us": at(0.99), "samples": samples.len() }),

@@ -240,6 +240,48 @@ fn decode_limited<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Resu
     Ok(value)
 }
 
+/// Splits the first frame off `bytes`: its body, and what follows it. The body may be at most
+/// `limit` bytes.
+pub fn split_frame(bytes: &[u8], limit: usize) -> Result<(&[u8], &[u8]), WireError> {
+    let Some((prefix, rest)) = bytes.split_first_chunk::<4>() else {
+        return Err(WireError::Truncated);
+    };
+    let len = u32::from_be_bytes(*prefix) as usize;
+    if len > limit {
+        return Err(WireError::TooLarge {
+            len: len as u64,
+            limit: limit as u64,
+        });
+    }
+    if len > rest.len() {
+        return Err(WireError::Truncated);
+    }
+    Ok(rest.split_at(len))
+}
+
+/// Reads a whole message, up to the peer's FIN, of at most `limit` bytes.
+///
+/// Reading to the end, rather than frame by frame, spares the stream a STOP_SENDING frame that
+/// quinn would otherwise send when a half-read stream is dropped.
+pub async fn read_message(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Vec<u8>, WireError> {
+    recv.read_to_end(limit).await.map_err(|e| match e {
+        quinn::ReadToEndError::TooLong => WireError::TooLarge {
+            len: limit as u64 + 1,
+            limit: limit as u64,
+        },
+        quinn::ReadToEndError::Read(e) => WireError::Read(e),
+    })
+}
+
+/// The longest message that holds a head frame and a payload frame of at most `max_payload`.
+#[must_use]
+pub fn message_limit(max_payload: usize) -> usize {
+    MAX_HEAD_LEN.saturating_add(max_payload).saturating_add(8)
+}
+
 /// Reads one frame body of at most `limit` bytes.
 pub async fn read_frame(recv: &mut quinn::RecvStream, limit: usize) -> Result<Vec<u8>, WireError> {
     let mut prefix = [0; 4];

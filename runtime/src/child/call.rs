@@ -23,7 +23,12 @@ pub(crate) struct CallContext {
 
 /// Reads one request, runs its job, and writes the reply.
 pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut recv: RecvStream) {
-    let (head, args) = match read_request(&mut recv, cx.max_payload_len).await {
+    let message = wire::read_message(&mut recv, wire::message_limit(cx.max_payload_len)).await;
+    let parsed = message.and_then(|m| {
+        let (head, args) = parse_request(&m, cx.max_payload_len)?;
+        Ok((head, m, args))
+    });
+    let (head, message, args) = match parsed {
         Ok(request) => request,
         Err(e) => {
             tracing::warn!(error = %e, "malformed call request");
@@ -48,7 +53,7 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             return;
         };
         STATS.running();
-        let job = AssertUnwindSafe(async { handler(&args).await }).catch_unwind();
+        let job = AssertUnwindSafe(async { handler(&message[args]).await }).catch_unwind();
         let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
         let job = async move {
             match deadline {
@@ -59,6 +64,9 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         tokio::pin!(job);
         let stopped = send.stopped();
         let outcome = tokio::select! {
+            // The job first: one that finishes at once never polls `stopped`, which takes the
+            // connection's lock.
+            biased;
             outcome = &mut job => outcome,
             stopped = stopped => match stopped {
                 Ok(_) => {
@@ -91,13 +99,22 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
     .await;
 }
 
-async fn read_request(
-    recv: &mut RecvStream,
+/// A request's head, and where in the message its argument lies.
+fn parse_request(
+    message: &[u8],
     max_payload_len: usize,
-) -> Result<(CallHead, Vec<u8>), WireError> {
-    let head: CallHead = wire::read_head(recv).await?;
-    let args = wire::read_frame(recv, max_payload_len).await?;
-    Ok((head, args))
+) -> Result<(CallHead, std::ops::Range<usize>), WireError> {
+    let (head, rest) = wire::split_frame(message, wire::MAX_HEAD_LEN)?;
+    let head: CallHead = wire::decode_payload(head)?;
+    let (args, rest) = wire::split_frame(rest, max_payload_len)?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(format!(
+            "{} bytes after the request",
+            rest.len()
+        )));
+    }
+    let start = message.len() - rest.len() - args.len();
+    Ok((head, start..start + args.len()))
 }
 
 fn failure_head(failure: JobFailure) -> ReplyHead {

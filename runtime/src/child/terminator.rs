@@ -116,8 +116,14 @@ impl Terminator {
 
     pub(crate) fn stream_started(self: &Arc<Self>) -> StreamGuard {
         STATS.started.fetch_add(1, Ordering::Relaxed);
-        self.streams.lock().0 += 1;
-        self.changed.notify_waiters();
+        let mut streams = self.streams.lock();
+        streams.0 += 1;
+        // Only the edges between idle and busy matter to the waiters; notifying on every call
+        // would wake the serve loop twice per call.
+        if streams.0 == 1 {
+            self.changed.notify_waiters();
+        }
+        drop(streams);
         StreamGuard(Arc::clone(self))
     }
 
@@ -160,8 +166,7 @@ impl Drop for StreamGuard {
         streams.0 -= 1;
         if streams.0 == 0 {
             streams.1 = Instant::now();
+            self.0.changed.notify_waiters();
         }
-        drop(streams);
-        self.0.changed.notify_waiters();
     }
 }

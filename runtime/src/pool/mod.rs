@@ -365,10 +365,6 @@ impl<A: Payload, R: Payload> Future for Call<A, R> {
             let shared = Arc::clone(&this.shared);
             this.running = Some(Box::pin(async move { prepared?.run(&shared).await }));
         }
-        this.running
-            .as_mut()
-            .expect("set above")
-            .as_mut()
-            .poll(cx)
+        this.running.as_mut().expect("set above").as_mut().poll(cx)
     }
 }

@@ -58,7 +58,7 @@ impl RunnerHandle {
         &self,
         request: &[u8],
         timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, CallError> {
+    ) -> Result<Reply, CallError> {
         let exchange = self.exchange(request);
         match timeout {
             None => exchange.await,
@@ -75,7 +75,7 @@ impl RunnerHandle {
         })
     }
 
-    async fn exchange(&self, request: &[u8]) -> Result<Vec<u8>, Failure> {
+    async fn exchange(&self, request: &[u8]) -> Result<Reply, Failure> {
         let (send, recv) = self.connection.open_bi().await?;
         let mut stream = CallStream {
             send,
@@ -88,13 +88,22 @@ impl RunnerHandle {
             .await
             .map_err(WireError::from)?;
         let _ = stream.send.finish();
-        let head: ReplyHead = wire::read_head(&mut stream.recv).await?;
-        let result = match head {
-            ReplyHead::Ok => Ok(wire::read_frame(&mut stream.recv, self.max_payload_len).await?),
-            other => Err(Failure::Reply(other)),
-        };
+        let limit = wire::message_limit(self.max_payload_len);
+        let reply = wire::read_message(&mut stream.recv, limit).await?;
         stream.done = true;
-        result
+        let (head, rest) = wire::split_frame(&reply, wire::MAX_HEAD_LEN)?;
+        match wire::decode_payload::<ReplyHead>(head)? {
+            ReplyHead::Ok => {
+                let (payload, _) = wire::split_frame(rest, self.max_payload_len)?;
+                let start = reply.len() - rest.len() + 4;
+                let range = start..start + payload.len();
+                Ok(Reply {
+                    message: reply,
+                    range,
+                })
+            }
+            other => Err(Failure::Reply(other)),
+        }
     }
 
     fn wire_error(&self, error: WireError) -> CallError {
@@ -120,6 +129,20 @@ impl RunnerHandle {
             runner: self.id,
             reason,
         }
+    }
+}
+
+/// A call's encoded result, left in the message it arrived in.
+pub(crate) struct Reply {
+    message: Vec<u8>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for Reply {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.message[self.range.clone()]
     }
 }
 
