@@ -281,7 +281,7 @@ pub struct Call<A, R> {
     args: Option<A>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
-    running: Option<Pin<Box<dyn Future<Output = Result<R, CallError>> + Send>>>,
+    running: Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>,
 }
 
 // `Call` never pins its argument: it is moved out, encoded, on the first poll.
