@@ -101,6 +101,24 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         }
         rt.block_on(pool.shutdown());
     }
+    let raw = rt.block_on(support::RawParent::start());
+    let mut request = firebrand::wire::encode_payload_frame(&firebrand::wire::CallHead {
+        job: ECHO_BYTES.name().into(),
+        timeout_ms: 30_000,
+    })
+    .unwrap();
+    request.extend(firebrand::wire::encode_payload_frame(&ByteBuf::from(payload.clone())).unwrap());
+    for in_flight in [64] {
+        let id = BenchmarkId::new("raw_parent_firebrand_runner", in_flight);
+        group.bench_with_input(id, &in_flight, |b, &in_flight| {
+            b.iter_custom(|iters| {
+                rt.block_on(run_in_flight(iters * CALLS, in_flight, || async {
+                    assert!(raw.call(&request).await.len() > 64);
+                }))
+            })
+        });
+    }
+    drop(raw);
     let quic = rt.block_on(QuicEcho::start());
     for in_flight in [1, 8, 64, 256] {
         let id = BenchmarkId::new("baseline_quic", in_flight);
@@ -165,9 +183,51 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
+/// CPU per call on each side, at 64 in flight: steadier than throughput on a shared machine.
+fn cpu_per_call(rt: &tokio::runtime::Runtime) {
+    const CALLS: u64 = 200_000;
+    let payload = vec![7u8; 64];
+    let measure = |name: &str, child: &str, run: &dyn Fn()| {
+        run();
+        let (own, other, main) = (
+            support::own_cpu(),
+            support::cpu_of(child),
+            support::main_thread_cpu(),
+        );
+        let started = Instant::now();
+        run();
+        let wall = started.elapsed();
+        let own = (support::own_cpu() - own).as_nanos() as f64 / CALLS as f64 / 1e3;
+        let other = (support::cpu_of(child) - other).as_nanos() as f64 / CALLS as f64 / 1e3;
+        let main = (support::main_thread_cpu() - main).as_nanos() as f64 / CALLS as f64 / 1e3;
+        println!("{name:>12}: parent {own:.2} µs/call (calling thread {main:.2}), child {other:.2} µs/call, {:.0} calls/s", CALLS as f64 / wall.as_secs_f64());
+    };
+    let pool = rt.block_on(warm_pool(1));
+    measure("firebrand", "firebrand-runne", &|| {
+        rt.block_on(run_in_flight(CALLS, 64, || async {
+            pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone()))
+                .await
+                .unwrap();
+        }));
+    });
+    rt.block_on(pool.shutdown());
+    let quic = rt.block_on(QuicEcho::start());
+    let me = std::env::current_exe().unwrap();
+    let me = me.file_name().unwrap().to_string_lossy();
+    measure("baseline", &me[..me.len().min(15)], &|| {
+        rt.block_on(run_in_flight(CALLS, 64, || async {
+            quic.echo(&payload).await;
+        }));
+    });
+}
+
 fn main() {
     support::run_peer_if_asked();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::var_os("FIREBRAND_BENCH_CPU").is_some() {
+        cpu_per_call(&rt);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     latency(&mut c, &rt);
     throughput(&mut c, &rt);

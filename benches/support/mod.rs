@@ -299,3 +299,119 @@ where
         .await;
     started.elapsed()
 }
+
+/// Diagnostic: a raw QUIC parent that speaks the wire protocol to a real stock runner, with
+/// the request encoded once. Splits the cost of a call between the pool and the runner.
+pub struct RawParent {
+    connection: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    _runner: tokio::process::Child,
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+impl RawParent {
+    pub async fn start() -> Self {
+        use firebrand::wire::{self, Hello, HelloReply};
+        let ca = PoolCa::generate("bench").unwrap();
+        let server = ca.issue_server().unwrap();
+        let endpoint = transport::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            tls::server_crypto(ca.cert(), &server).unwrap(),
+            transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1),
+        )
+        .unwrap();
+        let id = uuid::Uuid::new_v4();
+        let token = BootToken::new(
+            vec![endpoint.local_addr().unwrap().to_string()],
+            PARENT_SERVER_NAME.into(),
+            ca.cert(),
+            &ca.issue_runner(id, Duration::from_secs(3600)).unwrap(),
+            id,
+            RunnerSettings {
+                max_concurrency: CONCURRENCY,
+                idle_shutdown_after: None,
+                connect_failsafe: Duration::from_secs(20),
+                drain_grace: Duration::from_secs(1),
+                max_payload_len: 1 << 30,
+                peer_timeout: PEER_TIMEOUT,
+                keep_alive: KEEP_ALIVE,
+            },
+        );
+        let runner = tokio::process::Command::new(RUNNER)
+            .env(firebrand::token::PARENT_ENV, token.encode())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let connection = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+        let mut version = [0; 2];
+        recv.read_exact(&mut version).await.unwrap();
+        let _: Hello = wire::read_head(&mut recv).await.unwrap();
+        wire::write_frame(&mut send, &HelloReply::Accepted)
+            .await
+            .unwrap();
+        Self {
+            connection,
+            _endpoint: endpoint,
+            _runner: runner,
+            _control: (send, recv),
+        }
+    }
+
+    pub async fn call(&self, request: &[u8]) -> Vec<u8> {
+        let (mut send, mut recv) = self.connection.open_bi().await.unwrap();
+        send.write_all(request).await.unwrap();
+        send.finish().unwrap();
+        recv.read_to_end(1 << 30).await.unwrap()
+    }
+}
+
+/// CPU time (user + system) of this process so far.
+pub fn own_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// CPU time (user + system) of the processes named `name`, from /proc.
+pub fn cpu_of(name: &str) -> Duration {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !head.ends_with(&format!("({name}")) {
+            continue;
+        }
+        if entry.file_name().to_string_lossy() == std::process::id().to_string() {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+        total += fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    }
+    Duration::from_nanos(total * 1_000_000_000 / ticks)
+}
+
+/// CPU time of this process's main thread, which polls the benchmark's calls.
+pub fn main_thread_cpu() -> Duration {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let pid = std::process::id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let total = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_nanos(total * 1_000_000_000 / ticks)
+}

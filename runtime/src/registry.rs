@@ -13,7 +13,7 @@ use crate::wire;
 
 /// What a job handler produces: an encoded result frame, or a failure to report.
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, JobFailure>> + Send>>;
-pub(crate) type Handler = Arc<dyn Fn(&[u8]) -> HandlerFuture + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(wire::Message) -> HandlerFuture + Send + Sync>;
 
 /// Why a registered job did not produce a result.
 #[derive(Debug)]
@@ -101,8 +101,8 @@ impl Registry {
         if self.jobs.contains_key(name) {
             return Err(RegistryError::Duplicate { name: name.into() });
         }
-        let handler: Handler = Arc::new(move |bytes: &[u8]| -> HandlerFuture {
-            match wire::decode_payload::<A>(bytes) {
+        let handler: Handler = Arc::new(move |args: wire::Message| -> HandlerFuture {
+            match args.decode::<A>() {
                 Ok(args) => {
                     let run = handler(args);
                     Box::pin(async move {
@@ -171,9 +171,11 @@ impl Manifest {
 
     /// Whether a job of this name is registered.
     pub fn contains(&self, name: &str) -> bool {
+        // Job names often share a long prefix (`app.jobs.`), which makes a sorted search
+        // compare it again at every step; a length check first rejects most names at once.
         self.jobs
-            .binary_search_by(|s| s.name.as_str().cmp(name))
-            .is_ok()
+            .iter()
+            .any(|s| s.name.len() == name.len() && s.name == name)
     }
 
     /// A SHA-256 over every signature: equal manifests have equal fingerprints.

@@ -16,6 +16,10 @@ const STREAM_SLACK: u32 = 16;
 // buffering, not allocations.
 const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 64 << 20;
+/// UDP socket buffers. The kernel's default (about 208 KiB) overflows during a large transfer,
+/// and every dropped datagram shrinks the congestion window. The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// The transport both ends of a runner connection use.
 ///
@@ -52,7 +56,12 @@ pub fn client_endpoint(
     } else {
         "0.0.0.0:0".parse().expect("valid address")
     };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     let mut config = quinn::ClientConfig::new(crypto);
     config.transport_config(transport);
     endpoint.set_default_client_config(config);
@@ -70,5 +79,25 @@ pub fn server_endpoint(
 ) -> std::io::Result<quinn::Endpoint> {
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport);
-    quinn::Endpoint::server(config, bind)
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A UDP socket bound to `addr`, with large buffers. A wildcard IPv6 socket also takes IPv4.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Best effort: some systems do not allow dual-stack sockets.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort too: a smaller buffer is slower, not wrong.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }

@@ -14,7 +14,10 @@
 //! by a payload frame (the encoded result) when the head is [`ReplyHead::Ok`]. The parent cancels a
 //! call by resetting its stream with [`stream::CANCELLED`].
 
+use std::collections::VecDeque;
+
 use bincode::config::Configuration;
+use bytes::{Buf as _, Bytes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -191,7 +194,7 @@ pub fn encode_frame_into<T: Serialize + ?Sized>(
 ) -> Result<(), WireError> {
     let start = buf.len();
     buf.extend_from_slice(&[0; 4]);
-    bincode::serde::encode_into_std_write(value, buf, config())
+    bincode::serde::encode_into_writer(value, VecWriter(buf), config())
         .map_err(|e| WireError::Encode(e.to_string()))?;
     let len = u32::try_from(buf.len() - start - 4).map_err(|_| WireError::TooLarge {
         len: (buf.len() - start - 4) as u64,
@@ -199,6 +202,18 @@ pub fn encode_frame_into<T: Serialize + ?Sized>(
     })?;
     buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())
+}
+
+/// Appends straight to a `Vec`: bincode's `std::io::Write` adapter costs a dynamic write per
+/// primitive.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// One frame holding `value`, as its own buffer.
@@ -217,27 +232,36 @@ pub fn encode_payload_frame<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>,
 /// least 64 KiB) not below 16 times the body's length: valid data always fits, and a hostile
 /// length can claim at most 256 times the bytes actually received.
 pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    let mut reader = bincode::de::read::SliceReader::new(bytes);
+    let value = decode_ladder::<T, _>(&mut reader, bytes.len())?;
+    // A slice reader does not say what is left; peek past the value instead.
+    if bincode::de::read::Reader::peek_read(&mut reader, 1).is_some() {
+        return Err(WireError::Decode("trailing bytes after the value".into()));
+    }
+    Ok(value)
+}
+
+/// Decodes one value of an input of `len` bytes, with the claim limit for that length.
+fn decode_ladder<T: DeserializeOwned, R: bincode::de::read::Reader>(
+    reader: R,
+    len: usize,
+) -> Result<T, WireError> {
     const MIB: usize = 1 << 20;
-    match bytes.len().saturating_mul(16) {
-        0..=65_536 => decode_limited::<T, { 64 << 10 }>(bytes),
-        65_537..=1_048_576 => decode_limited::<T, MIB>(bytes),
-        1_048_577..=16_777_216 => decode_limited::<T, { 16 * MIB }>(bytes),
-        16_777_217..=268_435_456 => decode_limited::<T, { 256 * MIB }>(bytes),
-        268_435_457..=4_294_967_296 => decode_limited::<T, { 4096 * MIB }>(bytes),
-        _ => decode_limited::<T, { usize::MAX }>(bytes),
+    match len.saturating_mul(16) {
+        0..=65_536 => decode_limited::<T, R, { 64 << 10 }>(reader),
+        65_537..=1_048_576 => decode_limited::<T, R, MIB>(reader),
+        1_048_577..=16_777_216 => decode_limited::<T, R, { 16 * MIB }>(reader),
+        16_777_217..=268_435_456 => decode_limited::<T, R, { 256 * MIB }>(reader),
+        268_435_457..=4_294_967_296 => decode_limited::<T, R, { 4096 * MIB }>(reader),
+        _ => decode_limited::<T, R, { usize::MAX }>(reader),
     }
 }
 
-fn decode_limited<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, WireError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config().with_limit::<LIMIT>())
-        .map_err(|e| WireError::Decode(e.to_string()))?;
-    if used != bytes.len() {
-        return Err(WireError::Decode(format!(
-            "{} trailing bytes after the value",
-            bytes.len() - used
-        )));
-    }
-    Ok(value)
+fn decode_limited<T: DeserializeOwned, R: bincode::de::read::Reader, const LIMIT: usize>(
+    reader: R,
+) -> Result<T, WireError> {
+    bincode::serde::decode_from_reader(reader, config().with_limit::<LIMIT>())
+        .map_err(|e| WireError::Decode(e.to_string()))
 }
 
 /// Splits the first frame off `bytes`: its body, and what follows it. The body may be at most
@@ -259,6 +283,114 @@ pub fn split_frame(bytes: &[u8], limit: usize) -> Result<(&[u8], &[u8]), WireErr
     Ok(rest.split_at(len))
 }
 
+/// A message read to its end, kept as the chunks quinn delivered: large payloads are decoded
+/// straight from them, never gathered into one buffer first.
+#[derive(Debug, Default)]
+pub struct Message {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Message {
+    /// A message holding `bytes`.
+    #[must_use]
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        let len = bytes.len();
+        Self {
+            chunks: VecDeque::from([bytes]),
+            len,
+        }
+    }
+
+    /// Its length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is left.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes the first frame off the message and returns its body, of at most `limit` bytes.
+    pub fn split_frame(&mut self, limit: usize) -> Result<Message, WireError> {
+        if self.len < 4 {
+            return Err(WireError::Truncated);
+        }
+        let mut prefix = [0; 4];
+        self.take_into(&mut prefix);
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > limit {
+            return Err(WireError::TooLarge {
+                len: len as u64,
+                limit: limit as u64,
+            });
+        }
+        if len > self.len {
+            return Err(WireError::Truncated);
+        }
+        let mut body = Message::default();
+        while body.len < len {
+            let front = self.chunks.front_mut().expect("length checked above");
+            let piece = front.split_to(front.len().min(len - body.len));
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+            body.len += piece.len();
+            body.chunks.push_back(piece);
+        }
+        self.len -= len;
+        Ok(body)
+    }
+
+    /// Decodes the whole message as one value, with the same bounds as [`decode_payload`].
+    pub fn decode<T: DeserializeOwned>(mut self) -> Result<T, WireError> {
+        match self.chunks.len() {
+            0 => return decode_payload(&[]),
+            1 => return decode_payload(&self.chunks[0]),
+            _ => {}
+        }
+        let len = self.len;
+        let value = decode_ladder::<T, _>(&mut self, len)?;
+        if !self.is_empty() {
+            return Err(WireError::Decode(format!(
+                "{} trailing bytes after the value",
+                self.len
+            )));
+        }
+        Ok(value)
+    }
+
+    fn take_into(&mut self, out: &mut [u8]) {
+        let mut filled = 0;
+        while filled < out.len() {
+            let front = self.chunks.front_mut().expect("caller checked the length");
+            let n = front.len().min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+            filled += n;
+        }
+        self.len -= out.len();
+    }
+}
+
+impl bincode::de::read::Reader for Message {
+    fn read(&mut self, bytes: &mut [u8]) -> Result<(), bincode::error::DecodeError> {
+        if bytes.len() > self.len {
+            return Err(bincode::error::DecodeError::UnexpectedEnd {
+                additional: bytes.len() - self.len,
+            });
+        }
+        self.take_into(bytes);
+        Ok(())
+    }
+}
+
 /// Reads a whole message, up to the peer's FIN, of at most `limit` bytes.
 ///
 /// Reading to the end, rather than frame by frame, spares the stream a STOP_SENDING frame that
@@ -266,14 +398,19 @@ pub fn split_frame(bytes: &[u8], limit: usize) -> Result<(&[u8], &[u8]), WireErr
 pub async fn read_message(
     recv: &mut quinn::RecvStream,
     limit: usize,
-) -> Result<Vec<u8>, WireError> {
-    recv.read_to_end(limit).await.map_err(|e| match e {
-        quinn::ReadToEndError::TooLong => WireError::TooLarge {
-            len: limit as u64 + 1,
-            limit: limit as u64,
-        },
-        quinn::ReadToEndError::Read(e) => WireError::Read(e),
-    })
+) -> Result<Message, WireError> {
+    let mut message = Message::default();
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        message.len += chunk.bytes.len();
+        if message.len > limit {
+            return Err(WireError::TooLarge {
+                len: message.len as u64,
+                limit: limit as u64,
+            });
+        }
+        message.chunks.push_back(chunk.bytes);
+    }
+    Ok(message)
 }
 
 /// The longest message that holds a head frame and a payload frame of at most `max_payload`.
@@ -379,5 +516,59 @@ mod tests {
         let wide = vec![0u128; 300_000];
         let buf = encode_payload_frame(&wide).unwrap();
         assert_eq!(decode_payload::<Vec<u128>>(&buf[4..]).unwrap(), wide);
+    }
+
+    /// A message cut into chunks of `size` bytes, as quinn might deliver it.
+    fn chunked(bytes: &[u8], size: usize) -> Message {
+        let mut message = Message::default();
+        for chunk in bytes.chunks(size) {
+            message.len += chunk.len();
+            message.chunks.push_back(Bytes::copy_from_slice(chunk));
+        }
+        message
+    }
+
+    #[test]
+    fn messages_split_and_decode_across_chunk_boundaries() {
+        let head = CallHead {
+            job: "a.job".into(),
+            timeout_ms: 1234,
+        };
+        let payload = serde_bytes::ByteBuf::from((0..5000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let mut bytes = encode_payload_frame(&head).unwrap();
+        encode_frame_into(&mut bytes, &payload).unwrap();
+        for size in [1, 3, 7, 1200, bytes.len()] {
+            let mut message = chunked(&bytes, size);
+            let back: CallHead = message.split_frame(MAX_HEAD_LEN).unwrap().decode().unwrap();
+            assert_eq!((back.job.as_str(), back.timeout_ms), ("a.job", 1234));
+            let body = message.split_frame(1 << 20).unwrap();
+            assert!(message.is_empty());
+            let back: serde_bytes::ByteBuf = body.decode().unwrap();
+            assert_eq!(back, payload, "chunks of {size}");
+        }
+    }
+
+    #[test]
+    fn chunked_messages_refuse_hostile_and_short_frames() {
+        let mut huge = chunked(&u32::MAX.to_be_bytes(), 1);
+        assert!(matches!(
+            huge.split_frame(1 << 20),
+            Err(WireError::TooLarge { .. })
+        ));
+        let mut short = chunked(&[0, 0, 0, 9, 1, 2], 2);
+        assert!(matches!(short.split_frame(100), Err(WireError::Truncated)));
+        // A string claiming an absurd length, spread over chunks.
+        let mut body = vec![0xFD];
+        body.extend_from_slice(&(u64::MAX / 2).to_le_bytes());
+        assert!(matches!(
+            chunked(&body, 2).decode::<String>(),
+            Err(WireError::Decode(_))
+        ));
+        let mut trailing = encode_payload_frame(&7u32).unwrap()[4..].to_vec();
+        trailing.push(0);
+        assert!(matches!(
+            chunked(&trailing, 1).decode::<u32>(),
+            Err(WireError::Decode(_))
+        ));
     }
 }

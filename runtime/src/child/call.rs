@@ -24,11 +24,7 @@ pub(crate) struct CallContext {
 /// Reads one request, runs its job, and writes the reply.
 pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut recv: RecvStream) {
     let message = wire::read_message(&mut recv, wire::message_limit(cx.max_payload_len)).await;
-    let parsed = message.and_then(|m| {
-        let (head, args) = parse_request(&m, cx.max_payload_len)?;
-        Ok((head, m, args))
-    });
-    let (head, message, args) = match parsed {
+    let (head, args) = match message.and_then(|m| parse_request(m, cx.max_payload_len)) {
         Ok(request) => request,
         Err(e) => {
             tracing::warn!(error = %e, "malformed call request");
@@ -53,7 +49,7 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             return;
         };
         STATS.running();
-        let job = AssertUnwindSafe(async { handler(&message[args]).await }).catch_unwind();
+        let job = AssertUnwindSafe(async { handler(args).await }).catch_unwind();
         let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
         let job = async move {
             match deadline {
@@ -99,22 +95,20 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
     .await;
 }
 
-/// A request's head, and where in the message its argument lies.
+/// A request's head and its argument frame's body.
 fn parse_request(
-    message: &[u8],
+    mut message: wire::Message,
     max_payload_len: usize,
-) -> Result<(CallHead, std::ops::Range<usize>), WireError> {
-    let (head, rest) = wire::split_frame(message, wire::MAX_HEAD_LEN)?;
-    let head: CallHead = wire::decode_payload(head)?;
-    let (args, rest) = wire::split_frame(rest, max_payload_len)?;
-    if !rest.is_empty() {
+) -> Result<(CallHead, wire::Message), WireError> {
+    let head: CallHead = message.split_frame(wire::MAX_HEAD_LEN)?.decode()?;
+    let args = message.split_frame(max_payload_len)?;
+    if !message.is_empty() {
         return Err(WireError::Decode(format!(
             "{} bytes after the request",
-            rest.len()
+            message.len()
         )));
     }
-    let start = message.len() - rest.len() - args.len();
-    Ok((head, start..start + args.len()))
+    Ok((head, args))
 }
 
 fn failure_head(failure: JobFailure) -> ReplyHead {

@@ -322,7 +322,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
             })?;
         Ok(Prepared {
             job: name,
-            request,
+            request: request.into(),
             timeout: self.timeout,
             queue_timeout: self.queue_timeout,
             output: std::marker::PhantomData,
@@ -333,7 +333,8 @@ impl<A: Payload, R: Payload> Call<A, R> {
 /// An encoded call, ready to place.
 struct Prepared<R> {
     job: &'static str,
-    request: Vec<u8>,
+    // Handed to quinn as is: its send buffer takes the bytes without copying them.
+    request: bytes::Bytes,
     timeout: Option<Duration>,
     queue_timeout: Duration,
     output: std::marker::PhantomData<fn() -> R>,
@@ -345,11 +346,11 @@ impl<R: Payload> Prepared<R> {
         let runner = lease.runner();
         let span = tracing::debug_span!("call", job = self.job, runner = %runner.id);
         let reply = runner
-            .call(&self.request, self.timeout)
+            .call(self.request, self.timeout)
             .instrument(span)
             .await;
         drop(lease);
-        wire::decode_payload(&reply?).map_err(|e| CallError::Decode {
+        reply?.decode().map_err(|e| CallError::Decode {
             message: e.to_string(),
         })
     }

@@ -3,6 +3,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
 
@@ -56,7 +58,7 @@ impl RunnerHandle {
     /// Sends an encoded request and returns the encoded result, within `timeout`.
     pub(crate) async fn call(
         &self,
-        request: &[u8],
+        request: Bytes,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let exchange = self.exchange(request);
@@ -75,7 +77,7 @@ impl RunnerHandle {
         })
     }
 
-    async fn exchange(&self, request: &[u8]) -> Result<Reply, Failure> {
+    async fn exchange(&self, request: Bytes) -> Result<Reply, Failure> {
         let (send, recv) = self.connection.open_bi().await?;
         let mut stream = CallStream {
             send,
@@ -84,24 +86,18 @@ impl RunnerHandle {
         };
         stream
             .send
-            .write_all(request)
+            .write_chunk(request)
             .await
             .map_err(WireError::from)?;
         let _ = stream.send.finish();
         let limit = wire::message_limit(self.max_payload_len);
-        let reply = wire::read_message(&mut stream.recv, limit).await?;
+        let mut reply = wire::read_message(&mut stream.recv, limit).await?;
         stream.done = true;
-        let (head, rest) = wire::split_frame(&reply, wire::MAX_HEAD_LEN)?;
-        match wire::decode_payload::<ReplyHead>(head)? {
-            ReplyHead::Ok => {
-                let (payload, _) = wire::split_frame(rest, self.max_payload_len)?;
-                let start = reply.len() - rest.len() + 4;
-                let range = start..start + payload.len();
-                Ok(Reply {
-                    message: reply,
-                    range,
-                })
-            }
+        match reply
+            .split_frame(wire::MAX_HEAD_LEN)?
+            .decode::<ReplyHead>()?
+        {
+            ReplyHead::Ok => Ok(reply.split_frame(self.max_payload_len)?),
             other => Err(Failure::Reply(other)),
         }
     }
@@ -132,19 +128,8 @@ impl RunnerHandle {
     }
 }
 
-/// A call's encoded result, left in the message it arrived in.
-pub(crate) struct Reply {
-    message: Vec<u8>,
-    range: std::ops::Range<usize>,
-}
-
-impl std::ops::Deref for Reply {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.message[self.range.clone()]
-    }
-}
+/// A call's encoded result, as the chunks it arrived in.
+pub(crate) type Reply = wire::Message;
 
 enum Failure {
     Reply(ReplyHead),
