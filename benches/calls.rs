@@ -86,51 +86,60 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(CALLS));
-    for runners in [1, 4] {
-        let pool = rt.block_on(warm_pool(runners));
-        for in_flight in [1, 8, 64, 256] {
-            let id = BenchmarkId::new(format!("firebrand_{runners}_runners"), in_flight);
-            group.bench_with_input(id, &in_flight, |b, &in_flight| {
+    // Everything starts first, so that each level measures Firebrand and its baseline back to
+    // back: drift on this shared machine then moves both alike.
+    let pools = [
+        (1, rt.block_on(warm_pool(1))),
+        (4, rt.block_on(warm_pool(4))),
+    ];
+    let quic = rt.block_on(QuicEcho::start());
+    let raw = rt.block_on(support::RawParent::start());
+    let mut raw_request = firebrand::wire::encode_payload_frame(&firebrand::wire::CallHead {
+        job: ECHO_BYTES.name().into(),
+        timeout_ms: 30_000,
+    })
+    .unwrap();
+    firebrand::wire::encode_frame_into(&mut raw_request, &ByteBuf::from(payload.clone())).unwrap();
+    for in_flight in [1, 8, 64, 256] {
+        group.bench_with_input(
+            BenchmarkId::new("baseline_quic", in_flight),
+            &in_flight,
+            |b, &k| {
                 b.iter_custom(|iters| {
-                    rt.block_on(run_in_flight(iters * CALLS, in_flight, || async {
+                    rt.block_on(run_in_flight(iters * CALLS, k, || async {
+                        assert_eq!(quic.echo(&payload).await.len(), 64);
+                    }))
+                })
+            },
+        );
+        for (runners, pool) in &pools {
+            let id = BenchmarkId::new(format!("firebrand_{runners}_runners"), in_flight);
+            group.bench_with_input(id, &in_flight, |b, &k| {
+                b.iter_custom(|iters| {
+                    rt.block_on(run_in_flight(iters * CALLS, k, || async {
                         let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
                         assert_eq!(reply.unwrap().len(), 64);
                     }))
                 })
             });
         }
-        rt.block_on(pool.shutdown());
-    }
-    let raw = rt.block_on(support::RawParent::start());
-    let mut request = firebrand::wire::encode_payload_frame(&firebrand::wire::CallHead {
-        job: ECHO_BYTES.name().into(),
-        timeout_ms: 30_000,
-    })
-    .unwrap();
-    request.extend(firebrand::wire::encode_payload_frame(&ByteBuf::from(payload.clone())).unwrap());
-    for in_flight in [64] {
-        let id = BenchmarkId::new("raw_parent_firebrand_runner", in_flight);
-        group.bench_with_input(id, &in_flight, |b, &in_flight| {
-            b.iter_custom(|iters| {
-                rt.block_on(run_in_flight(iters * CALLS, in_flight, || async {
-                    assert!(raw.call(&request).await.len() > 64);
-                }))
-            })
-        });
-    }
-    drop(raw);
-    let quic = rt.block_on(QuicEcho::start());
-    for in_flight in [1, 8, 64, 256] {
-        let id = BenchmarkId::new("baseline_quic", in_flight);
-        group.bench_with_input(id, &in_flight, |b, &in_flight| {
-            b.iter_custom(|iters| {
-                rt.block_on(run_in_flight(iters * CALLS, in_flight, || async {
-                    assert_eq!(quic.echo(&payload).await.len(), 64);
-                }))
-            })
-        });
+        if in_flight == 64 {
+            // Diagnostic: the stock runner driven by a raw client with a pre-encoded request,
+            // which splits a call's cost between the pool and the runner.
+            let id = BenchmarkId::new("raw_client_firebrand_runner", in_flight);
+            group.bench_with_input(id, &in_flight, |b, &k| {
+                b.iter_custom(|iters| {
+                    rt.block_on(run_in_flight(iters * CALLS, k, || async {
+                        assert!(raw.call(&raw_request).await.len() > 64);
+                    }))
+                })
+            });
+        }
     }
     group.finish();
+    for (_, pool) in pools {
+        rt.block_on(pool.shutdown());
+    }
 }
 
 fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
@@ -140,29 +149,11 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    let sizes = [1usize << 20, 16 << 20, 64 << 20];
     let pool = rt.block_on(warm_pool(1));
-    for size in sizes {
+    let quic = rt.block_on(QuicEcho::start());
+    for size in [1usize << 20, 16 << 20, 64 << 20] {
         let data = vec![0x5Au8; size];
         // The argument goes out and the result comes back: both directions count.
-        group.throughput(Throughput::Bytes(2 * size as u64));
-        group.bench_with_input(BenchmarkId::new("firebrand", size >> 20), &size, |b, _| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        let reply = pool.call(&ECHO_BYTES, ByteBuf::from(data.clone())).await;
-                        assert_eq!(reply.unwrap().len(), size);
-                    }
-                    started.elapsed()
-                })
-            })
-        });
-    }
-    rt.block_on(pool.shutdown());
-    let quic = rt.block_on(QuicEcho::start());
-    for size in sizes {
-        let data = vec![0x5Au8; size];
         group.throughput(Throughput::Bytes(2 * size as u64));
         group.bench_with_input(
             BenchmarkId::new("baseline_quic", size >> 20),
@@ -179,12 +170,26 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 })
             },
         );
+        group.bench_with_input(BenchmarkId::new("firebrand", size >> 20), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let reply = pool.call(&ECHO_BYTES, ByteBuf::from(data.clone())).await;
+                        assert_eq!(reply.unwrap().len(), size);
+                    }
+                    started.elapsed()
+                })
+            })
+        });
     }
     group.finish();
+    rt.block_on(pool.shutdown());
 }
 
 /// CPU per call on each side, at 64 in flight: steadier than throughput on a shared machine.
 fn cpu_per_call(rt: &tokio::runtime::Runtime) {
+    let results = std::sync::Mutex::new(serde_json::Map::new());
     const CALLS: u64 = 200_000;
     let payload = vec![7u8; 64];
     let measure = |name: &str, child: &str, run: &dyn Fn()| {
@@ -200,7 +205,12 @@ fn cpu_per_call(rt: &tokio::runtime::Runtime) {
         let own = (support::own_cpu() - own).as_nanos() as f64 / CALLS as f64 / 1e3;
         let other = (support::cpu_of(child) - other).as_nanos() as f64 / CALLS as f64 / 1e3;
         let main = (support::main_thread_cpu() - main).as_nanos() as f64 / CALLS as f64 / 1e3;
-        println!("{name:>12}: parent {own:.2} µs/call (calling thread {main:.2}), child {other:.2} µs/call, {:.0} calls/s", CALLS as f64 / wall.as_secs_f64());
+        let rate = CALLS as f64 / wall.as_secs_f64();
+        println!("{name:>12}: parent {own:.2} µs/call (calling thread {main:.2}), child {other:.2} µs/call, {rate:.0} calls/s");
+        results.lock().unwrap().insert(
+            name.to_string(),
+            serde_json::json!({ "parent_us": own, "calling_thread_us": main, "child_us": other }),
+        );
     };
     let pool = rt.block_on(warm_pool(1));
     measure("firebrand", "firebrand-runne", &|| {
@@ -214,23 +224,25 @@ fn cpu_per_call(rt: &tokio::runtime::Runtime) {
     let quic = rt.block_on(QuicEcho::start());
     let me = std::env::current_exe().unwrap();
     let me = me.file_name().unwrap().to_string_lossy();
-    measure("baseline", &me[..me.len().min(15)], &|| {
+    measure("baseline_quic", &me[..me.len().min(15)], &|| {
         rt.block_on(run_in_flight(CALLS, 64, || async {
             quic.echo(&payload).await;
         }));
     });
+    let results = serde_json::Value::Object(results.into_inner().unwrap());
+    support::write_results("cpu", &results);
 }
 
 fn main() {
     support::run_peer_if_asked();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    if std::env::var_os("FIREBRAND_BENCH_CPU").is_some() {
-        cpu_per_call(&rt);
-        return;
-    }
     let mut c = Criterion::default().configure_from_args();
     latency(&mut c, &rt);
     throughput(&mut c, &rt);
     payload(&mut c, &rt);
     c.final_summary();
+    // Not on `--list` or the `--test` pass that `cargo test --benches` makes.
+    if !std::env::args().any(|a| a == "--list" || a == "--test") {
+        cpu_per_call(&rt);
+    }
 }

@@ -68,6 +68,22 @@ for k in (1, 8, 64, 256):
             f"{rate:,.0f} calls/s", f"A {base_rate:,.0f} calls/s", f"{r:.2f}× A", target,
             (r >= 0.8) if k == 64 else None)
 
+raw, raw_units = estimate("throughput", "raw_client_firebrand_runner", "64")
+base64, base64_units = estimate("throughput", "baseline_quic", "64")
+if raw and base64:
+    r = (raw_units / raw) / (base64_units / base64)
+    row("diagnostic: runner alone, 64 in flight", f"{raw_units / raw:,.0f} calls/s", "A", f"{r:.2f}× A",
+        "", None)
+
+cpu = load("cpu")
+if cpu:
+    fb, qa = cpu["firebrand"], cpu["baseline_quic"]
+    row("CPU per call, parent (calling thread)", f'{fb["parent_us"]:.1f} µs ({fb["calling_thread_us"]:.1f})',
+        f'A {qa["parent_us"]:.1f} µs ({qa["calling_thread_us"]:.1f})', f'{fb["parent_us"] / qa["parent_us"]:.2f}× A',
+        "", None)
+    row("CPU per call, runner / echo peer", f'{fb["child_us"]:.1f} µs', f'A {qa["child_us"]:.1f} µs',
+        f'{fb["child_us"] / qa["child_us"]:.2f}× A', "", None)
+
 for mib in (1, 16, 64):
     base, units = estimate("payload", "baseline_quic", str(mib))
     t, u = estimate("payload", "firebrand", str(mib))

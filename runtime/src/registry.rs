@@ -12,7 +12,8 @@ use crate::job::{Job, Payload};
 use crate::wire;
 
 /// What a job handler produces: an encoded result frame, or a failure to report.
-pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, JobFailure>> + Send>>;
+pub(crate) type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<wire::Chunks, JobFailure>> + Send>>;
 pub(crate) type Handler = Arc<dyn Fn(wire::Message) -> HandlerFuture + Send + Sync>;
 
 /// Why a registered job did not produce a result.
@@ -107,8 +108,12 @@ impl Registry {
                     let run = handler(args);
                     Box::pin(async move {
                         let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
-                        wire::encode_payload_frame(&output)
-                            .map_err(|e| JobFailure::BadResult(e.to_string()))
+                        let mut reply = wire::Chunks::new();
+                        reply
+                            .push_frame(&wire::ReplyHead::Ok)
+                            .and_then(|()| reply.push_frame(&output))
+                            .map_err(|e| JobFailure::BadResult(e.to_string()))?;
+                        Ok(reply)
                     })
                 }
                 Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),

@@ -14,12 +14,11 @@
 //! by a payload frame (the encoded result) when the head is [`ReplyHead::Ok`]. The parent cancels a
 //! call by resetting its stream with [`stream::CANCELLED`].
 
-use std::collections::VecDeque;
-
 use bincode::config::Configuration;
 use bytes::{Buf as _, Bytes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::registry::Manifest;
@@ -216,6 +215,103 @@ impl bincode::enc::write::Writer for VecWriter<'_> {
     }
 }
 
+/// Frames encoded as a list of chunks for quinn to send without copying.
+///
+/// The first 64 KiB go into one growable buffer, which holds every frame's length prefix (a
+/// frame must start there) and is all a small call ever needs. Past that, bytes go into 64 KiB
+/// chunks: small enough for the allocator to recycle, where one large buffer would be a fresh
+/// mapping whose every page faults when written.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    first: Vec<u8>,
+    full: Vec<Bytes>,
+    current: Vec<u8>,
+}
+
+const CHUNK: usize = 64 << 10;
+
+impl Chunks {
+    /// An empty list with room for a small call.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            first: Vec::with_capacity(256),
+            ..Self::default()
+        }
+    }
+
+    /// How many bytes it holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.first.len() + self.full.iter().map(Bytes::len).sum::<usize>() + self.current.len()
+    }
+
+    /// Whether it holds nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends one frame holding `value`.
+    ///
+    /// # Errors
+    /// [`WireError::Encode`] if `value` does not encode, or if the frame would start past the
+    /// first 64 KiB (only the last frame of a message may be large).
+    pub fn push_frame<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WireError> {
+        if !self.full.is_empty() || !self.current.is_empty() {
+            return Err(WireError::Encode(
+                "a frame must start within the first 64 KiB of a message".into(),
+            ));
+        }
+        let start = self.first.len();
+        self.first.extend_from_slice(&[0; 4]);
+        bincode::serde::encode_into_writer(value, &mut *self, config())
+            .map_err(|e| WireError::Encode(e.to_string()))?;
+        let body = self.len() - start - 4;
+        let len = u32::try_from(body).map_err(|_| WireError::TooLarge {
+            len: body as u64,
+            limit: u32::MAX.into(),
+        })?;
+        self.first[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+
+    /// The chunks, in order.
+    #[must_use]
+    pub fn into_bytes(self) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(self.full.len() + 2);
+        out.push(Bytes::from(self.first));
+        out.extend(self.full);
+        if !self.current.is_empty() {
+            out.push(Bytes::from(self.current));
+        }
+        out
+    }
+}
+
+impl bincode::enc::write::Writer for &mut Chunks {
+    fn write(&mut self, mut bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        if self.full.is_empty() && self.current.is_empty() {
+            let n = CHUNK.saturating_sub(self.first.len()).min(bytes.len());
+            self.first.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        while !bytes.is_empty() {
+            if self.current.len() == CHUNK {
+                let full = std::mem::replace(&mut self.current, Vec::with_capacity(CHUNK));
+                self.full.push(Bytes::from(full));
+            }
+            if self.current.capacity() == 0 {
+                self.current.reserve_exact(CHUNK);
+            }
+            let n = (CHUNK - self.current.len()).min(bytes.len());
+            self.current.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+}
+
 /// One frame holding `value`, as its own buffer.
 pub fn encode_payload_frame<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, WireError> {
     let mut buf = Vec::new();
@@ -287,7 +383,10 @@ pub fn split_frame(bytes: &[u8], limit: usize) -> Result<(&[u8], &[u8]), WireErr
 /// straight from them, never gathered into one buffer first.
 #[derive(Debug, Default)]
 pub struct Message {
-    chunks: VecDeque<Bytes>,
+    // Most messages arrive in one or two chunks: those need no allocation. Consumed chunks are
+    // skipped with a cursor rather than shifted out.
+    chunks: SmallVec<[Bytes; 2]>,
+    next: usize,
     len: usize,
 }
 
@@ -296,8 +395,11 @@ impl Message {
     #[must_use]
     pub fn from_bytes(bytes: Bytes) -> Self {
         let len = bytes.len();
+        let mut chunks = SmallVec::new();
+        chunks.push(bytes);
         Self {
-            chunks: VecDeque::from([bytes]),
+            chunks,
+            next: 0,
             len,
         }
     }
@@ -333,13 +435,13 @@ impl Message {
         }
         let mut body = Message::default();
         while body.len < len {
-            let front = self.chunks.front_mut().expect("length checked above");
+            let front = &mut self.chunks[self.next];
             let piece = front.split_to(front.len().min(len - body.len));
             if front.is_empty() {
-                self.chunks.pop_front();
+                self.next += 1;
             }
             body.len += piece.len();
-            body.chunks.push_back(piece);
+            body.chunks.push(piece);
         }
         self.len -= len;
         Ok(body)
@@ -347,9 +449,9 @@ impl Message {
 
     /// Decodes the whole message as one value, with the same bounds as [`decode_payload`].
     pub fn decode<T: DeserializeOwned>(mut self) -> Result<T, WireError> {
-        match self.chunks.len() {
-            0 => return decode_payload(&[]),
-            1 => return decode_payload(&self.chunks[0]),
+        match &self.chunks[self.next..] {
+            [] => return decode_payload(&[]),
+            [only] => return decode_payload(only),
             _ => {}
         }
         let len = self.len;
@@ -366,12 +468,12 @@ impl Message {
     fn take_into(&mut self, out: &mut [u8]) {
         let mut filled = 0;
         while filled < out.len() {
-            let front = self.chunks.front_mut().expect("caller checked the length");
+            let front = &mut self.chunks[self.next];
             let n = front.len().min(out.len() - filled);
             out[filled..filled + n].copy_from_slice(&front[..n]);
             front.advance(n);
             if front.is_empty() {
-                self.chunks.pop_front();
+                self.next += 1;
             }
             filled += n;
         }
@@ -408,7 +510,7 @@ pub async fn read_message(
                 limit: limit as u64,
             });
         }
-        message.chunks.push_back(chunk.bytes);
+        message.chunks.push(chunk.bytes);
     }
     Ok(message)
 }
@@ -449,27 +551,67 @@ pub async fn write_frame<T: Serialize + ?Sized>(
     Ok(())
 }
 
-/// Encodes a whole call request, head and argument, into one buffer.
+/// [`CallHead`] as the parent encodes it, without copying the job name.
+#[derive(Serialize)]
+struct CallHeadRef<'a> {
+    job: &'a str,
+    timeout_ms: u64,
+}
+
+/// Encodes a whole call request, head and argument.
 pub(crate) fn encode_request<A: Serialize>(
     job: &str,
     timeout_ms: u64,
     args: &A,
-) -> Result<Vec<u8>, WireError> {
-    let mut buf = Vec::with_capacity(64 + job.len());
-    encode_frame_into(
-        &mut buf,
-        &CallHead {
-            job: job.into(),
-            timeout_ms,
-        },
-    )?;
-    encode_frame_into(&mut buf, args)?;
-    Ok(buf)
+) -> Result<Vec<Bytes>, WireError> {
+    let mut chunks = Chunks::new();
+    chunks.push_frame(&CallHeadRef { job, timeout_ms })?;
+    chunks.push_frame(args)?;
+    Ok(chunks.into_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_borrowed_head_encodes_like_the_owned_one() {
+        let owned = encode_payload_frame(&CallHead {
+            job: "x.y".into(),
+            timeout_ms: 99,
+        })
+        .unwrap();
+        let borrowed = encode_payload_frame(&CallHeadRef {
+            job: "x.y",
+            timeout_ms: 99,
+        })
+        .unwrap();
+        assert_eq!(owned, borrowed);
+    }
+
+    #[test]
+    fn chunked_frames_match_contiguous_ones() {
+        for len in [0, 10, CHUNK - 20, CHUNK, 3 * CHUNK + 17] {
+            let head = CallHead {
+                job: "j".into(),
+                timeout_ms: 5,
+            };
+            let payload = serde_bytes::ByteBuf::from(vec![3u8; len]);
+            let mut chunks = Chunks::new();
+            chunks.push_frame(&head).unwrap();
+            chunks.push_frame(&payload).unwrap();
+            let mut contiguous = encode_payload_frame(&head).unwrap();
+            encode_frame_into(&mut contiguous, &payload).unwrap();
+            assert_eq!(chunks.len(), contiguous.len());
+            let joined: Vec<u8> = chunks.into_bytes().concat();
+            assert_eq!(joined, contiguous, "payload of {len} bytes");
+        }
+        let mut large = Chunks::new();
+        large
+            .push_frame(&serde_bytes::ByteBuf::from(vec![0u8; 2 * CHUNK]))
+            .unwrap();
+        assert!(matches!(large.push_frame(&1u8), Err(WireError::Encode(_))));
+    }
 
     #[test]
     fn frames_round_trip() {
@@ -523,7 +665,7 @@ mod tests {
         let mut message = Message::default();
         for chunk in bytes.chunks(size) {
             message.len += chunk.len();
-            message.chunks.push_back(Bytes::copy_from_slice(chunk));
+            message.chunks.push(Bytes::copy_from_slice(chunk));
         }
         message
     }

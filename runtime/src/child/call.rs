@@ -129,20 +129,17 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Writes the reply head and, for `Ok`, the result frame, then finishes the stream.
+/// Writes the reply (a head alone, or the handler's `Ok` head and result), then finishes.
 async fn finish(
     send: &mut SendStream,
     head: &ReplyHead,
-    payload: Option<Vec<u8>>,
+    encoded: Option<wire::Chunks>,
 ) -> Result<(), WireError> {
-    let head = Bytes::from(wire::encode_payload_frame(head)?);
-    match payload {
-        Some(payload) => {
-            send.write_all_chunks(&mut [head, Bytes::from(payload)])
-                .await?
-        }
-        None => send.write_all(&head).await?,
-    }
+    let mut chunks = match encoded {
+        Some(encoded) => encoded.into_bytes(),
+        None => vec![Bytes::from(wire::encode_payload_frame(head)?)],
+    };
+    send.write_all_chunks(&mut chunks).await?;
     let _ = send.finish();
     Ok(())
 }

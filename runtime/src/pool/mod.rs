@@ -322,7 +322,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
             })?;
         Ok(Prepared {
             job: name,
-            request: request.into(),
+            request,
             timeout: self.timeout,
             queue_timeout: self.queue_timeout,
             output: std::marker::PhantomData,
@@ -333,8 +333,8 @@ impl<A: Payload, R: Payload> Call<A, R> {
 /// An encoded call, ready to place.
 struct Prepared<R> {
     job: &'static str,
-    // Handed to quinn as is: its send buffer takes the bytes without copying them.
-    request: bytes::Bytes,
+    // Handed to quinn as is: its send buffer takes the chunks without copying them.
+    request: Vec<bytes::Bytes>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
     output: std::marker::PhantomData<fn() -> R>,

@@ -15,7 +15,8 @@ use super::{PoolStats, Shared};
 use crate::error::{BootError, CallError, RunnerId};
 use crate::wire::close;
 
-type Waiter = oneshot::Sender<Result<Lease, CallError>>;
+/// A waiting caller. It is sent the runner whose slot it now holds.
+type Waiter = oneshot::Sender<Result<Arc<RunnerHandle>, CallError>>;
 
 /// A ready runner and its parent-side accounting.
 pub(crate) struct Slot {
@@ -66,31 +67,20 @@ impl State {
 }
 
 /// One call's claim on one runner slot. Dropping it frees the slot.
-pub(crate) struct Lease {
-    shared: Arc<Shared>,
-    runner: Option<Arc<RunnerHandle>>,
+pub(crate) struct Lease<'a> {
+    shared: &'a Shared,
+    runner: Arc<RunnerHandle>,
 }
 
-impl Lease {
+impl Lease<'_> {
     pub(crate) fn runner(&self) -> &RunnerHandle {
-        self.runner
-            .as_ref()
-            .expect("a lease holds its runner until dropped")
-    }
-
-    /// Gives the slot back without taking the lock: for use under it.
-    fn disarm(mut self) -> Arc<RunnerHandle> {
-        self.runner
-            .take()
-            .expect("a lease holds its runner until dropped")
+        &self.runner
     }
 }
 
-impl Drop for Lease {
+impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let Some(runner) = self.runner.take() {
-            self.shared.release(runner.id);
-        }
+        self.shared.release(self.runner.id);
     }
 }
 
@@ -99,7 +89,7 @@ impl Shared {
     pub(crate) async fn acquire(
         self: &Arc<Self>,
         queue_timeout: Duration,
-    ) -> Result<Lease, CallError> {
+    ) -> Result<Lease<'_>, CallError> {
         let queued = {
             let mut state = self.state.lock();
             if state.closed {
@@ -110,8 +100,11 @@ impl Shared {
             }
             // Only when nobody waits: a free slot goes to the oldest caller first.
             if state.waiters.is_empty() {
-                if let Some(lease) = self.take_slot(&mut state) {
-                    return Ok(lease);
+                if let Some(runner) = self.take_slot(&mut state) {
+                    return Ok(Lease {
+                        shared: self,
+                        runner,
+                    });
                 }
             }
             let (waiter, queued) = oneshot::channel();
@@ -125,7 +118,10 @@ impl Shared {
         // state is locked below.
         let outcome = tokio::time::timeout(queue_timeout, queued).await;
         match outcome {
-            Ok(Ok(lease)) => lease,
+            Ok(Ok(granted)) => granted.map(|runner| Lease {
+                shared: self,
+                runner,
+            }),
             Ok(Err(_)) => Err(CallError::Closed),
             Err(_) => {
                 let state = self.state.lock();
@@ -140,8 +136,8 @@ impl Shared {
         }
     }
 
-    /// Leases a slot on the least-loaded runner that has one free.
-    fn take_slot(self: &Arc<Self>, state: &mut State) -> Option<Lease> {
+    /// Takes a slot on the least-loaded runner that has one free.
+    fn take_slot(&self, state: &mut State) -> Option<Arc<RunnerHandle>> {
         let max = self.config.max_concurrency;
         let slot = state
             .runners
@@ -152,25 +148,21 @@ impl Shared {
         if self.config.single_use {
             slot.draining = true;
         }
-        Some(Lease {
-            shared: Arc::clone(self),
-            runner: Some(Arc::clone(&slot.handle)),
-        })
+        Some(Arc::clone(&slot.handle))
     }
 
     /// Hands free slots to waiting callers, oldest first.
-    fn dispatch(self: &Arc<Self>, state: &mut State) {
+    fn dispatch(&self, state: &mut State) {
         while let Some(waiter) = state.waiters.pop_front() {
             if waiter.is_closed() {
                 continue;
             }
-            let Some(lease) = self.take_slot(state) else {
+            let Some(runner) = self.take_slot(state) else {
                 state.waiters.push_front(waiter);
                 break;
             };
-            if let Err(Ok(lease)) = waiter.send(Ok(lease)) {
+            if let Err(Ok(runner)) = waiter.send(Ok(runner)) {
                 // The caller left between the check and the send.
-                let runner = lease.disarm();
                 if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner.id) {
                     slot.in_flight -= 1;
                     slot.draining &= !self.config.single_use;
@@ -179,7 +171,7 @@ impl Shared {
         }
     }
 
-    fn release(self: &Arc<Self>, runner: RunnerId) {
+    fn release(&self, runner: RunnerId) {
         let mut state = self.state.lock();
         self.free_slot(&mut state, runner);
         self.dispatch(&mut state);

@@ -58,7 +58,7 @@ impl RunnerHandle {
     /// Sends an encoded request and returns the encoded result, within `timeout`.
     pub(crate) async fn call(
         &self,
-        request: Bytes,
+        request: Vec<Bytes>,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let exchange = self.exchange(request);
@@ -77,7 +77,7 @@ impl RunnerHandle {
         })
     }
 
-    async fn exchange(&self, request: Bytes) -> Result<Reply, Failure> {
+    async fn exchange(&self, mut request: Vec<Bytes>) -> Result<Reply, Failure> {
         let (send, recv) = self.connection.open_bi().await?;
         let mut stream = CallStream {
             send,
@@ -86,7 +86,7 @@ impl RunnerHandle {
         };
         stream
             .send
-            .write_chunk(request)
+            .write_all_chunks(&mut request)
             .await
             .map_err(WireError::from)?;
         let _ = stream.send.finish();
