@@ -113,7 +113,8 @@ if queued:
     row("10,000 queued calls, max 4 × 8", f"{queued:.2f} s total", "", f"{10_000 / queued:,.0f} calls/s", "", None)
 if memory:
     q, idle = memory["queueing"], memory["idle"]
-    row("10,000 queued calls: parent RSS growth", f'{q["peak_growth_mib"]:.1f} MiB', "", "", "≤ 50 MiB",
+    row("10,000 queued calls: parent peak RSS growth", f'{q["peak_growth_mib"]:.1f} MiB',
+        f'second round {q.get("second_round_peak_growth_mib", 0):.1f} MiB', "", "≤ 50 MiB",
         q["peak_growth_mib"] <= 50)
     row("parent RSS per idle runner", f'{idle["per_runner_kib"]:.0f} KiB', f'{idle["runners"]} runners', "",
         "≤ 1 MiB", idle["per_runner_kib"] <= 1024)

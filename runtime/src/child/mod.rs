@@ -274,6 +274,7 @@ type Connected = (quinn::Endpoint, quinn::Connection, quinn::SendStream);
 async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, ServeError> {
     let settings = &token.settings;
     let failsafe = Instant::now() + settings.connect_failsafe;
+    tracing::debug!(parent = ?token.parent_addrs, "dialing parent");
     let ca = rustls::pki_types::CertificateDer::from(token.ca_cert.clone());
     let crypto = Arc::new(
         tls::client_crypto(&ca, &token.runner_identity())
@@ -294,8 +295,8 @@ async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, Se
     let mut last_error = String::from("no address resolved");
     loop {
         for addr in &token.parent_addrs {
-            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(addr.as_str()).await {
-                Ok(found) => found.collect(),
+            let resolved = match resolve(addr).await {
+                Ok(found) => found,
                 Err(e) => {
                     last_error = format!("cannot resolve {addr}: {e}");
                     continue;
@@ -314,6 +315,7 @@ async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, Se
                         e
                     }
                 };
+                tracing::debug!(%target, "endpoint ready; connecting");
                 let attempt = handshake(&endpoint, target, &token.server_name, &hello);
                 match tokio::time::timeout_at(failsafe, attempt).await {
                     Ok(Ok((connection, control))) => return Ok((endpoint, connection, control)),
@@ -336,6 +338,15 @@ async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, Se
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Resolves `host:port`. A literal address needs no resolver, whose thread would cost a cold
+/// start a millisecond.
+async fn resolve(addr: &str) -> std::io::Result<Vec<SocketAddr>> {
+    match addr.parse::<SocketAddr>() {
+        Ok(literal) => Ok(vec![literal]),
+        Err(_) => Ok(tokio::net::lookup_host(addr).await?.collect()),
     }
 }
 
