@@ -278,9 +278,10 @@ impl Chunks {
 
     /// The chunks, in order.
     #[must_use]
-    pub fn into_bytes(self) -> Vec<Bytes> {
-        let mut out = Vec::with_capacity(self.full.len() + 2);
-        out.push(Bytes::from(self.first));
+    pub fn into_bytes(self) -> SmallVec<[Bytes; 2]> {
+        let mut out = SmallVec::with_capacity(self.full.len() + 2);
+        // An exact-size buffer becomes `Bytes` without a separate reference-count allocation.
+        out.push(Bytes::from(self.first.into_boxed_slice()));
         out.extend(self.full);
         if !self.current.is_empty() {
             out.push(Bytes::from(self.current));
@@ -563,7 +564,7 @@ pub(crate) fn encode_request<A: Serialize>(
     job: &str,
     timeout_ms: u64,
     args: &A,
-) -> Result<Vec<Bytes>, WireError> {
+) -> Result<SmallVec<[Bytes; 2]>, WireError> {
     let mut chunks = Chunks::new();
     chunks.push_frame(&CallHeadRef { job, timeout_ms })?;
     chunks.push_frame(args)?;

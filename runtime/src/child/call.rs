@@ -137,7 +137,7 @@ async fn finish(
 ) -> Result<(), WireError> {
     let mut chunks = match encoded {
         Some(encoded) => encoded.into_bytes(),
-        None => vec![Bytes::from(wire::encode_payload_frame(head)?)],
+        None => smallvec::smallvec![Bytes::from(wire::encode_payload_frame(head)?)],
     };
     send.write_all_chunks(&mut chunks).await?;
     let _ = send.finish();

@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     closing: watch::Receiver<bool>,
     runner_counts: watch::Sender<PoolStats>,
     calls_drained: Notify,
+    /// Mirrors `State::closed` for the call path, which then needs no lock to refuse a call.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -134,6 +136,7 @@ impl Pool {
             closing,
             runner_counts: watch::channel(PoolStats::default()).0,
             calls_drained: Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let pool = Pool {
             inner: Arc::new(PoolInner {
@@ -231,6 +234,9 @@ impl Pool {
         let busy = {
             let mut state = shared.state.lock();
             state.closed = true;
+            shared
+                .closed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             state.fail_waiters(&CallError::Closed);
             state.stats().in_flight > 0
         };
@@ -252,6 +258,9 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         let mut state = self.shared.state.lock();
         state.closed = true;
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         state.fail_waiters(&CallError::Closed);
         // Releasing the runners now lets them exit cleanly; the tasks then terminate the
         // machines. If the runtime is going away too, dropping the machines kills them.
@@ -307,7 +316,11 @@ impl<A: Payload, R: Payload> Call<A, R> {
         let args = self.args.take().ok_or(CallError::Protocol {
             message: "call polled after completion".into(),
         })?;
-        if self.shared.state.lock().closed {
+        if self
+            .shared
+            .closed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(CallError::Closed);
         }
         if !self.shared.manifest.contains(name) {
@@ -334,7 +347,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
 struct Prepared<R> {
     job: &'static str,
     // Handed to quinn as is: its send buffer takes the chunks without copying them.
-    request: Vec<bytes::Bytes>,
+    request: smallvec::SmallVec<[bytes::Bytes; 2]>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
     output: std::marker::PhantomData<fn() -> R>,

@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
@@ -58,7 +59,7 @@ impl RunnerHandle {
     /// Sends an encoded request and returns the encoded result, within `timeout`.
     pub(crate) async fn call(
         &self,
-        request: Vec<Bytes>,
+        request: SmallVec<[Bytes; 2]>,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
         let exchange = self.exchange(request);
@@ -77,7 +78,7 @@ impl RunnerHandle {
         })
     }
 
-    async fn exchange(&self, mut request: Vec<Bytes>) -> Result<Reply, Failure> {
+    async fn exchange(&self, mut request: SmallVec<[Bytes; 2]>) -> Result<Reply, Failure> {
         let (send, recv) = self.connection.open_bi().await?;
         let mut stream = CallStream {
             send,
