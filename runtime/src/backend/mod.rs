@@ -11,8 +11,7 @@ pub use local::{LocalBackend, LocalBackendBuilder};
 
 use crate::error::{BackendError, RunnerId};
 
-/// What a backend needs to start one runner.
-#[derive(Debug)]
+/// What a backend needs to start one runner. `Debug` shows the variable names only.
 #[non_exhaustive]
 pub struct BootRequest {
     /// The runner's id.
@@ -21,6 +20,15 @@ pub struct BootRequest {
     /// [`PARENT_ENV`](crate::token::PARENT_ENV) with the boot token. It holds a private key:
     /// never log it.
     pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for BootRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootRequest")
+            .field("runner_id", &self.runner_id)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// How a machine ended.
@@ -59,4 +67,20 @@ pub trait Machine: Send + 'static {
     /// Stops the machine, waiting up to `grace` for it to stop by itself first (its runner was
     /// already told to exit), then forcing it.
     fn terminate(self: Box<Self>, grace: Duration) -> BoxFuture<'static, Result<(), BackendError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_request_debug_hides_values() {
+        let request = BootRequest {
+            runner_id: RunnerId(uuid::Uuid::nil()),
+            env: vec![("FIREBRAND_PARENT".into(), "fb1.SECRET-KEY-MATERIAL".into())],
+        };
+        let shown = format!("{request:?}");
+        assert!(shown.contains("FIREBRAND_PARENT"));
+        assert!(!shown.contains("SECRET"), "{shown}");
+    }
 }
