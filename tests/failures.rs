@@ -60,8 +60,8 @@ async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
     pool.shutdown().await;
 }
 
-#[tokio::test]
-async fn dropping_the_pool_leaves_no_runner_behind() {
+/// A pool with two ready runners, and the backend that knows their pids.
+async fn two_runners() -> (firebrand::Pool, Recording) {
     let backend = Recording::new(local_backend());
     let pool = pool()
         .backend(backend.clone())
@@ -71,6 +71,12 @@ async fn dropping_the_pool_leaves_no_runner_behind() {
         .await
         .unwrap();
     pool.call(&PID, ()).await.unwrap();
+    (pool, backend)
+}
+
+#[tokio::test]
+async fn dropping_the_pool_leaves_no_runner_behind() {
+    let (pool, backend) = two_runners().await;
     let pids = backend.pids();
     assert_eq!(pids.len(), 2);
     drop(pool);
@@ -88,15 +94,7 @@ fn parent_helper() {
         return;
     }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let backend = Recording::new(local_backend());
-        let pool = pool()
-            .backend(backend.clone())
-            .min(2)
-            .max(2)
-            .build()
-            .await
-            .unwrap();
-        pool.call(&PID, ()).await.unwrap();
+        let (_pool, backend) = two_runners().await;
         for pid in backend.pids() {
             println!("RUNNER_PID {pid}");
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{alive, local_backend, pool, within, Recording};
 use firebrand::{BootError, CallError, LocalBackend, PoolError, PoolStats};
-use firebrand_runner::{PID, SLEEP};
+use firebrand_runner::PID;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -34,15 +34,7 @@ async fn grows_to_max_under_load_and_no_further() {
             }
         }
     });
-    let calls: Vec<_> = (0..12)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.call(&SLEEP, 400).await })
-        })
-        .collect();
-    for call in calls {
-        within(30 * SECOND, call).await.unwrap().unwrap();
-    }
+    common::concurrent_sleeps(&pool, 12, 400).await;
     assert_eq!(backend.boots(), 3, "exactly max runners were booted");
     let peak = *peak.lock();
     assert_eq!(peak.ready, 3, "all of max came up");
@@ -67,15 +59,7 @@ async fn idle_runners_shut_down_while_min_runners_stay() {
         .await
         .unwrap();
     let min_pid = pool.call(&PID, ()).await.unwrap();
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.call(&SLEEP, 500).await })
-        })
-        .collect();
-    for call in calls {
-        within(30 * SECOND, call).await.unwrap().unwrap();
-    }
+    common::concurrent_sleeps(&pool, 3, 500).await;
     assert_eq!(backend.boots(), 3);
     let mut counts = pool.watch_runners();
     within(

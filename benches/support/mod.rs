@@ -62,6 +62,36 @@ impl Drop for Peer {
     }
 }
 
+/// A raw parent endpoint with Firebrand's settings, and a boot token for one peer to dial it.
+fn test_parent() -> (quinn::Endpoint, BootToken) {
+    let ca = PoolCa::generate("bench").unwrap();
+    let server = ca.issue_server().unwrap();
+    let endpoint = transport::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        tls::server_crypto(ca.cert(), &server).unwrap(),
+        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1),
+    )
+    .unwrap();
+    let id = uuid::Uuid::new_v4();
+    let token = BootToken::new(
+        vec![endpoint.local_addr().unwrap().to_string()],
+        PARENT_SERVER_NAME.into(),
+        ca.cert(),
+        &ca.issue_runner(id, Duration::from_secs(3600)).unwrap(),
+        id,
+        RunnerSettings {
+            max_concurrency: CONCURRENCY,
+            idle_shutdown_after: None,
+            connect_failsafe: Duration::from_secs(20),
+            drain_grace: Duration::from_secs(1),
+            max_payload_len: 1 << 30,
+            peer_timeout: PEER_TIMEOUT,
+            keep_alive: KEEP_ALIVE,
+        },
+    );
+    (endpoint, token)
+}
+
 /// Baseline A: a raw quinn + rustls mTLS echo in another process, dialled in the same direction
 /// as a runner dials its parent, with the same transport settings, one stream per request.
 pub struct QuicEcho {
@@ -72,31 +102,7 @@ pub struct QuicEcho {
 
 impl QuicEcho {
     pub async fn start() -> Self {
-        let ca = PoolCa::generate("bench").unwrap();
-        let server = ca.issue_server().unwrap();
-        let endpoint = transport::server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            tls::server_crypto(ca.cert(), &server).unwrap(),
-            transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1),
-        )
-        .unwrap();
-        let id = uuid::Uuid::new_v4();
-        let token = BootToken::new(
-            vec![endpoint.local_addr().unwrap().to_string()],
-            PARENT_SERVER_NAME.into(),
-            ca.cert(),
-            &ca.issue_runner(id, Duration::from_secs(3600)).unwrap(),
-            id,
-            RunnerSettings {
-                max_concurrency: CONCURRENCY,
-                idle_shutdown_after: None,
-                connect_failsafe: Duration::from_secs(20),
-                drain_grace: Duration::from_secs(1),
-                max_payload_len: 1 << 30,
-                peer_timeout: PEER_TIMEOUT,
-                keep_alive: KEEP_ALIVE,
-            },
-        );
+        let (endpoint, token) = test_parent();
         let peer = Peer(spawn_peer("quic", &token.encode()));
         let connection = endpoint.accept().await.unwrap().await.unwrap();
         Self {
@@ -312,31 +318,7 @@ pub struct RawParent {
 impl RawParent {
     pub async fn start() -> Self {
         use firebrand::wire::{self, Hello, HelloReply};
-        let ca = PoolCa::generate("bench").unwrap();
-        let server = ca.issue_server().unwrap();
-        let endpoint = transport::server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            tls::server_crypto(ca.cert(), &server).unwrap(),
-            transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1),
-        )
-        .unwrap();
-        let id = uuid::Uuid::new_v4();
-        let token = BootToken::new(
-            vec![endpoint.local_addr().unwrap().to_string()],
-            PARENT_SERVER_NAME.into(),
-            ca.cert(),
-            &ca.issue_runner(id, Duration::from_secs(3600)).unwrap(),
-            id,
-            RunnerSettings {
-                max_concurrency: CONCURRENCY,
-                idle_shutdown_after: None,
-                connect_failsafe: Duration::from_secs(20),
-                drain_grace: Duration::from_secs(1),
-                max_payload_len: 1 << 30,
-                peer_timeout: PEER_TIMEOUT,
-                keep_alive: KEEP_ALIVE,
-            },
-        );
+        let (endpoint, token) = test_parent();
         let runner = tokio::process::Command::new(RUNNER)
             .env(firebrand::token::PARENT_ENV, token.encode())
             .kill_on_drop(true)

@@ -46,6 +46,22 @@ pub async fn within<T>(limit: Duration, future: impl IntoFuture<Output = T>) -> 
         .unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
 }
 
+/// Runs `n` calls of the stock sleep job at once and waits for all of them to succeed.
+pub async fn concurrent_sleeps(pool: &Pool, n: usize, ms: u64) {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&firebrand_runner::SLEEP, ms).await })
+        })
+        .collect();
+    for call in calls {
+        within(Duration::from_secs(30), call)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// Whether a process is running (not gone, not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
