@@ -185,3 +185,58 @@ async fn sigterm_drains_the_runner_and_min_replaces_it() {
     assert_ne!(pool.call(&PID, ()).await.unwrap(), pid);
     pool.shutdown().await;
 }
+
+/// Plays a parent on its own runtime, sends one sleep call, then vanishes without a close (the
+/// runtime is dropped), and returns the runner's exit code and the time from the call to its exit.
+fn vanish_during_a_call(sleep_ms: u64, drain_grace: Duration) -> (Option<i32>, Duration) {
+    let parent_runtime = tokio::runtime::Runtime::new().unwrap();
+    let waiting = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settings = firebrand::token::RunnerSettings {
+        peer_timeout: Duration::from_secs(1),
+        keep_alive: Duration::from_millis(300),
+        drain_grace,
+        ..common::raw_settings()
+    };
+    let parent = parent_runtime.block_on(async { common::RawParent::new() });
+    let token = parent.token(settings);
+    let mut runner = waiting.block_on(async { common::spawn_runner(&token.encode()) });
+    let (connection, control, streams) = parent_runtime.block_on(async {
+        let (connection, control) = parent.admit().await;
+        let (send, reply) = common::raw_request(&connection, SLEEP.name(), 0, &sleep_ms).await;
+        // Resolves once the runner has read the whole request: the job is then running.
+        send.stopped().await.unwrap();
+        (connection, control, (send, reply))
+    });
+    let started = Instant::now();
+    // Gone without a word: the handles are leaked so that no close is queued, and the runtime
+    // that drives the endpoint stops.
+    std::mem::forget((connection, control, streams, parent));
+    parent_runtime.shutdown_background();
+    let status = waiting
+        .block_on(within(30 * SECOND, runner.wait()))
+        .unwrap();
+    (status.code(), started.elapsed())
+}
+
+#[test]
+fn a_runner_that_loses_its_parent_drains_its_calls_within_the_grace() {
+    common::init_tracing();
+    // The call outlives the 1 s peer timeout: the runner waits for it, then exits.
+    let (code, elapsed) = vanish_during_a_call(3_000, Duration::from_secs(10));
+    assert_eq!(code, Some(firebrand::child::exit_code::PARENT_LOST));
+    assert!(
+        elapsed >= Duration::from_millis(2_700),
+        "exited before the call ended: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+    // A call longer than the grace is abandoned when the grace ends.
+    let (code, elapsed) = vanish_during_a_call(60_000, Duration::from_millis(500));
+    assert_eq!(code, Some(firebrand::child::exit_code::PARENT_LOST));
+    assert!(
+        elapsed < Duration::from_secs(6),
+        "waited past the grace: {elapsed:?}"
+    );
+}

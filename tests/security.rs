@@ -268,46 +268,9 @@ async fn a_malformed_token_is_a_clear_error() {
 /// The test plays the parent itself, so that it can send what no pool would.
 #[tokio::test]
 async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
-    let ca = PoolCa::generate("hostile").unwrap();
-    let server = ca.issue_server().unwrap();
-    let crypto = tls::server_crypto(ca.cert(), &server).unwrap();
-    let endpoint = quinn::Endpoint::server(
-        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .unwrap();
-    let id = uuid::Uuid::new_v4();
-    let identity = ca.issue_runner(id, Duration::from_secs(600)).unwrap();
-    let settings = RunnerSettings {
-        max_concurrency: 4,
-        idle_shutdown_after: None,
-        connect_failsafe: Duration::from_secs(20),
-        drain_grace: Duration::from_secs(5),
-        max_payload_len: 1 << 20,
-        peer_timeout: Duration::from_secs(10),
-        keep_alive: Duration::from_secs(1),
-    };
-    let token = BootToken::new(
-        vec![endpoint.local_addr().unwrap().to_string()],
-        PARENT_SERVER_NAME.into(),
-        ca.cert(),
-        &identity,
-        id,
-        settings,
-    );
-    let mut runner = spawn_runner(&token.encode());
-    let connection = within(20 * SECOND, async {
-        endpoint.accept().await.unwrap().await.unwrap()
-    })
-    .await;
-    let (mut control_send, mut control) = connection.accept_bi().await.unwrap();
-    let mut version = [0; 2];
-    control.read_exact(&mut version).await.unwrap();
-    let hello: Hello = wire::read_head(&mut control).await.unwrap();
-    assert_eq!(hello.runner_id, id);
-    wire::write_frame(&mut control_send, &HelloReply::Accepted)
-        .await
-        .unwrap();
+    let parent = common::RawParent::new();
+    let mut runner = spawn_runner(&parent.token(common::raw_settings()).encode());
+    let (connection, _control) = parent.admit().await;
 
     // A head frame that announces 4 GiB.
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
@@ -345,28 +308,13 @@ async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
     assert!(matches!(reply, ReplyHead::Malformed { .. }), "{reply:?}");
 
     // Arguments of the wrong type for the job.
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    let mut request = wire::encode_payload_frame(&CallHead {
-        job: ECHO.name().into(),
-        timeout_ms: 0,
-    })
-    .unwrap();
-    request.extend(wire::encode_payload_frame(&u8::MAX).unwrap());
-    send.write_all(&request).await.unwrap();
-    let _ = send.finish();
+    let (_send, mut recv) = common::raw_request(&connection, ECHO.name(), 0, &u8::MAX).await;
     let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
     assert!(matches!(reply, ReplyHead::BadArgs { .. }), "{reply:?}");
 
     // The runner still serves a well-formed call.
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    let mut request = wire::encode_payload_frame(&CallHead {
-        job: ECHO.name().into(),
-        timeout_ms: 5_000,
-    })
-    .unwrap();
-    request.extend(wire::encode_payload_frame(&vec![1u8, 2, 3]).unwrap());
-    send.write_all(&request).await.unwrap();
-    let _ = send.finish();
+    let (_send, mut recv) =
+        common::raw_request(&connection, ECHO.name(), 5_000, &vec![1u8, 2, 3]).await;
     let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
     assert_eq!(reply, ReplyHead::Ok);
     let body = wire::read_frame(&mut recv, 1 << 20).await.unwrap();

@@ -198,3 +198,89 @@ pub fn spawn_runner(token: &str) -> tokio::process::Child {
         .spawn()
         .expect("spawn firebrand-runner")
 }
+
+/// Runner settings for tests that play the parent themselves.
+pub fn raw_settings() -> firebrand::token::RunnerSettings {
+    firebrand::token::RunnerSettings {
+        max_concurrency: 4,
+        idle_shutdown_after: None,
+        connect_failsafe: Duration::from_secs(20),
+        drain_grace: Duration::from_secs(5),
+        max_payload_len: 1 << 20,
+        peer_timeout: Duration::from_secs(10),
+        keep_alive: Duration::from_secs(1),
+    }
+}
+
+/// A test playing the parent over raw QUIC, so that it can send what no pool would and vanish
+/// the way no pool does.
+pub struct RawParent {
+    pub endpoint: quinn::Endpoint,
+    ca: firebrand::tls::PoolCa,
+}
+
+impl RawParent {
+    /// Listens on loopback. Call within a Tokio runtime.
+    pub fn new() -> Self {
+        let ca = firebrand::tls::PoolCa::generate("raw-parent").unwrap();
+        let server = ca.issue_server().unwrap();
+        let crypto = firebrand::tls::server_crypto(ca.cert(), &server).unwrap();
+        let endpoint = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        Self { endpoint, ca }
+    }
+
+    /// A token for a new runner with `settings`.
+    pub fn token(&self, settings: firebrand::token::RunnerSettings) -> BootToken {
+        let id = uuid::Uuid::new_v4();
+        BootToken::new(
+            vec![self.endpoint.local_addr().unwrap().to_string()],
+            firebrand::tls::PARENT_SERVER_NAME.into(),
+            self.ca.cert(),
+            &self.ca.issue_runner(id, Duration::from_secs(600)).unwrap(),
+            id,
+            settings,
+        )
+    }
+
+    /// Accepts the next runner and its hello, and admits it.
+    pub async fn admit(&self) -> (quinn::Connection, quinn::SendStream) {
+        use firebrand::wire::{self, Hello, HelloReply};
+        let connection = within(Duration::from_secs(20), async {
+            self.endpoint.accept().await.unwrap().await.unwrap()
+        })
+        .await;
+        let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+        let mut version = [0; 2];
+        recv.read_exact(&mut version).await.unwrap();
+        let _: Hello = wire::read_head(&mut recv).await.unwrap();
+        wire::write_frame(&mut send, &HelloReply::Accepted)
+            .await
+            .unwrap();
+        (connection, send)
+    }
+}
+
+/// Opens a call stream and sends a request for `job` with `args`; returns its two halves.
+/// The send half's `stopped()` resolves once the runner has read the whole request.
+pub async fn raw_request<A: serde::Serialize>(
+    connection: &quinn::Connection,
+    job: &str,
+    timeout_ms: u64,
+    args: &A,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    use firebrand::wire::{self, CallHead};
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let mut request = wire::encode_payload_frame(&CallHead {
+        job: job.into(),
+        timeout_ms,
+    })
+    .unwrap();
+    wire::encode_frame_into(&mut request, args).unwrap();
+    send.write_all(&request).await.unwrap();
+    send.finish().unwrap();
+    (send, recv)
+}
