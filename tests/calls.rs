@@ -271,3 +271,24 @@ async fn runners_get_an_explicit_environment() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_caller_dropped_after_being_granted_a_slot_gives_it_back() {
+    let pool = one_runner(1).await;
+    let blocker = pool.call(&SLEEP, 300);
+    let blocker = tokio::spawn(blocker);
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    // Polled once: queued behind the blocker. Never polled again.
+    let mut queued = Box::pin(pool.call(&PID, ()));
+    assert!(futures_util::poll!(&mut queued).is_pending());
+    assert_eq!(pool.stats().queued, 1);
+    // The blocker's slot goes to the queued call the moment the blocker finishes...
+    blocker.await.unwrap().unwrap();
+    // ...and that call is dropped before it ever sees it.
+    drop(queued);
+    assert_eq!(pool.stats().in_flight, 0, "the granted slot was given back");
+    within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
+    pool.shutdown().await;
+}

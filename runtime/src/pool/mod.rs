@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     calls_drained: Notify,
     /// Mirrors `State::closed` for the call path, which then needs no lock to refuse a call.
     closed: std::sync::atomic::AtomicBool,
+    /// This value's own `Arc`, for grants made where only `&self` is at hand.
+    me: std::sync::Weak<Shared>,
 }
 
 impl Shared {
@@ -124,7 +126,7 @@ impl Pool {
         let parent_addrs = backend.parent_addrs(bound);
         tracing::info!(pool = %config.name, %bound, "pool listening");
         let (closing_tx, closing) = watch::channel(false);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
             config,
             manifest,
             backend,
@@ -137,6 +139,7 @@ impl Pool {
             runner_counts: watch::channel(PoolStats::default()).0,
             calls_drained: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            me: me.clone(),
         });
         let pool = Pool {
             inner: Arc::new(PoolInner {

@@ -15,8 +15,23 @@ use super::{PoolStats, Shared};
 use crate::error::{BootError, CallError, RunnerId};
 use crate::wire::close;
 
-/// A waiting caller. It is sent the runner whose slot it now holds.
-type Waiter = oneshot::Sender<Result<Arc<RunnerHandle>, CallError>>;
+/// A waiting caller. It is sent a grant of the slot it now holds.
+type Waiter = oneshot::Sender<Result<Grant, CallError>>;
+
+/// A slot handed to a waiting caller. If the caller is gone before it takes the grant (its
+/// future dropped with the grant still in the channel), dropping the grant gives the slot back.
+pub(crate) struct Grant {
+    shared: Arc<Shared>,
+    runner: Option<Arc<RunnerHandle>>,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some(runner) = self.runner.take() {
+            self.shared.release(runner.id);
+        }
+    }
+}
 
 /// A ready runner and its parent-side accounting.
 pub(crate) struct Slot {
@@ -118,9 +133,12 @@ impl Shared {
         // state is locked below.
         let outcome = tokio::time::timeout(queue_timeout, queued).await;
         match outcome {
-            Ok(Ok(granted)) => granted.map(|runner| Lease {
+            Ok(Ok(granted)) => granted.map(|mut grant| Lease {
                 shared: self,
-                runner,
+                runner: grant
+                    .runner
+                    .take()
+                    .expect("a grant holds its runner until taken"),
             }),
             Ok(Err(_)) => Err(CallError::Closed),
             Err(_) => {
@@ -153,6 +171,13 @@ impl Shared {
 
     /// Hands free slots to waiting callers, oldest first.
     fn dispatch(&self, state: &mut State) {
+        if state.waiters.is_empty() {
+            return;
+        }
+        // Only while the pool is being dropped can this fail; nobody is left to serve then.
+        let Some(shared) = self.me.upgrade() else {
+            return;
+        };
         while let Some(waiter) = state.waiters.pop_front() {
             if waiter.is_closed() {
                 continue;
@@ -161,8 +186,14 @@ impl Shared {
                 state.waiters.push_front(waiter);
                 break;
             };
-            if let Err(Ok(runner)) = waiter.send(Ok(runner)) {
-                // The caller left between the check and the send.
+            let grant = Grant {
+                shared: Arc::clone(&shared),
+                runner: Some(runner),
+            };
+            if let Err(Ok(mut grant)) = waiter.send(Ok(grant)) {
+                // The caller left between the check and the send. Undo here: dropping an armed
+                // grant would take the lock this function runs under.
+                let runner = grant.runner.take().expect("not yet taken");
                 if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner.id) {
                     slot.in_flight -= 1;
                     slot.draining &= !self.config.single_use;
