@@ -30,12 +30,25 @@ use crate::error::BackendError;
 ///     .forward("HOME")
 ///     .build();
 /// ```
-#[derive(Debug, Clone)]
+///
+/// `Debug` shows the names of the variables it sets, never their values.
+#[derive(Clone)]
 pub struct LocalBackend {
     program: Option<PathBuf>,
     args: Vec<OsString>,
     env: BTreeMap<String, String>,
     forward: Vec<String>,
+}
+
+impl std::fmt::Debug for LocalBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBackend")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("forward", &self.forward)
+            .finish()
+    }
 }
 
 /// Configures a [`LocalBackend`].
@@ -214,5 +227,20 @@ impl Machine for LocalProcess {
             Ok(())
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_names_not_values() {
+        let backend = LocalBackend::builder().env("API_KEY", "hunter2").build();
+        let shown = format!("{backend:?}");
+        assert!(
+            shown.contains("API_KEY") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }
