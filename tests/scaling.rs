@@ -237,3 +237,81 @@ async fn shutdown_during_a_boot_retry_backoff_returns_promptly() {
     ));
     within(5 * SECOND, pool.shutdown()).await;
 }
+
+#[tokio::test]
+async fn past_max_queued_calls_fail_at_once_with_overloaded() {
+    let pool = pool()
+        .max_concurrency(1)
+        .max_queued(2)
+        .build()
+        .await
+        .unwrap();
+    let blocker = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&firebrand_runner::SLEEP, 500).await }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        let mut call = Box::pin(pool.call(&PID, ()));
+        assert!(futures_util::poll!(&mut call).is_pending());
+        queued.push(call);
+    }
+    let started = std::time::Instant::now();
+    match pool.call(&PID, ()).await {
+        Err(CallError::Overloaded { queued }) => assert_eq!(queued, 2),
+        other => panic!("expected Overloaded, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < SECOND,
+        "refused at once, not after waiting"
+    );
+    // A caller that gave up frees its place.
+    queued.pop();
+    let mut again = Box::pin(pool.call(&PID, ()));
+    assert!(futures_util::poll!(&mut again).is_pending());
+    blocker.await.unwrap().unwrap();
+    within(10 * SECOND, queued.pop().unwrap()).await.unwrap();
+    within(10 * SECOND, again).await.unwrap();
+    pool.shutdown().await;
+}
+
+/// Grows a pool of `placement` to two runners, then keeps two calls running at a time for a few
+/// seconds, and reports the fewest ready runners seen while that load ran.
+async fn fewest_ready_under_steady_load(placement: firebrand::Placement) -> usize {
+    let pool = pool()
+        .max(2)
+        .max_concurrency(4)
+        .idle_shutdown_after(Duration::from_millis(700))
+        .placement(placement)
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 8, 300).await;
+    assert_eq!(pool.stats().ready, 2, "the spike grew the pool to max");
+    let counts = pool.watch_runners();
+    let mut fewest = usize::MAX;
+    let until = std::time::Instant::now() + Duration::from_millis(2_500);
+    while std::time::Instant::now() < until {
+        common::concurrent_sleeps(&pool, 2, 50).await;
+        fewest = fewest.min(counts.borrow().ready);
+    }
+    pool.shutdown().await;
+    fewest
+}
+
+#[tokio::test]
+async fn pack_placement_lets_spare_runners_idle_down() {
+    use firebrand::Placement;
+    let (pack, spread) = tokio::join!(
+        fewest_ready_under_steady_load(Placement::Pack),
+        fewest_ready_under_steady_load(Placement::Spread)
+    );
+    assert_eq!(
+        pack, 1,
+        "under pack the spare runner idled down during the load"
+    );
+    assert_eq!(spread, 2, "under spread both runners kept getting work");
+}

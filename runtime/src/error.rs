@@ -28,6 +28,12 @@ pub enum CallError {
         /// How long the call waited.
         waited: Duration,
     },
+    /// The queue was full (`max_queued` callers already waiting): refused at once.
+    #[error("pool is overloaded: {queued} calls are already waiting")]
+    Overloaded {
+        /// How many calls were waiting.
+        queued: usize,
+    },
     /// The job ran past its execution timeout; it was aborted on the runner.
     #[error("job did not finish within {after:?} and was aborted")]
     Timeout {

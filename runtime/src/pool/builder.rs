@@ -33,6 +33,20 @@ pub(crate) struct PoolConfig {
     pub(crate) connect_failsafe: Duration,
     pub(crate) max_payload_len: u64,
     pub(crate) bind: Option<SocketAddr>,
+    pub(crate) max_queued: Option<usize>,
+    pub(crate) placement: Placement,
+}
+
+/// Which runner with a free slot gets a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Placement {
+    /// The least-loaded runner: calls spread out, each finishes soonest. The default.
+    #[default]
+    Spread,
+    /// The busiest runner that still has a free slot, the oldest on ties: spare runners get no
+    /// work and idle down after a spike.
+    Pack,
 }
 
 impl PoolConfig {
@@ -142,6 +156,8 @@ impl PoolBuilder {
                 connect_failsafe: Duration::from_secs(20),
                 max_payload_len: 128 << 20,
                 bind: None,
+                max_queued: None,
+                placement: Placement::Spread,
             },
         }
     }
@@ -264,6 +280,20 @@ impl PoolBuilder {
     /// The largest encoded argument or result, in bytes. Default: 128 MiB.
     pub fn max_payload_len(mut self, len: u64) -> Self {
         self.config.max_payload_len = len;
+        self
+    }
+
+    /// The most calls that may wait for a slot; past it a call fails at once with
+    /// [`CallError::Overloaded`](crate::CallError::Overloaded). `None` for no bound. Default:
+    /// `None`, as in FLAME.
+    pub fn max_queued(mut self, max: impl Into<Option<usize>>) -> Self {
+        self.config.max_queued = max.into();
+        self
+    }
+
+    /// Which runner gets a call. Default: [`Placement::Spread`].
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.config.placement = placement;
         self
     }
 

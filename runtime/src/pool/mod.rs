@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-pub use builder::PoolBuilder;
+pub use builder::{Placement, PoolBuilder};
 
 use crate::backend::Backend;
 use crate::error::{BootError, CallError, PoolError};

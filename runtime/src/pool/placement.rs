@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::builder::Placement;
 use super::runner::RunnerHandle;
 use super::{PoolStats, Shared};
 use crate::error::{BootError, CallError, RunnerId};
@@ -122,6 +123,17 @@ impl Shared {
                     });
                 }
             }
+            if let Some(max) = self.config.max_queued {
+                if state.waiters.len() >= max {
+                    // Callers who gave up may still hold places; count only the living.
+                    state.waiters.retain(|w| !w.is_closed());
+                    if state.waiters.len() >= max {
+                        return Err(CallError::Overloaded {
+                            queued: state.waiters.len(),
+                        });
+                    }
+                }
+            }
             let (waiter, queued) = oneshot::channel();
             state.waiters.push_back(waiter);
             let boots = self.plan_boots(&mut state);
@@ -154,14 +166,22 @@ impl Shared {
         }
     }
 
-    /// Takes a slot on the least-loaded runner that has one free.
+    /// Takes a slot on a runner that has one free, chosen by the placement policy. Ties go to
+    /// the oldest runner.
     fn take_slot(&self, state: &mut State) -> Option<Arc<RunnerHandle>> {
         let max = self.config.max_concurrency;
-        let slot = state
+        let free = state
             .runners
             .iter_mut()
-            .filter(|s| !s.draining && s.in_flight < max)
-            .min_by_key(|s| s.in_flight)?;
+            .filter(|s| !s.draining && s.in_flight < max);
+        let slot = match self.config.placement {
+            Placement::Spread => free.min_by_key(|s| s.in_flight),
+            // `max_by_key` keeps the last of equals; the fold keeps the first.
+            Placement::Pack => free.fold(None::<&mut Slot>, |best, s| match best {
+                Some(b) if b.in_flight >= s.in_flight => Some(b),
+                _ => Some(s),
+            }),
+        }?;
         slot.in_flight += 1;
         if self.config.single_use {
             slot.draining = true;
