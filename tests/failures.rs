@@ -240,3 +240,69 @@ fn a_runner_that_loses_its_parent_drains_its_calls_within_the_grace() {
         "waited past the grace: {elapsed:?}"
     );
 }
+
+#[tokio::test]
+async fn a_retried_call_survives_its_runner_dying_and_runs_on_another() {
+    let backend = Recording::new(local_backend());
+    let pool = pool()
+        .backend(backend.clone())
+        .min(1)
+        .max(2)
+        .max_concurrency(1)
+        .peer_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(10))
+        .build()
+        .await
+        .unwrap();
+    let first = pool.call(&PID, ()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.call(&SLEEP, 500)
+                .idempotent()
+                .retries(3)
+                .timeout(None)
+                .await
+        }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    sigkill(first);
+    within(30 * SECOND, call)
+        .await
+        .unwrap()
+        .expect("the retry ran on another runner");
+    assert!(backend.boots() >= 2, "a second runner served the retry");
+    assert_ne!(pool.call(&PID, ()).await.unwrap(), first);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn job_errors_are_retried_only_when_the_caller_opts_in() {
+    use firebrand_runner::{FAIL, STATS};
+    // A job marked idempotent, with retries by default.
+    const FLAKY: firebrand::Job<String, ()> = FAIL.idempotent().retries(2);
+    let pool = pool().min(1).max(1).build().await.unwrap();
+    match pool.call(&FLAKY, "no".into()).await {
+        Err(CallError::Failed { message }) => assert_eq!(message, "no"),
+        other => panic!("a job error is not retried by default: {other:?}"),
+    }
+    assert_eq!(pool.call(&STATS, ()).await.unwrap().failed, 1);
+    match pool.call(&FLAKY, "again".into()).retry_job_errors().await {
+        Err(CallError::Attempts { attempts }) => {
+            assert_eq!(attempts.len(), 3, "{attempts:?}");
+            assert!(attempts
+                .iter()
+                .all(|e| matches!(e, CallError::Failed { message } if message == "again")));
+        }
+        other => panic!("expected every attempt's cause, got {other:?}"),
+    }
+    assert_eq!(pool.call(&STATS, ()).await.unwrap().failed, 4);
+    // Retries need an idempotent call.
+    match pool.call(&FAIL, "x".into()).retries(1).await {
+        Err(CallError::NotIdempotent { job }) => assert_eq!(job, FAIL.name()),
+        other => panic!("expected NotIdempotent, got {other:?}"),
+    }
+    pool.shutdown().await;
+}

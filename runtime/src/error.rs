@@ -87,9 +87,30 @@ pub enum CallError {
         /// What was wrong.
         message: String,
     },
+    /// Retries were asked of a call that is not marked idempotent.
+    #[error("job `{job}` is not marked idempotent, so its calls cannot be retried")]
+    NotIdempotent {
+        /// The job called.
+        job: String,
+    },
+    /// Every attempt of a retried call failed; the causes in order.
+    #[error("{} attempts failed: {}", attempts.len(), list_attempts(attempts))]
+    Attempts {
+        /// Each attempt's error, first to last.
+        attempts: Vec<CallError>,
+    },
     /// The pool is shut down or shutting down.
     #[error("pool is closed")]
     Closed,
+}
+
+fn list_attempts(attempts: &[CallError]) -> String {
+    attempts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("{}) {e}", i + 1))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Why a runner did not boot.

@@ -30,6 +30,8 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Payload for T {}
 /// ```
 pub struct Job<A, R> {
     name: &'static str,
+    idempotent: bool,
+    retries: u32,
     // `fn(A) -> R` keeps the handle `Send + Sync + Copy` whatever `A` and `R` are.
     types: PhantomData<fn(A) -> R>,
 }
@@ -40,13 +42,48 @@ impl<A, R> Job<A, R> {
     pub const fn new(name: &'static str) -> Self {
         Self {
             name,
+            idempotent: false,
+            retries: 0,
             types: PhantomData,
         }
+    }
+
+    /// Marks the job safe to run more than once for one call, which [`retries`](Job::retries)
+    /// requires.
+    #[must_use]
+    pub const fn idempotent(mut self) -> Self {
+        self.idempotent = true;
+        self
+    }
+
+    /// Retries a call this many times by default when its runner is lost or no runner boots,
+    /// with exponential backoff and jitter. Only for [`idempotent`](Job::idempotent) jobs.
+    ///
+    /// ```
+    /// use firebrand::Job;
+    ///
+    /// const THUMBNAIL: Job<String, Vec<u8>> = Job::new("thumbnail").idempotent().retries(3);
+    /// assert_eq!(THUMBNAIL.default_retries(), 3);
+    /// ```
+    #[must_use]
+    pub const fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
     }
 
     /// The name the job is registered under.
     pub const fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// Whether the job is marked idempotent.
+    pub const fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// How many times its calls are retried by default.
+    pub const fn default_retries(&self) -> u32 {
+        self.retries
     }
 }
 
