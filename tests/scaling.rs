@@ -315,3 +315,65 @@ async fn pack_placement_lets_spare_runners_idle_down() {
     );
     assert_eq!(spread, 2, "under spread both runners kept getting work");
 }
+
+#[tokio::test]
+async fn growth_hooks_see_each_boot_and_each_shrink() {
+    #[derive(Default)]
+    struct Seen {
+        started: Vec<firebrand::RunnerId>,
+        ended: Vec<Result<Duration, String>>,
+        shrunk: Vec<String>,
+    }
+    let seen = Arc::new(parking_lot::Mutex::new(Seen::default()));
+    let (a, b, c) = (seen.clone(), seen.clone(), seen.clone());
+    let pool = pool()
+        .max(2)
+        .max_concurrency(1)
+        .idle_shutdown_after(Duration::from_millis(500))
+        .on_grow_start(move |e| a.lock().started.push(e.runner))
+        .on_grow_end(move |e| {
+            let outcome = e.outcome.clone().map_err(|err| err.to_string());
+            b.lock().ended.push(outcome)
+        })
+        .on_shrink(move |e| c.lock().shrunk.push(e.reason.clone()))
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 2, 200).await;
+    let mut counts = pool.watch_runners();
+    within(
+        10 * SECOND,
+        counts.wait_for(|c| c.ready == 0 && c.draining == 0),
+    )
+    .await
+    .unwrap();
+    pool.shutdown().await;
+    {
+        let seen = seen.lock();
+        assert_eq!(seen.started.len(), 2);
+        assert_eq!(seen.ended.len(), 2);
+        assert!(seen
+            .ended
+            .iter()
+            .all(|o| matches!(o, Ok(d) if *d > Duration::ZERO)));
+        assert_eq!(
+            seen.shrunk,
+            vec!["drained".to_string(); 2],
+            "both idled down"
+        );
+    }
+
+    // A failed boot ends with its error.
+    let ended = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = ended.clone();
+    let failing = common::pool()
+        .backend(LocalBackend::builder().command("false").build())
+        .boot_attempts(1)
+        .on_grow_end(move |e| sink.lock().push(e.outcome.is_err()))
+        .build()
+        .await
+        .unwrap();
+    assert!(failing.call(&PID, ()).await.is_err());
+    failing.shutdown().await;
+    assert_eq!(ended.lock().first(), Some(&true));
+}

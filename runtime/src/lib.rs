@@ -51,5 +51,5 @@ pub use backend::{Backend, LocalBackend};
 pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload};
-pub use pool::{Call, Placement, Pool, PoolBuilder, PoolStats};
+pub use pool::{Call, GrowEnd, GrowStart, Placement, Pool, PoolBuilder, PoolStats, Shrink};
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};

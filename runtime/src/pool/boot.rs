@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use super::hooks::{self, GrowEnd, GrowStart};
 use super::listener::Admitted;
 use super::runner::{self, RunnerHandle};
 use super::Shared;
@@ -26,6 +27,9 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
     let span = tracing::info_span!("runner", runner = %id, min);
     shared.tasks.clone().spawn(
         async move {
+            let hooks = &shared.config.hooks;
+            hooks::call(&hooks.grow_start, GrowStart { runner: id, min });
+            let started = Instant::now();
             let mut closing = shared.closing.clone();
             let booted = tokio::select! {
                 booted = boot(&shared, id, min) => booted,
@@ -33,6 +37,14 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
             };
             match booted {
                 Ok((handle, machine, control)) => {
+                    let outcome = Ok(started.elapsed());
+                    hooks::call(
+                        &hooks.grow_end,
+                        GrowEnd {
+                            runner: id,
+                            outcome,
+                        },
+                    );
                     tracing::info!(machine = %handle.machine, "runner ready");
                     if shared.runner_ready(Arc::clone(&handle), min) {
                         runner::supervise(shared, handle, machine, control, closing).await;
@@ -46,6 +58,15 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                 Err(error) => {
                     shared.listener.abandon(id);
                     tracing::warn!(%error, "runner boot failed");
+                    let error = Arc::new(error);
+                    let outcome = Err(Arc::clone(&error));
+                    hooks::call(
+                        &hooks.grow_end,
+                        GrowEnd {
+                            runner: id,
+                            outcome,
+                        },
+                    );
                     shared.boot_failed(min, error);
                 }
             }

@@ -35,6 +35,7 @@ pub(crate) struct PoolConfig {
     pub(crate) bind: Option<SocketAddr>,
     pub(crate) max_queued: Option<usize>,
     pub(crate) placement: Placement,
+    pub(crate) hooks: super::hooks::Hooks,
 }
 
 /// Which runner with a free slot gets a call.
@@ -158,6 +159,7 @@ impl PoolBuilder {
                 bind: None,
                 max_queued: None,
                 placement: Placement::Spread,
+                hooks: super::hooks::Hooks::default(),
             },
         }
     }
@@ -294,6 +296,27 @@ impl PoolBuilder {
     /// Which runner gets a call. Default: [`Placement::Spread`].
     pub fn placement(mut self, placement: Placement) -> Self {
         self.config.placement = placement;
+        self
+    }
+
+    /// Called when a runner starts booting.
+    pub fn on_grow_start(
+        mut self,
+        hook: impl Fn(&super::GrowStart) + Send + Sync + 'static,
+    ) -> Self {
+        self.config.hooks.grow_start = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called when a boot ends, with its duration or its error.
+    pub fn on_grow_end(mut self, hook: impl Fn(&super::GrowEnd) + Send + Sync + 'static) -> Self {
+        self.config.hooks.grow_end = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called when a ready runner leaves the pool, with the reason.
+    pub fn on_shrink(mut self, hook: impl Fn(&super::Shrink) + Send + Sync + 'static) -> Self {
+        self.config.hooks.shrink = Some(Arc::new(hook));
         self
     }
 

@@ -2,6 +2,7 @@
 
 mod boot;
 mod builder;
+mod hooks;
 mod listener;
 mod placement;
 mod runner;
@@ -18,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 pub use builder::{Placement, PoolBuilder};
+pub use hooks::{GrowEnd, GrowStart, Shrink};
 
 use crate::backend::Backend;
 use crate::error::{BootError, CallError, PoolError};

@@ -14,7 +14,6 @@ use super::builder::Placement;
 use super::runner::RunnerHandle;
 use super::{PoolStats, Shared};
 use crate::error::{BootError, CallError, RunnerId};
-use crate::wire::close;
 
 /// A waiting caller. It is sent a grant of the slot it now holds.
 type Waiter = oneshot::Sender<Result<Grant, CallError>>;
@@ -237,7 +236,7 @@ impl Shared {
         };
         slot.in_flight -= 1;
         if slot.draining && slot.in_flight == 0 {
-            slot.handle.connection.close(close::DONE, b"drained");
+            slot.handle.release("drained");
         }
     }
 
@@ -247,7 +246,7 @@ impl Shared {
         if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) {
             slot.draining = true;
             if slot.in_flight == 0 {
-                slot.handle.connection.close(close::DONE, b"drained");
+                slot.handle.release("drained");
             }
         }
         self.publish(&state);
@@ -322,8 +321,7 @@ impl Shared {
     /// A boot failed: retry after a debounce that doubles with each failure in a row, while
     /// callers wait or `min` is unmet; after `boot_attempts` failures with nothing running, fail
     /// the waiting callers instead of letting them wait out their timeout.
-    pub(crate) fn boot_failed(self: &Arc<Self>, min: bool, error: BootError) {
-        let error = Arc::new(error);
+    pub(crate) fn boot_failed(self: &Arc<Self>, min: bool, error: Arc<BootError>) {
         let mut state = self.state.lock();
         state.booting -= 1;
         if min {

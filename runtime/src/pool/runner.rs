@@ -22,6 +22,8 @@ pub(crate) struct RunnerHandle {
     max_payload_len: usize,
     /// How the machine ended, once it has: the best explanation for a lost call.
     exit: OnceLock<String>,
+    /// Why the parent closed the connection, when it did.
+    released: OnceLock<&'static str>,
 }
 
 /// A call's stream pair. Dropped before the reply is read, it cancels the call on the runner.
@@ -53,7 +55,14 @@ impl RunnerHandle {
             machine,
             max_payload_len,
             exit: OnceLock::new(),
+            released: OnceLock::new(),
         }
+    }
+
+    /// Closes the connection: the runner has drained and the parent is done with it.
+    pub(crate) fn release(&self, why: &'static str) {
+        let _ = self.released.set(why);
+        self.connection.close(close::DONE, why.as_bytes());
     }
 
     /// Sends an encoded request and returns the encoded result, within `timeout`.
@@ -176,7 +185,10 @@ pub(crate) async fn supervise(
                 // The connection is ending; its own branch says why.
                 Err(_) => control_open = false,
             },
-            error = handle.connection.closed() => break error.to_string(),
+            error = handle.connection.closed() => break match handle.released.get() {
+                Some(why) => (*why).to_string(),
+                None => format!("connection lost: {error}"),
+            },
             exit = machine.exited() => {
                 let _ = handle.exit.set(exit.description.clone());
                 // Fail this runner's calls now rather than at the QUIC idle timeout.
@@ -191,6 +203,13 @@ pub(crate) async fn supervise(
     };
     tracing::info!(reason = %ended, "runner ended");
     shared.runner_gone(handle.id);
+    super::hooks::call(
+        &shared.config.hooks.shrink,
+        super::Shrink {
+            runner: handle.id,
+            reason: ended,
+        },
+    );
     if let Err(e) = machine.terminate(shared.config.terminate_grace).await {
         tracing::error!(error = %e, machine = %handle.machine, "terminating the runner failed");
     }
