@@ -377,3 +377,49 @@ async fn growth_hooks_see_each_boot_and_each_shrink() {
     failing.shutdown().await;
     assert_eq!(ended.lock().first(), Some(&true));
 }
+
+#[tokio::test]
+async fn prewarm_boots_a_runner_before_any_caller_queues() {
+    // Three of four slots busy: with pre-warm at 75% a second runner boots though nobody waits.
+    async fn boots_under_load(prewarm: Option<f64>) -> (usize, usize) {
+        let backend = Recording::new(local_backend());
+        let pool = pool()
+            .backend(backend.clone())
+            .min(1)
+            .max(2)
+            .max_concurrency(4)
+            .prewarm_at(prewarm)
+            .build()
+            .await
+            .unwrap();
+        let mut counts = pool.watch_runners();
+        let calls = tokio::spawn({
+            let pool = pool.clone();
+            async move { common::concurrent_sleeps(&pool, 3, 1_500).await }
+        });
+        if prewarm.is_some() {
+            within(10 * SECOND, counts.wait_for(|c| c.ready == 2))
+                .await
+                .unwrap();
+        }
+        // Three calls fit the first runner's four slots: none can have queued.
+        let queued_when_warm = pool.stats().queued;
+        calls.await.unwrap();
+        let boots = backend.boots();
+        pool.shutdown().await;
+        (boots, queued_when_warm)
+    }
+    let (with, queued) = boots_under_load(Some(0.75)).await;
+    assert_eq!(
+        (with, queued),
+        (2, 0),
+        "pre-warmed a second runner, nobody queued"
+    );
+    let (without, _) = boots_under_load(None).await;
+    assert_eq!(
+        without, 1,
+        "without pre-warm the same load boots nothing more"
+    );
+    let err = pool().prewarm_at(1.5).build().await.err().unwrap();
+    assert!(matches!(err, PoolError::InvalidConfig(_)));
+}

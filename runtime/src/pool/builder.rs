@@ -35,6 +35,7 @@ pub(crate) struct PoolConfig {
     pub(crate) bind: Option<SocketAddr>,
     pub(crate) max_queued: Option<usize>,
     pub(crate) placement: Placement,
+    pub(crate) prewarm_at: Option<f64>,
     pub(crate) hooks: super::hooks::Hooks,
 }
 
@@ -101,6 +102,11 @@ impl PoolConfig {
                 self.keep_alive, self.peer_timeout
             ));
         }
+        if let Some(at) = self.prewarm_at {
+            if !(at > 0.0 && at <= 1.0) {
+                return invalid(format!("prewarm_at must be in (0, 1], not {at}"));
+            }
+        }
         if self.max_payload_len < 1024 || self.max_payload_len > u64::from(u32::MAX) {
             return invalid("max_payload_len must be between 1 KiB and 4 GiB".into());
         }
@@ -159,6 +165,7 @@ impl PoolBuilder {
                 bind: None,
                 max_queued: None,
                 placement: Placement::Spread,
+                prewarm_at: None,
                 hooks: super::hooks::Hooks::default(),
             },
         }
@@ -296,6 +303,14 @@ impl PoolBuilder {
     /// Which runner gets a call. Default: [`Placement::Spread`].
     pub fn placement(mut self, placement: Placement) -> Self {
         self.config.placement = placement;
+        self
+    }
+
+    /// Boots one more runner (up to `max`) when this share of the ready runners' slots is in use,
+    /// so that the next callers need not queue. `None` to boot only for callers already waiting.
+    /// Default: `None`, as in FLAME; `Some(0.8)` boots at 80% load.
+    pub fn prewarm_at(mut self, share: impl Into<Option<f64>>) -> Self {
+        self.config.prewarm_at = share.into();
         self
     }
 

@@ -116,6 +116,11 @@ impl Shared {
             // Only when nobody waits: a free slot goes to the oldest caller first.
             if state.waiters.is_empty() {
                 if let Some(runner) = self.take_slot(&mut state) {
+                    if self.config.prewarm_at.is_some() {
+                        let boots = self.plan_boots(&mut state);
+                        drop(state);
+                        self.start_boots(boots);
+                    }
                     return Ok(Lease {
                         shared: self,
                         runner,
@@ -273,7 +278,18 @@ impl Shared {
         let room = config
             .max
             .saturating_sub(state.runners.len() + state.booting);
-        let total = min_missing.max(for_demand).min(room);
+        let prewarm = match config.prewarm_at {
+            // One runner at a time: the next crossing boots the next.
+            Some(at) if state.booting == 0 => {
+                let ready = state.runners.iter().filter(|s| !s.draining);
+                let (slots, used) = ready.fold((0, 0), |(slots, used), s| {
+                    (slots + per_runner, used + s.in_flight as usize)
+                });
+                usize::from(slots > 0 && (used + waiting) as f64 >= at * slots as f64)
+            }
+            _ => 0,
+        };
+        let total = min_missing.max(for_demand).max(prewarm).min(room);
         let mins = min_missing.min(total);
         state.booting += total;
         state.booting_min += mins;
