@@ -2,23 +2,20 @@
 
 mod boot;
 mod builder;
+mod call;
 mod hooks;
 mod listener;
 mod placement;
 mod runner;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use tokio_util::task::TaskTracker;
-use tracing::Instrument as _;
 
 pub use builder::{Placement, PoolBuilder};
+pub use call::Call;
 pub use hooks::{GrowEnd, GrowStart, Shrink};
 
 use crate::backend::Backend;
@@ -184,20 +181,7 @@ impl Pool {
     ///
     /// Dropping the future cancels the call: the job is aborted on its runner.
     pub fn call<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> Call<A, R> {
-        let config = &self.inner.shared.config;
-        Call {
-            shared: Arc::clone(&self.inner.shared),
-            job: *job,
-            args: Some(args),
-            timeout: config.call_timeout,
-            queue_timeout: config.queue_timeout,
-            retry: Retry {
-                idempotent: job.is_idempotent(),
-                retries: job.default_retries(),
-                job_errors: false,
-            },
-            running: None,
-        }
+        Call::new(Arc::clone(&self.inner.shared), job, args)
     }
 
     /// Calls `job` in the background, discarding its result; failures are logged.
@@ -209,9 +193,8 @@ impl Pool {
     /// # Panics
     /// Outside a Tokio runtime.
     pub fn cast<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> Result<(), CallError> {
-        let mut call = self.call(job, args);
-        let prepared = call.prepare()?;
-        let shared = Arc::clone(&call.shared);
+        let prepared = self.call(job, args).prepare()?;
+        let shared = Arc::clone(&self.inner.shared);
         let name = job.name();
         self.inner.shared.tasks.spawn(async move {
             if let Err(error) = prepared.run(&shared).await {
@@ -279,207 +262,5 @@ impl Drop for PoolInner {
         }
         drop(state);
         self.closing.send_replace(true);
-    }
-}
-
-/// A call: a future of the job's result. Set per-call options before awaiting it.
-///
-/// ```no_run
-/// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
-/// # const JOB: firebrand::Job<u32, u32> = firebrand::Job::new("job");
-/// use std::time::Duration;
-///
-/// let out = pool.call(&JOB, 7).timeout(Duration::from_secs(5)).await?;
-/// let all = futures_util::future::try_join_all((0..4).map(|n| pool.call(&JOB, n))).await?;
-/// # Ok(()) }
-/// ```
-#[must_use = "a call does nothing unless awaited"]
-pub struct Call<A, R> {
-    shared: Arc<Shared>,
-    job: Job<A, R>,
-    args: Option<A>,
-    timeout: Option<Duration>,
-    queue_timeout: Duration,
-    retry: Retry,
-    running: Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>,
-}
-
-/// A call's retry settings.
-#[derive(Debug, Clone, Copy)]
-struct Retry {
-    idempotent: bool,
-    retries: u32,
-    job_errors: bool,
-}
-
-impl Retry {
-    /// Whether another attempt may fix `error`.
-    fn covers(&self, error: &CallError) -> bool {
-        match error {
-            CallError::RunnerLost { .. } | CallError::BootFailed(_) => true,
-            CallError::Failed { .. } | CallError::Panicked { .. } | CallError::Timeout { .. } => {
-                self.job_errors
-            }
-            _ => false,
-        }
-    }
-
-    /// The waits before each retry: exponential from 100 ms, doubling up to 5 s, with jitter.
-    fn delays(&self) -> impl Iterator<Item = Duration> {
-        use backon::BackoffBuilder as _;
-        backon::ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_factor(2.0)
-            .with_jitter()
-            .with_max_times(self.retries as usize)
-            .build()
-    }
-}
-
-// `Call` never pins its argument: it is moved out, encoded, on the first poll.
-impl<A, R> Unpin for Call<A, R> {}
-
-impl<A: Payload, R: Payload> Call<A, R> {
-    /// The execution deadline for this call; `None` for none. Default: the pool's
-    /// [`timeout`](PoolBuilder::timeout).
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = timeout.into();
-        self
-    }
-
-    /// How long this call may wait for a slot. Default: the pool's
-    /// [`queue_timeout`](PoolBuilder::queue_timeout).
-    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
-        self.queue_timeout = timeout;
-        self
-    }
-
-    /// Marks this call safe to run more than once, which [`retries`](Call::retries) requires.
-    pub fn idempotent(mut self) -> Self {
-        self.retry.idempotent = true;
-        self
-    }
-
-    /// Retries this call up to `retries` times when its runner is lost or no runner boots, with
-    /// exponential backoff (100 ms doubling to 5 s) and jitter. Default: the job's
-    /// [`default_retries`](Job::default_retries). Needs an idempotent call; otherwise the call
-    /// fails with [`CallError::NotIdempotent`]. When more than one attempt was made, the error is
-    /// [`CallError::Attempts`] with every attempt's cause.
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.retry.retries = retries;
-        self
-    }
-
-    /// Also retries the job's own failures: an error, a panic, an execution timeout.
-    pub fn retry_job_errors(mut self) -> Self {
-        self.retry.job_errors = true;
-        self
-    }
-
-    fn prepare(&mut self) -> Result<Prepared<R>, CallError> {
-        let name = self.job.name();
-        let args = self.args.take().ok_or(CallError::Protocol {
-            message: "call polled after completion".into(),
-        })?;
-        if self
-            .shared
-            .closed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Err(CallError::Closed);
-        }
-        if !self.shared.manifest.contains(name) {
-            return Err(CallError::UnknownJob { job: name.into() });
-        }
-        if self.retry.retries > 0 && !self.retry.idempotent {
-            return Err(CallError::NotIdempotent { job: name.into() });
-        }
-        let timeout_ms = self.timeout.map_or(0, |t| {
-            u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
-        });
-        let request =
-            wire::encode_request(name, timeout_ms, &args).map_err(|e| CallError::Encode {
-                message: e.to_string(),
-            })?;
-        Ok(Prepared {
-            job: name,
-            request,
-            timeout: self.timeout,
-            queue_timeout: self.queue_timeout,
-            retry: self.retry,
-            output: std::marker::PhantomData,
-        })
-    }
-}
-
-/// An encoded call, ready to place.
-struct Prepared<R> {
-    job: &'static str,
-    // Handed to quinn as is: its send buffer takes the chunks without copying them.
-    request: smallvec::SmallVec<[bytes::Bytes; 2]>,
-    timeout: Option<Duration>,
-    queue_timeout: Duration,
-    retry: Retry,
-    output: std::marker::PhantomData<fn() -> R>,
-}
-
-impl<R: Payload> Prepared<R> {
-    async fn run(mut self, shared: &Arc<Shared>) -> Result<R, CallError> {
-        if self.retry.retries == 0 {
-            let request = std::mem::take(&mut self.request);
-            return self.attempt(shared, request).await;
-        }
-        let mut delays = self.retry.delays();
-        let mut failures = Vec::new();
-        loop {
-            let error = match self.attempt(shared, self.request.clone()).await {
-                Ok(output) => return Ok(output),
-                Err(error) => error,
-            };
-            let next = if self.retry.covers(&error) {
-                delays.next()
-            } else {
-                None
-            };
-            failures.push(error);
-            match next {
-                Some(delay) => {
-                    tracing::debug!(job = self.job, attempt = failures.len(), ?delay, error = %failures[failures.len() - 1], "retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                None if failures.len() == 1 => return Err(failures.remove(0)),
-                None => return Err(CallError::Attempts { attempts: failures }),
-            }
-        }
-    }
-
-    async fn attempt(
-        &self,
-        shared: &Arc<Shared>,
-        request: smallvec::SmallVec<[bytes::Bytes; 2]>,
-    ) -> Result<R, CallError> {
-        let lease = shared.acquire(self.queue_timeout).await?;
-        let runner = lease.runner();
-        let span = tracing::debug_span!("call", job = self.job, runner = %runner.id);
-        let reply = runner.call(request, self.timeout).instrument(span).await;
-        drop(lease);
-        reply?.decode().map_err(|e| CallError::Decode {
-            message: e.to_string(),
-        })
-    }
-}
-
-impl<A: Payload, R: Payload> Future for Call<A, R> {
-    type Output = Result<R, CallError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        if this.running.is_none() {
-            let prepared = this.prepare();
-            let shared = Arc::clone(&this.shared);
-            this.running = Some(Box::pin(async move { prepared?.run(&shared).await }));
-        }
-        this.running.as_mut().expect("set above").as_mut().poll(cx)
     }
 }
