@@ -361,25 +361,6 @@ fn decode_limited<T: DeserializeOwned, R: bincode::de::read::Reader, const LIMIT
         .map_err(|e| WireError::Decode(e.to_string()))
 }
 
-/// Splits the first frame off `bytes`: its body, and what follows it. The body may be at most
-/// `limit` bytes.
-pub fn split_frame(bytes: &[u8], limit: usize) -> Result<(&[u8], &[u8]), WireError> {
-    let Some((prefix, rest)) = bytes.split_first_chunk::<4>() else {
-        return Err(WireError::Truncated);
-    };
-    let len = u32::from_be_bytes(*prefix) as usize;
-    if len > limit {
-        return Err(WireError::TooLarge {
-            len: len as u64,
-            limit: limit as u64,
-        });
-    }
-    if len > rest.len() {
-        return Err(WireError::Truncated);
-    }
-    Ok(rest.split_at(len))
-}
-
 /// A message read to its end, kept as the chunks quinn delivered: large payloads are decoded
 /// straight from them, never gathered into one buffer first.
 #[derive(Debug, Default)]
@@ -392,19 +373,6 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message holding `bytes`.
-    #[must_use]
-    pub fn from_bytes(bytes: Bytes) -> Self {
-        let len = bytes.len();
-        let mut chunks = SmallVec::new();
-        chunks.push(bytes);
-        Self {
-            chunks,
-            next: 0,
-            len,
-        }
-    }
-
     /// Its length in bytes.
     #[must_use]
     pub fn len(&self) -> usize {

@@ -91,7 +91,7 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
         shared.ca.cert(),
         &cert,
         id.0,
-        shared.runner_settings(min),
+        shared.config.runner_settings(min),
     );
     let request = BootRequest {
         runner_id: id,

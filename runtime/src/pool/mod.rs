@@ -92,12 +92,6 @@ pub(crate) struct Shared {
     me: std::sync::Weak<Shared>,
 }
 
-impl Shared {
-    fn runner_settings(&self, min: bool) -> crate::token::RunnerSettings {
-        self.config.runner_settings(min)
-    }
-}
-
 impl Pool {
     /// A builder for a pool whose runners serve `registry`'s jobs. Runners must be built with
     /// the same registry: one that differs is refused when it connects.
