@@ -153,6 +153,10 @@ pub enum BackendError {
     /// The backend's configuration is invalid.
     #[error("invalid backend configuration: {0}")]
     Config(String),
+    /// The Fly Machines API refused or failed.
+    #[cfg(feature = "fly")]
+    #[error(transparent)]
+    Fly(crate::backend::fly::FlyError),
     /// Any other backend failure.
     #[error("{0}")]
     Other(String),

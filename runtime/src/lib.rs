@@ -48,6 +48,8 @@ pub mod transport;
 pub mod wire;
 
 pub use backend::{Backend, LocalBackend};
+#[cfg(feature = "fly")]
+pub use backend::fly::FlyBackend;
 pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload};

@@ -20,6 +20,9 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 /// and every dropped datagram shrinks the congestion window. The kernel caps the request at
 /// `net.core.rmem_max` / `wmem_max`.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// The largest UDP payload path-MTU discovery may try. Fly's private network is WireGuard,
+/// which costs 60 bytes a packet; 1350 fits it and most other tunnels with room to spare.
+pub const MAX_UDP_PAYLOAD: u16 = 1350;
 
 /// The transport both ends of a runner connection use.
 ///
@@ -38,7 +41,12 @@ pub fn transport_config(
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
-        .send_window(u64::from(CONNECTION_WINDOW));
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .mtu_discovery_config(Some({
+            let mut mtu = quinn::MtuDiscoveryConfig::default();
+            mtu.upper_bound(MAX_UDP_PAYLOAD);
+            mtu
+        }));
     Arc::new(config)
 }
 

@@ -1,5 +1,7 @@
 //! Backends boot and terminate the machines that runners run on.
 
+#[cfg(feature = "fly")]
+pub mod fly;
 mod local;
 
 use std::net::SocketAddr;
@@ -51,6 +53,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The addresses a runner dials, given the endpoint's bound address, tried in order.
     fn parent_addrs(&self, bound: SocketAddr) -> Vec<String>;
+
+    /// Called once when a pool starts, before its first boot: housekeeping such as reaping the
+    /// machines an earlier run of the parent left behind. It cannot fail the pool; problems are
+    /// logged. The default does nothing.
+    fn start(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// Starts a machine running a runner with `request.env`.
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>>;

@@ -104,6 +104,7 @@ impl Pool {
         manifest: Manifest,
         backend: Arc<dyn Backend>,
     ) -> Result<Pool, PoolError> {
+        backend.start().await;
         let ca = PoolCa::generate(&config.name)?;
         let server = ca.issue_server()?;
         let crypto = tls::server_crypto(ca.cert(), &server)?;

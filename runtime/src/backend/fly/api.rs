@@ -1,0 +1,362 @@
+//! A small client for the Machines API calls a pool needs: create, get, list, wait and destroy.
+//! Each method sends one request; [`MachinesApi::retrying`] repeats the safe ones.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
+use reqwest::Method;
+use serde::Deserialize;
+
+use super::error::{ApiError, FlyError};
+use super::token::FlyToken;
+
+/// The longest a `/wait` may block, as Fly caps it.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How long a request may take beyond what the server is asked to block for.
+const REQUEST_SLACK: Duration = Duration::from_secs(15);
+
+/// How often and how patiently to repeat a request that failed in a transient way.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryPolicy {
+    /// Requests in all, the first included.
+    pub attempts: u32,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential with jitter, from backon.
+    pub(crate) fn delays(&self) -> impl Iterator<Item = Duration> {
+        use backon::BackoffBuilder as _;
+        backon::ExponentialBuilder::new()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.attempts.saturating_sub(1) as usize)
+            .build()
+    }
+}
+
+/// A machine as the API describes it; only the fields Firebrand reads.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct MachineInfo {
+    pub id: String,
+    #[serde(default)]
+    pub instance_id: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub config: Option<ConfigInfo>,
+    #[serde(default)]
+    pub events: Vec<EventInfo>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct ConfigInfo {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct EventInfo {
+    #[serde(default)]
+    pub request: Option<serde_json::Value>,
+    #[serde(default)]
+    pub timestamp: i64,
+}
+
+impl MachineInfo {
+    pub(crate) fn metadata(&self, key: &str) -> Option<&str> {
+        self.config.as_ref()?.metadata.get(key).map(String::as_str)
+    }
+
+    /// How the machine's process ended, from its newest exit event: `exit code 3`, `OOM killed`.
+    pub(crate) fn exit(&self) -> (Option<i32>, String) {
+        let exit = self
+            .events
+            .iter()
+            .filter_map(|e| Some((e.timestamp, e.request.as_ref()?.get("exit_event")?)))
+            .max_by_key(|(timestamp, _)| *timestamp)
+            .map(|(_, exit)| exit);
+        let Some(exit) = exit else {
+            return (None, format!("machine {} is {}", self.id, self.state));
+        };
+        let code = exit
+            .get("exit_code")
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|c| i32::try_from(c).ok());
+        let flag = |name: &str| exit.get(name).and_then(serde_json::Value::as_bool) == Some(true);
+        let mut description = match code {
+            Some(code) => format!("machine {} exited with exit code {code}", self.id),
+            None => format!("machine {} exited", self.id),
+        };
+        if flag("oom_killed") {
+            description.push_str(", OOM killed");
+        }
+        if flag("requested_stop") {
+            description.push_str(", as requested");
+        }
+        (code, description)
+    }
+}
+
+/// The Machines API of one app.
+pub(crate) struct MachinesApi {
+    http: reqwest::Client,
+    base: String,
+    app: String,
+    token: FlyToken,
+    pub(crate) retry: RetryPolicy,
+}
+
+impl MachinesApi {
+    pub(crate) fn new(
+        base: &str,
+        app: &str,
+        token: FlyToken,
+        retry: RetryPolicy,
+    ) -> Result<Self, FlyError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("firebrand/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| FlyError::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            app: app.to_owned(),
+            token,
+            retry,
+        })
+    }
+
+    pub(crate) async fn create(
+        &self,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<MachineInfo, FlyError> {
+        let path = format!("/v1/apps/{}/machines", self.app);
+        self.json(Method::POST, &path, &[], Some(body), timeout)
+            .await
+    }
+
+    pub(crate) async fn get(&self, id: &str) -> Result<MachineInfo, FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}", self.app);
+        self.json(Method::GET, &path, &[], None, REQUEST_SLACK)
+            .await
+    }
+
+    /// The app's machines, or those whose metadata has `key` set to `value`.
+    pub(crate) async fn list(
+        &self,
+        metadata: Option<(&str, &str)>,
+    ) -> Result<Vec<MachineInfo>, FlyError> {
+        let path = format!("/v1/apps/{}/machines", self.app);
+        let query: Vec<(String, String)> = metadata
+            .iter()
+            .map(|(k, v)| (format!("metadata.{k}"), (*v).to_owned()))
+            .collect();
+        self.json(Method::GET, &path, &query, None, REQUEST_SLACK)
+            .await
+    }
+
+    /// Blocks up to `timeout` (at most a minute) until the machine is in one of `states`.
+    /// `Ok(false)` when the wait timed out.
+    pub(crate) async fn wait(
+        &self,
+        id: &str,
+        version: &str,
+        states: &[&str],
+        timeout: Duration,
+    ) -> Result<bool, FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}/wait", self.app);
+        let timeout = timeout.clamp(Duration::from_secs(1), MAX_WAIT);
+        let mut query: Vec<(String, String)> = states
+            .iter()
+            .map(|s| ("state".to_owned(), (*s).to_owned()))
+            .collect();
+        if !version.is_empty() {
+            query.push(("version".into(), version.to_owned()));
+        }
+        query.push(("timeout".into(), timeout.as_secs().to_string()));
+        match self
+            .send(Method::GET, &path, &query, None, timeout + REQUEST_SLACK)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(FlyError::Api(api)) if api.status == 408 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE ?force=true`. A machine that is already gone counts as destroyed.
+    pub(crate) async fn destroy(&self, id: &str) -> Result<(), FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}", self.app);
+        let query = [("force".to_owned(), "true".to_owned())];
+        match self
+            .send(Method::DELETE, &path, &query, None, REQUEST_SLACK)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Repeats `request` while it fails in a transient way, backing off with jitter and
+    /// honouring `Retry-After`. Only for requests that are safe to repeat.
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut request: F) -> Result<T, FlyError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, FlyError>>,
+    {
+        let mut delays = self.retry.delays();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match request().await {
+                Ok(value) => return Ok(value),
+                Err(error) if !error.is_transient() => return Err(error),
+                Err(error) => error,
+            };
+            let Some(delay) = delays.next() else {
+                return Err(FlyError::RetriesExhausted {
+                    attempts,
+                    last: Box::new(error),
+                });
+            };
+            let delay = retry_delay(&error, delay);
+            tracing::debug!(%error, ?delay, "retrying a Fly API request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<T, FlyError> {
+        let method_name = method_name(&method);
+        let bytes = self.send(method, path, query, body, timeout).await?;
+        serde_json::from_slice(&bytes).map_err(|e| FlyError::Reply {
+            method: method_name,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, FlyError> {
+        let method_name = method_name(&method);
+        let connection = |e: reqwest::Error| FlyError::Connection {
+            method: method_name,
+            path: path.to_owned(),
+            reason: error_chain(&e.without_url()),
+        };
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(AUTHORIZATION, self.token.header())
+            .query(query)
+            .timeout(timeout);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(connection)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(connection)?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let error = api_error(method_name, path, status.as_u16(), &headers, &bytes);
+        tracing::debug!(
+            status = error.status,
+            fly_request_id = error.request_id.as_deref().unwrap_or("none"),
+            error = %error.error,
+            "Fly API request failed"
+        );
+        Err(FlyError::Api(error))
+    }
+}
+
+/// The wait before the next try: Fly's `Retry-After` when it sent one, else the backoff.
+pub(crate) fn retry_delay(error: &FlyError, backoff: Duration) -> Duration {
+    error
+        .api()
+        .and_then(|api| api.retry_after)
+        .map_or(backoff, |after| after.max(backoff / 2))
+}
+
+fn api_error(
+    method: &'static str,
+    path: &str,
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiError {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: Option<String>,
+        message: Option<String>,
+        status: Option<String>,
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (error, fly_status) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(parsed) => (
+            parsed.error.or(parsed.message).unwrap_or_default(),
+            parsed.status,
+        ),
+        Err(_) => (String::from_utf8_lossy(body).trim().to_owned(), None),
+    };
+    ApiError {
+        method,
+        path: path.to_owned(),
+        status,
+        error,
+        fly_status,
+        request_id: header("fly-request-id"),
+        retry_after: header(RETRY_AFTER.as_str())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs),
+    }
+}
+
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        _ => "request",
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,120 @@
+//! One runner machine, owned by the pool's runner handle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use super::api::{MachineInfo, MachinesApi, MAX_WAIT};
+use crate::backend::{Exit, Machine};
+use crate::error::BackendError;
+
+/// How long after a create a 404 means "not visible yet" rather than "gone".
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(30);
+const NOT_FOUND_POLL: Duration = Duration::from_millis(250);
+/// The states in which a machine's process is no longer running.
+const ENDED: [&str; 3] = ["stopped", "failed", "destroyed"];
+
+pub(crate) struct FlyMachine {
+    api: Arc<MachinesApi>,
+    id: String,
+    version: String,
+    region: String,
+    created: Instant,
+    /// Until `terminate` takes over, dropping this destroys the machine.
+    armed: bool,
+}
+
+impl FlyMachine {
+    pub(crate) fn new(api: Arc<MachinesApi>, info: MachineInfo) -> Self {
+        Self {
+            api,
+            id: info.id,
+            version: info.instance_id,
+            region: info.region,
+            created: Instant::now(),
+            armed: true,
+        }
+    }
+}
+
+impl Machine for FlyMachine {
+    fn describe(&self) -> String {
+        format!("fly machine {} in {}", self.id, self.region)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(watch_exit(&self.api, &self.id, &self.version, self.created))
+    }
+
+    fn terminate(
+        mut self: Box<Self>,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<(), BackendError>> {
+        self.armed = false;
+        let (api, id, version) = (Arc::clone(&self.api), self.id.clone(), self.version.clone());
+        Box::pin(async move {
+            if !grace.is_zero() {
+                // The runner was told to exit; give it the grace to stop by itself.
+                let _ = tokio::time::timeout(grace, api.wait(&id, &version, &ENDED, grace)).await;
+            }
+            api.retrying(|| api.destroy(&id)).await?;
+            tracing::debug!(machine = %id, "destroyed");
+            Ok(())
+        })
+    }
+}
+
+impl Drop for FlyMachine {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(machine = %self.id, "no runtime to destroy a dropped machine");
+            return;
+        };
+        let (api, id) = (Arc::clone(&self.api), self.id.clone());
+        runtime.spawn(async move {
+            if let Err(error) = api.retrying(|| api.destroy(&id)).await {
+                tracing::error!(machine = %id, %error, "cannot destroy a dropped machine");
+            }
+        });
+    }
+}
+
+/// Long-polls `/wait` until the machine's process has ended, then reads why from its events.
+async fn watch_exit(api: &MachinesApi, id: &str, version: &str, created: Instant) -> Exit {
+    let mut delays = api.retry.delays();
+    loop {
+        match api.wait(id, version, &ENDED, MAX_WAIT).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) if error.is_not_found() && created.elapsed() < NOT_FOUND_GRACE => {
+                tokio::time::sleep(NOT_FOUND_POLL).await;
+            }
+            Err(error) if error.is_not_found() => {
+                return Exit {
+                    code: None,
+                    description: format!("machine {id} is gone"),
+                };
+            }
+            Err(error) => {
+                let delay = delays.next().unwrap_or(api.retry.max_delay);
+                tracing::warn!(machine = id, %error, ?delay, "waiting on a machine failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    match api.retrying(|| api.get(id)).await {
+        Ok(info) => {
+            let (code, description) = info.exit();
+            Exit { code, description }
+        }
+        Err(error) => Exit {
+            code: None,
+            description: format!("machine {id} stopped; its exit is unknown: {error}"),
+        },
+    }
+}

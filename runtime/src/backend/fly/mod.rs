@@ -1,0 +1,273 @@
+//! Runners as [Fly.io Machines](https://fly.io/docs/machines/), booted from the app's own image.
+//!
+//! A parent deployed on Fly creates one machine per runner through the Machines API, in its
+//! own region, with the boot token in the machine's env. The runner dials back over QUIC on the
+//! private network (6PN); no `services` are needed. Every machine that the pool gives up on is
+//! destroyed with `DELETE ?force=true`; `auto_destroy` is only the second line of defence, and
+//! [`FlyBackend::reap_orphans`] clears what an earlier run of the parent left behind.
+//!
+//! ```no_run
+//! use firebrand::backend::fly::FlyBackend;
+//! use firebrand::{Pool, Registry};
+//!
+//! # async fn run(registry: Registry) -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Pool::builder(&registry)
+//!     .backend(FlyBackend::from_env()?)
+//!     .max(10)
+//!     .build()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! See `docs/fly.md` for deploying, sizing and rate limits.
+
+mod api;
+mod builder;
+mod error;
+#[cfg(feature = "fly-fake")]
+pub mod fake;
+mod launch;
+mod machine;
+mod token;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde_json::{json, Map, Value};
+
+pub use builder::{CpuKind, FlyBackendBuilder, DEFAULT_API_BASE};
+pub use error::{ApiError, FlyError};
+pub use token::FlyToken;
+
+use self::api::MachinesApi;
+use self::builder::{keys, FlyConfig};
+use super::{Backend, BootRequest, Machine};
+use crate::error::{BackendError, RunnerId};
+
+/// A [`Backend`] that boots each runner as a Fly Machine. Cheap to clone.
+#[derive(Clone)]
+pub struct FlyBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: FlyConfig,
+    api: Arc<MachinesApi>,
+    pacer: launch::Pacer,
+}
+
+impl std::fmt::Debug for FlyBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config = &self.inner.config;
+        f.debug_struct("FlyBackend")
+            .field("app", &config.app)
+            .field("image", &config.image)
+            .field("region", &config.region)
+            .field("guest", &config.guest)
+            .field("env", &config.env.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlyBackend {
+    /// A builder seeded from the `FLY_*` variables Fly sets in every machine, and
+    /// `FLY_API_TOKEN`, which the app gets as a secret.
+    pub fn builder() -> FlyBackendBuilder {
+        FlyBackendBuilder::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// A backend with every setting read from the environment and the documented defaults.
+    ///
+    /// # Errors
+    /// [`FlyError::Config`] when a setting is missing or invalid.
+    pub fn from_env() -> Result<Self, FlyError> {
+        Self::builder().build()
+    }
+
+    fn new(config: FlyConfig, token: FlyToken) -> Result<Self, FlyError> {
+        let api = MachinesApi::new(&config.api_base, &config.app, token, config.retry)?;
+        let pacer = launch::Pacer::new(config.create_interval, config.create_burst);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                api: Arc::new(api),
+                pacer,
+            }),
+        })
+    }
+
+    /// Destroys this pool's machines whose parent is gone, or that this parent left in an
+    /// earlier run (another incarnation). Runs when a pool starts; call it again at will.
+    /// Returns the ids of the machines destroyed.
+    ///
+    /// # Errors
+    /// The API error that stopped the sweep; machines destroyed before it stay destroyed.
+    pub async fn reap_orphans(&self) -> Result<Vec<String>, FlyError> {
+        let Inner { config, api, .. } = &*self.inner;
+        let ours = api
+            .retrying(|| api.list(Some((keys::POOL, &config.pool_name))))
+            .await?;
+        let mut live_parents = None;
+        let mut reaped = Vec::new();
+        for machine in ours.iter().filter(|m| !is_gone(&m.state)) {
+            let parent = machine.metadata(keys::PARENT).unwrap_or_default();
+            let orphan = if parent == config.parent_id() {
+                machine.metadata(keys::INCARNATION) != Some(&config.incarnation)
+            } else {
+                if live_parents.is_none() {
+                    let all = api.retrying(|| api.list(None)).await?;
+                    live_parents = Some(
+                        all.into_iter()
+                            .filter(|m| !is_gone(&m.state) && m.state != "stopped")
+                            .map(|m| m.id)
+                            .collect::<std::collections::HashSet<_>>(),
+                    );
+                }
+                let live = live_parents.as_ref().expect("listed above");
+                // A parent outside Fly has no machine to look for: leave its runners alone.
+                !parent.starts_with("ip:") && !live.contains(parent)
+            };
+            if orphan {
+                tracing::info!(machine = %machine.id, parent, "reaping an orphan runner machine");
+                api.retrying(|| api.destroy(&machine.id)).await?;
+                reaped.push(machine.id.clone());
+            }
+        }
+        Ok(reaped)
+    }
+}
+
+fn is_gone(state: &str) -> bool {
+    matches!(state, "destroyed" | "destroying")
+}
+
+impl FlyConfig {
+    /// Who the parent is, as recorded on its runners.
+    fn parent_id(&self) -> String {
+        match (&self.machine_id, self.private_ip) {
+            (Some(id), _) => id.clone(),
+            (None, Some(ip)) => format!("ip:{ip}"),
+            (None, None) => unreachable!("the builder requires one of them"),
+        }
+    }
+
+    /// The body of `POST /v1/apps/{app}/machines`: a `CreateMachineRequest`.
+    fn create_body(
+        &self,
+        region: Option<&str>,
+        launch_id: &str,
+        runner: RunnerId,
+        runner_env: &[(String, String)],
+    ) -> Value {
+        let mut env: Map<String, Value> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
+        env.extend(
+            runner_env
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.as_str()))),
+        );
+        let mut metadata: Map<String, Value> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
+        for (key, value) in [
+            (keys::POOL, self.pool_name.clone()),
+            (keys::PARENT, self.parent_id()),
+            (keys::INCARNATION, self.incarnation.clone()),
+            (keys::LAUNCH, launch_id.to_owned()),
+        ] {
+            metadata.insert(key.into(), value.into());
+        }
+        let mut guest = json!({
+            "cpu_kind": self.guest.cpu_kind.as_str(),
+            "cpus": self.guest.cpus,
+            "memory_mb": self.guest.memory_mb,
+        });
+        if let (Some(kind), Some(gpus)) = (&self.guest.gpu_kind, self.guest.gpus) {
+            guest["gpu_kind"] = kind.as_str().into();
+            guest["gpus"] = gpus.into();
+        }
+        let mut config = json!({
+            "image": self.image,
+            "env": env,
+            "guest": guest,
+            "auto_destroy": true,
+            "restart": { "policy": "no" },
+            "metadata": metadata,
+        });
+        let mut init = Map::new();
+        if let Some(cmd) = &self.cmd {
+            init.insert("cmd".into(), cmd.clone().into());
+        }
+        if let Some(entrypoint) = &self.entrypoint {
+            init.insert("entrypoint".into(), entrypoint.clone().into());
+        }
+        if !init.is_empty() {
+            config["init"] = init.into();
+        }
+        if let Some((signal, timeout)) = &self.stop_config {
+            config["stop_config"] = json!({
+                "signal": signal,
+                "timeout": format!("{}s", timeout.as_secs().max(1)),
+            });
+        }
+        let short = &runner.0.simple().to_string()[..12];
+        let mut body = json!({
+            "name": format!("{}-firebrand-{short}", self.app),
+            "config": config,
+        });
+        if let Some(region) = region {
+            body["region"] = region.into();
+        }
+        body
+    }
+}
+
+impl Backend for FlyBackend {
+    fn bind_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), self.inner.config.port)
+    }
+
+    fn parent_addrs(&self, bound: SocketAddr) -> Vec<String> {
+        let config = &self.inner.config;
+        let port = bound.port();
+        let mut addrs = Vec::new();
+        if let Some(ip) = config.private_ip {
+            addrs.push(SocketAddr::new(IpAddr::V6(ip), port).to_string());
+        }
+        if let Some(id) = &config.machine_id {
+            addrs.push(format!("{id}.vm.{}.internal:{port}", config.app));
+        }
+        addrs
+    }
+
+    fn start(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            match self.reap_orphans().await {
+                Ok(reaped) if reaped.is_empty() => {}
+                Ok(reaped) => tracing::info!(count = reaped.len(), "reaped orphan machines"),
+                Err(error) => tracing::warn!(%error, "could not reap orphan machines"),
+            }
+        })
+    }
+
+    fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
+        Box::pin(async move {
+            let info = launch::launch(&self.inner, request.runner_id, &request.env).await?;
+            tracing::info!(machine = %info.id, region = %info.region, "created a runner machine");
+            let machine = machine::FlyMachine::new(Arc::clone(&self.inner.api), info);
+            Ok(Box::new(machine) as Box<dyn Machine>)
+        })
+    }
+}
+
+impl From<FlyError> for BackendError {
+    fn from(error: FlyError) -> Self {
+        BackendError::Fly(error)
+    }
+}
