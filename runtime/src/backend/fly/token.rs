@@ -33,12 +33,13 @@ impl FlyToken {
     /// [`FlyError::Config`] for an empty token or one that cannot be an HTTP header value. The
     /// error does not quote the token.
     pub fn new(raw: &str) -> Result<Self, FlyError> {
-        let mut token = raw.trim();
-        for scheme in ["Bearer ", "FlyV1 "] {
-            if token.len() >= scheme.len() && token[..scheme.len()].eq_ignore_ascii_case(scheme) {
-                token = token[scheme.len()..].trim_start();
-            }
-        }
+        let raw = raw.trim();
+        let is_scheme = |word: &str| ["Bearer", "FlyV1"].iter().any(|s| word.eq_ignore_ascii_case(s));
+        let token = match raw.split_once(char::is_whitespace) {
+            Some((scheme, rest)) if is_scheme(scheme) => rest.trim(),
+            _ if is_scheme(raw) => "",
+            _ => raw,
+        };
         if token.is_empty() {
             return Err(FlyError::Config("the Fly API token is empty".into()));
         }
