@@ -1,0 +1,315 @@
+//! A fake of the Fly Machines API for tests: it validates every request against Fly's
+//! published OpenAPI spec and boots each "machine" as a local process, so a real runner dials
+//! back over real QUIC. Enabled by the `fly-fake` feature.
+//!
+//! ```no_run
+//! use firebrand::backend::fly::fake::FakeFly;
+//! use firebrand::backend::fly::FlyBackendBuilder;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let fly = FakeFly::builder()
+//!     .image("registry.fly.io/app:1", "target/debug/firebrand-runner")
+//!     .start()
+//!     .await?;
+//! let backend = FlyBackendBuilder::from_vars(|_| None)
+//!     .api_base(fly.url())
+//!     .token(fly.token())
+//!     .app(fly.app())
+//!     .image("registry.fly.io/app:1")
+//!     .region("ord")
+//!     .private_ip("::1")
+//!     .machine_id("parent")
+//!     .build()?;
+//! // ... run a pool on `backend`, then:
+//! assert_eq!(fly.created(), fly.destroyed());
+//! # Ok(()) }
+//! ```
+
+mod server;
+mod spec;
+mod vm;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use vm::MachineView;
+
+/// A running fake Machines API. Dropping it stops the server and kills every machine process.
+pub struct FakeFly {
+    addr: SocketAddr,
+    state: Arc<State>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Builds a [`FakeFly`].
+#[must_use = "a builder does nothing until `start` is called"]
+pub struct FakeFlyBuilder {
+    app: String,
+    token: String,
+    regions: Vec<String>,
+    images: HashMap<String, PathBuf>,
+    rate_limits: bool,
+}
+
+/// Tallies a test can assert on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counts {
+    /// Machines created.
+    pub created: usize,
+    /// Machines destroyed, by a DELETE or by `auto_destroy`.
+    pub destroyed: usize,
+    /// Create requests received, refused ones included.
+    pub create_requests: usize,
+    /// Requests answered 429.
+    pub rate_limited: usize,
+    /// Requests refused for not matching the spec (400) or making no sense (422).
+    pub invalid: usize,
+}
+
+/// Faults armed for the next requests.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    pub rate_limit: u32,
+    pub retry_after: Option<Duration>,
+    pub ambiguous_creates: u32,
+    pub hidden_lookups: u32,
+    pub slow_create: Option<Duration>,
+    pub no_capacity: Vec<String>,
+    pub crash_boots: Vec<i32>,
+    pub stall_boots: u32,
+    pub refuse_gpus: bool,
+}
+
+pub(crate) struct State {
+    pub app: String,
+    pub token: String,
+    pub regions: Vec<String>,
+    pub images: HashMap<String, PathBuf>,
+    pub spec: spec::Spec,
+    pub machines: Mutex<BTreeMap<String, vm::FakeMachine>>,
+    pub faults: Mutex<Faults>,
+    pub counts: watch::Sender<Counts>,
+    pub create_times: Mutex<Vec<Instant>>,
+    pub errors: Mutex<Vec<String>>,
+    pub authorization_schemes: Mutex<Vec<String>>,
+    pub create_limiter: Option<governor::DefaultDirectRateLimiter>,
+    pub next_id: std::sync::atomic::AtomicU64,
+}
+
+impl FakeFly {
+    /// A builder: app `fake-app`, region `ord` (plus `ams` and `fra`), Fly's create rate
+    /// limit on.
+    pub fn builder() -> FakeFlyBuilder {
+        FakeFlyBuilder {
+            app: "fake-app".into(),
+            token: "fm2_fake-token".into(),
+            regions: vec!["ord".into(), "ams".into(), "fra".into()],
+            images: HashMap::new(),
+            rate_limits: true,
+        }
+    }
+
+    /// The base URL, for [`FlyBackendBuilder::api_base`](super::FlyBackendBuilder::api_base).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The app the fake serves.
+    pub fn app(&self) -> &str {
+        &self.state.app
+    }
+
+    /// The token the fake accepts.
+    pub fn token(&self) -> &str {
+        &self.state.token
+    }
+
+    /// The tallies so far.
+    pub fn counts(&self) -> Counts {
+        *self.state.counts.borrow()
+    }
+
+    /// Machines created so far.
+    pub fn created(&self) -> usize {
+        self.counts().created
+    }
+
+    /// Machines destroyed so far.
+    pub fn destroyed(&self) -> usize {
+        self.counts().destroyed
+    }
+
+    /// Waits until every machine created is destroyed, for at most `timeout`. Returns whether
+    /// that happened.
+    pub async fn all_destroyed(&self, timeout: Duration) -> bool {
+        let mut counts = self.state.counts.subscribe();
+        tokio::time::timeout(timeout, counts.wait_for(|c| c.destroyed == c.created))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Every machine, destroyed ones included.
+    pub fn machines(&self) -> Vec<MachineView> {
+        self.state.machines.lock().values().map(vm::FakeMachine::view).collect()
+    }
+
+    /// When each create request arrived, relative to the first.
+    pub fn create_times(&self) -> Vec<Duration> {
+        let times = self.state.create_times.lock();
+        let first = times.first().copied();
+        times.iter().map(|t| t.duration_since(first.unwrap_or(*t))).collect()
+    }
+
+    /// The error messages of requests refused as invalid.
+    pub fn invalid_requests(&self) -> Vec<String> {
+        self.state.errors.lock().clone()
+    }
+
+    /// The `Authorization` scheme of each request (`FlyV1`, `Bearer`), never the token.
+    pub fn authorization_schemes(&self) -> Vec<String> {
+        self.state.authorization_schemes.lock().clone()
+    }
+
+    /// Answers the next `count` requests with 429, with `Retry-After` when given.
+    pub fn rate_limit_burst(&self, count: u32, retry_after: Option<Duration>) {
+        let mut faults = self.state.faults.lock();
+        faults.rate_limit = count;
+        faults.retry_after = retry_after;
+    }
+
+    /// The next create makes its machine, then answers 503 as if it had failed.
+    pub fn fail_next_create_after_launch(&self) {
+        self.state.faults.lock().ambiguous_creates += 1;
+    }
+
+    /// Each new machine answers 404 to its first `count` gets and waits, as Fly does for a
+    /// moment after a create.
+    pub fn hide_new_machines(&self, count: u32) {
+        self.state.faults.lock().hidden_lookups = count;
+    }
+
+    /// Each create takes `delay` before it answers.
+    pub fn slow_creates(&self, delay: Duration) {
+        self.state.faults.lock().slow_create = Some(delay);
+    }
+
+    /// Creates in `region` fail with `insufficient_capacity`.
+    pub fn no_capacity_in(&self, region: &str) {
+        self.state.faults.lock().no_capacity.push(region.to_owned());
+    }
+
+    /// The next machine's process exits with `code` at once.
+    pub fn crash_next_boot(&self, code: i32) {
+        self.state.faults.lock().crash_boots.push(code);
+    }
+
+    /// The next machine's process runs but never dials back.
+    pub fn stall_next_boot(&self) {
+        self.state.faults.lock().stall_boots += 1;
+    }
+
+    /// Creates that ask for a GPU are refused, as Fly refuses them since 2026-08-01.
+    pub fn refuse_gpus(&self) {
+        self.state.faults.lock().refuse_gpus = true;
+    }
+
+    /// Adds a started machine with no process: a parent, for reaping tests.
+    pub fn add_parent_machine(&self, id: &str) {
+        let machine = vm::FakeMachine::parent(id, &self.state.regions[0]);
+        self.state.machines.lock().insert(id.to_owned(), machine);
+    }
+}
+
+impl Drop for FakeFly {
+    fn drop(&mut self) {
+        self.server.abort();
+        for machine in self.state.machines.lock().values_mut() {
+            machine.kill();
+        }
+    }
+}
+
+impl FakeFlyBuilder {
+    /// The app served. Default: `fake-app`.
+    pub fn app(mut self, app: impl Into<String>) -> Self {
+        self.app = app.into();
+        self
+    }
+
+    /// The token accepted, with either scheme. Default: `fm2_fake-token`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = token.into();
+        self
+    }
+
+    /// The regions that exist; the first is where a create without one lands. Default: `ord`,
+    /// `ams`, `fra`.
+    pub fn regions<S: Into<String>>(mut self, regions: impl IntoIterator<Item = S>) -> Self {
+        self.regions = regions.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Maps an image reference to the local program a machine of that image runs.
+    pub fn image(mut self, image: impl Into<String>, program: impl Into<PathBuf>) -> Self {
+        self.images.insert(image.into(), program.into());
+        self
+    }
+
+    /// Whether creates are limited as Fly limits them: 1 a second, bursts of 3. Default: on.
+    pub fn rate_limits(mut self, on: bool) -> Self {
+        self.rate_limits = on;
+        self
+    }
+
+    /// Binds a loopback port and serves.
+    ///
+    /// # Errors
+    /// The OS error if the port cannot be bound.
+    pub async fn start(self) -> std::io::Result<FakeFly> {
+        use governor::{Quota, RateLimiter};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let quota = Quota::per_second(std::num::NonZeroU32::MIN)
+            .allow_burst(std::num::NonZeroU32::new(3).expect("not zero"));
+        let state = Arc::new(State {
+            app: self.app,
+            token: self.token,
+            regions: self.regions,
+            images: self.images,
+            spec: spec::Spec::load(),
+            machines: Mutex::default(),
+            faults: Mutex::default(),
+            counts: watch::channel(Counts::default()).0,
+            create_times: Mutex::default(),
+            errors: Mutex::default(),
+            authorization_schemes: Mutex::default(),
+            create_limiter: self.rate_limits.then(|| RateLimiter::direct(quota)),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        });
+        let router = server::router(Arc::clone(&state));
+        let server = tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::error!(%error, "fake Fly API stopped");
+            }
+        });
+        Ok(FakeFly {
+            addr,
+            state,
+            server,
+        })
+    }
+}
+
+impl State {
+    pub(crate) fn count(&self, update: impl FnOnce(&mut Counts)) {
+        self.counts.send_modify(update);
+    }
+}

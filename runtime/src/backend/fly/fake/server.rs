@@ -1,0 +1,419 @@
+//! The HTTP side of the fake: routes, authentication, validation and faults, answering as the
+//! Machines API does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as Extract};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::spec;
+use super::vm::{self, FakeMachine, Stop};
+use super::State;
+
+type Shared = Extract<Arc<State>>;
+type Pairs = Query<Vec<(String, String)>>;
+
+/// How long a machine may take to stop after a signal when its config does not say.
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/v1/apps/{app}/machines", get(list).post(create))
+        .route("/v1/apps/{app}/machines/{id}", get(show).delete(destroy))
+        .route("/v1/apps/{app}/machines/{id}/wait", get(wait))
+        .route("/v1/apps/{app}/machines/{id}/stop", axum::routing::post(stop))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not found", None) })
+        .with_state(state)
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    response.headers_mut().insert(
+        "fly-request-id",
+        HeaderValue::from_str(&format!("01{}", &id[..24].to_ascii_uppercase())).expect("ascii"),
+    );
+    response
+}
+
+fn error(status: StatusCode, message: &str, fly_status: Option<&str>) -> Response {
+    let mut body = json!({ "error": message });
+    if let Some(fly_status) = fly_status {
+        body["status"] = fly_status.into();
+    }
+    reply(status, body)
+}
+
+fn invalid(state: &State, status: StatusCode, message: String) -> Response {
+    tracing::warn!(%message, "fake Fly API refused an invalid request");
+    state.count(|c| c.invalid += 1);
+    state.errors.lock().push(message.clone());
+    error(status, &message, Some("unknown"))
+}
+
+/// Authentication, the app, armed 429s and the query: what every request passes first.
+fn admit(
+    state: &State,
+    headers: &HeaderMap,
+    app: &str,
+    operation: (&'static str, &'static str),
+    query: &[(String, String)],
+) -> Result<(), Response> {
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let (scheme, token) = authorization.split_once(' ').unwrap_or(("", ""));
+    state.authorization_schemes.lock().push(scheme.to_owned());
+    let expected = state
+        .token
+        .split_once(' ')
+        .map_or(state.token.as_str(), |(_, t)| t);
+    if !matches!(scheme, "Bearer" | "FlyV1") || token != expected {
+        return Err(error(StatusCode::UNAUTHORIZED, "unauthorized", None));
+    }
+    if app != state.app {
+        return Err(error(StatusCode::NOT_FOUND, "app not found", None));
+    }
+    {
+        let mut faults = state.faults.lock();
+        if faults.rate_limit > 0 {
+            faults.rate_limit -= 1;
+            let retry_after = faults.retry_after;
+            drop(faults);
+            return Err(rate_limited(state, retry_after));
+        }
+    }
+    state
+        .spec
+        .check_query(operation, query)
+        .map_err(|e| invalid(state, StatusCode::BAD_REQUEST, e))
+}
+
+fn rate_limited(state: &State, retry_after: Option<Duration>) -> Response {
+    state.count(|c| c.rate_limited += 1);
+    let mut response = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded", None);
+    if let Some(after) = retry_after {
+        response.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from_str(&after.as_secs().to_string()).expect("digits"),
+        );
+    }
+    response
+}
+
+macro_rules! admit {
+    ($state:expr, $headers:expr, $app:expr, $operation:expr, $query:expr) => {
+        if let Err(response) = admit(&$state, &$headers, &$app, $operation, &$query) {
+            return response;
+        }
+    };
+}
+
+async fn create(
+    Extract(state): Shared,
+    Path(app): Path<String>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    admit!(state, headers, app, spec::CREATE, query);
+    state.create_times.lock().push(Instant::now());
+    state.count(|c| c.create_requests += 1);
+    if let Some(limiter) = &state.create_limiter {
+        if limiter.check().is_err() {
+            return rate_limited(&state, None);
+        }
+    }
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => return invalid(&state, StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    if let Err(e) = state.spec.check_body("CreateMachineRequest", &body) {
+        return invalid(&state, StatusCode::BAD_REQUEST, e);
+    }
+    let config = body["config"].clone();
+    let region = body["region"]
+        .as_str()
+        .unwrap_or(&state.regions[0])
+        .to_owned();
+    if let Err(response) = check_create(&state, &body, &config, &region) {
+        return response;
+    }
+    let (ambiguous, delay, hidden) = {
+        let mut faults = state.faults.lock();
+        let ambiguous = faults.ambiguous_creates > 0;
+        if ambiguous {
+            faults.ambiguous_creates -= 1;
+        }
+        (ambiguous, faults.slow_create, faults.hidden_lookups)
+    };
+    let name = body["name"].as_str().map(str::to_owned);
+    let mut machine = FakeMachine::new(&state, String::new(), region, config, hidden);
+    machine.name = name.unwrap_or_else(|| format!("machine-{}", machine.id));
+    let id = machine.id.clone();
+    state.machines.lock().insert(id.clone(), machine);
+    state.count(|c| c.created += 1);
+    vm::boot(&state, &id);
+    // The machine exists from here on, whether or not the client hears of it.
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    if ambiguous {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "upstream request timed out", None);
+    }
+    let machine = state.machines.lock().get(&id).map(FakeMachine::json);
+    reply(StatusCode::OK, machine.unwrap_or(Value::Null))
+}
+
+/// What Fly refuses about a create beyond the schema.
+fn check_create(state: &State, body: &Value, config: &Value, region: &str) -> Result<(), Response> {
+    let unprocessable =
+        |message: String| Err(invalid(state, StatusCode::UNPROCESSABLE_ENTITY, message));
+    let Some(image) = config["image"].as_str() else {
+        return unprocessable("config.image is required".into());
+    };
+    if !state.images.contains_key(image) {
+        return unprocessable(format!("failed to resolve image `{image}`: not found"));
+    }
+    if !state.regions.iter().any(|r| r == region) {
+        return unprocessable(format!("region `{region}` not found"));
+    }
+    let guest = &config["guest"];
+    if guest.get("gpus").is_some() && guest.get("gpu_kind").is_none() {
+        return unprocessable("guest.gpus requires guest.gpu_kind".into());
+    }
+    if let Some(name) = body["name"].as_str() {
+        let taken = state
+            .machines
+            .lock()
+            .values()
+            .any(|m| m.name == name && m.current() != "destroyed");
+        if taken {
+            return Err(error(
+                StatusCode::CONFLICT,
+                &format!("a machine named `{name}` already exists"),
+                Some("name_taken"),
+            ));
+        }
+    }
+    let faults = state.faults.lock();
+    if faults.refuse_gpus && guest.get("gpu_kind").is_some() {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "GPU machines are no longer available: Fly.io GPUs were discontinued on 2026-08-01",
+            Some("unknown"),
+        ));
+    }
+    if faults.no_capacity.iter().any(|r| r == region) {
+        return Err(error(
+            StatusCode::PRECONDITION_FAILED,
+            "insufficient resources available to fulfill request: could not reserve resource for machine",
+            Some("insufficient_capacity"),
+        ));
+    }
+    Ok(())
+}
+
+/// The machine, or the 404 Fly gives for an unknown one or one not visible yet.
+fn lookup<T>(
+    state: &State,
+    id: &str,
+    read: impl FnOnce(&mut FakeMachine) -> T,
+) -> Result<T, Response> {
+    let mut machines = state.machines.lock();
+    match machines.get_mut(id) {
+        Some(machine) if machine.hidden_lookups > 0 => {
+            machine.hidden_lookups -= 1;
+            Err(error(StatusCode::NOT_FOUND, "machine not found", None))
+        }
+        Some(machine) => Ok(read(machine)),
+        None => Err(error(StatusCode::NOT_FOUND, "machine not found", None)),
+    }
+}
+
+async fn show(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::SHOW, query);
+    match lookup(&state, &id, |m| m.json()) {
+        Ok(machine) => reply(StatusCode::OK, machine),
+        Err(response) => response,
+    }
+}
+
+async fn list(
+    Extract(state): Shared,
+    Path(app): Path<String>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::LIST, query);
+    let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let include_deleted = param("include_deleted") == Some("true");
+    let states: Option<Vec<&str>> = param("state").map(|s| s.split(',').collect());
+    let filters: Vec<(&str, &str)> = query
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?, v.as_str())))
+        .collect();
+    let machines: Vec<Value> = state
+        .machines
+        .lock()
+        .values()
+        .filter(|m| include_deleted || m.current() != "destroyed")
+        .filter(|m| states.as_ref().is_none_or(|s| s.contains(&m.current())))
+        .filter(|m| filters.iter().all(|(k, v)| m.metadata(k) == Some(v)))
+        .map(FakeMachine::json)
+        .collect();
+    reply(StatusCode::OK, Value::Array(machines))
+}
+
+async fn wait(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::WAIT, query);
+    let mut wanted: Vec<String> = query
+        .iter()
+        .filter(|(k, _)| k == "state")
+        .flat_map(|(_, v)| v.split(',').map(str::to_owned))
+        .collect();
+    if wanted.is_empty() {
+        wanted.push("started".into());
+    }
+    let timeout = query
+        .iter()
+        .find(|(k, _)| k == "timeout")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .unwrap_or(60)
+        .min(60);
+    let version = query
+        .iter()
+        .find(|(k, _)| k == "version" || k == "instance_id")
+        .map(|(_, v)| v.clone());
+    let found = lookup(&state, &id, |m| (m.instance_id.clone(), m.state.subscribe()));
+    let (instance_id, mut states) = match found {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    if version.is_some_and(|v| v != instance_id) {
+        return invalid(&state, StatusCode::BAD_REQUEST, "machine version mismatch".into());
+    }
+    let reached = tokio::time::timeout(
+        Duration::from_secs(timeout),
+        states.wait_for(|s| wanted.iter().any(|w| w == s)),
+    )
+    .await;
+    match reached {
+        Ok(Ok(reached)) => reply(
+            StatusCode::OK,
+            json!({ "ok": true, "state": *reached, "version": instance_id }),
+        ),
+        _ => error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("deadline_exceeded: timeout waiting for machine to be {}", wanted.join(",")),
+            None,
+        ),
+    }
+}
+
+async fn destroy(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::DELETE, query);
+    let force = query.iter().any(|(k, v)| k == "force" && v == "true");
+    let mut machines = state.machines.lock();
+    let Some(machine) = machines.get_mut(&id).filter(|m| m.current() != "destroyed") else {
+        return error(StatusCode::NOT_FOUND, "machine not found", None);
+    };
+    if matches!(machine.current(), "started" | "stopping" | "destroying") {
+        if !force {
+            return error(
+                StatusCode::PRECONDITION_FAILED,
+                "failed to destroy VM: unable to destroy machine, not currently stopped",
+                None,
+            );
+        }
+        machine.destroy_requested = true;
+        if machine.send_stop(Stop::Kill) {
+            machine.state.send_replace("destroying");
+            return reply(StatusCode::OK, json!({ "ok": true }));
+        }
+    }
+    machine.state.send_replace("destroyed");
+    drop(machines);
+    state.count(|c| c.destroyed += 1);
+    reply(StatusCode::OK, json!({ "ok": true }))
+}
+
+async fn stop(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    admit!(state, headers, app, spec::STOP, query);
+    let body: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(e) => return invalid(&state, StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        }
+    };
+    if let Err(e) = state.spec.check_body("StopRequest", &body) {
+        return invalid(&state, StatusCode::BAD_REQUEST, e);
+    }
+    let stopped = lookup(&state, &id, |machine| {
+        let configured = &machine.config["stop_config"];
+        let signal = body["signal"]
+            .as_str()
+            .or(configured["signal"].as_str())
+            .unwrap_or("SIGINT");
+        let timeout = body["timeout"]
+            .as_str()
+            .or(configured["timeout"].as_str())
+            .and_then(parse_seconds)
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        let sent = machine.send_stop(Stop::Signal(signal_number(signal), timeout));
+        if sent {
+            machine.state.send_replace("stopping");
+        }
+    });
+    match stopped {
+        Ok(()) => reply(StatusCode::OK, json!({ "ok": true })),
+        Err(response) => response,
+    }
+}
+
+fn parse_seconds(text: &str) -> Option<Duration> {
+    text.strip_suffix('s')?.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn signal_number(name: &str) -> i32 {
+    match name {
+        "SIGHUP" => libc::SIGHUP,
+        "SIGQUIT" => libc::SIGQUIT,
+        "SIGKILL" => libc::SIGKILL,
+        "SIGUSR1" => libc::SIGUSR1,
+        "SIGUSR2" => libc::SIGUSR2,
+        "SIGTERM" => libc::SIGTERM,
+        _ => libc::SIGINT,
+    }
+}
