@@ -47,9 +47,9 @@ pub mod token;
 pub mod transport;
 pub mod wire;
 
-pub use backend::{Backend, LocalBackend};
 #[cfg(feature = "fly")]
 pub use backend::fly::FlyBackend;
+pub use backend::{Backend, LocalBackend};
 pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload};

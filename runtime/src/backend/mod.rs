@@ -24,6 +24,14 @@ pub struct BootRequest {
     pub env: Vec<(String, String)>,
 }
 
+impl BootRequest {
+    /// A request to boot runner `runner_id` with `env`: for driving a backend directly, as
+    /// its own tests do. A pool makes these itself.
+    pub fn new(runner_id: RunnerId, env: Vec<(String, String)>) -> Self {
+        Self { runner_id, env }
+    }
+}
+
 impl std::fmt::Debug for BootRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BootRequest")

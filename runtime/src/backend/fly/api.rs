@@ -290,7 +290,7 @@ impl MachinesApi {
             error = %error.error,
             "Fly API request failed"
         );
-        Err(FlyError::Api(error))
+        Err(FlyError::Api(Box::new(error)))
     }
 }
 

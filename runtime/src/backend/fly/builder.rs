@@ -68,6 +68,9 @@ pub(crate) struct Guest {
     pub gpus: Option<u32>,
 }
 
+/// Where settings come from: the process environment, or a test's map.
+type Lookup = Box<dyn Fn(&str) -> Option<String> + Send>;
+
 /// Everything a built [`FlyBackend`] needs; checked once, in [`FlyBackendBuilder::build`].
 #[derive(Debug, Clone)]
 pub(crate) struct FlyConfig {
@@ -138,7 +141,7 @@ pub struct FlyBackendBuilder {
     create_timeout: Duration,
     capacity_attempts: u32,
     retry: RetryPolicy,
-    lookup: Box<dyn Fn(&str) -> Option<String> + Send>,
+    lookup: Lookup,
 }
 
 impl std::fmt::Debug for FlyBackendBuilder {
@@ -221,7 +224,10 @@ impl FlyBackendBuilder {
     }
 
     /// Regions to try, in order, when the first has no capacity. Default: none.
-    pub fn fallback_regions<S: Into<String>>(mut self, regions: impl IntoIterator<Item = S>) -> Self {
+    pub fn fallback_regions<S: Into<String>>(
+        mut self,
+        regions: impl IntoIterator<Item = S>,
+    ) -> Self {
         self.fallback_regions = regions.into_iter().map(Into::into).collect();
         self
     }
@@ -524,7 +530,7 @@ mod tests {
 
     fn builder() -> FlyBackendBuilder {
         FlyBackendBuilder::from_vars(|name| {
-            Some(match name {
+            let value = match name {
                 "FLY_API_TOKEN" => "fm2_SECRET",
                 "FLY_APP_NAME" => "app",
                 "FLY_IMAGE_REF" => "registry.fly.io/app:1",
@@ -533,8 +539,8 @@ mod tests {
                 "FLY_MACHINE_ID" => "148e",
                 "RUST_LOG" => "debug",
                 _ => return None,
-            })
-            .map(str::to_owned)
+            };
+            Some(value.to_owned())
         })
     }
 
@@ -551,7 +557,10 @@ mod tests {
         assert_eq!(config.app, "app");
         assert_eq!(config.region.as_deref(), Some("ord"));
         assert_eq!(config.private_ip, Some("fdaa::3".parse().unwrap()));
-        assert_eq!(config.env.get("RUST_LOG").map(String::as_str), Some("debug"));
+        assert_eq!(
+            config.env.get("RUST_LOG").map(String::as_str),
+            Some("debug")
+        );
         assert!(!config.env.contains_key("FLY_API_TOKEN"));
     }
 
@@ -563,7 +572,10 @@ mod tests {
             (builder().memory_mb(1000), "multiple of 256"),
             (builder().cpu_kind(CpuKind::Performance), "memory_mb 1024"),
             (builder().cpus(3), "not 3"),
-            (builder().stop_config("SIGFOO", Duration::from_secs(1)), "SIGFOO"),
+            (
+                builder().stop_config("SIGFOO", Duration::from_secs(1)),
+                "SIGFOO",
+            ),
             (builder().metadata("firebrand_pool", "x"), "reserved"),
             (builder().env(PARENT_ENV, "x"), PARENT_ENV),
             (builder().api_base("ftp://x"), "not an http(s) URL"),

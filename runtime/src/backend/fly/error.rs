@@ -70,7 +70,7 @@ pub enum FlyError {
     Config(String),
     /// The API answered with an error.
     #[error("Fly Machines API: {0}")]
-    Api(ApiError),
+    Api(Box<ApiError>),
     /// The API could not be reached, or the connection dropped.
     #[error("cannot reach the Fly Machines API for {method} {path}: {reason}")]
     Connection {
@@ -93,14 +93,14 @@ pub enum FlyError {
     },
     /// Fly refused a machine with a GPU.
     #[error("Fly refused a GPU machine: {0}. {GPU_ALTERNATIVES}")]
-    GpuRefused(ApiError),
+    GpuRefused(Box<ApiError>),
     /// No region had capacity, after retries in each.
     #[error("no capacity for the machine in {regions:?}; last answer: {last}")]
     NoCapacity {
         /// The regions tried, in order.
         regions: Vec<String>,
         /// The last refusal.
-        last: ApiError,
+        last: Box<ApiError>,
     },
     /// A transient error persisted through every retry.
     #[error("gave up after {attempts} attempts; last error: {last}")]

@@ -64,7 +64,7 @@ pub(crate) async fn launch(
     };
     let mut transient_delays = api.retry.delays();
     let mut attempts = 0;
-    let mut last_refusal: Option<ApiError> = None;
+    let mut last_refusal: Option<Box<ApiError>> = None;
     for region in &regions {
         let body = config.create_body(*region, &launch_id, runner, runner_env);
         let mut capacity_tries = 0;
@@ -132,7 +132,10 @@ fn is_gpu_refusal(refusal: &ApiError) -> bool {
 
 /// The live machine a create with `launch_id` made, if any. More than one cannot happen; if
 /// it did, the extras are destroyed.
-async fn find_launched(api: &MachinesApi, launch_id: &str) -> Result<Option<MachineInfo>, FlyError> {
+async fn find_launched(
+    api: &MachinesApi,
+    launch_id: &str,
+) -> Result<Option<MachineInfo>, FlyError> {
     let found = api
         .retrying(|| api.list(Some((keys::LAUNCH, launch_id))))
         .await?;
@@ -178,7 +181,10 @@ impl Drop for LaunchGuard {
 const SECOND_SWEEP: Duration = Duration::from_secs(5);
 
 async fn destroy_launched(api: &MachinesApi, launch_id: &str) {
-    match api.retrying(|| api.list(Some((keys::LAUNCH, launch_id)))).await {
+    match api
+        .retrying(|| api.list(Some((keys::LAUNCH, launch_id))))
+        .await
+    {
         Ok(machines) => {
             for machine in machines.iter().filter(|m| m.state != "destroyed") {
                 tracing::info!(machine = %machine.id, "destroying the machine of an abandoned create");

@@ -34,7 +34,11 @@ impl FlyToken {
     /// error does not quote the token.
     pub fn new(raw: &str) -> Result<Self, FlyError> {
         let raw = raw.trim();
-        let is_scheme = |word: &str| ["Bearer", "FlyV1"].iter().any(|s| word.eq_ignore_ascii_case(s));
+        let is_scheme = |word: &str| {
+            ["Bearer", "FlyV1"]
+                .iter()
+                .any(|s| word.eq_ignore_ascii_case(s))
+        };
         let token = match raw.split_once(char::is_whitespace) {
             Some((scheme, rest)) if is_scheme(scheme) => rest.trim(),
             _ if is_scheme(raw) => "",

@@ -150,22 +150,35 @@ impl FakeFly {
     /// Waits until every machine created is destroyed, for at most `timeout`. Returns whether
     /// that happened.
     pub async fn all_destroyed(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |c| c.destroyed == c.created).await
+    }
+
+    /// Waits until the tallies satisfy `done`, for at most `timeout`. Returns whether they did.
+    pub async fn wait_for(&self, timeout: Duration, done: impl FnMut(&Counts) -> bool) -> bool {
         let mut counts = self.state.counts.subscribe();
-        tokio::time::timeout(timeout, counts.wait_for(|c| c.destroyed == c.created))
+        tokio::time::timeout(timeout, counts.wait_for(done))
             .await
             .is_ok_and(|r| r.is_ok())
     }
 
     /// Every machine, destroyed ones included.
     pub fn machines(&self) -> Vec<MachineView> {
-        self.state.machines.lock().values().map(vm::FakeMachine::view).collect()
+        self.state
+            .machines
+            .lock()
+            .values()
+            .map(vm::FakeMachine::view)
+            .collect()
     }
 
     /// When each create request arrived, relative to the first.
     pub fn create_times(&self) -> Vec<Duration> {
         let times = self.state.create_times.lock();
         let first = times.first().copied();
-        times.iter().map(|t| t.duration_since(first.unwrap_or(*t))).collect()
+        times
+            .iter()
+            .map(|t| t.duration_since(first.unwrap_or(*t)))
+            .collect()
     }
 
     /// The error messages of requests refused as invalid.

@@ -1,6 +1,9 @@
 //! The HTTP side of the fake: routes, authentication, validation and faults, answering as the
 //! Machines API does.
 
+// Handlers answer early with a whole `Response`, as axum handlers do.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +31,10 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .route("/v1/apps/{app}/machines", get(list).post(create))
         .route("/v1/apps/{app}/machines/{id}", get(show).delete(destroy))
         .route("/v1/apps/{app}/machines/{id}/wait", get(wait))
-        .route("/v1/apps/{app}/machines/{id}/stop", axum::routing::post(stop))
+        .route(
+            "/v1/apps/{app}/machines/{id}/stop",
+            axum::routing::post(stop),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found", None) })
         .with_state(state)
 }
@@ -124,9 +130,9 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    admit!(state, headers, app, spec::CREATE, query);
     state.create_times.lock().push(Instant::now());
     state.count(|c| c.create_requests += 1);
+    admit!(state, headers, app, spec::CREATE, query);
     if let Some(limiter) = &state.create_limiter {
         if limiter.check().is_err() {
             return rate_limited(&state, None);
@@ -134,7 +140,13 @@ async fn create(
     }
     let body: Value = match serde_json::from_slice(&body) {
         Ok(body) => body,
-        Err(e) => return invalid(&state, StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        Err(e) => {
+            return invalid(
+                &state,
+                StatusCode::BAD_REQUEST,
+                format!("invalid JSON: {e}"),
+            )
+        }
     };
     if let Err(e) = state.spec.check_body("CreateMachineRequest", &body) {
         return invalid(&state, StatusCode::BAD_REQUEST, e);
@@ -167,7 +179,11 @@ async fn create(
         tokio::time::sleep(delay).await;
     }
     if ambiguous {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "upstream request timed out", None);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream request timed out",
+            None,
+        );
     }
     let machine = state.machines.lock().get(&id).map(FakeMachine::json);
     reply(StatusCode::OK, machine.unwrap_or(Value::Null))
@@ -259,7 +275,12 @@ async fn list(
     headers: HeaderMap,
 ) -> Response {
     admit!(state, headers, app, spec::LIST, query);
-    let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let include_deleted = param("include_deleted") == Some("true");
     let states: Option<Vec<&str>> = param("state").map(|s| s.split(',').collect());
     let filters: Vec<(&str, &str)> = query
@@ -303,13 +324,19 @@ async fn wait(
         .iter()
         .find(|(k, _)| k == "version" || k == "instance_id")
         .map(|(_, v)| v.clone());
-    let found = lookup(&state, &id, |m| (m.instance_id.clone(), m.state.subscribe()));
+    let found = lookup(&state, &id, |m| {
+        (m.instance_id.clone(), m.state.subscribe())
+    });
     let (instance_id, mut states) = match found {
         Ok(found) => found,
         Err(response) => return response,
     };
     if version.is_some_and(|v| v != instance_id) {
-        return invalid(&state, StatusCode::BAD_REQUEST, "machine version mismatch".into());
+        return invalid(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "machine version mismatch".into(),
+        );
     }
     let reached = tokio::time::timeout(
         Duration::from_secs(timeout),
@@ -323,7 +350,10 @@ async fn wait(
         ),
         _ => error(
             StatusCode::REQUEST_TIMEOUT,
-            &format!("deadline_exceeded: timeout waiting for machine to be {}", wanted.join(",")),
+            &format!(
+                "deadline_exceeded: timeout waiting for machine to be {}",
+                wanted.join(",")
+            ),
             None,
         ),
     }
@@ -374,7 +404,13 @@ async fn stop(
     } else {
         match serde_json::from_slice(&body) {
             Ok(body) => body,
-            Err(e) => return invalid(&state, StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+            Err(e) => {
+                return invalid(
+                    &state,
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid JSON: {e}"),
+                )
+            }
         }
     };
     if let Err(e) = state.spec.check_body("StopRequest", &body) {
@@ -403,7 +439,10 @@ async fn stop(
 }
 
 fn parse_seconds(text: &str) -> Option<Duration> {
-    text.strip_suffix('s')?.parse::<u64>().ok().map(Duration::from_secs)
+    text.strip_suffix('s')?
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
 }
 
 fn signal_number(name: &str) -> i32 {

@@ -99,7 +99,9 @@ impl Spec {
             for item in items {
                 let typed = typed(validator, item);
                 if !validator.is_valid(&typed) {
-                    return Err(format!("invalid value `{item}` for query parameter `{name}`"));
+                    return Err(format!(
+                        "invalid value `{item}` for query parameter `{name}`"
+                    ));
                 }
             }
         }
@@ -149,12 +151,21 @@ mod tests {
     fn queries_are_checked_against_the_spec() {
         let spec = Spec::load();
         let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect()
         };
-        spec.check_query(WAIT, &q(&[("state", "stopped,destroyed"), ("timeout", "60")]))
-            .unwrap();
-        spec.check_query(LIST, &q(&[("metadata.pool", "x"), ("include_deleted", "true")]))
-            .unwrap();
+        spec.check_query(
+            WAIT,
+            &q(&[("state", "stopped,destroyed"), ("timeout", "60")]),
+        )
+        .unwrap();
+        spec.check_query(
+            LIST,
+            &q(&[("metadata.pool", "x"), ("include_deleted", "true")]),
+        )
+        .unwrap();
         spec.check_query(DELETE, &q(&[("force", "true")])).unwrap();
         assert!(spec.check_query(WAIT, &q(&[("state", "gone")])).is_err());
         assert!(spec.check_query(WAIT, &q(&[("timeout", "soon")])).is_err());
@@ -165,9 +176,15 @@ mod tests {
     #[test]
     fn the_embedded_spec_is_fly_s_own() {
         // The workspace keeps Fly's spec beside it in CI checkouts that have it.
-        let shared = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fly/machines-openapi3.json");
+        let shared = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fly/machines-openapi3.json"
+        );
         if let Ok(original) = std::fs::read_to_string(shared) {
-            assert!(original == SPEC, "runtime's copy of the spec differs from {shared}");
+            assert!(
+                original == SPEC,
+                "runtime's copy of the spec differs from {shared}"
+            );
         }
     }
 }

@@ -182,7 +182,11 @@ pub(crate) fn boot(state: &Arc<State>, id: &str) {
     let init = &config["init"];
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let image_program = config["image"]
@@ -191,9 +195,15 @@ pub(crate) fn boot(state: &Arc<State>, id: &str) {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
     let (program, args) = if let Some(code) = crash {
-        ("/bin/sh".to_owned(), vec!["-c".into(), format!("exit {code}")])
+        (
+            "/bin/sh".to_owned(),
+            vec!["-c".into(), format!("exit {code}")],
+        )
     } else if stall {
-        ("/bin/sh".to_owned(), vec!["-c".into(), "exec sleep 3600".into()])
+        (
+            "/bin/sh".to_owned(),
+            vec!["-c".into(), "exec sleep 3600".into()],
+        )
     } else {
         let mut command = strings(&init["entrypoint"]);
         command.extend(strings(&init["cmd"]));

@@ -1,0 +1,445 @@
+//! The Fly backend end to end: real runner processes booted by the fake Machines API, which
+//! validates every request against Fly's OpenAPI spec, dialing back over real QUIC.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{within, RUNNER};
+use firebrand::backend::fly::fake::FakeFly;
+use firebrand::backend::fly::{FlyBackend, FlyBackendBuilder, FlyError};
+use firebrand::backend::BootRequest;
+use firebrand::{Backend, BackendError, CallError, Pool, PoolBuilder, RunnerId};
+use firebrand_runner::{ENV, PID, SLEEP};
+
+const IMAGE: &str = "registry.fly.io/fake-app:deployment-01";
+const PARENT: &str = "148e21ea0d2089";
+const SECOND: Duration = Duration::from_secs(1);
+
+async fn fake() -> FakeFly {
+    common::init_tracing();
+    FakeFly::builder()
+        .image(IMAGE, RUNNER)
+        .start()
+        .await
+        .expect("the fake binds")
+}
+
+/// A backend on the fake, as a parent on Fly would configure it from its env.
+fn backend(fly: &FakeFly) -> FlyBackendBuilder {
+    FlyBackendBuilder::from_vars(|_| None)
+        .api_base(fly.url())
+        .token(fly.token())
+        .app(fly.app())
+        .image(IMAGE)
+        .region("ord")
+        .private_ip("::1")
+        .machine_id(PARENT)
+        .retries(8, Duration::from_millis(50), SECOND)
+}
+
+fn pool(backend: FlyBackend) -> PoolBuilder {
+    Pool::builder(&firebrand_runner::registry())
+        .backend(backend)
+        .boot_timeout(20 * SECOND)
+        .queue_timeout(30 * SECOND)
+        .timeout(20 * SECOND)
+}
+
+/// Shuts the pool down and checks that every machine the fake made was destroyed, and that
+/// no request broke the spec.
+async fn shut_down_clean(pool: Pool, fly: &FakeFly) {
+    pool.shutdown().await;
+    assert!(
+        fly.all_destroyed(20 * SECOND).await,
+        "machines left: {:?}",
+        fly.machines()
+            .iter()
+            .filter(|m| m.state != "destroyed")
+            .map(|m| (&m.id, &m.state))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(fly.invalid_requests(), Vec::<String>::new());
+}
+
+fn boot_failure(error: &CallError) -> String {
+    match error {
+        CallError::BootFailed(boot) => boot.to_string(),
+        other => panic!("expected a boot failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_pool_on_fly_grows_runs_jobs_idles_down_and_destroys_every_machine() {
+    let fly = fake().await;
+    let pool = pool(backend(&fly).build().unwrap())
+        .max(3)
+        .max_concurrency(1)
+        .idle_shutdown_after(SECOND)
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 6, 400).await;
+    assert_eq!(fly.created(), 3);
+    // Each call ran inside a fake machine: its env is the machine's.
+    let machine_id = pool.call(&ENV, "FLY_MACHINE_ID".into()).await.unwrap();
+    let machines = fly.machines();
+    assert!(machines.iter().any(|m| Some(&m.id) == machine_id.as_ref()));
+    for machine in &machines {
+        let config = &machine.config;
+        assert!(
+            machine.name.starts_with("fake-app-firebrand-"),
+            "{}",
+            machine.name
+        );
+        assert_eq!(machine.region, "ord");
+        assert_eq!(config["image"], IMAGE);
+        assert_eq!(config["auto_destroy"], true);
+        assert_eq!(config["restart"]["policy"], "no");
+        assert!(config.get("services").is_none());
+        assert!(config["env"]["FIREBRAND_PARENT"].is_string());
+        assert!(config["env"].get("FLY_API_TOKEN").is_none());
+        assert_eq!(config["metadata"]["firebrand_pool"], "firebrand");
+        assert_eq!(config["metadata"]["firebrand_parent"], PARENT);
+        assert!(config["metadata"]["firebrand_launch"].is_string());
+    }
+    let mut counts = pool.watch_runners();
+    within(
+        10 * SECOND,
+        counts.wait_for(|c| c.ready == 0 && c.draining == 0),
+    )
+    .await
+    .unwrap();
+    assert!(
+        fly.all_destroyed(10 * SECOND).await,
+        "idle runners' machines are destroyed"
+    );
+    shut_down_clean(pool, &fly).await;
+    assert_eq!(fly.counts().destroyed, 3);
+}
+
+#[tokio::test]
+async fn a_crash_at_boot_fails_fast_with_the_exit_code() {
+    let fly = fake().await;
+    // The crash is seen through `/wait`, even while the new machine is not yet visible.
+    fly.hide_new_machines(2);
+    fly.crash_next_boot(17);
+    let pool = pool(backend(&fly).build().unwrap())
+        .boot_timeout(60 * SECOND)
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = pool.call(&PID, ()).await.unwrap_err();
+    let elapsed = started.elapsed();
+    let message = boot_failure(&error);
+    assert!(message.contains("exit code 17"), "{message}");
+    assert!(
+        elapsed < 10 * SECOND,
+        "took {elapsed:?} of a 60 s boot timeout"
+    );
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn a_machine_that_never_dials_back_is_destroyed_at_the_boot_timeout() {
+    let fly = fake().await;
+    fly.stall_next_boot();
+    let pool = pool(backend(&fly).build().unwrap())
+        .boot_timeout(2 * SECOND)
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&PID, ()).await.unwrap_err();
+    assert!(boot_failure(&error).contains("boot timeout"), "{error}");
+    assert!(
+        fly.all_destroyed(10 * SECOND).await,
+        "FLAME leaves this machine running; Firebrand destroys it"
+    );
+    // The next boot works.
+    pool.call(&PID, ()).await.unwrap();
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn a_429_burst_is_retried_after_retry_after() {
+    let fly = fake().await;
+    let pool = pool(backend(&fly).build().unwrap()).build().await.unwrap();
+    fly.rate_limit_burst(2, Some(SECOND));
+    pool.call(&PID, ()).await.unwrap();
+    let counts = fly.counts();
+    assert_eq!(counts.rate_limited, 2);
+    assert_eq!(counts.created, 1);
+    let times = fly.create_times();
+    assert_eq!(times.len(), 3, "two refused creates, then one that worked");
+    assert!(
+        times[2] >= Duration::from_millis(1900),
+        "Retry-After was not honoured: {times:?}"
+    );
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn creates_are_paced_by_the_client_within_fly_s_limit() {
+    let fly = fake().await;
+    let pool = pool(backend(&fly).build().unwrap())
+        .max(6)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 6, 3_000).await;
+    assert_eq!(fly.created(), 6);
+    let times = fly.create_times();
+    // A token bucket of 1/s with bursts of 3 allows at most 3 + t creates in any t seconds.
+    for (i, first) in times.iter().enumerate() {
+        for (j, last) in times.iter().enumerate().skip(i) {
+            let allowed = 3.0 + (*last - *first).as_secs_f64() + 0.2;
+            assert!(
+                ((j - i + 1) as f64) <= allowed,
+                "creates too fast: {times:?}"
+            );
+        }
+    }
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn an_ambiguous_create_is_adopted_not_repeated() {
+    let fly = fake().await;
+    fly.fail_next_create_after_launch();
+    let pool = pool(backend(&fly).build().unwrap()).build().await.unwrap();
+    pool.call(&PID, ()).await.unwrap();
+    let counts = fly.counts();
+    assert_eq!(counts.create_requests, 1, "no second create after the 503");
+    assert_eq!(counts.created, 1);
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn a_create_cut_off_by_the_boot_timeout_leaves_no_machine() {
+    let fly = fake().await;
+    fly.slow_creates(4 * SECOND);
+    let pool = pool(backend(&fly).build().unwrap())
+        .boot_timeout(SECOND)
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&PID, ()).await.unwrap_err();
+    assert!(boot_failure(&error).contains("boot timeout"), "{error}");
+    assert_eq!(fly.created(), 1, "the create went through on Fly's side");
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn capacity_errors_move_to_the_fallback_regions() {
+    let fly = fake().await;
+    fly.no_capacity_in("ord");
+    let backend = backend(&fly)
+        .fallback_regions(["ams"])
+        .capacity_attempts(2)
+        .build()
+        .unwrap();
+    let pool = pool(backend).build().await.unwrap();
+    pool.call(&PID, ()).await.unwrap();
+    assert_eq!(
+        fly.counts().create_requests,
+        3,
+        "two tries in ord, one in ams"
+    );
+    let machines = fly.machines();
+    assert_eq!(machines.len(), 1);
+    assert_eq!(machines[0].region, "ams");
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn no_capacity_anywhere_is_a_clear_error() {
+    let fly = fake().await;
+    fly.no_capacity_in("ord");
+    fly.no_capacity_in("ams");
+    let backend = backend(&fly)
+        .fallback_regions(["ams"])
+        .capacity_attempts(1)
+        .build()
+        .unwrap();
+    let pool = pool(backend).boot_attempts(1).build().await.unwrap();
+    let message = boot_failure(&pool.call(&PID, ()).await.unwrap_err());
+    assert!(
+        message.contains(r#"no capacity for the machine in ["ord", "ams"]"#),
+        "{message}"
+    );
+    assert!(message.contains("insufficient_capacity"), "{message}");
+    assert!(message.contains("fly-request-id: 01"), "{message}");
+    assert_eq!(fly.created(), 0);
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn a_gpu_refusal_quotes_fly_and_names_the_alternatives() {
+    let fly = fake().await;
+    fly.refuse_gpus();
+    let backend = backend(&fly)
+        .cpu_kind(firebrand::backend::fly::CpuKind::Performance)
+        .cpus(8)
+        .memory_mb(32768)
+        .gpu_kind("a100-pcie-40gb")
+        .build()
+        .unwrap();
+    let request = BootRequest::new(RunnerId(uuid::Uuid::new_v4()), Vec::new());
+    let error = match backend.boot(request).await {
+        Err(BackendError::Fly(error @ FlyError::GpuRefused(_))) => error.to_string(),
+        Err(other) => panic!("expected a GPU refusal, got {other}"),
+        Ok(_) => panic!("a refused GPU machine must not look booted"),
+    };
+    assert!(
+        error.contains("GPU machines are no longer available"),
+        "Fly's words: {error}"
+    );
+    assert!(
+        error.contains("discontinued GPU machines after 2026-08-01"),
+        "{error}"
+    );
+    assert!(error.contains("LocalBackend"), "{error}");
+    assert_eq!(fly.counts().create_requests, 1, "a refusal is not retried");
+    assert_eq!(fly.created(), 0);
+}
+
+/// Boots a machine that never dials back, and forgets it, as a parent that dies would.
+async fn leave_behind(backend: &FlyBackend, fly: &FakeFly) {
+    fly.stall_next_boot();
+    let request = BootRequest::new(RunnerId(uuid::Uuid::new_v4()), Vec::new());
+    let machine = backend.boot(request).await.unwrap();
+    std::mem::forget(machine);
+}
+
+#[tokio::test]
+async fn a_restarted_parent_reaps_what_its_predecessor_and_dead_parents_left() {
+    let fly = fake().await;
+    fly.add_parent_machine(PARENT);
+    fly.add_parent_machine("live0other0parent");
+    let before_restart = backend(&fly).incarnation("first-run").build().unwrap();
+    leave_behind(&before_restart, &fly).await;
+    leave_behind(&before_restart, &fly).await;
+    let live_parent = backend(&fly)
+        .machine_id("live0other0parent")
+        .build()
+        .unwrap();
+    leave_behind(&live_parent, &fly).await;
+    let dead_parent = backend(&fly).machine_id("dead0parent").build().unwrap();
+    leave_behind(&dead_parent, &fly).await;
+    assert_eq!(fly.created(), 4);
+
+    // The parent restarts: its new pool reaps at start.
+    let after_restart = backend(&fly).incarnation("second-run").build().unwrap();
+    let pool = pool(after_restart.clone()).build().await.unwrap();
+    assert!(fly.wait_for(10 * SECOND, |c| c.destroyed >= 3).await);
+    let remaining: Vec<_> = fly
+        .machines()
+        .into_iter()
+        .filter(|m| m.state != "destroyed" && m.config["metadata"]["firebrand_pool"].is_string())
+        .collect();
+    assert_eq!(remaining.len(), 1, "{remaining:?}");
+    assert_eq!(
+        remaining[0].config["metadata"]["firebrand_parent"], "live0other0parent",
+        "a live parent's runner is left alone"
+    );
+    assert_eq!(
+        after_restart.reap_orphans().await.unwrap(),
+        Vec::<String>::new()
+    );
+    pool.shutdown().await;
+    assert_eq!(fly.invalid_requests(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn tokens_go_with_their_scheme() {
+    for (token, scheme) in [
+        ("fm2_macaroon", "FlyV1"),
+        ("FlyV1 fm2_macaroon", "FlyV1"),
+        ("oauth", "Bearer"),
+    ] {
+        let fly = FakeFly::builder().token(token).start().await.unwrap();
+        let backend = backend(&fly).token(token).build().unwrap();
+        backend.reap_orphans().await.unwrap();
+        assert_eq!(fly.authorization_schemes(), vec![scheme.to_owned()]);
+    }
+}
+
+#[tokio::test]
+async fn api_errors_carry_fly_s_status_and_request_id() {
+    let fly = fake().await;
+    let wrong_app = backend(&fly).app("no-such-app").build().unwrap();
+    match wrong_app.reap_orphans().await {
+        Err(FlyError::Api(api)) => {
+            assert_eq!(api.status, 404);
+            assert_eq!(api.error, "app not found");
+            assert!(api.request_id.is_some_and(|id| id.starts_with("01")));
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+    let wrong_token = backend(&fly).token("fm2_wrong").build().unwrap();
+    let error = wrong_token.reap_orphans().await.unwrap_err();
+    assert!(error.to_string().contains("answered 401"), "{error}");
+}
+
+/// Captures every log line, at every level, of everything on this thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_token_never_reaches_a_log_line_an_error_or_debug_output() {
+    const SECRET: &str = "fm2_VERY-SECRET-MACAROON";
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fly = FakeFly::builder()
+        .token(SECRET)
+        .image(IMAGE, RUNNER)
+        .start()
+        .await
+        .unwrap();
+    let mut shown = Vec::new();
+    shown.push(format!("{:?}", backend(&fly).token(SECRET)));
+    let fly_backend = backend(&fly).token(SECRET).build().unwrap();
+    shown.push(format!("{fly_backend:?}"));
+    fly.rate_limit_burst(1, None);
+    fly.crash_next_boot(3);
+    let pool = pool(fly_backend).boot_attempts(1).build().await.unwrap();
+    let error = pool.call(&PID, ()).await.unwrap_err();
+    shown.push(format!("{error} {error:?}"));
+    pool.call(&SLEEP, 10).await.unwrap();
+    pool.shutdown().await;
+    let refused = backend(&fly)
+        .token("fm2_VERY-SECRET-BUT-WRONG")
+        .build()
+        .unwrap();
+    let error = refused.reap_orphans().await.unwrap_err();
+    shown.push(format!("{error} {error:?}"));
+    let logs = String::from_utf8_lossy(&captured.0.lock()).into_owned();
+    assert!(
+        logs.contains("Fly API request failed"),
+        "the failures were logged"
+    );
+    for text in shown.iter().chain([&logs]) {
+        assert!(!text.contains("VERY-SECRET"), "token leaked: {text}");
+    }
+}
