@@ -271,3 +271,75 @@ impl From<FlyError> for BackendError {
         BackendError::Fly(error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn backend() -> FlyBackend {
+        FlyBackendBuilder::from_vars(|_| None)
+            .token("fm2_x")
+            .app("app")
+            .image("registry.fly.io/app:1")
+            .region("ord")
+            .private_ip("fdaa:0:1:a7b::3")
+            .machine_id("148e21ea0d2089")
+            .cpu_kind(CpuKind::Performance)
+            .cpus(8)
+            .memory_mb(32768)
+            .gpu_kind("l40s")
+            .gpus(2)
+            .cmd(["/app/runner", "--serve"])
+            .entrypoint(["/bin/tini", "--"])
+            .env("MODE", "runner")
+            .metadata("team", "ml")
+            .stop_config("SIGTERM", Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn runners_dial_the_6pn_address_then_the_stable_name() {
+        let backend = backend();
+        assert_eq!(backend.bind_addr().to_string(), "[::]:0");
+        let bound = "[::]:4370".parse().unwrap();
+        assert_eq!(
+            backend.parent_addrs(bound),
+            [
+                "[fdaa:0:1:a7b::3]:4370",
+                "148e21ea0d2089.vm.app.internal:4370"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_create_body_carries_every_setting() {
+        let backend = backend();
+        let runner = RunnerId(uuid::Uuid::nil());
+        let env = [("FIREBRAND_PARENT".to_owned(), "fb1.token".to_owned())];
+        let body = backend
+            .inner
+            .config
+            .create_body(Some("ams"), "launch-1", runner, &env);
+        assert_eq!(body["name"], "app-firebrand-000000000000");
+        assert_eq!(body["region"], "ams");
+        let config = &body["config"];
+        assert_eq!(config["guest"]["gpu_kind"], "l40s");
+        assert_eq!(config["guest"]["gpus"], 2);
+        assert_eq!(config["init"]["entrypoint"], json!(["/bin/tini", "--"]));
+        assert_eq!(
+            config["stop_config"],
+            json!({"signal": "SIGTERM", "timeout": "30s"})
+        );
+        assert_eq!(config["env"]["MODE"], "runner");
+        assert_eq!(config["env"]["FIREBRAND_PARENT"], "fb1.token");
+        assert_eq!(config["metadata"]["team"], "ml");
+        assert_eq!(config["metadata"]["firebrand_launch"], "launch-1");
+        assert_eq!(config["metadata"]["firebrand_parent"], "148e21ea0d2089");
+        assert!(config.get("services").is_none());
+        #[cfg(feature = "fly-fake")]
+        fake::check_create_body(&body).expect("valid against the spec");
+    }
+}

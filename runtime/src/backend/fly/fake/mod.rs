@@ -27,6 +27,8 @@
 
 mod server;
 mod spec;
+#[cfg(test)]
+mod tests;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -270,7 +272,9 @@ impl FakeFlyBuilder {
         self
     }
 
-    /// Maps an image reference to the local program a machine of that image runs.
+    /// Maps an image reference to the local program a machine of that image runs: the image's
+    /// default command. A machine's `init.entrypoint` and `init.cmd` replace it, as in Docker:
+    /// their first element is then the program, a local path.
     pub fn image(mut self, image: impl Into<String>, program: impl Into<PathBuf>) -> Self {
         self.images.insert(image.into(), program.into());
         self
@@ -319,6 +323,12 @@ impl FakeFlyBuilder {
             server,
         })
     }
+}
+
+/// Checks a create body against `CreateMachineRequest` in Fly's spec.
+#[cfg(test)]
+pub(crate) fn check_create_body(body: &serde_json::Value) -> Result<(), String> {
+    spec::Spec::load().check_body("CreateMachineRequest", body)
 }
 
 impl State {
