@@ -115,6 +115,17 @@ fn rate_limited(state: &State, retry_after: Option<Duration>) -> Response {
     response
 }
 
+/// The body as JSON, checked against the named schema of the spec; a 400 if it is not.
+fn checked_body(state: &State, body: &[u8], schema: &str) -> Result<Value, Response> {
+    let body: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(state, StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    state
+        .spec
+        .check_body(schema, &body)
+        .map_err(|e| invalid(state, StatusCode::BAD_REQUEST, e))?;
+    Ok(body)
+}
+
 macro_rules! admit {
     ($state:expr, $headers:expr, $app:expr, $operation:expr, $query:expr) => {
         if let Err(response) = admit(&$state, &$headers, &$app, $operation, &$query) {
@@ -138,19 +149,10 @@ async fn create(
             return rate_limited(&state, None);
         }
     }
-    let body: Value = match serde_json::from_slice(&body) {
+    let body = match checked_body(&state, &body, "CreateMachineRequest") {
         Ok(body) => body,
-        Err(e) => {
-            return invalid(
-                &state,
-                StatusCode::BAD_REQUEST,
-                format!("invalid JSON: {e}"),
-            )
-        }
+        Err(response) => return response,
     };
-    if let Err(e) = state.spec.check_body("CreateMachineRequest", &body) {
-        return invalid(&state, StatusCode::BAD_REQUEST, e);
-    }
     let config = body["config"].clone();
     let region = body["region"]
         .as_str()
@@ -399,23 +401,16 @@ async fn stop(
     body: Bytes,
 ) -> Response {
     admit!(state, headers, app, spec::STOP, query);
-    let body: Value = if body.is_empty() {
-        json!({})
+    // The body is optional; an empty one means `{}`.
+    let body = if body.is_empty() {
+        Bytes::from_static(b"{}")
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(body) => body,
-            Err(e) => {
-                return invalid(
-                    &state,
-                    StatusCode::BAD_REQUEST,
-                    format!("invalid JSON: {e}"),
-                )
-            }
-        }
+        body
     };
-    if let Err(e) = state.spec.check_body("StopRequest", &body) {
-        return invalid(&state, StatusCode::BAD_REQUEST, e);
-    }
+    let body = match checked_body(&state, &body, "StopRequest") {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     let stopped = lookup(&state, &id, |machine| {
         let configured = &machine.config["stop_config"];
         let signal = body["signal"]
