@@ -102,6 +102,9 @@ pub enum CallError {
     /// The pool is shut down or shutting down.
     #[error("pool is closed")]
     Closed,
+    /// A [`RemoteTask`](crate::RemoteTask) was aborted; its job was cancelled on the runner.
+    #[error("the task was aborted")]
+    Aborted,
 }
 
 fn list_attempts(attempts: &[CallError]) -> String {

@@ -53,5 +53,8 @@ pub use backend::{Backend, LocalBackend};
 pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload};
-pub use pool::{Call, GrowEnd, GrowStart, Placement, Pool, PoolBuilder, PoolStats, Shrink};
+pub use pool::{
+    Call, CallOutcome, GrowEnd, GrowStart, Map, Placement, Pool, PoolBuilder, PoolEvent, PoolStats,
+    Progress, RemoteTask, Shrink,
+};
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};

@@ -284,3 +284,20 @@ pub async fn raw_request<A: serde::Serialize>(
     send.finish().unwrap();
     (send, recv)
 }
+
+/// Waits for the next event that `wanted` accepts, for at most 20 s, and returns it.
+pub async fn next_matching(
+    events: &mut futures_util::stream::BoxStream<'static, firebrand::PoolEvent>,
+    wanted: impl Fn(&firebrand::PoolEvent) -> bool,
+) -> firebrand::PoolEvent {
+    use futures_util::StreamExt as _;
+    within(Duration::from_secs(20), async {
+        loop {
+            let event = events.next().await.expect("the pool is open");
+            if wanted(&event) {
+                return event;
+            }
+        }
+    })
+    .await
+}

@@ -29,6 +29,9 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
         async move {
             let hooks = &shared.config.hooks;
             hooks::call(&hooks.grow_start, GrowStart { runner: id, min });
+            shared
+                .observer
+                .emit(|| super::PoolEvent::RunnerBooting { runner: id });
             let started = Instant::now();
             let mut closing = shared.closing.clone();
             let booted = tokio::select! {
@@ -38,6 +41,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
             match booted {
                 Ok((handle, machine, control)) => {
                     let outcome = Ok(started.elapsed());
+                    shared.observer.booted(id, &handle.machine, &outcome);
                     hooks::call(
                         &hooks.grow_end,
                         GrowEnd {
@@ -60,6 +64,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                     tracing::warn!(%error, "runner boot failed");
                     let error = Arc::new(error);
                     let outcome = Err(Arc::clone(&error));
+                    shared.observer.booted(id, "", &outcome);
                     hooks::call(
                         &hooks.grow_end,
                         GrowEnd {

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
+use tokio::time::Instant;
+
+use super::observe::CallOutcome;
 use super::Shared;
-use crate::error::CallError;
+use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
 use crate::wire;
 
@@ -207,14 +210,68 @@ impl<R: Payload> Prepared<R> {
         shared: &Arc<Shared>,
         request: smallvec::SmallVec<[bytes::Bytes; 2]>,
     ) -> Result<R, CallError> {
-        let lease = shared.acquire(self.queue_timeout).await?;
+        let queued_at = Instant::now();
+        let lease = shared.acquire(self.job, self.queue_timeout).await?;
         let runner = lease.runner();
-        let span = tracing::debug_span!("call", job = self.job, runner = %runner.id);
-        let reply = runner.call(request, self.timeout).instrument(span).await;
+        let queued_for = queued_at.elapsed();
+        let span = tracing::debug_span!(
+            "call",
+            job = self.job,
+            runner = %runner.id,
+            queued_ms = queued_for.as_millis() as u64,
+            ran_ms = tracing::field::Empty,
+        );
+        let mut running = Running::start(shared, self.job, runner.id, queued_for);
+        let reply = runner
+            .call(request, self.timeout)
+            .instrument(span.clone())
+            .await;
         drop(lease);
-        reply?.decode().map_err(|e| CallError::Decode {
-            message: e.to_string(),
-        })
+        let output = reply.and_then(|reply| {
+            reply.decode().map_err(|e| CallError::Decode {
+                message: e.to_string(),
+            })
+        });
+        running.outcome = CallOutcome::of(&output.as_ref().map(|_| ()));
+        span.record("ran_ms", running.started.elapsed().as_millis() as u64);
+        output
+    }
+}
+
+/// A call on its runner. Dropped, it reports the call finished, as cancelled unless told
+/// otherwise: a caller that drops its future cancels the call.
+struct Running<'a> {
+    shared: &'a Shared,
+    job: &'static str,
+    runner: RunnerId,
+    started: Instant,
+    outcome: CallOutcome,
+}
+
+impl<'a> Running<'a> {
+    fn start(
+        shared: &'a Shared,
+        job: &'static str,
+        runner: RunnerId,
+        queued_for: Duration,
+    ) -> Self {
+        shared.observer.call_started(job, runner, queued_for);
+        Self {
+            shared,
+            job,
+            runner,
+            started: Instant::now(),
+            outcome: CallOutcome::Cancelled,
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let ran_for = self.started.elapsed();
+        self.shared
+            .observer
+            .call_finished(self.job, self.runner, ran_for, self.outcome);
     }
 }
 

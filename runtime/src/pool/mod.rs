@@ -5,8 +5,11 @@ mod builder;
 mod call;
 mod hooks;
 mod listener;
+mod map;
+mod observe;
 mod placement;
 mod runner;
+mod task;
 
 use std::sync::Arc;
 
@@ -17,6 +20,9 @@ use tokio_util::task::TaskTracker;
 pub use builder::{Placement, PoolBuilder};
 pub use call::Call;
 pub use hooks::{GrowEnd, GrowStart, Shrink};
+pub use map::{Map, Progress};
+pub use observe::{CallOutcome, PoolEvent};
+pub use task::RemoteTask;
 
 use crate::backend::Backend;
 use crate::error::{BootError, CallError, PoolError};
@@ -86,6 +92,7 @@ pub(crate) struct Shared {
     closing: watch::Receiver<bool>,
     runner_counts: watch::Sender<PoolStats>,
     calls_drained: Notify,
+    observer: observe::Observer,
     /// Mirrors `State::closed` for the call path, which then needs no lock to refuse a call.
     closed: std::sync::atomic::AtomicBool,
     /// This value's own `Arc`, for grants made where only `&self` is at hand.
@@ -132,6 +139,7 @@ impl Pool {
             closing,
             runner_counts: watch::channel(PoolStats::default()).0,
             calls_drained: Notify::new(),
+            observer: observe::Observer::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             me: me.clone(),
         });
@@ -197,6 +205,66 @@ impl Pool {
             }
         });
         Ok(())
+    }
+
+    /// Starts `job` on a runner in the background and returns a handle to await, abort or
+    /// detach it. The job has no execution deadline: it runs until it ends or is aborted.
+    /// Dropping the handle aborts it.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn spawn<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> RemoteTask<R> {
+        let call = self.call(job, args).timeout(None);
+        RemoteTask::new(self.inner.shared.tasks.spawn(call))
+    }
+
+    /// Runs `job` over every input, a bounded number at a time, and yields each result with
+    /// its input's index: in input order by default. See [`Map`] for the options.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+    /// # const SQUARE: firebrand::Job<u64, u64> = firebrand::Job::new("square");
+    /// let squares: Vec<u64> = pool.map(&SQUARE, 0..10_000).outputs().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn map<A: Payload, R: Payload, I>(&self, job: &Job<A, R>, inputs: I) -> Map<A, R>
+    where
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+    {
+        Map::new(self.clone(), *job, futures_util::stream::iter(inputs))
+    }
+
+    /// [`map`](Pool::map) over a stream of inputs, read as slots come free.
+    pub fn map_stream<A: Payload, R: Payload, S>(&self, job: &Job<A, R>, inputs: S) -> Map<A, R>
+    where
+        S: futures_util::Stream<Item = A> + Send + 'static,
+    {
+        Map::new(self.clone(), *job, inputs)
+    }
+
+    /// A stream of the pool's lifecycle events: runners booting, up, lost and stopped; calls
+    /// queued, started and finished. Events from before the call are not seen. A listener that
+    /// falls more than 4096 events behind gets [`PoolEvent::Lagged`].
+    ///
+    /// ```no_run
+    /// # async fn f(pool: firebrand::Pool) {
+    /// use futures_util::StreamExt as _;
+    ///
+    /// let mut events = pool.events();
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> futures_util::stream::BoxStream<'static, PoolEvent> {
+        self.inner.shared.observer.subscribe()
+    }
+
+    /// How many calls the pool can run at once when fully grown: `max × max_concurrency`.
+    pub(crate) fn slots(&self) -> usize {
+        let config = &self.inner.shared.config;
+        config.max.saturating_mul(config.max_concurrency as usize)
     }
 
     /// The pool's runners and calls now.

@@ -103,6 +103,7 @@ impl Shared {
     /// Takes a slot on the least-loaded runner, waiting in FIFO order for at most `queue_timeout`.
     pub(crate) async fn acquire(
         self: &Arc<Self>,
+        job: &'static str,
         queue_timeout: Duration,
     ) -> Result<Lease<'_>, CallError> {
         let queued = {
@@ -140,8 +141,10 @@ impl Shared {
             }
             let (waiter, queued) = oneshot::channel();
             state.waiters.push_back(waiter);
+            self.observer.queue_length(state.waiters.len());
             let boots = self.plan_boots(&mut state);
             drop(state);
+            self.observer.emit(|| super::PoolEvent::CallQueued { job });
             self.start_boots(boots);
             queued
         };
@@ -210,6 +213,7 @@ impl Shared {
                 state.waiters.push_front(waiter);
                 break;
             };
+            self.observer.queue_length(state.waiters.len());
             let grant = Grant {
                 shared: Arc::clone(&shared),
                 runner: Some(runner),
@@ -386,6 +390,7 @@ impl Shared {
     /// second; nothing may take them in the other order.
     fn publish(&self, state: &State) {
         let stats = state.stats();
+        self.observer.runner_counts(&stats);
         self.runner_counts.send_if_modified(|old| {
             let changed = (old.ready, old.booting, old.draining)
                 != (stats.ready, stats.booting, stats.draining);

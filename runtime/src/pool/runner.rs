@@ -175,11 +175,14 @@ pub(crate) async fn supervise(
     mut closing: watch::Receiver<bool>,
 ) {
     let mut control_open = true;
+    let mut drained_idle = false;
+    let mut lost = false;
     let ended = loop {
         tokio::select! {
             message = wire::read_head::<ControlMessage>(&mut control), if control_open => match message {
                 Ok(ControlMessage::Draining { reason }) => {
                     tracing::info!(?reason, "runner draining");
+                    drained_idle = reason == wire::DrainReason::Idle;
                     shared.runner_draining(handle.id);
                 }
                 // The connection is ending; its own branch says why.
@@ -187,12 +190,16 @@ pub(crate) async fn supervise(
             },
             error = handle.connection.closed() => break match handle.released.get() {
                 Some(why) => (*why).to_string(),
-                None => format!("connection lost: {error}"),
+                None => {
+                    lost = true;
+                    format!("connection lost: {error}")
+                }
             },
             exit = machine.exited() => {
                 let _ = handle.exit.set(exit.description.clone());
                 // Fail this runner's calls now rather than at the QUIC idle timeout.
                 handle.connection.close(close::RUNNER_EXIT, b"runner process exited");
+                lost = true;
                 break format!("process exited: {}", exit.description);
             }
             _ = closing.wait_for(|closing| *closing) => {
@@ -203,6 +210,19 @@ pub(crate) async fn supervise(
     };
     tracing::info!(reason = %ended, "runner ended");
     shared.runner_gone(handle.id);
+    let runner = handle.id;
+    if lost {
+        shared.observer.runner_lost(runner, &ended);
+    } else if drained_idle {
+        shared
+            .observer
+            .emit(|| super::PoolEvent::RunnerIdleStopped { runner });
+    } else {
+        let reason = ended.clone();
+        shared
+            .observer
+            .emit(|| super::PoolEvent::RunnerStopped { runner, reason });
+    }
     super::hooks::call(
         &shared.config.hooks.shrink,
         super::Shrink {

@@ -1,0 +1,254 @@
+//! What a pool tells the world: lifecycle events for [`Pool::events`](super::Pool::events), and
+//! metrics through the [`metrics`] facade. Both cost next to nothing when nobody listens.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `firebrand_runners` | gauge | `state`: `booting`, `ready`, `draining` |
+//! | `firebrand_calls_in_flight` | gauge | |
+//! | `firebrand_calls_queued` | gauge | |
+//! | `firebrand_boot_seconds` | histogram | `outcome`: `ok`, `failed` |
+//! | `firebrand_queue_wait_seconds` | histogram | `job` |
+//! | `firebrand_call_seconds` | histogram | `job` |
+//! | `firebrand_calls_total` | counter | `job`, `outcome` |
+//! | `firebrand_boots_total` | counter | `outcome` |
+//! | `firebrand_runners_lost_total` | counter | |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use tokio::sync::broadcast;
+
+use super::PoolStats;
+use crate::error::{BootError, CallError, RunnerId};
+
+/// How many events a slow listener may fall behind before it misses some.
+const BACKLOG: usize = 4096;
+
+/// Something that happened in a pool, from [`Pool::events`](super::Pool::events).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PoolEvent {
+    /// A runner started booting.
+    RunnerBooting {
+        /// The runner.
+        runner: RunnerId,
+    },
+    /// A runner connected and takes calls.
+    RunnerUp {
+        /// The runner.
+        runner: RunnerId,
+        /// Its machine: a pid, a machine id.
+        machine: String,
+        /// From the boot request to the accepted hello.
+        boot_time: Duration,
+    },
+    /// A runner failed to boot.
+    RunnerBootFailed {
+        /// The runner.
+        runner: RunnerId,
+        /// Why.
+        error: Arc<BootError>,
+    },
+    /// A runner stopped after being idle for `idle_shutdown_after`.
+    RunnerIdleStopped {
+        /// The runner.
+        runner: RunnerId,
+    },
+    /// A runner was lost: its connection dropped or its machine stopped unasked.
+    RunnerLost {
+        /// The runner.
+        runner: RunnerId,
+        /// What the transport or the backend said.
+        reason: String,
+    },
+    /// The pool released a runner: the pool closed, a resize, a single-use runner done.
+    RunnerStopped {
+        /// The runner.
+        runner: RunnerId,
+        /// Why.
+        reason: String,
+    },
+    /// A call found no free slot and waits in the queue.
+    CallQueued {
+        /// The job.
+        job: &'static str,
+    },
+    /// A call was sent to a runner.
+    CallStarted {
+        /// The job.
+        job: &'static str,
+        /// The runner.
+        runner: RunnerId,
+        /// How long it waited for a slot.
+        queued_for: Duration,
+    },
+    /// A call on a runner ended.
+    CallFinished {
+        /// The job.
+        job: &'static str,
+        /// The runner.
+        runner: RunnerId,
+        /// From sending it to its end.
+        ran_for: Duration,
+        /// How it ended.
+        outcome: CallOutcome,
+    },
+    /// This listener fell behind and missed events.
+    Lagged {
+        /// How many.
+        missed: u64,
+    },
+}
+
+/// How a call ended on its runner; also the `outcome` label of `firebrand_calls_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CallOutcome {
+    /// It returned a result.
+    Ok,
+    /// The job returned an error or panicked.
+    Failed,
+    /// It ran past its execution timeout.
+    TimedOut,
+    /// Its runner was lost.
+    RunnerLost,
+    /// The caller dropped it, or its task was aborted.
+    Cancelled,
+    /// Anything else: an encoding or protocol error.
+    Error,
+}
+
+impl CallOutcome {
+    pub(crate) fn of(result: &Result<(), &CallError>) -> Self {
+        match result {
+            Ok(()) => CallOutcome::Ok,
+            Err(CallError::Failed { .. } | CallError::Panicked { .. }) => CallOutcome::Failed,
+            Err(CallError::Timeout { .. }) => CallOutcome::TimedOut,
+            Err(CallError::RunnerLost { .. }) => CallOutcome::RunnerLost,
+            Err(_) => CallOutcome::Error,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Failed => "failed",
+            CallOutcome::TimedOut => "timed_out",
+            CallOutcome::RunnerLost => "runner_lost",
+            CallOutcome::Cancelled => "cancelled",
+            CallOutcome::Error => "error",
+        }
+    }
+}
+
+/// The pool's event channel.
+pub(crate) struct Observer {
+    events: broadcast::Sender<PoolEvent>,
+}
+
+impl Observer {
+    pub(crate) fn new() -> Self {
+        Self {
+            events: broadcast::channel(BACKLOG).0,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> BoxStream<'static, PoolEvent> {
+        use broadcast::error::RecvError;
+        let receiver = self.events.subscribe();
+        Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move {
+                let event = match receiver.recv().await {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(missed)) => PoolEvent::Lagged { missed },
+                    Err(RecvError::Closed) => return None,
+                };
+                Some((event, receiver))
+            },
+        ))
+    }
+
+    /// Sends the event made by `event`, made only when someone listens.
+    pub(crate) fn emit(&self, event: impl FnOnce() -> PoolEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event());
+        }
+    }
+
+    pub(crate) fn runner_counts(&self, stats: &PoolStats) {
+        metrics::gauge!("firebrand_runners", "state" => "booting").set(stats.booting as f64);
+        metrics::gauge!("firebrand_runners", "state" => "ready").set(stats.ready as f64);
+        metrics::gauge!("firebrand_runners", "state" => "draining").set(stats.draining as f64);
+    }
+
+    pub(crate) fn queue_length(&self, queued: usize) {
+        metrics::gauge!("firebrand_calls_queued").set(queued as f64);
+    }
+
+    pub(crate) fn booted(
+        &self,
+        runner: RunnerId,
+        machine: &str,
+        outcome: &Result<Duration, Arc<BootError>>,
+    ) {
+        match outcome {
+            Ok(boot_time) => {
+                metrics::histogram!("firebrand_boot_seconds", "outcome" => "ok")
+                    .record(boot_time.as_secs_f64());
+                metrics::counter!("firebrand_boots_total", "outcome" => "ok").increment(1);
+                self.emit(|| PoolEvent::RunnerUp {
+                    runner,
+                    machine: machine.to_owned(),
+                    boot_time: *boot_time,
+                });
+            }
+            Err(error) => {
+                metrics::counter!("firebrand_boots_total", "outcome" => "failed").increment(1);
+                self.emit(|| PoolEvent::RunnerBootFailed {
+                    runner,
+                    error: Arc::clone(error),
+                });
+            }
+        }
+    }
+
+    pub(crate) fn runner_lost(&self, runner: RunnerId, reason: &str) {
+        metrics::counter!("firebrand_runners_lost_total").increment(1);
+        self.emit(|| PoolEvent::RunnerLost {
+            runner,
+            reason: reason.to_owned(),
+        });
+    }
+
+    pub(crate) fn call_started(&self, job: &'static str, runner: RunnerId, queued_for: Duration) {
+        metrics::gauge!("firebrand_calls_in_flight").increment(1.0);
+        metrics::histogram!("firebrand_queue_wait_seconds", "job" => job)
+            .record(queued_for.as_secs_f64());
+        self.emit(|| PoolEvent::CallStarted {
+            job,
+            runner,
+            queued_for,
+        });
+    }
+
+    pub(crate) fn call_finished(
+        &self,
+        job: &'static str,
+        runner: RunnerId,
+        ran_for: Duration,
+        outcome: CallOutcome,
+    ) {
+        metrics::gauge!("firebrand_calls_in_flight").decrement(1.0);
+        metrics::histogram!("firebrand_call_seconds", "job" => job).record(ran_for.as_secs_f64());
+        metrics::counter!("firebrand_calls_total", "job" => job, "outcome" => outcome.label())
+            .increment(1);
+        self.emit(|| PoolEvent::CallFinished {
+            job,
+            runner,
+            ran_for,
+            outcome,
+        });
+    }
+}

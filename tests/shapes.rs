@@ -1,0 +1,182 @@
+//! Work shapes beyond a single call: spawn and map, on real runner processes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::within;
+use firebrand::{CallError, PoolEvent};
+use firebrand_runner::{ECHO, FAIL, PANIC, PID, SLEEP};
+use futures_util::StreamExt as _;
+use parking_lot::Mutex;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_spawned_task_returns_its_result_and_holds_a_slot_while_it_runs() {
+    let pool = common::pool().max(1).build().await.unwrap();
+    let mut events = pool.events();
+    let task = pool.spawn(&SLEEP, 300);
+    common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
+    assert_eq!(pool.stats().in_flight, 1, "the spawned job holds its slot");
+    let pid = pool.call(&PID, ()).await.unwrap();
+    assert!(!task.is_finished());
+    within(5 * SECOND, task).await.unwrap();
+    assert_eq!(pool.call(&PID, ()).await.unwrap(), pid, "same runner");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn aborting_or_dropping_a_task_cancels_its_job_and_frees_the_slot() {
+    // One runner with one slot: a job left running on either side would block the next call.
+    let pool = common::pool()
+        .max(1)
+        .max_concurrency(1)
+        .queue_timeout(5 * SECOND)
+        .build()
+        .await
+        .unwrap();
+    let mut events = pool.events();
+    let task = pool.spawn(&SLEEP, 60_000);
+    common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
+    let queued = pool
+        .call(&PID, ())
+        .queue_timeout(Duration::from_millis(200))
+        .await;
+    assert!(
+        matches!(queued, Err(CallError::QueueTimeout { .. })),
+        "{queued:?}"
+    );
+    task.abort();
+    assert!(matches!(task.await, Err(CallError::Aborted)));
+    within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
+
+    let task = pool.spawn(&SLEEP, 60_000);
+    common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
+    drop(task);
+    within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_detached_task_keeps_its_runner_up_until_it_ends() {
+    let pool = common::pool()
+        .max(1)
+        .idle_shutdown_after(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    pool.call(&PID, ()).await.unwrap();
+    let detached_at = Instant::now();
+    pool.spawn(&SLEEP, 1_500).detach();
+    let mut runners = pool.watch_runners();
+    within(
+        10 * SECOND,
+        runners.wait_for(|c| c.ready == 0 && c.draining == 0),
+    )
+    .await
+    .unwrap();
+    let lived = detached_at.elapsed();
+    assert!(
+        lived >= Duration::from_millis(1_500),
+        "the runner idled down after {lived:?}"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn map_over_ten_thousand_inputs_returns_every_result_in_order() {
+    let pool = common::pool()
+        .max(2)
+        .max_concurrency(32)
+        .build()
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook_seen = Arc::clone(&seen);
+    let inputs = (0u32..10_000).map(|i| i.to_le_bytes().to_vec());
+    let results = pool
+        .map(&ECHO, inputs)
+        .on_progress(move |p| hook_seen.lock().push(p))
+        .results()
+        .await;
+    assert_eq!(results.len(), 10_000);
+    for (i, result) in results.into_iter().enumerate() {
+        let bytes = result.unwrap();
+        assert_eq!(bytes, (i as u32).to_le_bytes(), "result {i}");
+    }
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 10_000);
+    assert_eq!(
+        seen.last().map(|p| (p.done, p.failed, p.total)),
+        Some((10_000, 0, Some(10_000)))
+    );
+    assert!(seen.windows(2).all(|w| w[1].done == w[0].done + 1));
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn map_yields_in_input_order_or_as_finished() {
+    let pool = common::pool().max(1).build().await.unwrap();
+    // Later inputs finish first.
+    let delays = vec![400u64, 200, 0];
+    let ordered: Vec<usize> = pool
+        .map(&SLEEP, delays.clone())
+        .map(|(index, result)| {
+            result.unwrap();
+            index
+        })
+        .collect()
+        .await;
+    assert_eq!(ordered, [0, 1, 2]);
+    let finished: Vec<usize> = pool
+        .map(&SLEEP, delays)
+        .unordered()
+        .map(|(index, _)| index)
+        .collect()
+        .await;
+    assert_eq!(finished, [2, 1, 0]);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn map_collects_every_failure_or_stops_at_the_first() {
+    let pool = common::pool().max(1).build().await.unwrap();
+    let inputs = || ["", "boom", "", "bang", ""].map(String::from);
+    let results = pool.map(&PANIC, inputs()).results().await;
+    let failed: Vec<bool> = results.iter().map(Result::is_err).collect();
+    assert_eq!(failed, [false, true, false, true, false]);
+
+    let error = pool.map(&PANIC, inputs()).outputs().await.unwrap_err();
+    assert!(error.to_string().contains("boom"), "{error}");
+
+    let mut progress = Vec::new();
+    let mut stream = pool
+        .map(&FAIL, (0..100).map(|i| format!("no {i}")))
+        .in_flight(2)
+        .stop_on_error();
+    while let Some((_, result)) = stream.next().await {
+        progress.push(result.is_err());
+    }
+    assert_eq!(progress, [true], "the stream ends after the first failure");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn map_keeps_enough_calls_in_flight_for_the_pool_to_grow() {
+    let pool = common::pool()
+        .max(3)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    let outputs = pool.map(&SLEEP, vec![300u64; 6]).outputs().await.unwrap();
+    assert_eq!(outputs.len(), 6);
+    assert_eq!(
+        pool.stats().ready,
+        3,
+        "six inputs over three one-slot runners"
+    );
+    pool.shutdown().await;
+}
