@@ -106,7 +106,7 @@ async fn map_over_ten_thousand_inputs_returns_every_result_in_order() {
         let bytes = result.unwrap();
         assert_eq!(bytes, (i as u32).to_le_bytes(), "result {i}");
     }
-    let seen = seen.lock();
+    let seen = seen.lock().clone();
     assert_eq!(seen.len(), 10_000);
     assert_eq!(
         seen.last().map(|p| (p.done, p.failed, p.total)),
