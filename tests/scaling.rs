@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{alive, local_backend, pool, within, Recording};
 use firebrand::{BootError, CallError, LocalBackend, PoolError, PoolStats};
-use firebrand_runner::PID;
+use firebrand_runner::{PID, SLEEP};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -422,4 +422,106 @@ async fn prewarm_boots_a_runner_before_any_caller_queues() {
     );
     let err = pool().prewarm_at(1.5).build().await.err().unwrap();
     assert!(matches!(err, PoolError::InvalidConfig(_)));
+}
+
+#[tokio::test]
+async fn resizing_up_grows_the_pool_for_waiting_calls() {
+    let pool = common::pool()
+        .max(1)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&SLEEP, 1_000).await })
+        })
+        .collect();
+    let mut limits = pool.limits();
+    limits.max = 3;
+    pool.resize(limits).unwrap();
+    let mut counts = pool.watch_runners();
+    within(10 * SECOND, counts.wait_for(|c| c.ready == 3))
+        .await
+        .unwrap();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn resizing_down_while_busy_drains_runners_and_loses_no_call() {
+    use firebrand::PoolEvent;
+    let pool = common::pool()
+        .max(3)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 3, 10).await;
+    assert_eq!(pool.stats().ready, 3);
+    let mut events = pool.events();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&SLEEP, 800).await })
+        })
+        .collect();
+    for _ in 0..3 {
+        common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
+    }
+    let mut limits = pool.limits();
+    limits.max = 1;
+    pool.resize(limits).unwrap();
+    assert_eq!(
+        pool.stats().draining,
+        2,
+        "two busy runners drain; none is killed"
+    );
+    for call in calls {
+        call.await.unwrap().expect("no call is lost");
+    }
+    for _ in 0..2 {
+        let stopped = common::next_matching(&mut events, |e| {
+            matches!(
+                e,
+                PoolEvent::RunnerStopped { .. } | PoolEvent::RunnerLost { .. }
+            )
+        })
+        .await;
+        assert!(
+            matches!(&stopped, PoolEvent::RunnerStopped { reason, .. } if reason == "resized"),
+            "{stopped:?}"
+        );
+    }
+    let mut counts = pool.watch_runners();
+    within(
+        10 * SECOND,
+        counts.wait_for(|c| c.ready == 1 && c.draining == 0),
+    )
+    .await
+    .unwrap();
+    pool.call(&PID, ()).await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn resizing_min_boots_runners_and_bad_limits_are_refused() {
+    let pool = common::pool().max(2).build().await.unwrap();
+    let mut limits = pool.limits();
+    limits.min = 3;
+    assert!(pool.resize(limits).is_err(), "min above max");
+    limits.max = 0;
+    assert!(pool.resize(limits).is_err());
+    assert_eq!(pool.limits().max, 2, "a refused resize changes nothing");
+    let mut limits = pool.limits();
+    limits.min = 2;
+    pool.resize(limits).unwrap();
+    let mut counts = pool.watch_runners();
+    within(10 * SECOND, counts.wait_for(|c| c.ready == 2))
+        .await
+        .unwrap();
+    pool.shutdown().await;
 }

@@ -54,7 +54,7 @@ pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload};
 pub use pool::{
-    Call, CallOutcome, GrowEnd, GrowStart, Map, Placement, Pool, PoolBuilder, PoolEvent, PoolStats,
-    Progress, RemoteTask, Shrink,
+    Call, CallOutcome, GrowEnd, GrowStart, Limits, Map, Placement, Pool, PoolBuilder, PoolEvent,
+    PoolStats, Progress, RemoteTask, Shrink,
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};

@@ -90,13 +90,15 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
         .ca
         .issue_runner(id.0, config.boot_timeout + CERT_MARGIN)?;
     let mut admitted = shared.listener.expect(id, cert.cert.clone());
+    // Resizes apply to runners booted from now on.
+    let capacity = shared.state.lock().limits.max_concurrency;
     let token = BootToken::new(
         shared.parent_addrs.clone(),
         PARENT_SERVER_NAME.into(),
         shared.ca.cert(),
         &cert,
         id.0,
-        shared.config.runner_settings(min),
+        shared.config.runner_settings(min, capacity),
     );
     let request = BootRequest {
         runner_id: id,
@@ -123,6 +125,7 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
                 id,
                 connection,
                 machine.describe(),
+                capacity,
                 usize::try_from(config.max_payload_len).unwrap_or(usize::MAX),
             );
             Ok((Arc::new(handle), machine, control))

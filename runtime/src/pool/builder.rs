@@ -52,9 +52,9 @@ pub enum Placement {
 }
 
 impl PoolConfig {
-    pub(crate) fn runner_settings(&self, min: bool) -> RunnerSettings {
+    pub(crate) fn runner_settings(&self, min: bool, max_concurrency: u32) -> RunnerSettings {
         RunnerSettings {
-            max_concurrency: self.max_concurrency,
+            max_concurrency,
             idle_shutdown_after: if min {
                 self.min_idle_shutdown_after
             } else {

@@ -8,6 +8,7 @@ mod listener;
 mod map;
 mod observe;
 mod placement;
+mod resize;
 mod runner;
 mod task;
 
@@ -22,6 +23,7 @@ pub use call::Call;
 pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
 pub use observe::{CallOutcome, PoolEvent};
+pub use resize::Limits;
 pub use task::RemoteTask;
 
 use crate::backend::Backend;
@@ -127,6 +129,11 @@ impl Pool {
         let parent_addrs = backend.parent_addrs(bound);
         tracing::info!(pool = %config.name, %bound, "pool listening");
         let (closing_tx, closing) = watch::channel(false);
+        let limits = resize::Limits {
+            min: config.min,
+            max: config.max,
+            max_concurrency: config.max_concurrency,
+        };
         let shared = Arc::new_cyclic(|me| Shared {
             config,
             manifest,
@@ -134,7 +141,7 @@ impl Pool {
             ca,
             listener,
             parent_addrs,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(limits)),
             tasks: TaskTracker::new(),
             closing,
             runner_counts: watch::channel(PoolStats::default()).0,
@@ -263,8 +270,8 @@ impl Pool {
 
     /// How many calls the pool can run at once when fully grown: `max × max_concurrency`.
     pub(crate) fn slots(&self) -> usize {
-        let config = &self.inner.shared.config;
-        config.max.saturating_mul(config.max_concurrency as usize)
+        let limits = self.limits();
+        limits.max.saturating_mul(limits.max_concurrency as usize)
     }
 
     /// The pool's runners and calls now.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::builder::Placement;
+use super::resize::Limits;
 use super::runner::RunnerHandle;
 use super::{PoolStats, Shared};
 use crate::error::{BootError, CallError, RunnerId};
@@ -38,12 +39,14 @@ pub(crate) struct Slot {
     pub(crate) handle: Arc<RunnerHandle>,
     in_flight: u32,
     draining: bool,
+    /// Why it drains, given when it is released.
+    release_reason: &'static str,
     min: bool,
 }
 
 /// The pool's mutable state.
-#[derive(Default)]
 pub(crate) struct State {
+    pub(crate) limits: Limits,
     runners: Vec<Slot>,
     booting: usize,
     booting_min: usize,
@@ -55,6 +58,20 @@ pub(crate) struct State {
 }
 
 impl State {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            runners: Vec::new(),
+            booting: 0,
+            booting_min: 0,
+            waiters: VecDeque::new(),
+            closed: false,
+            boot_failures: 0,
+            last_boot_error: None,
+            retry_scheduled: false,
+        }
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
         PoolStats {
             ready: self.runners.iter().filter(|s| !s.draining).count(),
@@ -176,11 +193,11 @@ impl Shared {
     /// Takes a slot on a runner that has one free, chosen by the placement policy. Ties go to
     /// the oldest runner.
     fn take_slot(&self, state: &mut State) -> Option<Arc<RunnerHandle>> {
-        let max = self.config.max_concurrency;
+        let max = state.limits.max_concurrency;
         let free = state
             .runners
             .iter_mut()
-            .filter(|s| !s.draining && s.in_flight < max);
+            .filter(|s| !s.draining && s.in_flight < s.handle.capacity.min(max));
         let slot = match self.config.placement {
             Placement::Spread => free.min_by_key(|s| s.in_flight),
             // `max_by_key` keeps the last of equals; the fold keeps the first.
@@ -245,7 +262,7 @@ impl Shared {
         };
         slot.in_flight -= 1;
         if slot.draining && slot.in_flight == 0 {
-            slot.handle.release("drained");
+            slot.handle.release(slot.release_reason);
         }
     }
 
@@ -267,19 +284,21 @@ impl Shared {
             return Vec::new();
         }
         let config = &self.config;
-        let per_runner = config.max_concurrency as usize;
+        let limits = state.limits;
+        let per_runner = limits.max_concurrency as usize;
         let min_up = state
             .runners
             .iter()
             .filter(|s| s.min && !s.draining)
             .count();
-        let min_missing = config.min.saturating_sub(min_up + state.booting_min);
+        let min_missing = limits.min.saturating_sub(min_up + state.booting_min);
         // Callers who gave up may still be counted until dispatch reaches them; that can only
         // bring a boot forward, never past `max`.
         let waiting = state.waiters.len();
         let absorbed = state.booting * per_runner;
         let for_demand = waiting.saturating_sub(absorbed).div_ceil(per_runner);
-        let room = config
+        // Draining runners count too: the pool never runs more than `max` at once.
+        let room = limits
             .max
             .saturating_sub(state.runners.len() + state.booting);
         let prewarm = match config.prewarm_at {
@@ -309,6 +328,15 @@ impl Shared {
         }
     }
 
+    /// Hands out slots a resize freed, and boots what it calls for.
+    pub(crate) fn after_resize(self: &Arc<Self>) {
+        let mut state = self.state.lock();
+        self.dispatch(&mut state);
+        let plan = self.plan_boots(&mut state);
+        drop(state);
+        self.start_boots(plan);
+    }
+
     /// Plans and starts whatever boots the current state calls for.
     pub(crate) fn grow(self: &Arc<Self>) {
         let plan = self.plan_boots(&mut self.state.lock());
@@ -331,8 +359,11 @@ impl Shared {
             handle,
             in_flight: 0,
             draining: false,
+            release_reason: "drained",
             min,
         });
+        // A resize may have lowered the limits while it booted.
+        self.trim(&mut state);
         self.dispatch(&mut state);
         self.publish(&state);
         true
@@ -384,6 +415,41 @@ impl Shared {
         let plan = self.plan_boots(&mut state);
         drop(state);
         self.start_boots(plan);
+    }
+
+    /// Drains runners beyond `max`, and `min` runners beyond `min`, least busy first. A busy
+    /// runner finishes its calls before it is released.
+    pub(crate) fn trim(&self, state: &mut State) {
+        let limits = state.limits;
+        let live = |s: &Slot| !s.draining;
+        let excess = state
+            .runners
+            .iter()
+            .filter(|s| live(s))
+            .count()
+            .saturating_sub(limits.max);
+        let excess_min = state
+            .runners
+            .iter()
+            .filter(|s| live(s) && s.min)
+            .count()
+            .saturating_sub(limits.min);
+        for (count, only_min) in [(excess_min, true), (excess, false)] {
+            for _ in 0..count {
+                let candidate = state
+                    .runners
+                    .iter_mut()
+                    .filter(|s| live(s) && (s.min || !only_min))
+                    .min_by_key(|s| s.in_flight);
+                let Some(slot) = candidate else { break };
+                slot.draining = true;
+                slot.release_reason = "resized";
+                if slot.in_flight == 0 {
+                    slot.handle.release("resized");
+                }
+            }
+        }
+        self.publish(state);
     }
 
     /// Publishes runner counts. Called under the state lock, so it takes the watch's lock

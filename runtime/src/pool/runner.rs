@@ -19,6 +19,8 @@ pub(crate) struct RunnerHandle {
     pub(crate) id: RunnerId,
     pub(crate) connection: quinn::Connection,
     pub(crate) machine: String,
+    /// The concurrency the runner was booted with: it takes no more at once.
+    pub(crate) capacity: u32,
     max_payload_len: usize,
     /// How the machine ended, once it has: the best explanation for a lost call.
     exit: OnceLock<String>,
@@ -47,12 +49,14 @@ impl RunnerHandle {
         id: RunnerId,
         connection: quinn::Connection,
         machine: String,
+        capacity: u32,
         max_payload_len: usize,
     ) -> Self {
         Self {
             id,
             connection,
             machine,
+            capacity,
             max_payload_len,
             exit: OnceLock::new(),
             released: OnceLock::new(),

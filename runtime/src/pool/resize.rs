@@ -1,0 +1,61 @@
+//! Changing a pool's size while it runs.
+
+use super::Pool;
+use crate::error::PoolError;
+
+/// A pool's size: [`Pool::limits`] reads it, [`Pool::resize`] changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Runners kept up.
+    pub min: usize,
+    /// Most runners, booting ones included.
+    pub max: usize,
+    /// Calls per runner at once.
+    pub max_concurrency: u32,
+}
+
+impl Pool {
+    /// The pool's size now.
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        self.inner.shared.state.lock().limits
+    }
+
+    /// Changes `min`, `max` and `max_concurrency` while the pool runs.
+    ///
+    /// - Growing boots what the new `min` or the waiting callers need.
+    /// - Shrinking drains runners, least busy first: a runner with calls finishes them before
+    ///   it stops. No call is lost.
+    /// - A lower `max_concurrency` applies at once; a higher one applies to runners booted from
+    ///   now on, since each runner enforces the concurrency it was booted with.
+    ///
+    /// ```no_run
+    /// # fn f(pool: firebrand::Pool) -> Result<(), firebrand::PoolError> {
+    /// let mut limits = pool.limits();
+    /// limits.max = 16;
+    /// pool.resize(limits)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`PoolError::InvalidConfig`] when `max` or `max_concurrency` is 0 or `min` exceeds `max`;
+    /// the pool is unchanged then.
+    pub fn resize(&self, limits: Limits) -> Result<(), PoolError> {
+        let invalid = |why: String| Err(PoolError::InvalidConfig(why));
+        if limits.max == 0 || limits.max_concurrency == 0 {
+            return invalid("max and max_concurrency must be at least 1".into());
+        }
+        if limits.min > limits.max {
+            return invalid(format!("min ({}) exceeds max ({})", limits.min, limits.max));
+        }
+        let shared = &self.inner.shared;
+        let mut state = shared.state.lock();
+        tracing::info!(from = ?state.limits, to = ?limits, "resizing the pool");
+        state.limits = limits;
+        shared.trim(&mut state);
+        drop(state);
+        shared.after_resize();
+        Ok(())
+    }
+}
