@@ -11,6 +11,9 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use tokio::process::{Child, Command};
 
+use std::sync::Arc;
+
+use super::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
 use super::{Backend, BootRequest, Exit, Machine};
 use crate::error::BackendError;
 
@@ -31,6 +34,16 @@ use crate::error::BackendError;
 ///     .build();
 /// ```
 ///
+/// On a machine with GPUs, [`gpus_per_runner`](LocalBackendBuilder::gpus_per_runner) gives
+/// each runner its own GPUs through `CUDA_VISIBLE_DEVICES`:
+///
+/// ```no_run
+/// use firebrand::LocalBackend;
+///
+/// // Every GPU `nvidia-smi -L` lists, two per runner: a pool's `max` is capped to fit.
+/// let backend = LocalBackend::builder().gpus_per_runner(2).build();
+/// ```
+///
 /// `Debug` shows the names of the variables it sets, never their values.
 #[derive(Clone)]
 pub struct LocalBackend {
@@ -38,6 +51,9 @@ pub struct LocalBackend {
     args: Vec<OsString>,
     env: BTreeMap<String, String>,
     forward: Vec<String>,
+    gpus_per_runner: usize,
+    gpu_list: Option<Vec<String>>,
+    gpus: Option<Arc<GpuSet>>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -47,6 +63,8 @@ impl std::fmt::Debug for LocalBackend {
             .field("args", &self.args)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("forward", &self.forward)
+            .field("gpus_per_runner", &self.gpus_per_runner)
+            .field("gpus", &self.gpus.as_ref().map(|g| g.len()))
             .finish()
     }
 }
@@ -76,6 +94,9 @@ impl LocalBackend {
                 forward: ["RUST_LOG", "RUST_BACKTRACE", "PATH"]
                     .map(String::from)
                     .to_vec(),
+                gpus_per_runner: 0,
+                gpu_list: None,
+                gpus: None,
             },
         }
     }
@@ -136,9 +157,31 @@ impl LocalBackendBuilder {
         self
     }
 
-    /// The backend.
+    /// Gives each runner `count` GPUs of its own, through `CUDA_VISIBLE_DEVICES`; a runner
+    /// that ends gives them back. A pool's `max` is capped at the GPUs there are divided by
+    /// `count`. Default: 0, no GPU assignment (runners see whatever the parent's env says).
+    pub fn gpus_per_runner(mut self, count: usize) -> Self {
+        self.backend.gpus_per_runner = count;
+        self
+    }
+
+    /// The GPUs to hand out, as `CUDA_VISIBLE_DEVICES` names them (indices or UUIDs).
+    /// Default: every GPU that `nvidia-smi -L` lists, or none.
+    pub fn gpus<S: Into<String>>(mut self, gpus: impl IntoIterator<Item = S>) -> Self {
+        self.backend.gpu_list = Some(gpus.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The backend. With [`gpus_per_runner`](Self::gpus_per_runner) and no GPU list, this
+    /// runs `nvidia-smi -L` once.
     #[must_use]
-    pub fn build(self) -> LocalBackend {
+    pub fn build(mut self) -> LocalBackend {
+        let backend = &mut self.backend;
+        if backend.gpus_per_runner > 0 {
+            let list = backend.gpu_list.take().unwrap_or_else(gpu::detect);
+            tracing::info!(gpus = ?list, per_runner = backend.gpus_per_runner, "local GPUs");
+            backend.gpus = Some(Arc::new(GpuSet::new(list)));
+        }
         self.backend
     }
 }
@@ -152,27 +195,44 @@ impl Backend for LocalBackend {
         vec![bound.to_string()]
     }
 
+    fn max_runners(&self) -> Option<usize> {
+        let gpus = self.gpus.as_ref()?;
+        Some(gpus.len() / self.gpus_per_runner)
+    }
+
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
-        let spawned = self.command(&request).and_then(|mut command| {
-            let program = format!("{:?}", command.as_std().get_program());
-            command
-                .spawn()
-                .map_err(|source| BackendError::Spawn { program, source })
-        });
         async move {
-            let child = spawned?;
+            let mut command = self.command(&request)?;
+            // Waits, within the boot timeout, for an ending runner to give its GPUs back.
+            let gpus = match &self.gpus {
+                Some(set) => Some(set.take(self.gpus_per_runner).await),
+                None => None,
+            };
+            if let Some(lease) = &gpus {
+                command.env(VISIBLE_DEVICES_ENV, lease.visible_devices());
+            }
+            let program = format!("{:?}", command.as_std().get_program());
+            let child = command
+                .spawn()
+                .map_err(|source| BackendError::Spawn { program, source })?;
             let pid = child.id().unwrap_or_default();
-            tracing::debug!(runner = %request.runner_id, pid, "runner process spawned");
-            Ok(Box::new(LocalProcess { child, pid }) as Box<dyn Machine>)
+            tracing::debug!(runner = %request.runner_id, pid, gpus = gpus.as_ref().map(GpuLease::visible_devices), "runner process spawned");
+            Ok(Box::new(LocalProcess {
+                child,
+                pid,
+                _gpus: gpus,
+            }) as Box<dyn Machine>)
         }
         .boxed()
     }
 }
 
-/// A runner process. Dropping it kills the process.
+/// A runner process. Dropping it kills the process and gives its GPUs back.
 struct LocalProcess {
     child: Child,
     pid: u32,
+    // Declared after `child`: dropped after the kill.
+    _gpus: Option<GpuLease>,
 }
 
 fn describe_status(status: std::process::ExitStatus) -> Exit {

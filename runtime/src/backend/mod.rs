@@ -2,6 +2,7 @@
 
 #[cfg(feature = "fly")]
 pub mod fly;
+mod gpu;
 mod local;
 
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+pub use gpu::VISIBLE_DEVICES_ENV;
 pub use local::{LocalBackend, LocalBackendBuilder};
 
 use crate::error::{BackendError, RunnerId};
@@ -67,6 +69,12 @@ pub trait Backend: Send + Sync + 'static {
     /// logged. The default does nothing.
     fn start(&self) -> BoxFuture<'_, ()> {
         Box::pin(std::future::ready(()))
+    }
+
+    /// The most runners this backend can run at once, when it has a limit (GPUs to share out,
+    /// say). A pool caps its `max` at this. The default: no limit.
+    fn max_runners(&self) -> Option<usize> {
+        None
     }
 
     /// Starts a machine running a runner with `request.env`.

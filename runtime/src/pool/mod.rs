@@ -129,11 +129,14 @@ impl Pool {
         let parent_addrs = backend.parent_addrs(bound);
         tracing::info!(pool = %config.name, %bound, "pool listening");
         let (closing_tx, closing) = watch::channel(false);
-        let limits = resize::Limits {
-            min: config.min,
-            max: config.max,
-            max_concurrency: config.max_concurrency,
-        };
+        let limits = resize::cap(
+            resize::Limits {
+                min: config.min,
+                max: config.max,
+                max_concurrency: config.max_concurrency,
+            },
+            backend.max_runners(),
+        )?;
         let shared = Arc::new_cyclic(|me| Shared {
             config,
             manifest,
@@ -163,7 +166,7 @@ impl Pool {
     /// Boots the `min` runners and waits until they are ready, or one fails.
     async fn await_min(&self) -> Result<(), PoolError> {
         let shared = &self.inner.shared;
-        let min = shared.config.min;
+        let min = shared.state.lock().limits.min;
         if min == 0 {
             return Ok(());
         }

@@ -27,6 +27,7 @@ impl Pool {
     /// - Growing boots what the new `min` or the waiting callers need.
     /// - Shrinking drains runners, least busy first: a runner with calls finishes them before
     ///   it stops. No call is lost.
+    /// - `max` is capped at what the backend can run, as at build.
     /// - A lower `max_concurrency` applies at once; a higher one applies to runners booted from
     ///   now on, since each runner enforces the concurrency it was booted with.
     ///
@@ -50,6 +51,7 @@ impl Pool {
             return invalid(format!("min ({}) exceeds max ({})", limits.min, limits.max));
         }
         let shared = &self.inner.shared;
+        let limits = cap(limits, shared.backend.max_runners())?;
         let mut state = shared.state.lock();
         tracing::info!(from = ?state.limits, to = ?limits, "resizing the pool");
         state.limits = limits;
@@ -58,4 +60,27 @@ impl Pool {
         shared.after_resize();
         Ok(())
     }
+}
+
+/// `limits` within what the backend can run at once: `max`, and `min` with it, are lowered to
+/// fit, with a warning.
+pub(super) fn cap(mut limits: Limits, backend_max: Option<usize>) -> Result<Limits, PoolError> {
+    let Some(most) = backend_max else {
+        return Ok(limits);
+    };
+    if most == 0 {
+        return Err(PoolError::InvalidConfig(
+            "the backend can run no runner at all (are there GPUs for `gpus_per_runner`?)".into(),
+        ));
+    }
+    if limits.max > most {
+        tracing::warn!(
+            max = limits.max,
+            capped = most,
+            "the backend runs at most {most} runners: capping max"
+        );
+        limits.max = most;
+        limits.min = limits.min.min(most);
+    }
+    Ok(limits)
 }
