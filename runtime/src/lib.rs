@@ -44,6 +44,7 @@ mod pool;
 mod registry;
 pub mod tls;
 pub mod token;
+mod trace;
 pub mod transport;
 pub mod wire;
 
@@ -58,3 +59,4 @@ pub use pool::{
     PoolStats, Progress, RemoteTask, Shrink,
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};
+pub use trace::TraceId;

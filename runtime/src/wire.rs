@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::registry::Manifest;
 
 /// The protocol version, sent as the first two bytes of the control stream.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The TLS application protocol name. It carries no version: a version mismatch must reach the
 /// parent, which refuses it with an error that names both versions.
@@ -103,6 +103,8 @@ pub struct CallHead {
     pub job: String,
     /// The execution deadline, in milliseconds from when the runner reads this head; 0 for none.
     pub timeout_ms: u64,
+    /// The call's trace id, which the runner's log lines for the call carry.
+    pub trace_id: u128,
 }
 
 /// The head of a call's reply.
@@ -525,16 +527,22 @@ pub async fn write_frame<T: Serialize + ?Sized>(
 struct CallHeadRef<'a> {
     job: &'a str,
     timeout_ms: u64,
+    trace_id: u128,
 }
 
 /// Encodes a whole call request, head and argument.
 pub(crate) fn encode_request<A: Serialize>(
     job: &str,
     timeout_ms: u64,
+    trace_id: u128,
     args: &A,
 ) -> Result<SmallVec<[Bytes; 2]>, WireError> {
     let mut chunks = Chunks::new();
-    chunks.push_frame(&CallHeadRef { job, timeout_ms })?;
+    chunks.push_frame(&CallHeadRef {
+        job,
+        timeout_ms,
+        trace_id,
+    })?;
     chunks.push_frame(args)?;
     Ok(chunks.into_bytes())
 }
@@ -548,11 +556,13 @@ mod tests {
         let owned = encode_payload_frame(&CallHead {
             job: "x.y".into(),
             timeout_ms: 99,
+            trace_id: 7,
         })
         .unwrap();
         let borrowed = encode_payload_frame(&CallHeadRef {
             job: "x.y",
             timeout_ms: 99,
+            trace_id: 7,
         })
         .unwrap();
         assert_eq!(owned, borrowed);
@@ -564,6 +574,7 @@ mod tests {
             let head = CallHead {
                 job: "j".into(),
                 timeout_ms: 5,
+                trace_id: 1,
             };
             let payload = serde_bytes::ByteBuf::from(vec![3u8; len]);
             let mut chunks = Chunks::new();
@@ -644,6 +655,7 @@ mod tests {
         let head = CallHead {
             job: "a.job".into(),
             timeout_ms: 1234,
+            trace_id: u128::MAX,
         };
         let payload = serde_bytes::ByteBuf::from((0..5000u32).map(|i| i as u8).collect::<Vec<_>>());
         let mut bytes = encode_payload_frame(&head).unwrap();

@@ -277,6 +277,7 @@ pub async fn raw_request<A: serde::Serialize>(
     let mut request = wire::encode_payload_frame(&CallHead {
         job: job.into(),
         timeout_ms,
+        trace_id: 0,
     })
     .unwrap();
     wire::encode_frame_into(&mut request, args).unwrap();

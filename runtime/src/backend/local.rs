@@ -54,6 +54,7 @@ pub struct LocalBackend {
     gpus_per_runner: usize,
     gpu_list: Option<Vec<String>>,
     gpus: Option<Arc<GpuSet>>,
+    inherit_output: bool,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -97,6 +98,7 @@ impl LocalBackend {
                 gpus_per_runner: 0,
                 gpu_list: None,
                 gpus: None,
+                inherit_output: false,
             },
         }
     }
@@ -115,6 +117,11 @@ impl LocalBackend {
             .env_clear()
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if !self.inherit_output {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            // The lines are re-logged: escape codes would only garble them.
+            command.env("NO_COLOR", "1");
+        }
         for name in &self.forward {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
@@ -154,6 +161,14 @@ impl LocalBackendBuilder {
     /// Forwards none of the default variables; only those named afterwards.
     pub fn forward_none(mut self) -> Self {
         self.backend.forward.clear();
+        self
+    }
+
+    /// Lets runners write straight to the parent's stdout and stderr. Default: each line a
+    /// runner writes is logged by the parent through `tracing` (target
+    /// `firebrand::runner_output`), tagged with the runner's id and the stream.
+    pub fn inherit_output(mut self) -> Self {
+        self.backend.inherit_output = true;
         self
     }
 
@@ -212,10 +227,17 @@ impl Backend for LocalBackend {
                 command.env(VISIBLE_DEVICES_ENV, lease.visible_devices());
             }
             let program = format!("{:?}", command.as_std().get_program());
-            let child = command
+            let mut child = command
                 .spawn()
                 .map_err(|source| BackendError::Spawn { program, source })?;
             let pid = child.id().unwrap_or_default();
+            let runner = request.runner_id;
+            if let Some(stdout) = child.stdout.take() {
+                tokio::spawn(relay_output(stdout, runner, "stdout"));
+            }
+            if let Some(stderr) = child.stderr.take() {
+                tokio::spawn(relay_output(stderr, runner, "stderr"));
+            }
             tracing::debug!(runner = %request.runner_id, pid, gpus = gpus.as_ref().map(GpuLease::visible_devices), "runner process spawned");
             Ok(Box::new(LocalProcess {
                 child,
@@ -224,6 +246,19 @@ impl Backend for LocalBackend {
             }) as Box<dyn Machine>)
         }
         .boxed()
+    }
+}
+
+/// Logs each line a runner writes, until it closes the stream.
+async fn relay_output(
+    output: impl tokio::io::AsyncRead + Unpin,
+    runner: crate::error::RunnerId,
+    stream: &'static str,
+) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "firebrand::runner_output", %runner, stream, "{line}");
     }
 }
 

@@ -36,7 +36,13 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             return;
         }
     };
-    let span = tracing::info_span!("call", job = %head.job);
+    // At ERROR level so that it is on whenever any of the call's log lines is: every line
+    // carries the parent's trace id, whatever the filter.
+    let span = tracing::error_span!(
+        "call",
+        job = %head.job,
+        trace_id = %crate::trace::TraceId(head.trace_id)
+    );
     async move {
         let Some(handler) = cx.registry.handler(&head.job) else {
             tracing::warn!("unknown job");

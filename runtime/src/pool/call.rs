@@ -14,6 +14,7 @@ use super::observe::CallOutcome;
 use super::Shared;
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
+use crate::trace::TraceId;
 use crate::wire;
 
 /// A call: a future of the job's result. Set per-call options before awaiting it.
@@ -35,6 +36,7 @@ pub struct Call<A, R> {
     timeout: Option<Duration>,
     queue_timeout: Duration,
     retry: Retry,
+    trace_id: Option<TraceId>,
     running: Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>,
 }
 
@@ -88,6 +90,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
                 retries: job.default_retries(),
                 job_errors: false,
             },
+            trace_id: None,
             running: None,
         }
     }
@@ -128,6 +131,13 @@ impl<A: Payload, R: Payload> Call<A, R> {
         self
     }
 
+    /// The trace id this call's span and the runner's log lines for it carry, e.g. one taken
+    /// from an OpenTelemetry context. Default: a new one per call.
+    pub fn trace_id(mut self, id: TraceId) -> Self {
+        self.trace_id = Some(id);
+        self
+    }
+
     pub(super) fn prepare(&mut self) -> Result<Prepared<R>, CallError> {
         let name = self.job.name();
         let args = self.args.take().ok_or(CallError::Protocol {
@@ -149,16 +159,19 @@ impl<A: Payload, R: Payload> Call<A, R> {
         let timeout_ms = self.timeout.map_or(0, |t| {
             u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
         });
-        let request =
-            wire::encode_request(name, timeout_ms, &args).map_err(|e| CallError::Encode {
+        let trace_id = self.trace_id.unwrap_or_else(TraceId::next);
+        let request = wire::encode_request(name, timeout_ms, trace_id.0, &args).map_err(|e| {
+            CallError::Encode {
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         Ok(Prepared {
             job: name,
             request,
             timeout: self.timeout,
             queue_timeout: self.queue_timeout,
             retry: self.retry,
+            trace_id,
             output: std::marker::PhantomData,
         })
     }
@@ -172,6 +185,7 @@ pub(super) struct Prepared<R> {
     timeout: Option<Duration>,
     queue_timeout: Duration,
     retry: Retry,
+    trace_id: TraceId,
     output: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -218,6 +232,7 @@ impl<R: Payload> Prepared<R> {
             "call",
             job = self.job,
             runner = %runner.id,
+            trace_id = %self.trace_id,
             queued_ms = queued_for.as_millis() as u64,
             ran_ms = tracing::field::Empty,
         );
