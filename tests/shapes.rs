@@ -180,3 +180,104 @@ async fn map_keeps_enough_calls_in_flight_for_the_pool_to_grow() {
     );
     pool.shutdown().await;
 }
+
+fn blobs(count: u64, bytes: u32) -> firebrand_runner::BlobArgs {
+    firebrand_runner::BlobArgs {
+        count,
+        bytes,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_stream_yields_every_item_in_order_then_ends() {
+    let pool = common::pool().max(1).build().await.unwrap();
+    let items: Vec<_> = pool
+        .stream(&firebrand_runner::BLOBS, blobs(1_000, 3))
+        .collect()
+        .await;
+    assert_eq!(items.len(), 1_000);
+    for (i, item) in items.into_iter().enumerate() {
+        assert_eq!(item.unwrap().into_vec(), vec![i as u8; 3]);
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_yields_its_items_then_the_error_then_ends() {
+    let pool = common::pool().max(1).build().await.unwrap();
+    let args = firebrand_runner::BlobArgs {
+        fail_at: Some(5),
+        ..blobs(10, 1)
+    };
+    let items: Vec<_> = pool.stream(&firebrand_runner::BLOBS, args).collect().await;
+    assert_eq!(items.len(), 6);
+    assert!(items[..5].iter().all(Result::is_ok));
+    assert!(
+        matches!(&items[5], Err(CallError::Failed { message }) if message == "failed at item 5"),
+        "{:?}",
+        items[5]
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_stream_cancels_its_job() {
+    // One slot on one runner: a job still streaming would block the next call.
+    let pool = common::pool()
+        .max(1)
+        .max_concurrency(1)
+        .timeout(None)
+        .build()
+        .await
+        .unwrap();
+    let args = firebrand_runner::BlobArgs {
+        delay_ms: 5,
+        ..blobs(u64::MAX, 8)
+    };
+    let mut stream = pool.stream(&firebrand_runner::BLOBS, args);
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+    within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
+    let stats = pool.call(&firebrand_runner::STATS, ()).await.unwrap();
+    assert_eq!(stats.cancelled, 1, "{stats:?}");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_holds_the_producer_back() {
+    const ITEM: u32 = 64 << 10;
+    let pool = common::pool()
+        .max(1)
+        .max_concurrency(2)
+        .timeout(None)
+        .build()
+        .await
+        .unwrap();
+    // 20,000 items of 64 KiB: 1.25 GiB if the producer ran ahead of its reader.
+    let mut stream = pool.stream(&firebrand_runner::BLOBS, blobs(20_000, ITEM));
+    stream.next().await.unwrap().unwrap();
+    // Not a synchronisation: the window in which an unchecked producer would run far ahead.
+    tokio::time::sleep(SECOND).await;
+    let produced = pool.call(&firebrand_runner::PRODUCED, ()).await.unwrap();
+    let ahead = produced * u64::from(ITEM);
+    eprintln!(
+        "with one item read, the producer is {produced} items ({} MiB) ahead",
+        ahead >> 20
+    );
+    assert!(
+        ahead <= 48 << 20,
+        "the producer ran {} MiB ahead of its reader",
+        ahead >> 20
+    );
+    // Reading on lets it go on.
+    for _ in 0..1_000 {
+        stream.next().await.unwrap().unwrap();
+    }
+    let later = pool.call(&firebrand_runner::PRODUCED, ()).await.unwrap();
+    assert!(later > produced);
+    drop(stream);
+    pool.shutdown().await;
+}

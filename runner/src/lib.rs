@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use firebrand::child::RunnerStats;
-use firebrand::{Job, Registry};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use firebrand::{Job, Registry, StreamJob};
 use serde::{Deserialize, Serialize};
 pub use serde_bytes::ByteBuf;
 
@@ -28,6 +30,26 @@ pub const PID: Job<(), u32> = Job::new("firebrand.pid");
 pub const ENV: Job<String, Option<String>> = Job::new("firebrand.env");
 /// What the runner has served so far.
 pub const STATS: Job<(), RunnerStats> = Job::new("firebrand.stats");
+/// Streams `count` items of `bytes` bytes each, `delay_ms` apart, failing at `fail_at` if set.
+pub const BLOBS: StreamJob<BlobArgs, ByteBuf> = StreamJob::new("firebrand.blobs");
+/// How many items [`BLOBS`] has produced in this runner, read by the stream so far.
+pub const PRODUCED: Job<(), u64> = Job::new("firebrand.produced");
+
+/// Items [`BLOBS`] has handed to the runtime to send.
+static PRODUCED_ITEMS: AtomicU64 = AtomicU64::new(0);
+
+/// The argument of [`BLOBS`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BlobArgs {
+    /// How many items.
+    pub count: u64,
+    /// Bytes per item; each byte is the item's index, truncated.
+    pub bytes: u32,
+    /// Milliseconds between items.
+    pub delay_ms: u64,
+    /// The index at which the stream fails instead of yielding.
+    pub fail_at: Option<u64>,
+}
 
 /// The argument of [`HASH`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +99,12 @@ pub fn registry() -> Registry {
             )
         })
         .and_then(|r| r.register(&STATS, |()| async { ok(firebrand::child::stats()) }))
+        .and_then(|r| r.register_stream(&BLOBS, blobs))
+        .and_then(|r| {
+            r.register(&PRODUCED, |()| async {
+                ok(PRODUCED_ITEMS.load(Ordering::Relaxed))
+            })
+        })
         .expect("stock job names are unique");
     registry
 }
@@ -93,4 +121,24 @@ pub fn hash(args: &HashArgs) -> String {
         digest = ring::digest::digest(&ring::digest::SHA256, digest.as_ref());
     }
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn blobs(args: BlobArgs) -> impl futures_util::Stream<Item = Result<ByteBuf, String>> {
+    futures_util::stream::unfold(0u64, move |index| {
+        let args = args.clone();
+        async move {
+            if index >= args.count {
+                return None;
+            }
+            if args.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
+            }
+            if args.fail_at == Some(index) {
+                return Some((Err(format!("failed at item {index}")), u64::MAX));
+            }
+            PRODUCED_ITEMS.fetch_add(1, Ordering::Relaxed);
+            let item = ByteBuf::from(vec![index as u8; args.bytes as usize]);
+            Some((Ok(item), index + 1))
+        }
+    })
 }

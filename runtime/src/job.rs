@@ -104,3 +104,51 @@ impl<A, R> fmt::Debug for Job<A, R> {
             .finish()
     }
 }
+
+/// A typed name for a streaming job: it takes an `A` and yields `T`s, which the caller reads
+/// as a [`RemoteStream`](crate::RemoteStream) from [`Pool::stream`](crate::Pool::stream).
+///
+/// ```
+/// use firebrand::StreamJob;
+///
+/// const TOKENS: StreamJob<String, String> = StreamJob::new("generate");
+/// assert_eq!(TOKENS.name(), "generate");
+/// ```
+pub struct StreamJob<A, T> {
+    name: &'static str,
+    types: PhantomData<fn(A) -> T>,
+}
+
+impl<A, T> StreamJob<A, T> {
+    /// Names a streaming job. The name must be unique within a [`Registry`](crate::Registry).
+    #[must_use]
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            types: PhantomData,
+        }
+    }
+
+    /// The name the job is registered under.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl<A, T> Clone for StreamJob<A, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A, T> Copy for StreamJob<A, T> {}
+
+impl<A, T> fmt::Debug for StreamJob<A, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamJob")
+            .field("name", &self.name)
+            .field("args", &std::any::type_name::<A>())
+            .field("items", &std::any::type_name::<T>())
+            .finish()
+    }
+}

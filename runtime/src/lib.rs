@@ -53,10 +53,10 @@ pub use backend::fly::FlyBackend;
 pub use backend::{Backend, LocalBackend};
 pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
-pub use job::{Job, Payload};
+pub use job::{Job, Payload, StreamJob};
 pub use pool::{
     Call, CallOutcome, GrowEnd, GrowStart, Limits, Map, Placement, Pool, PoolBuilder, PoolEvent,
-    PoolStats, Progress, RemoteTask, Shrink,
+    PoolStats, Progress, RemoteStream, RemoteTask, Shrink,
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};
 pub use trace::TraceId;

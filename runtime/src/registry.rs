@@ -6,15 +6,29 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Job, Payload};
+use crate::job::{Job, Payload, StreamJob};
 use crate::wire;
 
 /// What a job handler produces: an encoded result frame, or a failure to report.
 pub(crate) type HandlerFuture =
     Pin<Box<dyn Future<Output = Result<wire::Chunks, JobFailure>> + Send>>;
 pub(crate) type Handler = Arc<dyn Fn(wire::Message) -> HandlerFuture + Send + Sync>;
+/// What a streaming job handler produces: encoded item frames (head and payload), or a failure.
+pub(crate) type ItemStream = BoxStream<'static, Result<wire::Chunks, JobFailure>>;
+pub(crate) type StreamHandler =
+    Arc<dyn Fn(wire::Message) -> Result<ItemStream, JobFailure> + Send + Sync>;
+
+/// How a registered job answers.
+#[derive(Clone)]
+pub(crate) enum Body {
+    /// With one result.
+    Call(Handler),
+    /// With a stream of items.
+    Stream(StreamHandler),
+}
 
 /// Why a registered job did not produce a result.
 #[derive(Debug)]
@@ -66,7 +80,7 @@ pub struct Registry {
 #[derive(Clone)]
 struct Entry {
     signature: JobSignature,
-    handler: Handler,
+    body: Body,
 }
 
 impl Registry {
@@ -96,12 +110,7 @@ impl Registry {
         Fut: Future<Output = Result<R, E>> + Send + 'static,
     {
         let name = job.name();
-        if name.is_empty() || name.len() > wire::MAX_JOB_NAME_LEN {
-            return Err(RegistryError::InvalidName { name: name.into() });
-        }
-        if self.jobs.contains_key(name) {
-            return Err(RegistryError::Duplicate { name: name.into() });
-        }
+        self.check_name(name)?;
         let handler: Handler = Arc::new(move |args: wire::Message| -> HandlerFuture {
             match args.decode::<A>() {
                 Ok(args) => {
@@ -124,8 +133,77 @@ impl Registry {
             args: std::any::type_name::<A>().into(),
             output: std::any::type_name::<R>().into(),
         };
-        self.jobs.insert(name, Entry { signature, handler });
+        let body = Body::Call(handler);
+        self.jobs.insert(name, Entry { signature, body });
         Ok(self)
+    }
+
+    /// Registers `handler` as the body of the streaming `job`: it gets the decoded argument and
+    /// returns a stream of `Result<T, E>`. Each `Ok` reaches the caller as an item; the first
+    /// `Err` ends the stream with [`CallError::Failed`](crate::CallError::Failed). The stream
+    /// is polled only as fast as the caller reads: a slow reader slows the job down.
+    ///
+    /// ```
+    /// use firebrand::{Registry, StreamJob};
+    ///
+    /// const COUNT: StreamJob<u32, u32> = StreamJob::new("count");
+    ///
+    /// let mut registry = Registry::new();
+    /// registry.register_stream(&COUNT, |n: u32| {
+    ///     futures_util::stream::iter((0..n).map(Ok::<_, std::convert::Infallible>))
+    /// })?;
+    /// # Ok::<(), firebrand::RegistryError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] if the name is taken.
+    pub fn register_stream<A, T, E, F, S>(
+        &mut self,
+        job: &StreamJob<A, T>,
+        handler: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        A: Payload,
+        T: Payload,
+        E: Display,
+        F: Fn(A) -> S + Send + Sync + 'static,
+        S: Stream<Item = Result<T, E>> + Send + 'static,
+    {
+        let name = job.name();
+        self.check_name(name)?;
+        let handler: StreamHandler = Arc::new(move |args: wire::Message| {
+            let args = args
+                .decode::<A>()
+                .map_err(|e| JobFailure::BadArgs(e.to_string()))?;
+            let items = handler(args).map(|item| {
+                let item = item.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                let mut frames = wire::Chunks::new();
+                frames
+                    .push_frame(&wire::ReplyHead::Item)
+                    .and_then(|()| frames.push_frame(&item))
+                    .map_err(|e| JobFailure::BadResult(e.to_string()))?;
+                Ok(frames)
+            });
+            Ok(items.boxed())
+        });
+        let signature = JobSignature {
+            name: name.into(),
+            args: std::any::type_name::<A>().into(),
+            output: format!("stream of {}", std::any::type_name::<T>()),
+        };
+        let body = Body::Stream(handler);
+        self.jobs.insert(name, Entry { signature, body });
+        Ok(self)
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), RegistryError> {
+        if name.is_empty() || name.len() > wire::MAX_JOB_NAME_LEN {
+            return Err(RegistryError::InvalidName { name: name.into() });
+        }
+        if self.jobs.contains_key(name) {
+            return Err(RegistryError::Duplicate { name: name.into() });
+        }
+        Ok(())
     }
 
     /// The names and types of every registered job.
@@ -136,8 +214,8 @@ impl Registry {
         }
     }
 
-    pub(crate) fn handler(&self, name: &str) -> Option<&Handler> {
-        self.jobs.get(name).map(|e| &e.handler)
+    pub(crate) fn body(&self, name: &str) -> Option<&Body> {
+        self.jobs.get(name).map(|e| &e.body)
     }
 }
 

@@ -11,8 +11,10 @@
 //!
 //! Each call is one bidirectional stream opened by the parent: a [`CallHead`] frame and a payload
 //! frame (the encoded argument), then FIN. The runner answers with a [`ReplyHead`] frame, followed
-//! by a payload frame (the encoded result) when the head is [`ReplyHead::Ok`]. The parent cancels a
-//! call by resetting its stream with [`stream::CANCELLED`].
+//! by a payload frame (the encoded result) when the head is [`ReplyHead::Ok`]. A streaming job
+//! answers with any number of [`ReplyHead::Item`] heads, each followed by a payload frame, then
+//! [`ReplyHead::End`] or an error head. The parent cancels a call by resetting its stream with
+//! [`stream::CANCELLED`].
 
 use bincode::config::Configuration;
 use bytes::{Buf as _, Bytes};
@@ -141,6 +143,10 @@ pub enum ReplyHead {
         /// What was wrong.
         message: String,
     },
+    /// A streaming job's item: a payload frame follows, then the next head.
+    Item,
+    /// A streaming job has yielded its last item.
+    End,
 }
 
 /// An error reading or writing a frame.

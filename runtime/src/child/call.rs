@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use super::terminator::{Ending, STATS};
-use crate::registry::{JobFailure, Registry};
+use crate::registry::{Body, JobFailure, Registry};
 use crate::wire::{self, CallHead, ReplyHead, WireError};
 
 /// What a call stream needs from its runner.
@@ -44,7 +44,7 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         trace_id = %crate::trace::TraceId(head.trace_id)
     );
     async move {
-        let Some(handler) = cx.registry.handler(&head.job) else {
+        let Some(body) = cx.registry.body(&head.job) else {
             tracing::warn!("unknown job");
             let _ = finish(&mut send, &ReplyHead::UnknownJob, None).await;
             return;
@@ -55,8 +55,16 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             return;
         };
         STATS.running();
-        let job = AssertUnwindSafe(async { handler(args).await }).catch_unwind();
         let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
+        let handler = match body {
+            Body::Call(handler) => handler,
+            Body::Stream(handler) => {
+                let ending = super::stream::serve(handler, args, deadline, &mut send).await;
+                STATS.ended(ending);
+                return;
+            }
+        };
+        let job = AssertUnwindSafe(async { handler(args).await }).catch_unwind();
         let job = async move {
             match deadline {
                 Some(limit) => tokio::time::timeout(limit, job).await.ok(),
@@ -117,7 +125,7 @@ fn parse_request(
     Ok((head, args))
 }
 
-fn failure_head(failure: JobFailure) -> ReplyHead {
+pub(super) fn failure_head(failure: JobFailure) -> ReplyHead {
     match failure {
         JobFailure::Failed(message) => ReplyHead::Failed { message },
         JobFailure::BadArgs(message) => ReplyHead::BadArgs { message },
@@ -125,7 +133,7 @@ fn failure_head(failure: JobFailure) -> ReplyHead {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -136,7 +144,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Writes the reply (a head alone, or the handler's `Ok` head and result), then finishes.
-async fn finish(
+pub(super) async fn finish(
     send: &mut SendStream,
     head: &ReplyHead,
     encoded: Option<wire::Chunks>,

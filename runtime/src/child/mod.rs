@@ -13,6 +13,7 @@
 //! ```
 
 mod call;
+mod stream;
 mod terminator;
 
 use std::net::SocketAddr;

@@ -236,7 +236,7 @@ impl<R: Payload> Prepared<R> {
             queued_ms = queued_for.as_millis() as u64,
             ran_ms = tracing::field::Empty,
         );
-        let mut running = Running::start(shared, self.job, runner.id, queued_for);
+        let mut running = Running::start(&**shared, self.job, runner.id, queued_for);
         let reply = runner
             .call(request, self.timeout)
             .instrument(span.clone())
@@ -255,17 +255,17 @@ impl<R: Payload> Prepared<R> {
 
 /// A call on its runner. Dropped, it reports the call finished, as cancelled unless told
 /// otherwise: a caller that drops its future cancels the call.
-struct Running<'a> {
-    shared: &'a Shared,
+pub(super) struct Running<S: std::ops::Deref<Target = Shared>> {
+    shared: S,
     job: &'static str,
     runner: RunnerId,
     started: Instant,
-    outcome: CallOutcome,
+    pub(super) outcome: CallOutcome,
 }
 
-impl<'a> Running<'a> {
-    fn start(
-        shared: &'a Shared,
+impl<S: std::ops::Deref<Target = Shared>> Running<S> {
+    pub(super) fn start(
+        shared: S,
         job: &'static str,
         runner: RunnerId,
         queued_for: Duration,
@@ -281,7 +281,7 @@ impl<'a> Running<'a> {
     }
 }
 
-impl Drop for Running<'_> {
+impl<S: std::ops::Deref<Target = Shared>> Drop for Running<S> {
     fn drop(&mut self) {
         let ran_for = self.started.elapsed();
         self.shared

@@ -10,6 +10,7 @@ mod observe;
 mod placement;
 mod resize;
 mod runner;
+mod stream;
 mod task;
 
 use std::sync::Arc;
@@ -24,11 +25,12 @@ pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
 pub use observe::{CallOutcome, PoolEvent};
 pub use resize::Limits;
+pub use stream::RemoteStream;
 pub use task::RemoteTask;
 
 use crate::backend::Backend;
 use crate::error::{BootError, CallError, PoolError};
-use crate::job::{Job, Payload};
+use crate::job::{Job, Payload, StreamJob};
 use crate::registry::{Manifest, Registry};
 use crate::tls::{self, PoolCa};
 use crate::{transport, wire};
@@ -226,6 +228,17 @@ impl Pool {
     pub fn spawn<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> RemoteTask<R> {
         let call = self.call(job, args).timeout(None);
         RemoteTask::new(self.inner.shared.tasks.spawn(call))
+    }
+
+    /// Starts the streaming `job` and returns its items as a [`RemoteStream`], with
+    /// backpressure: the runner produces only as fast as the stream is read. Dropping the
+    /// stream cancels the job. The pool's `timeout` bounds the whole stream.
+    pub fn stream<A: Payload, T: Payload>(
+        &self,
+        job: &StreamJob<A, T>,
+        args: A,
+    ) -> RemoteStream<T> {
+        stream::start(Arc::clone(&self.inner.shared), job, args)
     }
 
     /// Runs `job` over every input, a bounded number at a time, and yields each result with

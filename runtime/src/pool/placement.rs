@@ -98,19 +98,30 @@ impl State {
     }
 }
 
-/// One call's claim on one runner slot. Dropping it frees the slot.
-pub(crate) struct Lease<'a> {
-    shared: &'a Shared,
+/// One call's claim on one runner slot. Dropping it frees the slot. `S` is how it reaches the
+/// pool: borrowed for a call, owned (an `Arc`) for a stream that outlives its creator's borrow.
+pub(crate) struct Lease<S: std::ops::Deref<Target = Shared> = &'static Shared> {
+    shared: S,
     runner: Arc<RunnerHandle>,
 }
 
-impl Lease<'_> {
-    pub(crate) fn runner(&self) -> &RunnerHandle {
+impl<S: std::ops::Deref<Target = Shared>> Lease<S> {
+    pub(crate) fn runner(&self) -> &Arc<RunnerHandle> {
         &self.runner
     }
 }
 
-impl Drop for Lease<'_> {
+impl Lease<&Shared> {
+    /// The same claim, holding the pool by `Arc`.
+    pub(crate) fn into_owned(self, shared: Arc<Shared>) -> Lease<Arc<Shared>> {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again: its runner is moved out exactly once.
+        let runner = unsafe { std::ptr::read(&this.runner) };
+        Lease { shared, runner }
+    }
+}
+
+impl<S: std::ops::Deref<Target = Shared>> Drop for Lease<S> {
     fn drop(&mut self) {
         self.shared.release(self.runner.id);
     }
@@ -122,7 +133,7 @@ impl Shared {
         self: &Arc<Self>,
         job: &'static str,
         queue_timeout: Duration,
-    ) -> Result<Lease<'_>, CallError> {
+    ) -> Result<Lease<&Self>, CallError> {
         let queued = {
             let mut state = self.state.lock();
             if state.closed {
@@ -140,7 +151,7 @@ impl Shared {
                         self.start_boots(boots);
                     }
                     return Ok(Lease {
-                        shared: self,
+                        shared: &**self,
                         runner,
                     });
                 }
@@ -170,7 +181,7 @@ impl Shared {
         let outcome = tokio::time::timeout(queue_timeout, queued).await;
         match outcome {
             Ok(Ok(granted)) => granted.map(|mut grant| Lease {
-                shared: self,
+                shared: &**self,
                 runner: grant
                     .runner
                     .take()

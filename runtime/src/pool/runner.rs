@@ -29,10 +29,11 @@ pub(crate) struct RunnerHandle {
 }
 
 /// A call's stream pair. Dropped before the reply is read, it cancels the call on the runner.
-struct CallStream {
+pub(crate) struct CallStream {
     send: SendStream,
-    recv: RecvStream,
-    done: bool,
+    pub(crate) recv: RecvStream,
+    /// Set once the reply has been read to its end: nothing to cancel.
+    pub(crate) done: bool,
 }
 
 impl Drop for CallStream {
@@ -91,19 +92,28 @@ impl RunnerHandle {
         })
     }
 
-    async fn exchange(&self, mut request: SmallVec<[Bytes; 2]>) -> Result<Reply, Failure> {
+    /// Opens a call's stream and sends its request.
+    pub(crate) async fn open(
+        &self,
+        mut request: SmallVec<[Bytes; 2]>,
+    ) -> Result<CallStream, WireError> {
         let (send, recv) = self.connection.open_bi().await?;
         let mut stream = CallStream {
             send,
             recv,
             done: false,
         };
-        stream
-            .send
-            .write_all_chunks(&mut request)
-            .await
-            .map_err(WireError::from)?;
+        stream.send.write_all_chunks(&mut request).await?;
         let _ = stream.send.finish();
+        Ok(stream)
+    }
+
+    pub(crate) fn max_payload_len(&self) -> usize {
+        self.max_payload_len
+    }
+
+    async fn exchange(&self, request: SmallVec<[Bytes; 2]>) -> Result<Reply, Failure> {
+        let mut stream = self.open(request).await?;
         let limit = wire::message_limit(self.max_payload_len);
         let mut reply = wire::read_message(&mut stream.recv, limit).await?;
         stream.done = true;
@@ -116,7 +126,7 @@ impl RunnerHandle {
         }
     }
 
-    fn wire_error(&self, error: WireError) -> CallError {
+    pub(crate) fn wire_error(&self, error: WireError) -> CallError {
         match error {
             WireError::Read(ReadError::ConnectionLost(e))
             | WireError::Write(WriteError::ConnectionLost(e))
@@ -156,7 +166,7 @@ impl<E: Into<WireError>> From<E> for Failure {
     }
 }
 
-fn reply_error(head: ReplyHead) -> CallError {
+pub(crate) fn reply_error(head: ReplyHead) -> CallError {
     match head {
         ReplyHead::Failed { message } => CallError::Failed { message },
         ReplyHead::Panicked { message } => CallError::Panicked { message },
@@ -166,6 +176,10 @@ fn reply_error(head: ReplyHead) -> CallError {
         ReplyHead::BadArgs { message } => CallError::Decode { message },
         ReplyHead::BadResult { message } => CallError::Encode { message },
         ReplyHead::Malformed { message } => CallError::Protocol { message },
+        ReplyHead::Item | ReplyHead::End => CallError::Protocol {
+            message: "a call was answered as a stream: is the job registered as a stream job?"
+                .into(),
+        },
         ReplyHead::Ok | ReplyHead::TimedOut => unreachable!("handled by the caller"),
     }
 }

@@ -1,0 +1,189 @@
+//! Streaming calls: a job's items, read as the caller asks for them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{BoxStream, Stream, StreamExt as _};
+use tokio::time::Instant;
+
+use super::call::Running;
+use super::observe::CallOutcome;
+use super::placement::Lease;
+use super::runner::{reply_error, CallStream};
+use super::Shared;
+use crate::error::CallError;
+use crate::job::{Payload, StreamJob};
+use crate::trace::TraceId;
+use crate::wire::{self, ReplyHead};
+
+/// The items of a streaming job, from [`Pool::stream`](super::Pool::stream): a [`Stream`] of
+/// `Result<T, CallError>` that ends after the job's last item, or after its one error.
+///
+/// It takes a runner slot on its first poll and holds it until the job ends. The runner sends
+/// items only as fast as they are read: a slow reader slows the job, and memory stays bounded
+/// on both sides by QUIC's flow-control windows. Dropping it cancels the job on the runner.
+///
+/// ```no_run
+/// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+/// use futures_util::StreamExt as _;
+/// # const TOKENS: firebrand::StreamJob<String, String> = firebrand::StreamJob::new("generate");
+///
+/// let mut tokens = pool.stream(&TOKENS, "Once upon a time".into());
+/// while let Some(token) = tokens.next().await {
+///     print!("{}", token?);
+/// }
+/// # Ok(()) }
+/// ```
+#[must_use = "a stream does nothing unless polled"]
+pub struct RemoteStream<T> {
+    items: BoxStream<'static, Result<T, CallError>>,
+}
+
+impl<T> Stream for RemoteStream<T> {
+    type Item = Result<T, CallError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.items.poll_next_unpin(cx)
+    }
+}
+
+/// Where a stream is.
+enum Step {
+    Start(Start),
+    Open(Open),
+    Done,
+}
+
+struct Start {
+    shared: Arc<Shared>,
+    job: &'static str,
+    request: Result<smallvec::SmallVec<[bytes::Bytes; 2]>, CallError>,
+    timeout: Option<Duration>,
+    queue_timeout: Duration,
+}
+
+struct Open {
+    // Field order is drop order: the stream resets (cancelling the job) before the slot frees.
+    stream: CallStream,
+    running: Running<Arc<Shared>>,
+    lease: Lease<Arc<Shared>>,
+    timeout: Option<Duration>,
+}
+
+pub(super) fn start<A: Payload, T: Payload>(
+    shared: Arc<Shared>,
+    job: &StreamJob<A, T>,
+    args: A,
+) -> RemoteStream<T> {
+    let name = job.name();
+    let request = prepare(&shared, name, &args);
+    let start = Start {
+        timeout: shared.config.call_timeout,
+        queue_timeout: shared.config.queue_timeout,
+        shared,
+        job: name,
+        request,
+    };
+    let items = futures_util::stream::unfold(Step::Start(start), |step| async move {
+        let open = match step {
+            Step::Done => return None,
+            Step::Open(open) => open,
+            Step::Start(start) => match start.open().await {
+                Ok(open) => open,
+                Err(error) => return Some((Err(error), Step::Done)),
+            },
+        };
+        next_item(open).await
+    });
+    RemoteStream {
+        items: items.boxed(),
+    }
+}
+
+fn prepare<A: Payload>(
+    shared: &Shared,
+    name: &'static str,
+    args: &A,
+) -> Result<smallvec::SmallVec<[bytes::Bytes; 2]>, CallError> {
+    if shared.closed.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(CallError::Closed);
+    }
+    if !shared.manifest.contains(name) {
+        return Err(CallError::UnknownJob { job: name.into() });
+    }
+    let timeout_ms = shared.config.call_timeout.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    });
+    wire::encode_request(name, timeout_ms, TraceId::next().0, args).map_err(|e| CallError::Encode {
+        message: e.to_string(),
+    })
+}
+
+impl Start {
+    async fn open(self) -> Result<Open, CallError> {
+        let request = self.request?;
+        let queued_at = Instant::now();
+        let lease = self
+            .shared
+            .acquire(self.job, self.queue_timeout)
+            .await?
+            .into_owned(Arc::clone(&self.shared));
+        let runner = Arc::clone(lease.runner());
+        let running = Running::start(
+            Arc::clone(&self.shared),
+            self.job,
+            runner.id,
+            queued_at.elapsed(),
+        );
+        let stream = runner
+            .open(request)
+            .await
+            .map_err(|e| runner.wire_error(e))?;
+        Ok(Open {
+            stream,
+            running,
+            lease,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// Reads the next item, or the stream's end or error.
+async fn next_item<T: Payload>(mut open: Open) -> Option<(Result<T, CallError>, Step)> {
+    let runner = Arc::clone(open.lease.runner());
+    let head = match wire::read_head::<ReplyHead>(&mut open.stream.recv).await {
+        Ok(head) => head,
+        Err(error) => return Some((Err(runner.wire_error(error)), Step::Done)),
+    };
+    let failure = match head {
+        ReplyHead::Item => {
+            let item = wire::read_frame(&mut open.stream.recv, runner.max_payload_len())
+                .await
+                .and_then(|frame| wire::decode_payload::<T>(&frame));
+            return Some(match item {
+                Ok(item) => (Ok(item), Step::Open(open)),
+                Err(wire::WireError::Decode(message)) => {
+                    (Err(CallError::Decode { message }), Step::Done)
+                }
+                Err(error) => (Err(runner.wire_error(error)), Step::Done),
+            });
+        }
+        ReplyHead::End => {
+            open.stream.done = true;
+            open.running.outcome = CallOutcome::Ok;
+            return None;
+        }
+        ReplyHead::TimedOut => CallError::Timeout {
+            after: open.timeout.unwrap_or_default(),
+        },
+        ReplyHead::Ok => CallError::Protocol {
+            message: "a stream was answered as a call: is the job registered as a call?".into(),
+        },
+        other => reply_error(other),
+    };
+    open.stream.done = true;
+    open.running.outcome = CallOutcome::of(&Err(&failure));
+    Some((Err(failure), Step::Done))
+}
