@@ -98,6 +98,7 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         job: ECHO_BYTES.name().into(),
         timeout_ms: 30_000,
         trace_id: 0,
+        resource: 0,
     })
     .unwrap();
     firebrand::wire::encode_frame_into(&mut raw_request, &ByteBuf::from(payload.clone())).unwrap();

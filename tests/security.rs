@@ -289,6 +289,7 @@ async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
         job: ECHO.name().into(),
         timeout_ms: 0,
         trace_id: 0,
+        resource: 0,
     })
     .unwrap();
     request.extend_from_slice(&(2u32 << 20).to_be_bytes());

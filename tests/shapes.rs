@@ -281,3 +281,63 @@ async fn a_slow_reader_holds_the_producer_back() {
     drop(stream);
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resource_stays_on_its_runner_while_held_and_is_released_on_drop() {
+    use firebrand_runner::{STASH, STASH_LEN, WRONG_KIND};
+    let pool = common::pool()
+        .max(2)
+        .max_concurrency(1)
+        .idle_shutdown_after(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let mut events = pool.events();
+    let stash = pool.resource(&STASH, vec![7; 1000]).await.unwrap();
+    let (len, stash_pid) = stash.call(&STASH_LEN, ()).await.unwrap();
+    assert_eq!(len, 1000);
+    assert_eq!(pool.stats().in_flight, 1, "the handle holds its slot");
+    // That runner's only slot is taken: another call goes to another runner.
+    let other_pid = pool.call(&PID, ()).await.unwrap();
+    assert_ne!(other_pid, stash_pid);
+    // The other runner idles down; the resource's runner does not.
+    let stopped = common::next_matching(&mut events, |e| {
+        matches!(
+            e,
+            PoolEvent::RunnerIdleStopped { .. } | PoolEvent::RunnerStopped { .. }
+        )
+    })
+    .await;
+    assert!(
+        !matches!(stopped, PoolEvent::RunnerIdleStopped { runner } if runner == stash.runner())
+    );
+    let (_, pid) = stash.call(&STASH_LEN, ()).await.unwrap();
+    assert_eq!(pid, stash_pid, "still up, still the same runner");
+    let wrong = stash.call(&WRONG_KIND, ()).await.unwrap_err();
+    assert!(
+        wrong.to_string().contains("not a `alloc::string::String`"),
+        "{wrong}"
+    );
+
+    let held_on = stash.runner();
+    drop(stash);
+    let stopped = common::next_matching(
+        &mut events,
+        |e| matches!(e, PoolEvent::RunnerIdleStopped { runner } if *runner == held_on),
+    )
+    .await;
+    assert!(matches!(stopped, PoolEvent::RunnerIdleStopped { .. }));
+    assert_eq!(pool.stats().in_flight, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_on_a_held_resource() {
+    let pool = common::pool().max(1).build().await.unwrap();
+    let stash = pool
+        .resource(&firebrand_runner::STASH, vec![1])
+        .await
+        .unwrap();
+    within(5 * SECOND, pool.shutdown()).await;
+    drop(stash);
+}

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use firebrand::child::RunnerStats;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use firebrand::{Job, Registry, StreamJob};
+use firebrand::{Job, Registry, ResourceJob, StreamJob};
 use serde::{Deserialize, Serialize};
 pub use serde_bytes::ByteBuf;
 
@@ -34,6 +35,13 @@ pub const STATS: Job<(), RunnerStats> = Job::new("firebrand.stats");
 pub const BLOBS: StreamJob<BlobArgs, ByteBuf> = StreamJob::new("firebrand.blobs");
 /// How many items [`BLOBS`] has produced in this runner, read by the stream so far.
 pub const PRODUCED: Job<(), u64> = Job::new("firebrand.produced");
+
+/// Keeps its argument on the runner as a resource.
+pub const STASH: ResourceJob<Vec<u8>, Vec<u8>> = ResourceJob::new("firebrand.stash");
+/// The length of a [`STASH`] resource, and the runner's pid.
+pub const STASH_LEN: Job<(), (usize, u32)> = Job::new("firebrand.stash_len");
+/// Uses a resource as a `String`, which no stock resource job makes: a type mismatch.
+pub const WRONG_KIND: Job<(), ()> = Job::new("firebrand.wrong_kind");
 
 /// Items [`BLOBS`] has handed to the runtime to send.
 static PRODUCED_ITEMS: AtomicU64 = AtomicU64::new(0);
@@ -100,6 +108,13 @@ pub fn registry() -> Registry {
         })
         .and_then(|r| r.register(&STATS, |()| async { ok(firebrand::child::stats()) }))
         .and_then(|r| r.register_stream(&BLOBS, blobs))
+        .and_then(|r| r.register_resource(&STASH, |bytes: Vec<u8>| async move { ok(bytes) }))
+        .and_then(|r| {
+            r.register_using(&STASH_LEN, |bytes: Arc<Vec<u8>>, ()| async move {
+                ok((bytes.len(), std::process::id()))
+            })
+        })
+        .and_then(|r| r.register_using(&WRONG_KIND, |_: Arc<String>, ()| async { ok(()) }))
         .and_then(|r| {
             r.register(&PRODUCED, |()| async {
                 ok(PRODUCED_ITEMS.load(Ordering::Relaxed))

@@ -152,3 +152,57 @@ impl<A, T> fmt::Debug for StreamJob<A, T> {
             .finish()
     }
 }
+
+/// A typed name for a job that makes a resource on its runner: something that stays there,
+/// such as a loaded model, a temp file or a cache. [`Pool::resource`](crate::Pool::resource)
+/// returns a [`Resource`](crate::Resource) handle to it; jobs registered with
+/// [`Registry::register_using`](crate::Registry::register_using) use it.
+///
+/// `T` never crosses the wire, so it needs no `Serialize`.
+///
+/// ```
+/// use firebrand::ResourceJob;
+///
+/// struct Model { weights: Vec<f32> }
+///
+/// const LOAD_MODEL: ResourceJob<String, Model> = ResourceJob::new("load_model");
+/// assert_eq!(LOAD_MODEL.name(), "load_model");
+/// ```
+pub struct ResourceJob<A, T> {
+    name: &'static str,
+    types: PhantomData<fn(A) -> T>,
+}
+
+impl<A, T> ResourceJob<A, T> {
+    /// Names a resource job. The name must be unique within a [`Registry`](crate::Registry).
+    #[must_use]
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            types: PhantomData,
+        }
+    }
+
+    /// The name the job is registered under.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl<A, T> Clone for ResourceJob<A, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A, T> Copy for ResourceJob<A, T> {}
+
+impl<A, T> fmt::Debug for ResourceJob<A, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResourceJob")
+            .field("name", &self.name)
+            .field("args", &std::any::type_name::<A>())
+            .field("resource", &std::any::type_name::<T>())
+            .finish()
+    }
+}

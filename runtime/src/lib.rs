@@ -53,10 +53,10 @@ pub use backend::fly::FlyBackend;
 pub use backend::{Backend, LocalBackend};
 pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
-pub use job::{Job, Payload, StreamJob};
+pub use job::{Job, Payload, ResourceJob, StreamJob};
 pub use pool::{
     Call, CallOutcome, GrowEnd, GrowStart, Limits, Map, Placement, Pool, PoolBuilder, PoolEvent,
-    PoolStats, Progress, RemoteStream, RemoteTask, Shrink,
+    PoolStats, Progress, RemoteStream, RemoteTask, Resource, Shrink,
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};
 pub use trace::TraceId;

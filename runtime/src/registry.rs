@@ -1,5 +1,6 @@
 //! The registry of named jobs, and its manifest.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt::{self, Display};
 use std::future::Future;
@@ -9,7 +10,8 @@ use std::sync::Arc;
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Job, Payload, StreamJob};
+use crate::child::Resources;
+use crate::job::{Job, Payload, ResourceJob, StreamJob};
 use crate::wire;
 
 /// What a job handler produces: an encoded result frame, or a failure to report.
@@ -21,6 +23,13 @@ pub(crate) type ItemStream = BoxStream<'static, Result<wire::Chunks, JobFailure>
 pub(crate) type StreamHandler =
     Arc<dyn Fn(wire::Message) -> Result<ItemStream, JobFailure> + Send + Sync>;
 
+/// A value a resource job made, as the runner keeps it.
+pub(crate) type AnyResource = Arc<dyn Any + Send + Sync>;
+pub(crate) type ResourceHandler =
+    Arc<dyn Fn(wire::Message, Arc<Resources>) -> HandlerFuture + Send + Sync>;
+pub(crate) type UsingHandler =
+    Arc<dyn Fn(AnyResource, wire::Message) -> HandlerFuture + Send + Sync>;
+
 /// How a registered job answers.
 #[derive(Clone)]
 pub(crate) enum Body {
@@ -28,6 +37,10 @@ pub(crate) enum Body {
     Call(Handler),
     /// With a stream of items.
     Stream(StreamHandler),
+    /// By making a resource that stays on the runner, and answering with its id.
+    Resource(ResourceHandler),
+    /// With one result, from a resource the call names.
+    Using(UsingHandler),
 }
 
 /// Why a registered job did not produce a result.
@@ -117,24 +130,19 @@ impl Registry {
                     let run = handler(args);
                     Box::pin(async move {
                         let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
-                        let mut reply = wire::Chunks::new();
-                        reply
-                            .push_frame(&wire::ReplyHead::Ok)
-                            .and_then(|()| reply.push_frame(&output))
-                            .map_err(|e| JobFailure::BadResult(e.to_string()))?;
-                        Ok(reply)
+                        ok_reply(&output)
                     })
                 }
                 Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
             }
         });
-        let signature = JobSignature {
-            name: name.into(),
-            args: std::any::type_name::<A>().into(),
-            output: std::any::type_name::<R>().into(),
-        };
-        let body = Body::Call(handler);
-        self.jobs.insert(name, Entry { signature, body });
+        let output = std::any::type_name::<R>().into();
+        self.insert(
+            name,
+            std::any::type_name::<A>(),
+            output,
+            Body::Call(handler),
+        );
         Ok(self)
     }
 
@@ -186,17 +194,143 @@ impl Registry {
             });
             Ok(items.boxed())
         });
-        let signature = JobSignature {
-            name: name.into(),
-            args: std::any::type_name::<A>().into(),
-            output: format!("stream of {}", std::any::type_name::<T>()),
-        };
-        let body = Body::Stream(handler);
-        self.jobs.insert(name, Entry { signature, body });
+        let output = format!("stream of {}", std::any::type_name::<T>());
+        self.insert(
+            name,
+            std::any::type_name::<A>(),
+            output,
+            Body::Stream(handler),
+        );
         Ok(self)
     }
 
+    /// Registers `handler` as the body of the resource `job`: it makes a `T` that stays on the
+    /// runner while the parent holds its [`Resource`](crate::Resource) handle.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use firebrand::{Job, Registry, ResourceJob};
+    ///
+    /// struct Cache(Vec<u64>);
+    /// const BUILD: ResourceJob<u64, Cache> = ResourceJob::new("cache.build");
+    /// const LOOKUP: Job<usize, u64> = Job::new("cache.lookup");
+    ///
+    /// let mut registry = Registry::new();
+    /// registry
+    ///     .register_resource(&BUILD, |n: u64| async move {
+    ///         Ok::<_, std::convert::Infallible>(Cache((0..n).map(|i| i * i).collect()))
+    ///     })?
+    ///     .register_using(&LOOKUP, |cache: Arc<Cache>, i: usize| async move {
+    ///         cache.0.get(i).copied().ok_or("out of range")
+    ///     })?;
+    /// # Ok::<(), firebrand::RegistryError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] if the name is taken.
+    pub fn register_resource<A, T, E, F, Fut>(
+        &mut self,
+        job: &ResourceJob<A, T>,
+        handler: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        A: Payload,
+        T: Send + Sync + 'static,
+        E: Display,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let name = job.name();
+        self.check_name(name)?;
+        let handler: ResourceHandler = Arc::new(move |args, resources: Arc<Resources>| {
+            let args = match args.decode::<A>() {
+                Ok(args) => args,
+                Err(e) => {
+                    return Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string()))))
+                }
+            };
+            let made = handler(args);
+            Box::pin(async move {
+                let value = made.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                let id = resources.insert(Arc::new(value));
+                ok_reply(&id)
+            })
+        });
+        self.insert(
+            name,
+            std::any::type_name::<A>(),
+            format!("resource {}", std::any::type_name::<T>()),
+            Body::Resource(handler),
+        );
+        Ok(self)
+    }
+
+    /// Registers `handler` as the body of `job`, which runs with a resource that a
+    /// [`ResourceJob`] made on the same runner: call it with
+    /// [`Resource::call`](crate::Resource::call). A call naming a resource of another type
+    /// fails with [`CallError::Failed`](crate::CallError::Failed).
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] if the name is taken.
+    pub fn register_using<A, R, T, E, F, Fut>(
+        &mut self,
+        job: &Job<A, R>,
+        handler: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        A: Payload,
+        R: Payload,
+        T: Send + Sync + 'static,
+        E: Display,
+        F: Fn(Arc<T>, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        let name = job.name();
+        self.check_name(name)?;
+        let handler: UsingHandler = Arc::new(move |resource: AnyResource, args| {
+            let Ok(resource) = resource.downcast::<T>() else {
+                let message = format!("the resource is not a `{}`", std::any::type_name::<T>());
+                return Box::pin(std::future::ready(Err(JobFailure::Failed(message))));
+            };
+            let args = match args.decode::<A>() {
+                Ok(args) => args,
+                Err(e) => {
+                    return Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string()))))
+                }
+            };
+            let run = handler(resource, args);
+            Box::pin(async move {
+                let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                ok_reply(&output)
+            })
+        });
+        let args = format!(
+            "{} using {}",
+            std::any::type_name::<A>(),
+            std::any::type_name::<T>()
+        );
+        self.insert(
+            name,
+            &args,
+            std::any::type_name::<R>().into(),
+            Body::Using(handler),
+        );
+        Ok(self)
+    }
+
+    fn insert(&mut self, name: &'static str, args: &str, output: String, body: Body) {
+        let signature = JobSignature {
+            name: name.into(),
+            args: args.into(),
+            output,
+        };
+        self.jobs.insert(name, Entry { signature, body });
+    }
+
     fn check_name(&self, name: &str) -> Result<(), RegistryError> {
+        if name == wire::RELEASE_JOB {
+            return Err(RegistryError::InvalidName { name: name.into() });
+        }
         if name.is_empty() || name.len() > wire::MAX_JOB_NAME_LEN {
             return Err(RegistryError::InvalidName { name: name.into() });
         }
@@ -217,6 +351,16 @@ impl Registry {
     pub(crate) fn body(&self, name: &str) -> Option<&Body> {
         self.jobs.get(name).map(|e| &e.body)
     }
+}
+
+/// The `Ok` head and `output`, encoded.
+pub(crate) fn ok_reply<T: Serialize + ?Sized>(output: &T) -> Result<wire::Chunks, JobFailure> {
+    let mut reply = wire::Chunks::new();
+    reply
+        .push_frame(&wire::ReplyHead::Ok)
+        .and_then(|()| reply.push_frame(output))
+        .map_err(|e| JobFailure::BadResult(e.to_string()))?;
+    Ok(reply)
 }
 
 impl fmt::Debug for Registry {

@@ -35,6 +35,9 @@ pub const ALPN: &[u8] = b"firebrand";
 /// The largest head frame ([`Hello`], [`CallHead`], [`ReplyHead`], [`ControlMessage`]).
 pub const MAX_HEAD_LEN: usize = 1 << 20;
 
+/// The reserved job name of a request that releases the resource its head names.
+pub const RELEASE_JOB: &str = "firebrand:release";
+
 /// The longest job name.
 pub const MAX_JOB_NAME_LEN: usize = 256;
 
@@ -107,6 +110,8 @@ pub struct CallHead {
     pub timeout_ms: u64,
     /// The call's trace id, which the runner's log lines for the call carry.
     pub trace_id: u128,
+    /// The runner-side resource the call uses; 0 for none.
+    pub resource: u64,
 }
 
 /// The head of a call's reply.
@@ -534,6 +539,7 @@ struct CallHeadRef<'a> {
     job: &'a str,
     timeout_ms: u64,
     trace_id: u128,
+    resource: u64,
 }
 
 /// Encodes a whole call request, head and argument.
@@ -541,6 +547,7 @@ pub(crate) fn encode_request<A: Serialize>(
     job: &str,
     timeout_ms: u64,
     trace_id: u128,
+    resource: u64,
     args: &A,
 ) -> Result<SmallVec<[Bytes; 2]>, WireError> {
     let mut chunks = Chunks::new();
@@ -548,6 +555,7 @@ pub(crate) fn encode_request<A: Serialize>(
         job,
         timeout_ms,
         trace_id,
+        resource,
     })?;
     chunks.push_frame(args)?;
     Ok(chunks.into_bytes())
@@ -563,12 +571,14 @@ mod tests {
             job: "x.y".into(),
             timeout_ms: 99,
             trace_id: 7,
+            resource: 3,
         })
         .unwrap();
         let borrowed = encode_payload_frame(&CallHeadRef {
             job: "x.y",
             timeout_ms: 99,
             trace_id: 7,
+            resource: 3,
         })
         .unwrap();
         assert_eq!(owned, borrowed);
@@ -581,6 +591,7 @@ mod tests {
                 job: "j".into(),
                 timeout_ms: 5,
                 trace_id: 1,
+                resource: 0,
             };
             let payload = serde_bytes::ByteBuf::from(vec![3u8; len]);
             let mut chunks = Chunks::new();
@@ -662,6 +673,7 @@ mod tests {
             job: "a.job".into(),
             timeout_ms: 1234,
             trace_id: u128::MAX,
+            resource: u64::MAX,
         };
         let payload = serde_bytes::ByteBuf::from((0..5000u32).map(|i| i as u8).collect::<Vec<_>>());
         let mut bytes = encode_payload_frame(&head).unwrap();

@@ -278,6 +278,7 @@ pub async fn raw_request<A: serde::Serialize>(
         job: job.into(),
         timeout_ms,
         trace_id: 0,
+        resource: 0,
     })
     .unwrap();
     wire::encode_frame_into(&mut request, args).unwrap();

@@ -11,12 +11,13 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use super::terminator::{Ending, STATS};
-use crate::registry::{Body, JobFailure, Registry};
+use crate::registry::{ok_reply, Body, JobFailure, Registry};
 use crate::wire::{self, CallHead, ReplyHead, WireError};
 
 /// What a call stream needs from its runner.
 pub(crate) struct CallContext {
     pub(crate) registry: Registry,
+    pub(crate) resources: Arc<super::Resources>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) max_payload_len: usize,
 }
@@ -44,6 +45,12 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         trace_id = %crate::trace::TraceId(head.trace_id)
     );
     async move {
+        if head.job == wire::RELEASE_JOB {
+            cx.resources.release(head.resource);
+            let reply = ok_reply(&()).ok();
+            let _ = finish(&mut send, &ReplyHead::Ok, reply).await;
+            return;
+        }
         let Some(body) = cx.registry.body(&head.job) else {
             tracing::warn!("unknown job");
             let _ = finish(&mut send, &ReplyHead::UnknownJob, None).await;
@@ -56,15 +63,29 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         };
         STATS.running();
         let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
-        let handler = match body {
-            Body::Call(handler) => handler,
-            Body::Stream(handler) => {
-                let ending = super::stream::serve(handler, args, deadline, &mut send).await;
-                STATS.ended(ending);
-                return;
+        if let Body::Stream(handler) = body {
+            let ending = super::stream::serve(handler, args, deadline, &mut send).await;
+            STATS.ended(ending);
+            return;
+        }
+        let resources = &cx.resources;
+        // The handler is called inside the guarded future: a panic before its first await is
+        // caught like any other.
+        let job = AssertUnwindSafe(async move {
+            match body {
+                Body::Call(handler) => handler(args).await,
+                Body::Resource(handler) => handler(args, Arc::clone(resources)).await,
+                Body::Using(handler) => match resources.get(head.resource) {
+                    Some(resource) => handler(resource, args).await,
+                    None => Err(JobFailure::Failed(format!(
+                        "resource {} is not held on this runner",
+                        head.resource
+                    ))),
+                },
+                Body::Stream(_) => unreachable!("served above"),
             }
-        };
-        let job = AssertUnwindSafe(async { handler(args).await }).catch_unwind();
+        })
+        .catch_unwind();
         let job = async move {
             match deadline {
                 Some(limit) => tokio::time::timeout(limit, job).await.ok(),

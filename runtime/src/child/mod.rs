@@ -13,6 +13,7 @@
 //! ```
 
 mod call;
+mod resources;
 mod stream;
 mod terminator;
 
@@ -31,6 +32,7 @@ use crate::token::{BootToken, TokenError, PARENT_ENV};
 use crate::wire::{self, close, ControlMessage, DrainReason, Hello, HelloReply};
 use crate::{tls, transport};
 use call::{serve_call, CallContext};
+pub(crate) use resources::Resources;
 use terminator::{Terminator, STATS};
 
 /// Process exit codes of a runner.
@@ -167,6 +169,7 @@ async fn serve_in_span(token: BootToken, registry: Registry) -> Result<ServeExit
 
     let terminator = Arc::new(Terminator::new());
     let cx = Arc::new(CallContext {
+        resources: Arc::new(Resources::new(Arc::clone(&terminator))),
         registry,
         slots: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
@@ -224,6 +227,8 @@ async fn serve_in_span(token: BootToken, registry: Registry) -> Result<ServeExit
         ServeExit::Released => tracing::info!("released by parent"),
         ServeExit::ParentLost(why) => tracing::warn!(reason = %why, "parent lost: draining"),
     }
+    // Nobody can use them any more; calls still running keep theirs until they end.
+    cx.resources.clear();
     if tokio::time::timeout(settings.drain_grace, terminator.drained())
         .await
         .is_err()

@@ -116,6 +116,11 @@ impl Terminator {
 
     pub(crate) fn stream_started(self: &Arc<Self>) -> StreamGuard {
         STATS.started.fetch_add(1, Ordering::Relaxed);
+        self.hold()
+    }
+
+    /// Counts as a stream being served until the guard drops: the runner is not idle.
+    pub(crate) fn hold(self: &Arc<Self>) -> StreamGuard {
         let mut streams = self.streams.lock();
         streams.0 += 1;
         // Only the edges between idle and busy matter to the waiters; notifying on every call

@@ -160,11 +160,12 @@ impl<A: Payload, R: Payload> Call<A, R> {
             u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
         });
         let trace_id = self.trace_id.unwrap_or_else(TraceId::next);
-        let request = wire::encode_request(name, timeout_ms, trace_id.0, &args).map_err(|e| {
-            CallError::Encode {
-                message: e.to_string(),
-            }
-        })?;
+        let request =
+            wire::encode_request(name, timeout_ms, trace_id.0, 0, &args).map_err(|e| {
+                CallError::Encode {
+                    message: e.to_string(),
+                }
+            })?;
         Ok(Prepared {
             job: name,
             request,

@@ -9,6 +9,7 @@ mod map;
 mod observe;
 mod placement;
 mod resize;
+mod resource;
 mod runner;
 mod stream;
 mod task;
@@ -25,6 +26,7 @@ pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
 pub use observe::{CallOutcome, PoolEvent};
 pub use resize::Limits;
+pub use resource::Resource;
 pub use stream::RemoteStream;
 pub use task::RemoteTask;
 
@@ -317,7 +319,7 @@ impl Pool {
                 .closed
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             state.fail_waiters(&CallError::Closed);
-            state.stats().in_flight > 0
+            state.calls_running()
         };
         if busy
             && tokio::time::timeout(shared.config.drain_grace, drained)

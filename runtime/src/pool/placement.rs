@@ -41,6 +41,8 @@ pub(crate) struct Slot {
     draining: bool,
     /// Why it drains, given when it is released.
     release_reason: &'static str,
+    /// Slots held by resource handles: taken, but no call to wait for at shutdown.
+    pinned: u32,
     min: bool,
 }
 
@@ -79,6 +81,22 @@ impl State {
             draining: self.runners.iter().filter(|s| s.draining).count(),
             in_flight: self.runners.iter().map(|s| s.in_flight as usize).sum(),
             queued: self.waiters.iter().filter(|w| !w.is_closed()).count(),
+        }
+    }
+
+    /// Whether any call runs: a slot a resource handle holds is not a call.
+    pub(crate) fn calls_running(&self) -> bool {
+        self.runners.iter().any(|s| s.in_flight > s.pinned)
+    }
+
+    /// Counts a taken slot on `runner` as held by a resource handle, or no longer.
+    pub(crate) fn pin(&mut self, runner: RunnerId, pinned: bool) {
+        if let Some(slot) = self.runners.iter_mut().find(|s| s.handle.id == runner) {
+            if pinned {
+                slot.pinned += 1;
+            } else {
+                slot.pinned = slot.pinned.saturating_sub(1);
+            }
         }
     }
 
@@ -262,7 +280,7 @@ impl Shared {
         let mut state = self.state.lock();
         self.free_slot(&mut state, runner);
         self.dispatch(&mut state);
-        if state.closed && state.runners.iter().all(|s| s.in_flight == 0) {
+        if state.closed && !state.calls_running() {
             self.calls_drained.notify_waiters();
         }
     }
@@ -371,6 +389,7 @@ impl Shared {
             in_flight: 0,
             draining: false,
             release_reason: "drained",
+            pinned: 0,
             min,
         });
         // A resize may have lowered the limits while it booted.
@@ -420,7 +439,7 @@ impl Shared {
         let mut state = self.state.lock();
         state.runners.retain(|s| s.handle.id != runner);
         self.publish(&state);
-        if state.closed && state.runners.iter().all(|s| s.in_flight == 0) {
+        if state.closed && !state.calls_running() {
             self.calls_drained.notify_waiters();
         }
         let plan = self.plan_boots(&mut state);

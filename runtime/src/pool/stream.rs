@@ -116,8 +116,10 @@ fn prepare<A: Payload>(
     let timeout_ms = shared.config.call_timeout.map_or(0, |t| {
         u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
     });
-    wire::encode_request(name, timeout_ms, TraceId::next().0, args).map_err(|e| CallError::Encode {
-        message: e.to_string(),
+    wire::encode_request(name, timeout_ms, TraceId::next().0, 0, args).map_err(|e| {
+        CallError::Encode {
+            message: e.to_string(),
+        }
     })
 }
 

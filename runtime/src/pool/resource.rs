@@ -1,0 +1,159 @@
+//! Resource handles: something a job made on a runner, kept there while the parent holds it.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::call::Running;
+use super::observe::CallOutcome;
+use super::placement::Lease;
+use super::runner::RunnerHandle;
+use super::{Pool, Shared};
+use crate::error::{CallError, RunnerId};
+use crate::job::{Job, Payload, ResourceJob};
+use crate::trace::TraceId;
+use crate::wire;
+
+/// How long a release may take before the slot is freed anyway.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A handle to a `T` that a [`ResourceJob`] made on one runner (FLAME's `track_resources`).
+///
+/// While the handle lives, the resource stays on its runner, the runner stays up, and the
+/// handle holds one of the runner's slots. [`call`](Resource::call) runs jobs registered with
+/// [`Registry::register_using`](crate::Registry::register_using) on that runner, with the
+/// resource. Dropping the handle releases the resource and the slot.
+///
+/// ```no_run
+/// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+/// # struct Model;
+/// # const LOAD: firebrand::ResourceJob<String, Model> = firebrand::ResourceJob::new("load");
+/// # const INFER: firebrand::Job<String, String> = firebrand::Job::new("infer");
+/// let model = pool.resource(&LOAD, "llama-8b".into()).await?;
+/// let answer = model.call(&INFER, "Why is the sky blue?".into()).await?;
+/// drop(model); // unloaded on the runner
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping a Resource releases it at once"]
+pub struct Resource<T> {
+    id: u64,
+    runner: Arc<RunnerHandle>,
+    shared: Arc<Shared>,
+    lease: Option<Lease<Arc<Shared>>>,
+    kind: PhantomData<fn() -> T>,
+}
+
+impl Pool {
+    /// Runs the resource `job` on a runner and returns a handle to what it made there.
+    ///
+    /// # Errors
+    /// As for a call: the job's own error, a lost runner, a full queue.
+    pub async fn resource<A: Payload, T>(
+        &self,
+        job: &ResourceJob<A, T>,
+        args: A,
+    ) -> Result<Resource<T>, CallError> {
+        let shared = Arc::clone(&self.inner.shared);
+        let name = job.name();
+        if !shared.manifest.contains(name) {
+            return Err(CallError::UnknownJob { job: name.into() });
+        }
+        let request = encode(&shared, name, 0, &args)?;
+        let queued_at = Instant::now();
+        let lease = shared
+            .acquire(name, shared.config.queue_timeout)
+            .await?
+            .into_owned(Arc::clone(&shared));
+        let runner = Arc::clone(lease.runner());
+        let id = run(&shared, &runner, name, queued_at, request).await?;
+        shared.state.lock().pin(runner.id, true);
+        tracing::debug!(resource = id, runner = %runner.id, job = name, "resource made");
+        Ok(Resource {
+            id,
+            runner,
+            shared,
+            lease: Some(lease),
+            kind: PhantomData,
+        })
+    }
+}
+
+impl<T> Resource<T> {
+    /// Calls `job` on the resource's runner, with the resource. The call does not queue for a
+    /// pool slot (the handle holds one); the runner's own concurrency limit applies.
+    ///
+    /// # Errors
+    /// As for [`Pool::call`].
+    pub async fn call<A: Payload, R: Payload>(
+        &self,
+        job: &Job<A, R>,
+        args: A,
+    ) -> Result<R, CallError> {
+        let name = job.name();
+        if !self.shared.manifest.contains(name) {
+            return Err(CallError::UnknownJob { job: name.into() });
+        }
+        let request = encode(&self.shared, name, self.id, &args)?;
+        run(&self.shared, &self.runner, name, Instant::now(), request).await
+    }
+
+    /// The runner that holds the resource.
+    pub fn runner(&self) -> RunnerId {
+        self.runner.id
+    }
+}
+
+impl<T> Drop for Resource<T> {
+    fn drop(&mut self) {
+        let (runner, lease, id) = (Arc::clone(&self.runner), self.lease.take(), self.id);
+        let Ok(request) = wire::encode_request(wire::RELEASE_JOB, 0, 0, id, &()) else {
+            return;
+        };
+        self.shared.state.lock().pin(runner.id, false);
+        // The slot stays taken until the runner has let go of the resource.
+        self.shared.tasks.spawn(async move {
+            if let Err(error) = runner.call(request, Some(RELEASE_TIMEOUT)).await {
+                tracing::debug!(resource = id, %error, "releasing a resource failed");
+            }
+            drop(lease);
+        });
+    }
+}
+
+fn encode<A: Payload>(
+    shared: &Shared,
+    name: &str,
+    resource: u64,
+    args: &A,
+) -> Result<smallvec::SmallVec<[bytes::Bytes; 2]>, CallError> {
+    let timeout_ms = shared.config.call_timeout.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    });
+    wire::encode_request(name, timeout_ms, TraceId::next().0, resource, args).map_err(|e| {
+        CallError::Encode {
+            message: e.to_string(),
+        }
+    })
+}
+
+async fn run<R: Payload>(
+    shared: &Arc<Shared>,
+    runner: &RunnerHandle,
+    name: &'static str,
+    queued_at: Instant,
+    request: smallvec::SmallVec<[bytes::Bytes; 2]>,
+) -> Result<R, CallError> {
+    let mut running = Running::start(&**shared, name, runner.id, queued_at.elapsed());
+    let output = runner
+        .call(request, shared.config.call_timeout)
+        .await
+        .and_then(|reply| {
+            reply.decode().map_err(|e| CallError::Decode {
+                message: e.to_string(),
+            })
+        });
+    running.outcome = CallOutcome::of(&output.as_ref().map(|_| ()));
+    output
+}
