@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{alive, local_backend, pool, within, Recording};
 use firebrand::{BootError, CallError, LocalBackend, PoolError, PoolStats};
-use firebrand_runner::{PID, SLEEP};
+use firebrand_runner::PID;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -432,12 +432,7 @@ async fn resizing_up_grows_the_pool_for_waiting_calls() {
         .build()
         .await
         .unwrap();
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.call(&SLEEP, 1_000).await })
-        })
-        .collect();
+    let calls = common::spawn_sleeps(&pool, 3, 1_000);
     let mut limits = pool.limits();
     limits.max = 3;
     pool.resize(limits).unwrap();
@@ -463,12 +458,7 @@ async fn resizing_down_while_busy_drains_runners_and_loses_no_call() {
     common::concurrent_sleeps(&pool, 3, 10).await;
     assert_eq!(pool.stats().ready, 3);
     let mut events = pool.events();
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.call(&SLEEP, 800).await })
-        })
-        .collect();
+    let calls = common::spawn_sleeps(&pool, 3, 800);
     for _ in 0..3 {
         common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
     }

@@ -105,104 +105,80 @@ impl<A, R> fmt::Debug for Job<A, R> {
     }
 }
 
-/// A typed name for a streaming job: it takes an `A` and yields `T`s, which the caller reads
-/// as a [`RemoteStream`](crate::RemoteStream) from [`Pool::stream`](crate::Pool::stream).
-///
-/// ```
-/// use firebrand::StreamJob;
-///
-/// const TOKENS: StreamJob<String, String> = StreamJob::new("generate");
-/// assert_eq!(TOKENS.name(), "generate");
-/// ```
-pub struct StreamJob<A, T> {
-    name: &'static str,
-    types: PhantomData<fn(A) -> T>,
-}
-
-impl<A, T> StreamJob<A, T> {
-    /// Names a streaming job. The name must be unique within a [`Registry`](crate::Registry).
-    #[must_use]
-    pub const fn new(name: &'static str) -> Self {
-        Self {
-            name,
-            types: PhantomData,
+/// Defines a typed job name with only a name: the struct, `new`, `name`, `Clone`, `Copy` and
+/// `Debug` (which shows its type parameters under `args` and `$output`).
+macro_rules! job_name {
+    ($(#[$doc:meta])* $name:ident, $output:literal) => {
+        $(#[$doc])*
+        pub struct $name<A, T> {
+            name: &'static str,
+            types: PhantomData<fn(A) -> T>,
         }
-    }
 
-    /// The name the job is registered under.
-    pub const fn name(&self) -> &'static str {
-        self.name
-    }
-}
+        impl<A, T> $name<A, T> {
+            /// Names the job. The name must be unique within a [`Registry`](crate::Registry).
+            #[must_use]
+            pub const fn new(name: &'static str) -> Self {
+                Self {
+                    name,
+                    types: PhantomData,
+                }
+            }
 
-impl<A, T> Clone for StreamJob<A, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<A, T> Copy for StreamJob<A, T> {}
-
-impl<A, T> fmt::Debug for StreamJob<A, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StreamJob")
-            .field("name", &self.name)
-            .field("args", &std::any::type_name::<A>())
-            .field("items", &std::any::type_name::<T>())
-            .finish()
-    }
-}
-
-/// A typed name for a job that makes a resource on its runner: something that stays there,
-/// such as a loaded model, a temp file or a cache. [`Pool::resource`](crate::Pool::resource)
-/// returns a [`Resource`](crate::Resource) handle to it; jobs registered with
-/// [`Registry::register_using`](crate::Registry::register_using) use it.
-///
-/// `T` never crosses the wire, so it needs no `Serialize`.
-///
-/// ```
-/// use firebrand::ResourceJob;
-///
-/// struct Model { weights: Vec<f32> }
-///
-/// const LOAD_MODEL: ResourceJob<String, Model> = ResourceJob::new("load_model");
-/// assert_eq!(LOAD_MODEL.name(), "load_model");
-/// ```
-pub struct ResourceJob<A, T> {
-    name: &'static str,
-    types: PhantomData<fn(A) -> T>,
-}
-
-impl<A, T> ResourceJob<A, T> {
-    /// Names a resource job. The name must be unique within a [`Registry`](crate::Registry).
-    #[must_use]
-    pub const fn new(name: &'static str) -> Self {
-        Self {
-            name,
-            types: PhantomData,
+            /// The name the job is registered under.
+            pub const fn name(&self) -> &'static str {
+                self.name
+            }
         }
-    }
 
-    /// The name the job is registered under.
-    pub const fn name(&self) -> &'static str {
-        self.name
-    }
+        impl<A, T> Clone for $name<A, T> {
+            fn clone(&self) -> Self {
+                *self
+            }
+        }
+
+        impl<A, T> Copy for $name<A, T> {}
+
+        impl<A, T> fmt::Debug for $name<A, T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("name", &self.name)
+                    .field("args", &std::any::type_name::<A>())
+                    .field($output, &std::any::type_name::<T>())
+                    .finish()
+            }
+        }
+    };
 }
 
-impl<A, T> Clone for ResourceJob<A, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
+job_name! {
+    /// A typed name for a streaming job: it takes an `A` and yields `T`s, which the caller
+    /// reads as a [`RemoteStream`](crate::RemoteStream) from [`Pool::stream`](crate::Pool::stream).
+    ///
+    /// ```
+    /// use firebrand::StreamJob;
+    ///
+    /// const TOKENS: StreamJob<String, String> = StreamJob::new("generate");
+    /// assert_eq!(TOKENS.name(), "generate");
+    /// ```
+    StreamJob, "items"
 }
 
-impl<A, T> Copy for ResourceJob<A, T> {}
-
-impl<A, T> fmt::Debug for ResourceJob<A, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResourceJob")
-            .field("name", &self.name)
-            .field("args", &std::any::type_name::<A>())
-            .field("resource", &std::any::type_name::<T>())
-            .finish()
-    }
+job_name! {
+    /// A typed name for a job that makes a resource on its runner: something that stays there,
+    /// such as a loaded model, a temp file or a cache. [`Pool::resource`](crate::Pool::resource)
+    /// returns a [`Resource`](crate::Resource) handle to it; jobs registered with
+    /// [`Registry::register_using`](crate::Registry::register_using) use it.
+    ///
+    /// `T` never crosses the wire, so it needs no `Serialize`.
+    ///
+    /// ```
+    /// use firebrand::ResourceJob;
+    ///
+    /// struct Model { weights: Vec<f32> }
+    ///
+    /// const LOAD_MODEL: ResourceJob<String, Model> = ResourceJob::new("load_model");
+    /// assert_eq!(LOAD_MODEL.name(), "load_model");
+    /// ```
+    ResourceJob, "resource"
 }

@@ -124,18 +124,7 @@ impl Registry {
     {
         let name = job.name();
         self.check_name(name)?;
-        let handler: Handler = Arc::new(move |args: wire::Message| -> HandlerFuture {
-            match args.decode::<A>() {
-                Ok(args) => {
-                    let run = handler(args);
-                    Box::pin(async move {
-                        let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
-                        ok_reply(&output)
-                    })
-                }
-                Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
-            }
-        });
+        let handler: Handler = Arc::new(move |args| run_decoded(args, &handler));
         let output = std::any::type_name::<R>().into();
         self.insert(
             name,
@@ -243,17 +232,12 @@ impl Registry {
         let name = job.name();
         self.check_name(name)?;
         let handler: ResourceHandler = Arc::new(move |args, resources: Arc<Resources>| {
-            let args = match args.decode::<A>() {
-                Ok(args) => args,
-                Err(e) => {
-                    return Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string()))))
+            run_decoded(args, |args: A| {
+                let made = handler(args);
+                async move {
+                    let value = made.await?;
+                    Ok::<_, E>(resources.insert(Arc::new(value)))
                 }
-            };
-            let made = handler(args);
-            Box::pin(async move {
-                let value = made.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
-                let id = resources.insert(Arc::new(value));
-                ok_reply(&id)
             })
         });
         self.insert(
@@ -292,17 +276,7 @@ impl Registry {
                 let message = format!("the resource is not a `{}`", std::any::type_name::<T>());
                 return Box::pin(std::future::ready(Err(JobFailure::Failed(message))));
             };
-            let args = match args.decode::<A>() {
-                Ok(args) => args,
-                Err(e) => {
-                    return Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string()))))
-                }
-            };
-            let run = handler(resource, args);
-            Box::pin(async move {
-                let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
-                ok_reply(&output)
-            })
+            run_decoded(args, |args| handler(resource, args))
         });
         let args = format!(
             "{} using {}",
@@ -350,6 +324,27 @@ impl Registry {
 
     pub(crate) fn body(&self, name: &str) -> Option<&Body> {
         self.jobs.get(name).map(|e| &e.body)
+    }
+}
+
+/// Decodes the argument and starts the job with it, or fails with `BadArgs`. The job's output
+/// becomes the `Ok` reply; its error, a `Failed` one.
+fn run_decoded<A, R, E, Fut>(args: wire::Message, start: impl FnOnce(A) -> Fut) -> HandlerFuture
+where
+    A: Payload,
+    R: Serialize + Send + 'static,
+    E: Display,
+    Fut: Future<Output = Result<R, E>> + Send + 'static,
+{
+    match args.decode::<A>() {
+        Ok(args) => {
+            let run = start(args);
+            Box::pin(async move {
+                let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                ok_reply(&output)
+            })
+        }
+        Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
     }
 }
 

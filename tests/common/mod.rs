@@ -46,14 +46,23 @@ pub async fn within<T>(limit: Duration, future: impl IntoFuture<Output = T>) -> 
         .unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
 }
 
-/// Runs `n` calls of the stock sleep job at once and waits for all of them to succeed.
-pub async fn concurrent_sleeps(pool: &Pool, n: usize, ms: u64) {
-    let calls: Vec<_> = (0..n)
+/// Starts `n` calls of the stock sleep job, each on its own task.
+pub fn spawn_sleeps(
+    pool: &Pool,
+    n: usize,
+    ms: u64,
+) -> Vec<tokio::task::JoinHandle<Result<(), firebrand::CallError>>> {
+    (0..n)
         .map(|_| {
             let pool = pool.clone();
             tokio::spawn(async move { pool.call(&firebrand_runner::SLEEP, ms).await })
         })
-        .collect();
+        .collect()
+}
+
+/// Runs `n` calls of the stock sleep job at once and waits for all of them to succeed.
+pub async fn concurrent_sleeps(pool: &Pool, n: usize, ms: u64) {
+    let calls = spawn_sleeps(pool, n, ms);
     for call in calls {
         within(Duration::from_secs(30), call)
             .await

@@ -27,12 +27,7 @@ pub(super) async fn serve(
             let _ = finish(send, &failure_head(failure), None).await;
             return Ending::Failed;
         }
-        Err(panic) => {
-            let message = panic_message(panic.as_ref());
-            tracing::error!(%message, "job panicked");
-            let _ = finish(send, &ReplyHead::Panicked { message }, None).await;
-            return Ending::Panicked;
-        }
+        Err(panic) => return panicked(send, panic_message(panic.as_ref())).await,
     };
     let pumped = match deadline {
         Some(limit) => tokio::time::timeout(limit, pump(items, send)).await.ok(),
@@ -78,12 +73,14 @@ async fn pump(mut items: ItemStream, send: &mut SendStream) -> Ending {
                 let _ = finish(send, &ReplyHead::End, None).await;
                 return Ending::Succeeded;
             }
-            Err(panic) => {
-                let message = panic_message(panic.as_ref());
-                tracing::error!(%message, "job panicked");
-                let _ = finish(send, &ReplyHead::Panicked { message }, None).await;
-                return Ending::Panicked;
-            }
+            Err(panic) => return panicked(send, panic_message(panic.as_ref())).await,
         }
     }
+}
+
+/// Reports a panic in the job as the stream's end.
+async fn panicked(send: &mut SendStream, message: String) -> Ending {
+    tracing::error!(%message, "job panicked");
+    let _ = finish(send, &ReplyHead::Panicked { message }, None).await;
+    Ending::Panicked
 }
