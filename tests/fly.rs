@@ -443,3 +443,33 @@ async fn the_token_never_reaches_a_log_line_an_error_or_debug_output() {
         assert!(!text.contains("VERY-SECRET"), "token leaked: {text}");
     }
 }
+
+#[tokio::test]
+async fn every_work_shape_runs_on_fly_machines_too() {
+    use futures_util::StreamExt as _;
+    let fly = fake().await;
+    let pool = pool(backend(&fly).build().unwrap())
+        .max(2)
+        .build()
+        .await
+        .unwrap();
+    let pids = pool.map(&PID, vec![(); 20]).outputs().await.unwrap();
+    assert_eq!(pids.len(), 20);
+    let args = firebrand_runner::BlobArgs {
+        count: 50,
+        bytes: 10,
+        ..Default::default()
+    };
+    let items: Vec<_> = pool.stream(&firebrand_runner::BLOBS, args).collect().await;
+    assert_eq!(items.len(), 50);
+    assert!(items.iter().all(Result::is_ok));
+    pool.spawn(&SLEEP, 50).await.unwrap();
+    let stash = pool
+        .resource(&firebrand_runner::STASH, vec![1, 2, 3])
+        .await
+        .unwrap();
+    let (len, _) = stash.call(&firebrand_runner::STASH_LEN, ()).await.unwrap();
+    assert_eq!(len, 3);
+    drop(stash);
+    shut_down_clean(pool, &fly).await;
+}
