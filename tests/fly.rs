@@ -473,3 +473,28 @@ async fn every_work_shape_runs_on_fly_machines_too() {
     drop(stash);
     shut_down_clean(pool, &fly).await;
 }
+
+#[tokio::test]
+async fn an_unreachable_api_fails_boots_clearly_but_not_the_pool_start() {
+    common::init_tracing();
+    // Nothing listens on port 9 of loopback: every request is refused at once.
+    let backend = FlyBackendBuilder::from_vars(|_| None)
+        .api_base("http://127.0.0.1:9")
+        .token("fm2_x")
+        .app("app")
+        .image(IMAGE)
+        .private_ip("::1")
+        .retries(2, Duration::from_millis(10), Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let pool = within(10 * SECOND, pool(backend).boot_attempts(1).build())
+        .await
+        .unwrap();
+    let message = boot_failure(&pool.call(&PID, ()).await.unwrap_err());
+    assert!(
+        message.contains("cannot reach the Fly Machines API"),
+        "{message}"
+    );
+    assert!(message.contains("gave up after 2 attempts"), "{message}");
+    pool.shutdown().await;
+}
