@@ -112,6 +112,11 @@ impl<T> Drop for Resource<T> {
             return;
         };
         self.shared.state.lock().pin(runner.id, false);
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No runtime to send a release on: the runner drops the resource with its
+            // connection, when the pool ends.
+            return;
+        }
         // The slot stays taken until the runner has let go of the resource.
         self.shared.tasks.spawn(async move {
             if let Err(error) = runner.call(request, Some(RELEASE_TIMEOUT)).await {
