@@ -498,3 +498,31 @@ async fn an_unreachable_api_fails_boots_clearly_but_not_the_pool_start() {
     assert!(message.contains("gave up after 2 attempts"), "{message}");
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_lost_runner_s_machine_ends_destroyed_and_destroys_are_retried_through_429s() {
+    let fly = fake().await;
+    let pool = pool(backend(&fly).build().unwrap())
+        .max(2)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 2, 200).await;
+    assert_eq!(fly.created(), 2);
+    // Kill one runner's process: its machine stops, and the pool gives it up.
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let mut events = pool.events();
+    // SAFETY: kill(2) on a runner process the fake started for this test.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    common::next_matching(&mut events, |e| {
+        matches!(e, firebrand::PoolEvent::RunnerLost { .. })
+    })
+    .await;
+    assert!(fly.wait_for(10 * SECOND, |c| c.destroyed >= 1).await);
+    // The remaining machine's destroy meets 429s at shutdown, and is retried.
+    fly.rate_limit_burst(3, None);
+    shut_down_clean(pool, &fly).await;
+    assert!(fly.counts().rate_limited >= 3);
+    assert_eq!(fly.counts().destroyed, 2);
+}
