@@ -96,14 +96,14 @@ impl<A: Payload, R: Payload> Call<A, R> {
     }
 
     /// The execution deadline for this call; `None` for none. Default: the pool's
-    /// [`timeout`](PoolBuilder::timeout).
+    /// [`timeout`](crate::PoolBuilder::timeout).
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.timeout = timeout.into();
         self
     }
 
     /// How long this call may wait for a slot. Default: the pool's
-    /// [`queue_timeout`](PoolBuilder::queue_timeout).
+    /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.queue_timeout = timeout;
         self
