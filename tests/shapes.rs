@@ -158,9 +158,16 @@ async fn map_collects_every_failure_or_stops_at_the_first() {
         .stop_on_error();
     while let Some((_, result)) = stream.next().await {
         progress.push(result.is_err());
+        assert_eq!(
+            pool.stats().in_flight,
+            0,
+            "the other call was cancelled at once"
+        );
     }
     assert_eq!(progress, [true], "the stream ends after the first failure");
-    pool.shutdown().await;
+    // With the map still alive, nothing holds a slot: shutdown does not wait out a drain.
+    within(5 * SECOND, pool.shutdown()).await;
+    drop(stream);
 }
 
 #[tokio::test]

@@ -55,6 +55,7 @@ pub struct Map<A, R> {
     stop_on_error: bool,
     progress: Option<Hook>,
     running: Option<BoxStream<'static, (usize, Result<R, CallError>)>>,
+    stopped: bool,
 }
 
 impl<A: Payload, R: Payload> Map<A, R> {
@@ -76,6 +77,7 @@ impl<A: Payload, R: Payload> Map<A, R> {
             stop_on_error: false,
             progress: None,
             running: None,
+            stopped: false,
         }
     }
 
@@ -139,20 +141,13 @@ impl<A: Payload, R: Payload> Map<A, R> {
         } else {
             calls.buffer_unordered(limit).boxed()
         };
-        let stop_on_error = self.stop_on_error;
         let mut hook = self.progress.take();
         let mut progress = Progress {
             done: 0,
             failed: 0,
             total,
         };
-        let mut stopped = false;
         results
-            .take_while(move |(_, result)| {
-                let go_on = !stopped;
-                stopped |= stop_on_error && result.is_err();
-                std::future::ready(go_on)
-            })
             .inspect(move |(_, result)| {
                 progress.done += 1;
                 progress.failed += usize::from(result.is_err());
@@ -168,14 +163,26 @@ impl<A: Payload, R: Payload> Stream for Map<A, R> {
     type Item = (usize, Result<R, CallError>);
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.stopped {
+            return Poll::Ready(None);
+        }
         if self.running.is_none() {
             let running = self.start();
             self.running = Some(running);
         }
-        self.running
+        let next = self
+            .running
             .as_mut()
             .expect("set above")
-            .poll_next_unpin(cx)
+            .poll_next_unpin(cx);
+        if let Poll::Ready(Some((_, Err(_)))) = &next {
+            if self.stop_on_error {
+                // Dropping the calls in flight cancels them now, not when the map is dropped.
+                self.running = None;
+                self.stopped = true;
+            }
+        }
+        next
     }
 }
 
