@@ -13,6 +13,7 @@
 //! | `firebrand_boots_total` | counter | `outcome` |
 //! | `firebrand_runners_lost_total` | counter | |
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,34 +146,49 @@ impl CallOutcome {
 /// The pool's event channel.
 pub(crate) struct Observer {
     events: broadcast::Sender<PoolEvent>,
+    /// Live event streams. Read on every call: an atomic load, where asking the channel for
+    /// its receiver count would take its lock.
+    listeners: Arc<AtomicUsize>,
+}
+
+/// Counts one event stream while it lives.
+struct Listening(Arc<AtomicUsize>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Observer {
     pub(crate) fn new() -> Self {
         Self {
             events: broadcast::channel(BACKLOG).0,
+            listeners: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     pub(crate) fn subscribe(&self) -> BoxStream<'static, PoolEvent> {
         use broadcast::error::RecvError;
         let receiver = self.events.subscribe();
+        self.listeners.fetch_add(1, Ordering::Relaxed);
+        let listening = Listening(Arc::clone(&self.listeners));
         Box::pin(futures_util::stream::unfold(
-            receiver,
-            |mut receiver| async move {
+            (receiver, listening),
+            |(mut receiver, listening)| async move {
                 let event = match receiver.recv().await {
                     Ok(event) => event,
                     Err(RecvError::Lagged(missed)) => PoolEvent::Lagged { missed },
                     Err(RecvError::Closed) => return None,
                 };
-                Some((event, receiver))
+                Some((event, (receiver, listening)))
             },
         ))
     }
 
     /// Sends the event made by `event`, made only when someone listens.
     pub(crate) fn emit(&self, event: impl FnOnce() -> PoolEvent) {
-        if self.events.receiver_count() > 0 {
+        if self.listeners.load(Ordering::Relaxed) > 0 {
             let _ = self.events.send(event());
         }
     }
