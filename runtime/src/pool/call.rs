@@ -1,5 +1,6 @@
 //! A call: encoded once, placed on a runner, retried when that is allowed.
 
+use std::borrow::Borrow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tracing::Instrument as _;
 use tokio::time::Instant;
 
 use super::observe::CallOutcome;
+use super::runner::RunnerHandle;
 use super::Shared;
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
@@ -143,29 +145,12 @@ impl<A: Payload, R: Payload> Call<A, R> {
         let args = self.args.take().ok_or(CallError::Protocol {
             message: "call polled after completion".into(),
         })?;
-        if self
-            .shared
-            .closed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Err(CallError::Closed);
-        }
-        if !self.shared.manifest.contains(name) {
-            return Err(CallError::UnknownJob { job: name.into() });
-        }
+        check_callable(&self.shared, name)?;
         if self.retry.retries > 0 && !self.retry.idempotent {
             return Err(CallError::NotIdempotent { job: name.into() });
         }
-        let timeout_ms = self.timeout.map_or(0, |t| {
-            u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
-        });
         let trace_id = self.trace_id.unwrap_or_else(TraceId::next);
-        let request =
-            wire::encode_request(name, timeout_ms, trace_id.0, 0, &args).map_err(|e| {
-                CallError::Encode {
-                    message: e.to_string(),
-                }
-            })?;
+        let request = encode(name, self.timeout, trace_id, 0, &args)?;
         Ok(Prepared {
             job: name,
             request,
@@ -182,7 +167,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
 pub(super) struct Prepared<R> {
     job: &'static str,
     // Handed to quinn as is: its send buffer takes the chunks without copying them.
-    request: smallvec::SmallVec<[bytes::Bytes; 2]>,
+    request: Request,
     timeout: Option<Duration>,
     queue_timeout: Duration,
     retry: Retry,
@@ -220,38 +205,81 @@ impl<R: Payload> Prepared<R> {
         }
     }
 
-    async fn attempt(
-        &self,
-        shared: &Arc<Shared>,
-        request: smallvec::SmallVec<[bytes::Bytes; 2]>,
-    ) -> Result<R, CallError> {
+    async fn attempt(&self, shared: &Arc<Shared>, request: Request) -> Result<R, CallError> {
         let queued_at = Instant::now();
         let lease = shared.acquire(self.job, self.queue_timeout).await?;
-        let runner = lease.runner();
+        let runner = lease.runner().id;
         let queued_for = queued_at.elapsed();
         let span = tracing::debug_span!(
             "call",
             job = self.job,
-            runner = %runner.id,
+            runner = %runner,
             trace_id = %self.trace_id,
             queued_ms = queued_for.as_millis() as u64,
             ran_ms = tracing::field::Empty,
         );
-        let mut running = Running::start(&**shared, self.job, runner.id, queued_for);
-        let reply = runner
-            .call(request, self.timeout)
-            .instrument(span.clone())
-            .await;
-        drop(lease);
-        let output = reply.and_then(|reply| {
-            reply.decode().map_err(|e| CallError::Decode {
-                message: e.to_string(),
-            })
-        });
-        running.outcome = CallOutcome::of(&output.as_ref().map(|_| ()));
-        span.record("ran_ms", running.started.elapsed().as_millis() as u64);
-        output
+        exchange(shared, lease, self.job, queued_for, request, self.timeout)
+            .instrument(span)
+            .await
     }
+}
+
+/// An encoded request.
+pub(super) type Request = smallvec::SmallVec<[bytes::Bytes; 2]>;
+
+/// Refuses a call the pool cannot take: it is closed, or it knows no such job.
+pub(super) fn check_callable(shared: &Shared, name: &str) -> Result<(), CallError> {
+    if shared.closed.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(CallError::Closed);
+    }
+    if !shared.manifest.contains(name) {
+        return Err(CallError::UnknownJob { job: name.into() });
+    }
+    Ok(())
+}
+
+/// Encodes a request for `name`, with its execution deadline for the runner.
+pub(super) fn encode<A: Payload>(
+    name: &str,
+    timeout: Option<Duration>,
+    trace_id: TraceId,
+    resource: u64,
+    args: &A,
+) -> Result<Request, CallError> {
+    let timeout_ms = timeout.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    });
+    wire::encode_request(name, timeout_ms, trace_id.0, resource, args).map_err(|e| {
+        CallError::Encode {
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Runs an encoded request on the runner `slot` reaches, reporting the call started and
+/// finished, and decodes its result. The slot (a lease, or a plain reference) is let go as soon
+/// as the reply is in, before decoding. The current span's `ran_ms` field, where it has one,
+/// gets the run time.
+pub(super) async fn exchange<R: Payload>(
+    shared: &Shared,
+    slot: impl Borrow<RunnerHandle>,
+    job: &'static str,
+    queued_for: Duration,
+    request: Request,
+    timeout: Option<Duration>,
+) -> Result<R, CallError> {
+    let runner = slot.borrow();
+    let mut running = Running::start(shared, job, runner.id, queued_for);
+    let reply = runner.call(request, timeout).await;
+    drop(slot);
+    let output = reply.and_then(|reply| {
+        reply.decode().map_err(|e| CallError::Decode {
+            message: e.to_string(),
+        })
+    });
+    running.outcome = CallOutcome::of(&output.as_ref().map(|_| ()));
+    tracing::Span::current().record("ran_ms", running.started.elapsed().as_millis() as u64);
+    output
 }
 
 /// A call on its runner. Dropped, it reports the call finished, as cancelled unless told

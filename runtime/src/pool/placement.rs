@@ -129,6 +129,12 @@ impl<S: std::ops::Deref<Target = Shared>> Lease<S> {
     }
 }
 
+impl<S: std::ops::Deref<Target = Shared>> std::borrow::Borrow<RunnerHandle> for Lease<S> {
+    fn borrow(&self) -> &RunnerHandle {
+        &self.runner
+    }
+}
+
 impl Lease<&Shared> {
     /// The same claim, holding the pool by `Arc`.
     pub(crate) fn into_owned(self, shared: Arc<Shared>) -> Lease<Arc<Shared>> {

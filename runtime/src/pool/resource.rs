@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::call::Running;
-use super::observe::CallOutcome;
+use super::call::{encode, exchange};
 use super::placement::Lease;
 use super::runner::RunnerHandle;
 use super::{Pool, Shared};
@@ -60,14 +59,23 @@ impl Pool {
         if !shared.manifest.contains(name) {
             return Err(CallError::UnknownJob { job: name.into() });
         }
-        let request = encode(&shared, name, 0, &args)?;
+        let request = encode(name, shared.config.call_timeout, TraceId::next(), 0, &args)?;
         let queued_at = Instant::now();
         let lease = shared
             .acquire(name, shared.config.queue_timeout)
             .await?
             .into_owned(Arc::clone(&shared));
         let runner = Arc::clone(lease.runner());
-        let id = run(&shared, &runner, name, queued_at, request).await?;
+        let timeout = shared.config.call_timeout;
+        let id = exchange(
+            &shared,
+            &*runner,
+            name,
+            queued_at.elapsed(),
+            request,
+            timeout,
+        )
+        .await?;
         shared.state.lock().pin(runner.id, true);
         tracing::debug!(resource = id, runner = %runner.id, job = name, "resource made");
         Ok(Resource {
@@ -95,8 +103,23 @@ impl<T> Resource<T> {
         if !self.shared.manifest.contains(name) {
             return Err(CallError::UnknownJob { job: name.into() });
         }
-        let request = encode(&self.shared, name, self.id, &args)?;
-        run(&self.shared, &self.runner, name, Instant::now(), request).await
+        let request = encode(
+            name,
+            self.shared.config.call_timeout,
+            TraceId::next(),
+            self.id,
+            &args,
+        )?;
+        let timeout = self.shared.config.call_timeout;
+        exchange(
+            &self.shared,
+            &*self.runner,
+            name,
+            Duration::ZERO,
+            request,
+            timeout,
+        )
+        .await
     }
 
     /// The runner that holds the resource.
@@ -125,40 +148,4 @@ impl<T> Drop for Resource<T> {
             drop(lease);
         });
     }
-}
-
-fn encode<A: Payload>(
-    shared: &Shared,
-    name: &str,
-    resource: u64,
-    args: &A,
-) -> Result<smallvec::SmallVec<[bytes::Bytes; 2]>, CallError> {
-    let timeout_ms = shared.config.call_timeout.map_or(0, |t| {
-        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
-    });
-    wire::encode_request(name, timeout_ms, TraceId::next().0, resource, args).map_err(|e| {
-        CallError::Encode {
-            message: e.to_string(),
-        }
-    })
-}
-
-async fn run<R: Payload>(
-    shared: &Arc<Shared>,
-    runner: &RunnerHandle,
-    name: &'static str,
-    queued_at: Instant,
-    request: smallvec::SmallVec<[bytes::Bytes; 2]>,
-) -> Result<R, CallError> {
-    let mut running = Running::start(&**shared, name, runner.id, queued_at.elapsed());
-    let output = runner
-        .call(request, shared.config.call_timeout)
-        .await
-        .and_then(|reply| {
-            reply.decode().map_err(|e| CallError::Decode {
-                message: e.to_string(),
-            })
-        });
-    running.outcome = CallOutcome::of(&output.as_ref().map(|_| ()));
-    output
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use tokio::time::Instant;
 
-use super::call::Running;
+use super::call::{check_callable, encode, Request, Running};
 use super::observe::CallOutcome;
 use super::placement::Lease;
 use super::runner::{reply_error, CallStream};
@@ -59,7 +59,7 @@ enum Step {
 struct Start {
     shared: Arc<Shared>,
     job: &'static str,
-    request: Result<smallvec::SmallVec<[bytes::Bytes; 2]>, CallError>,
+    request: Result<Request, CallError>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
 }
@@ -106,21 +106,9 @@ fn prepare<A: Payload>(
     shared: &Shared,
     name: &'static str,
     args: &A,
-) -> Result<smallvec::SmallVec<[bytes::Bytes; 2]>, CallError> {
-    if shared.closed.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(CallError::Closed);
-    }
-    if !shared.manifest.contains(name) {
-        return Err(CallError::UnknownJob { job: name.into() });
-    }
-    let timeout_ms = shared.config.call_timeout.map_or(0, |t| {
-        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
-    });
-    wire::encode_request(name, timeout_ms, TraceId::next().0, 0, args).map_err(|e| {
-        CallError::Encode {
-            message: e.to_string(),
-        }
-    })
+) -> Result<Request, CallError> {
+    check_callable(shared, name)?;
+    encode(name, shared.config.call_timeout, TraceId::next(), 0, args)
 }
 
 impl Start {
