@@ -14,9 +14,32 @@ use firebrand::{LocalBackend, Pool};
 use firebrand_runner::{ByteBuf, ECHO_BYTES, SLEEP};
 use support::{rss_bytes, RssSampler, RUNNER};
 
-fn cold_pool(min: usize) -> firebrand::PoolBuilder {
+/// How the local backend starts each runner.
+#[derive(Clone, Copy)]
+enum Start {
+    /// One `exec` per runner: the default.
+    Exec,
+    /// Forked from a template process (`LocalBackendBuilder::fork_server`).
+    Fork,
+}
+
+impl Start {
+    fn suffix(self) -> &'static str {
+        match self {
+            Start::Exec => "",
+            Start::Fork => "_forked",
+        }
+    }
+}
+
+fn cold_pool(min: usize, start: Start) -> firebrand::PoolBuilder {
+    let backend = LocalBackend::builder().command(RUNNER);
+    let backend = match start {
+        Start::Exec => backend,
+        Start::Fork => backend.fork_server(),
+    };
     Pool::builder(&firebrand_runner::registry())
-        .backend(LocalBackend::builder().command(RUNNER).build())
+        .backend(backend.build())
         .min(min)
         .max(min.max(1))
 }
@@ -38,31 +61,18 @@ fn cold_start(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             assert_eq!(status.code(), Some(2));
         })
     });
-    group.bench_function("first_result", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    let pool = cold_pool(0).build().await.unwrap();
-                    pool.call(&ECHO_BYTES, ByteBuf::from(vec![1; 64]))
-                        .await
-                        .unwrap();
-                    total += started.elapsed();
-                    pool.shutdown().await;
-                }
-                total
-            })
-        })
-    });
-    for runners in [1, 8] {
-        group.bench_function(format!("{runners}_ready"), |b| {
+    for start in [Start::Exec, Start::Fork] {
+        let suffix = start.suffix();
+        group.bench_function(format!("first_result{suffix}"), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let started = Instant::now();
-                        let pool = cold_pool(runners).build().await.unwrap();
+                        let pool = cold_pool(0, start).build().await.unwrap();
+                        pool.call(&ECHO_BYTES, ByteBuf::from(vec![1; 64]))
+                            .await
+                            .unwrap();
                         total += started.elapsed();
                         pool.shutdown().await;
                     }
@@ -70,6 +80,22 @@ fn cold_start(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 })
             })
         });
+        for runners in [1, 8] {
+            group.bench_function(format!("{runners}_ready{suffix}"), |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let started = Instant::now();
+                            let pool = cold_pool(runners, start).build().await.unwrap();
+                            total += started.elapsed();
+                            pool.shutdown().await;
+                        }
+                        total
+                    })
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -39,6 +39,8 @@ compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");
 pub mod backend;
 pub mod child;
 mod error;
+#[cfg(target_os = "linux")]
+mod fork_server;
 mod job;
 mod pool;
 mod registry;

@@ -107,7 +107,7 @@ impl PoolCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         set_validity(&mut params, CA_LIFETIME);
-        let key = KeyPair::generate()?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
         let cert = params.self_signed(&key)?.der().clone();
         Ok(Self {
             issuer: Issuer::new(params, key),
@@ -150,7 +150,7 @@ impl PoolCa {
     }
 
     fn sign(&self, params: CertificateParams) -> Result<IssuedCert, TlsError> {
-        let key = KeyPair::generate()?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert::new(cert.der().clone(), key.serialize_der()))
     }

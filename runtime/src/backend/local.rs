@@ -14,6 +14,8 @@ use tokio::process::{Child, Command};
 use std::sync::Arc;
 
 use super::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
+#[cfg(target_os = "linux")]
+use crate::fork_server::client::ForkServers;
 use super::{Backend, BootRequest, Exit, Machine};
 use crate::error::BackendError;
 
@@ -55,6 +57,8 @@ pub struct LocalBackend {
     gpu_list: Option<Vec<String>>,
     gpus: Option<Arc<GpuSet>>,
     inherit_output: bool,
+    #[cfg(target_os = "linux")]
+    fork_server: Option<Arc<ForkServers>>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -66,6 +70,8 @@ impl std::fmt::Debug for LocalBackend {
             .field("forward", &self.forward)
             .field("gpus_per_runner", &self.gpus_per_runner)
             .field("gpus", &self.gpus.as_ref().map(|g| g.len()))
+            .field("inherit_output", &self.inherit_output)
+            .field("fork_server", &self.forks_runners())
             .finish()
     }
 }
@@ -99,11 +105,22 @@ impl LocalBackend {
                 gpu_list: None,
                 gpus: None,
                 inherit_output: false,
+                #[cfg(target_os = "linux")]
+                fork_server: None,
             },
         }
     }
 
-    fn command(&self, request: &BootRequest) -> Result<Command, BackendError> {
+    fn forks_runners(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.fork_server.is_some();
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    /// The command with everything but the per-runner variables, and the program's name for
+    /// errors.
+    fn command(&self) -> Result<(Command, String), BackendError> {
         let program = match &self.program {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| BackendError::Spawn {
@@ -128,8 +145,8 @@ impl LocalBackend {
             }
         }
         command.envs(&self.env);
-        command.envs(request.env.iter().map(|(k, v)| (k, v)));
-        Ok(command)
+        let name = format!("{:?}", command.as_std().get_program());
+        Ok((command, name))
     }
 }
 
@@ -169,6 +186,34 @@ impl LocalBackendBuilder {
     /// `firebrand::runner_output`), tagged with the runner's id and the stream.
     pub fn inherit_output(mut self) -> Self {
         self.backend.inherit_output = true;
+        self
+    }
+
+    /// Starts runners by forking them from one template process, started from the same program
+    /// on first use, instead of executing the program for each. A forked runner skips `exec`,
+    /// the dynamic loader and the CPU feature probes, which makes bursts of runners start
+    /// faster and cheaper (see `BENCHMARKS.md`). Linux only. Default: off, one `exec` per runner.
+    ///
+    /// What differs from the default:
+    /// - code in `main` before [`run_if_child`](crate::run_if_child) runs once, in the
+    ///   template, which must still be single-threaded there (no async runtime started yet);
+    /// - forwarded variables are read when the template starts, not at each boot;
+    /// - a rebuilt program is picked up only by a new template, i.e. a new backend.
+    ///
+    /// The template exits when the backend is dropped or its parent process dies, and kills
+    /// the runners it forked; each runner also dies with the template.
+    ///
+    /// ```no_run
+    /// use firebrand::LocalBackend;
+    ///
+    /// let backend = LocalBackend::builder()
+    ///     .command("target/release/firebrand-runner")
+    ///     .fork_server()
+    ///     .build();
+    /// ```
+    #[cfg(target_os = "linux")]
+    pub fn fork_server(mut self) -> Self {
+        self.backend.fork_server = Some(Arc::default());
         self
     }
 
@@ -217,16 +262,21 @@ impl Backend for LocalBackend {
 
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
         async move {
-            let mut command = self.command(&request)?;
             // Waits, within the boot timeout, for an ending runner to give its GPUs back.
             let gpus = match &self.gpus {
                 Some(set) => Some(set.take(self.gpus_per_runner).await),
                 None => None,
             };
+            let mut env = request.env;
             if let Some(lease) = &gpus {
-                command.env(VISIBLE_DEVICES_ENV, lease.visible_devices());
+                env.push((VISIBLE_DEVICES_ENV.into(), lease.visible_devices()));
             }
-            let program = format!("{:?}", command.as_std().get_program());
+            #[cfg(target_os = "linux")]
+            if let Some(servers) = &self.fork_server {
+                return self.fork(servers, request.runner_id, env, gpus).await;
+            }
+            let (mut command, program) = self.command()?;
+            command.envs(env);
             let mut child = command
                 .spawn()
                 .map_err(|source| BackendError::Spawn { program, source })?;
@@ -238,7 +288,7 @@ impl Backend for LocalBackend {
             if let Some(stderr) = child.stderr.take() {
                 tokio::spawn(relay_output(stderr, runner, "stderr"));
             }
-            tracing::debug!(runner = %request.runner_id, pid, gpus = gpus.as_ref().map(GpuLease::visible_devices), "runner process spawned");
+            tracing::debug!(%runner, pid, gpus = gpus.as_ref().map(GpuLease::visible_devices), "runner process spawned");
             Ok(Box::new(LocalProcess {
                 child,
                 pid,
@@ -249,10 +299,50 @@ impl Backend for LocalBackend {
     }
 }
 
+#[cfg(target_os = "linux")]
+impl LocalBackend {
+    async fn fork(
+        &self,
+        servers: &ForkServers,
+        runner: crate::error::RunnerId,
+        env: Vec<(String, String)>,
+        gpus: Option<GpuLease>,
+    ) -> Result<Box<dyn Machine>, BackendError> {
+        let server = servers.get_or_start(|| self.command())?;
+        let output = if self.inherit_output {
+            None
+        } else {
+            let (stdout, stdout_writer) = output_pipe()?;
+            let (stderr, stderr_writer) = output_pipe()?;
+            tokio::spawn(relay_output(stdout, runner, "stdout"));
+            tokio::spawn(relay_output(stderr, runner, "stderr"));
+            Some((stdout_writer, stderr_writer))
+        };
+        let visible = gpus.as_ref().map(GpuLease::visible_devices);
+        let forked = server
+            .spawn(env, output, gpus)
+            .await
+            .map_err(BackendError::Other)?;
+        tracing::debug!(%runner, pid = forked.pid(), gpus = visible, "runner process forked");
+        Ok(Box::new(forked))
+    }
+}
+
+/// A pipe for a forked runner's output: the parent's end, to relay, and the runner's.
+#[cfg(target_os = "linux")]
+fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, std::os::fd::OwnedFd), BackendError>
+{
+    let pipe = || -> std::io::Result<_> {
+        let (read, write) = crate::fork_server::pipe()?;
+        Ok((tokio::net::unix::pipe::Receiver::from_owned_fd(read)?, write))
+    };
+    pipe().map_err(|e| BackendError::Other(format!("cannot make an output pipe: {e}")))
+}
+
 /// Logs each line a runner writes, until it closes the stream.
-async fn relay_output(
+pub(crate) async fn relay_output(
     output: impl tokio::io::AsyncRead + Unpin,
-    runner: crate::error::RunnerId,
+    runner: impl std::fmt::Display,
     stream: &'static str,
 ) {
     use tokio::io::AsyncBufReadExt as _;

@@ -2,8 +2,8 @@
 
 #[cfg(feature = "fly")]
 pub mod fly;
-mod gpu;
-mod local;
+pub(crate) mod gpu;
+pub(crate) mod local;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -109,6 +109,12 @@ pub fn stats() -> RunnerStats {
 /// Call it first thing in `main`, before any async runtime starts: when it serves, it builds its
 /// own. A malformed token prints the reason to stderr and exits non-zero (see [`exit_code`]).
 pub fn run_if_child(registry: &Registry) {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os(crate::fork_server::FORK_SERVER_ENV).is_some() {
+        std::env::remove_var(crate::fork_server::FORK_SERVER_ENV);
+        // Returns only in a runner forked from this template, with its token set.
+        crate::fork_server::server::serve();
+    }
     if std::env::var_os(PARENT_ENV).is_none() {
         return;
     }

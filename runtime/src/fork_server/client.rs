@@ -1,0 +1,355 @@
+//! The parent side: starts a template and asks it for runners.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use parking_lot::Mutex;
+use tokio::io::unix::AsyncFd;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{recv, send, socket_pair, Reply, Request, FORK_SERVER_ENV, MAX_MESSAGE, PROTOCOL};
+use crate::backend::gpu::GpuLease;
+use crate::backend::local::relay_output;
+use crate::backend::{Exit, Machine};
+use crate::error::BackendError;
+
+/// The template a backend forks its runners from, started on first use and again if it ends.
+#[derive(Default)]
+pub(crate) struct ForkServers {
+    current: Mutex<Option<Arc<ForkServer>>>,
+}
+
+impl ForkServers {
+    /// The running template, or a new one started from `command`.
+    pub(crate) fn get_or_start(
+        &self,
+        command: impl FnOnce() -> Result<(Command, String), BackendError>,
+    ) -> Result<Arc<ForkServer>, BackendError> {
+        let mut current = self.current.lock();
+        if let Some(server) = current.as_ref().filter(|s| s.ended().is_none()) {
+            return Ok(Arc::clone(server));
+        }
+        let (command, program) = command()?;
+        let server = ForkServer::start(command)
+            .map_err(|source| BackendError::Spawn { program, source })?;
+        *current = Some(Arc::clone(&server));
+        Ok(server)
+    }
+}
+
+/// One template process. Dropping the last handle kills it, and with it every runner it forked.
+pub(crate) struct ForkServer {
+    requests: mpsc::UnboundedSender<Outgoing>,
+    state: Arc<Mutex<State>>,
+    driver: tokio::task::JoinHandle<()>,
+    /// Killed on drop.
+    _template: Child,
+}
+
+struct Outgoing {
+    request: Request,
+    fds: Vec<OwnedFd>,
+}
+
+type Spawned = Result<(libc::pid_t, watch::Receiver<Option<Exit>>), String>;
+
+#[derive(Default)]
+struct State {
+    /// Answers owed, oldest first: the template answers spawns in order.
+    spawns: VecDeque<oneshot::Sender<Spawned>>,
+    runners: HashMap<libc::pid_t, watch::Sender<Option<Exit>>>,
+    ended: Option<String>,
+}
+
+impl ForkServer {
+    fn start(mut command: Command) -> io::Result<Arc<Self>> {
+        let (ours, theirs) = socket_pair()?;
+        set_nonblocking(ours.as_raw_fd())?;
+        let template = command
+            .env(FORK_SERVER_ENV, "1")
+            .stdin(Stdio::from(theirs))
+            .kill_on_drop(true)
+            .spawn()?;
+        let template = relay_template_output(template);
+        // SAFETY: `ours` is an open socket that the AsyncFd owns, and so keeps open, for its
+        // whole life.
+        let socket = unsafe { AsyncFd::register(ours) }?;
+        let (requests, outgoing) = mpsc::unbounded_channel();
+        let state = Arc::new(Mutex::new(State::default()));
+        let driver = tokio::spawn(drive(
+            socket,
+            outgoing,
+            requests.clone(),
+            Arc::clone(&state),
+        ));
+        Ok(Arc::new(ForkServer {
+            requests,
+            state,
+            driver,
+            _template: template,
+        }))
+    }
+
+    /// Why the template ended, if it has.
+    fn ended(&self) -> Option<String> {
+        self.state.lock().ended.clone()
+    }
+
+    /// Forks a runner with `env` added to the template's environment, and `output` as its
+    /// stdout and stderr (or the template's own).
+    pub(crate) async fn spawn(
+        self: &Arc<Self>,
+        env: Vec<(String, String)>,
+        output: Option<(OwnedFd, OwnedFd)>,
+        gpus: Option<GpuLease>,
+    ) -> Result<ForkedRunner, String> {
+        let (answer, answered) = oneshot::channel();
+        {
+            // Queued and sent under one lock, so the answers line up with the requests.
+            let mut state = self.state.lock();
+            if let Some(reason) = &state.ended {
+                return Err(reason.clone());
+            }
+            state.spawns.push_back(answer);
+            let fds = output.map(|(out, err)| vec![out, err]).unwrap_or_default();
+            let _ = self.requests.send(Outgoing {
+                request: Request::Spawn { env },
+                fds,
+            });
+        }
+        let (pid, exit) = answered
+            .await
+            .map_err(|_| "the fork server ended".to_string())??;
+        Ok(ForkedRunner {
+            pid,
+            exit,
+            server: Arc::clone(self),
+            _gpus: gpus,
+        })
+    }
+
+    fn kill(&self, pid: libc::pid_t) {
+        let _ = self.requests.send(Outgoing {
+            request: Request::Kill { pid },
+            fds: Vec::new(),
+        });
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        // The template is killed by `kill_on_drop`; its runners die with it (PR_SET_PDEATHSIG).
+        self.driver.abort();
+    }
+}
+
+/// Sends requests and reads replies until the template goes away, then fails whatever waits.
+async fn drive(
+    socket: AsyncFd<OwnedFd>,
+    outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    requests: mpsc::UnboundedSender<Outgoing>,
+    state: Arc<Mutex<State>>,
+) {
+    let error = exchange(&socket, outgoing, &requests, &state)
+        .await
+        .unwrap_err();
+    let reason = format!("the fork server ended: {error}");
+    tracing::warn!(%reason, "fork server lost");
+    let mut state = state.lock();
+    for answer in state.spawns.drain(..) {
+        let _ = answer.send(Err(reason.clone()));
+    }
+    for (_, exit) in state.runners.drain() {
+        let _ = exit.send(Some(Exit {
+            code: None,
+            description: reason.clone(),
+        }));
+    }
+    state.ended = Some(reason);
+}
+
+async fn exchange(
+    socket: &AsyncFd<OwnedFd>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    requests: &mpsc::UnboundedSender<Outgoing>,
+    state: &Mutex<State>,
+) -> io::Result<()> {
+    let mut buffer = vec![0; MAX_MESSAGE];
+    loop {
+        tokio::select! {
+            ready = socket.readable() => {
+                let mut ready = ready?;
+                let Ok(received) = ready.try_io(|s| recv::<Reply>(s.as_fd(), &mut buffer)) else {
+                    continue;
+                };
+                let Some((reply, _)) = received? else {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "it closed the socket"));
+                };
+                handle(reply, requests, state)?;
+            }
+            Some(message) = outgoing.recv() => {
+                let fds: Vec<RawFd> = message.fds.iter().map(|fd| fd.as_raw_fd()).collect();
+                loop {
+                    let mut ready = socket.writable().await?;
+                    if let Ok(sent) = ready.try_io(|s| send(s.as_fd(), &message.request, &fds)) {
+                        sent?;
+                        break;
+                    }
+                }
+                // The runner holds its own copies now.
+                drop(message.fds);
+            }
+        }
+    }
+}
+
+fn handle(
+    reply: Reply,
+    requests: &mpsc::UnboundedSender<Outgoing>,
+    state: &Mutex<State>,
+) -> io::Result<()> {
+    let mut state = state.lock();
+    match reply {
+        Reply::Ready { protocol } if protocol == PROTOCOL => {}
+        Reply::Ready { protocol } => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("it speaks protocol {protocol}, this parent {PROTOCOL}"),
+            ))
+        }
+        Reply::Spawned { pid } => {
+            let (exit, exited) = watch::channel(None);
+            state.runners.insert(pid, exit);
+            let delivered = state
+                .spawns
+                .pop_front()
+                .is_some_and(|answer| answer.send(Ok((pid, exited))).is_ok());
+            if !delivered {
+                // Nobody waits for this runner any more: its boot was cancelled.
+                let _ = requests.send(Outgoing {
+                    request: Request::Kill { pid },
+                    fds: Vec::new(),
+                });
+            }
+        }
+        Reply::SpawnFailed { error } => {
+            if let Some(answer) = state.spawns.pop_front() {
+                let _ = answer.send(Err(error));
+            }
+        }
+        Reply::Exited { pid, code, signal } => {
+            if let Some(exit) = state.runners.remove(&pid) {
+                let _ = exit.send(Some(describe(code, signal)));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe(code: Option<i32>, signal: Option<i32>) -> Exit {
+    match (code, signal) {
+        (_, Some(signal)) => Exit {
+            code: None,
+            description: format!("killed by signal {signal}"),
+        },
+        (code, None) => Exit {
+            code,
+            description: format!("exit status: {}", code.unwrap_or_default()),
+        },
+    }
+}
+
+fn relay_template_output(mut template: Child) -> Child {
+    let pid = template.id().unwrap_or_default();
+    tracing::debug!(pid, "fork server started");
+    let label = format!("fork-server-{pid}");
+    if let Some(stdout) = template.stdout.take() {
+        tokio::spawn(relay_output(stdout, label.clone(), "stdout"));
+    }
+    if let Some(stderr) = template.stderr.take() {
+        tokio::spawn(relay_output(stderr, label, "stderr"));
+    }
+    template
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL on a descriptor this process owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A runner forked by a template. Dropping it kills the runner and gives its GPUs back.
+pub(crate) struct ForkedRunner {
+    pid: libc::pid_t,
+    exit: watch::Receiver<Option<Exit>>,
+    server: Arc<ForkServer>,
+    _gpus: Option<GpuLease>,
+}
+
+impl ForkedRunner {
+    pub(crate) fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    async fn wait(&mut self) -> Exit {
+        loop {
+            if let Some(exit) = self.exit.borrow_and_update().clone() {
+                return exit;
+            }
+            if self.exit.changed().await.is_err() {
+                return Exit {
+                    code: None,
+                    description: "the fork server ended".into(),
+                };
+            }
+        }
+    }
+}
+
+impl Machine for ForkedRunner {
+    fn describe(&self) -> String {
+        format!("pid {} (forked)", self.pid)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Exit> {
+        self.wait().boxed()
+    }
+
+    fn terminate(
+        mut self: Box<Self>,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<(), BackendError>> {
+        async move {
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
+                tracing::debug!(
+                    pid = self.pid,
+                    "runner did not exit within its grace; killing"
+                );
+                self.server.kill(self.pid);
+                self.wait().await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+impl Drop for ForkedRunner {
+    fn drop(&mut self) {
+        if self.exit.borrow().is_none() {
+            self.server.kill(self.pid);
+        }
+    }
+}
