@@ -5,18 +5,12 @@ mod common;
 use std::io::BufRead as _;
 use std::time::{Duration, Instant};
 
-use common::{alive, local_backend, pool, wait_dead, within, Recording};
+use common::{alive, local_backend, parent_of, pool, sigkill, wait_dead, within, Recording};
 use firebrand::CallError;
 use firebrand_runner::{PID, SLEEP};
 
 const SECOND: Duration = Duration::from_secs(1);
 const HELPER_ENV: &str = "FIREBRAND_TEST_PARENT_HELPER";
-
-fn sigkill(pid: u32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill {pid}");
-}
 
 #[tokio::test]
 async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
@@ -60,9 +54,20 @@ async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
     pool.shutdown().await;
 }
 
+/// Set for the parent helper: its runners are forked from a template.
+const FORK_ENV: &str = "FIREBRAND_TEST_FORK";
+
 /// A pool with two ready runners, and the backend that knows their pids.
 async fn two_runners() -> (firebrand::Pool, Recording) {
-    let backend = Recording::new(local_backend());
+    let backend = if std::env::var_os(FORK_ENV).is_some() {
+        firebrand::LocalBackend::builder()
+            .command(common::RUNNER)
+            .fork_server()
+            .build()
+    } else {
+        local_backend()
+    };
+    let backend = Recording::new(backend);
     let pool = pool()
         .backend(backend.clone())
         .min(2)
@@ -105,20 +110,30 @@ fn parent_helper() {
 
 #[tokio::test]
 async fn parent_killed_runners_exit_within_10s() {
-    let mut parent = KillOnDrop(
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "parent_helper",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(HELPER_ENV, "1")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    parent_killed_runners_exit(false).await;
+}
+
+#[tokio::test]
+async fn parent_killed_forked_runners_and_their_template_exit_within_10s() {
+    parent_killed_runners_exit(true).await;
+}
+
+async fn parent_killed_runners_exit(fork: bool) {
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap());
+    helper
+        .args([
+            "parent_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, "1")
+        .stdout(std::process::Stdio::piped());
+    if fork {
+        helper.env(FORK_ENV, "1");
+    }
+    let mut parent = KillOnDrop(helper.spawn().unwrap());
     let stdout = parent.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -138,10 +153,13 @@ async fn parent_killed_runners_exit_within_10s() {
     let pids = pids.expect("parent helper became ready");
     assert_eq!(pids.len(), 2);
     assert!(pids.iter().all(|p| alive(*p)));
+    // A forked runner's parent is the template, which must go too.
+    let template = fork.then(|| parent_of(pids[0]));
+    assert_eq!(fork, template != Some(parent.0.id()) && template.is_some());
     sigkill(parent.0.id());
     parent.0.wait().unwrap();
     let killed = Instant::now();
-    for pid in pids {
+    for pid in pids.into_iter().chain(template) {
         wait_dead(pid, 10 * SECOND).await;
     }
     println!(

@@ -85,6 +85,21 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// The parent of `pid`, from `/proc`.
+pub fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the parenthesised command name: state, then ppid.
+    let after = stat.rsplit_once(')').unwrap().1;
+    after.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn sigkill(pid: u32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill {pid}");
+}
+
 /// Polls for a process to end; no event reports the end of a process that is not our child.
 pub async fn wait_dead(pid: u32, limit: Duration) -> Duration {
     let started = std::time::Instant::now();
@@ -143,7 +158,8 @@ impl Recording {
             .lock()
             .machines
             .iter()
-            .filter_map(|m| m.strip_prefix("pid ")?.parse().ok())
+            // "pid 123", or "pid 123 (forked)".
+            .filter_map(|m| m.strip_prefix("pid ")?.split(' ').next()?.parse().ok())
             .collect()
     }
 }

@@ -14,10 +14,10 @@ use tokio::process::{Child, Command};
 use std::sync::Arc;
 
 use super::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
-#[cfg(target_os = "linux")]
-use crate::fork_server::client::ForkServers;
 use super::{Backend, BootRequest, Exit, Machine};
 use crate::error::BackendError;
+#[cfg(target_os = "linux")]
+use crate::fork_server::client::ForkServers;
 
 /// Boots runners as processes on this machine: by default the current executable, which
 /// serves jobs through [`run_if_child`](crate::run_if_child) (embedded mode).
@@ -200,8 +200,9 @@ impl LocalBackendBuilder {
     /// - forwarded variables are read when the template starts, not at each boot;
     /// - a rebuilt program is picked up only by a new template, i.e. a new backend.
     ///
-    /// The template exits when the backend is dropped or its parent process dies, and kills
-    /// the runners it forked; each runner also dies with the template.
+    /// The template lives while any runner it forked does, so a pool scaled to zero keeps no
+    /// process behind; the next boot starts a new one. It also exits, killing its runners, when
+    /// the parent process dies, and each runner dies with the template.
     ///
     /// ```no_run
     /// use firebrand::LocalBackend;
@@ -330,11 +331,13 @@ impl LocalBackend {
 
 /// A pipe for a forked runner's output: the parent's end, to relay, and the runner's.
 #[cfg(target_os = "linux")]
-fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, std::os::fd::OwnedFd), BackendError>
-{
+fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, std::os::fd::OwnedFd), BackendError> {
     let pipe = || -> std::io::Result<_> {
         let (read, write) = crate::fork_server::pipe()?;
-        Ok((tokio::net::unix::pipe::Receiver::from_owned_fd(read)?, write))
+        Ok((
+            tokio::net::unix::pipe::Receiver::from_owned_fd(read)?,
+            write,
+        ))
     };
     pipe().map_err(|e| BackendError::Other(format!("cannot make an output pipe: {e}")))
 }

@@ -20,10 +20,11 @@ use crate::backend::local::relay_output;
 use crate::backend::{Exit, Machine};
 use crate::error::BackendError;
 
-/// The template a backend forks its runners from, started on first use and again if it ends.
+/// The template a backend forks its runners from. It is started on a boot that finds none, and
+/// lives while any runner it forked does: a pool scaled to zero keeps no template behind.
 #[derive(Default)]
 pub(crate) struct ForkServers {
-    current: Mutex<Option<Arc<ForkServer>>>,
+    current: Mutex<std::sync::Weak<ForkServer>>,
 }
 
 impl ForkServers {
@@ -33,13 +34,13 @@ impl ForkServers {
         command: impl FnOnce() -> Result<(Command, String), BackendError>,
     ) -> Result<Arc<ForkServer>, BackendError> {
         let mut current = self.current.lock();
-        if let Some(server) = current.as_ref().filter(|s| s.ended().is_none()) {
-            return Ok(Arc::clone(server));
+        if let Some(server) = current.upgrade().filter(|s| s.ended().is_none()) {
+            return Ok(server);
         }
         let (command, program) = command()?;
-        let server = ForkServer::start(command)
-            .map_err(|source| BackendError::Spawn { program, source })?;
-        *current = Some(Arc::clone(&server));
+        let server =
+            ForkServer::start(command).map_err(|source| BackendError::Spawn { program, source })?;
+        *current = Arc::downgrade(&server);
         Ok(server)
     }
 }
@@ -48,9 +49,8 @@ impl ForkServers {
 pub(crate) struct ForkServer {
     requests: mpsc::UnboundedSender<Outgoing>,
     state: Arc<Mutex<State>>,
+    /// Owns the template process, which it kills when aborted.
     driver: tokio::task::JoinHandle<()>,
-    /// Killed on drop.
-    _template: Child,
 }
 
 struct Outgoing {
@@ -84,6 +84,7 @@ impl ForkServer {
         let (requests, outgoing) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State::default()));
         let driver = tokio::spawn(drive(
+            template,
             socket,
             outgoing,
             requests.clone(),
@@ -93,7 +94,6 @@ impl ForkServer {
             requests,
             state,
             driver,
-            _template: template,
         }))
     }
 
@@ -145,13 +145,18 @@ impl ForkServer {
 
 impl Drop for ForkServer {
     fn drop(&mut self) {
-        // The template is killed by `kill_on_drop`; its runners die with it (PR_SET_PDEATHSIG).
+        // The driver's template is killed on drop (`kill_on_drop`), and its runners die with it
+        // (PR_SET_PDEATHSIG).
         self.driver.abort();
     }
 }
 
+/// How long an ended template's exit status is waited for, to put it in the error.
+const EXIT_STATUS_WAIT: Duration = Duration::from_secs(1);
+
 /// Sends requests and reads replies until the template goes away, then fails whatever waits.
 async fn drive(
+    mut template: Child,
     socket: AsyncFd<OwnedFd>,
     outgoing: mpsc::UnboundedReceiver<Outgoing>,
     requests: mpsc::UnboundedSender<Outgoing>,
@@ -160,7 +165,11 @@ async fn drive(
     let error = exchange(&socket, outgoing, &requests, &state)
         .await
         .unwrap_err();
-    let reason = format!("the fork server ended: {error}");
+    let status = match tokio::time::timeout(EXIT_STATUS_WAIT, template.wait()).await {
+        Ok(Ok(status)) => format!(" ({status})"),
+        _ => String::new(),
+    };
+    let reason = format!("the fork server ended{status}: {error}");
     tracing::warn!(%reason, "fork server lost");
     let mut state = state.lock();
     for answer in state.spawns.drain(..) {

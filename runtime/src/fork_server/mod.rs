@@ -108,7 +108,10 @@ fn send(socket: BorrowedFd<'_>, message: &impl Serialize, fds: &[RawFd]) -> io::
         let data_len = std::mem::size_of_val(fds);
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-        assert!(space <= std::mem::size_of_val(&control), "too many descriptors");
+        assert!(
+            space <= std::mem::size_of_val(&control),
+            "too many descriptors"
+        );
         header.msg_control = control.as_mut_ptr().cast();
         header.msg_controllen = space;
         // SAFETY: msg_control points at `space` writable, aligned bytes, enough for one
@@ -161,8 +164,8 @@ fn recv<T: serde::de::DeserializeOwned>(
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<RawFd>();
+                let count =
+                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
                 for i in 0..count {
                     fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                 }
@@ -179,9 +182,8 @@ fn recv<T: serde::de::DeserializeOwned>(
             "fork server message truncated",
         ));
     }
-    let (message, _) =
-        bincode::serde::decode_from_slice(&buffer[..received as usize], config())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let (message, _) = bincode::serde::decode_from_slice(&buffer[..received as usize], config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((message, fds)))
 }
 
@@ -212,8 +214,7 @@ mod tests {
         std::io::Write::write_all(&mut file, b"hi").unwrap();
         drop(file);
         let mut out = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(read_end), &mut out)
-            .unwrap();
+        std::io::Read::read_to_string(&mut std::fs::File::from(read_end), &mut out).unwrap();
         assert_eq!(out, "hi");
         drop(a);
         assert!(recv::<Request>(b.as_fd(), &mut buffer).unwrap().is_none());

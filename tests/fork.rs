@@ -1,0 +1,270 @@
+//! The local backend's fork server: runners forked from one template process serve like any
+//! other, report how they end, and never outlive the template, the pool or the parent.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{alive, parent_of, pool, sigkill, wait_dead, within, Recording, RUNNER};
+use firebrand::{BootError, CallError, LocalBackend};
+use firebrand_runner::{ECHO, ENV, PID, SLEEP};
+use futures_util::StreamExt as _;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn forking() -> firebrand::backend::LocalBackendBuilder {
+    LocalBackend::builder().command(RUNNER).fork_server()
+}
+
+/// A pool of two forked runners, their pids and their template's.
+async fn two_forked_runners() -> (firebrand::Pool, Recording, u32) {
+    let backend = Recording::new(forking().env("FORK_TEST_VAR", "set-by-builder").build());
+    let pool = pool()
+        .backend(backend.clone())
+        .min(2)
+        .max(2)
+        .build()
+        .await
+        .unwrap();
+    let pids = backend.pids();
+    assert_eq!(pids.len(), 2);
+    let template = parent_of(pids[0]);
+    (pool, backend, template)
+}
+
+#[tokio::test]
+async fn forked_runners_serve_calls_streams_and_maps_as_children_of_one_template() {
+    let (pool, backend, template) = two_forked_runners().await;
+    let pids = backend.pids();
+    assert_ne!(pids[0], pids[1]);
+    assert_eq!(parent_of(pids[1]), template, "one template forks both");
+    assert_ne!(template, std::process::id());
+    assert_eq!(parent_of(template), std::process::id());
+
+    // Each runner has the builder's variables, and neither its token nor the template's flag.
+    let env = |name: &str| pool.call(&ENV, name.to_string());
+    assert_eq!(
+        env("FORK_TEST_VAR").await.unwrap().as_deref(),
+        Some("set-by-builder")
+    );
+    assert_eq!(env("FIREBRAND_PARENT").await.unwrap(), None);
+    assert_eq!(env("FIREBRAND_FORK_SERVER").await.unwrap(), None);
+
+    assert_eq!(pool.call(&ECHO, vec![7; 100]).await.unwrap(), vec![7; 100]);
+    let doubled: Vec<_> = pool
+        .map(&ECHO, (0..50u8).map(|i| vec![i, i]))
+        .outputs()
+        .await
+        .unwrap();
+    assert_eq!(doubled.len(), 50);
+    assert!(doubled.iter().enumerate().all(|(i, v)| v == &[i as u8; 2]));
+    let blobs: Vec<_> = pool
+        .stream(
+            &firebrand_runner::BLOBS,
+            firebrand_runner::BlobArgs {
+                count: 5,
+                bytes: 10,
+                ..Default::default()
+            },
+        )
+        .collect()
+        .await;
+    assert_eq!(blobs.len(), 5);
+    assert!(blobs
+        .iter()
+        .all(|b| b.as_ref().is_ok_and(|b| b.len() == 10)));
+
+    pool.shutdown().await;
+    for pid in pids {
+        wait_dead(pid, 10 * SECOND).await;
+    }
+}
+
+#[tokio::test]
+async fn a_forked_runner_killed_mid_call_is_reported_lost_with_its_signal() {
+    let pool = pool()
+        .backend(forking().build())
+        .max(1)
+        .peer_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(10))
+        .build()
+        .await
+        .unwrap();
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call(&SLEEP, 60_000).timeout(None).await }
+    });
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let killed = Instant::now();
+    sigkill(pid);
+    // Well under the 30 s QUIC idle timeout: the template reported the exit.
+    match within(2 * SECOND, call).await.unwrap() {
+        Err(CallError::RunnerLost { reason, .. }) => {
+            assert!(reason.contains("signal 9"), "{reason}")
+        }
+        other => panic!("expected RunnerLost, got {other:?}"),
+    }
+    assert!(killed.elapsed() < 2 * SECOND);
+    // The next call gets a new runner from the same template.
+    let replacement = pool.call(&PID, ()).await.unwrap();
+    assert_ne!(replacement, pid);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_forked_pool_kills_the_template_and_its_runners() {
+    let (pool, backend, template) = two_forked_runners().await;
+    drop(pool);
+    wait_dead(template, 10 * SECOND).await;
+    for pid in backend.pids() {
+        wait_dead(pid, 10 * SECOND).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_template_takes_its_runners_and_the_next_boot_starts_a_new_one() {
+    let (pool, backend, template) = two_forked_runners().await;
+    let pids = backend.pids();
+    let mut events = pool.events();
+    sigkill(template);
+    for &pid in &pids {
+        wait_dead(pid, 10 * SECOND).await;
+    }
+    // The pool sees both runners end, and boots from a fresh template.
+    let mut lost = 0;
+    while lost < 2 {
+        match within(10 * SECOND, events.next()).await {
+            Some(firebrand::PoolEvent::RunnerLost { .. }) => lost += 1,
+            Some(_) => {}
+            None => panic!("events ended"),
+        }
+    }
+    let pid = within(20 * SECOND, pool.call(&PID, ())).await.unwrap();
+    assert!(!pids.contains(&pid));
+    let new_template = parent_of(pid);
+    assert_ne!(new_template, template);
+    assert!(alive(new_template));
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_template_that_cannot_serve_fails_boots_fast_with_its_exit_status() {
+    let pool = pool()
+        .backend(
+            LocalBackend::builder()
+                .command("false")
+                .fork_server()
+                .build(),
+        )
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    match within(10 * SECOND, pool.call(&PID, ())).await {
+        Err(CallError::BootFailed(e)) => {
+            let shown = e.to_string();
+            assert!(matches!(&*e, BootError::Backend(_)), "{e:?}");
+            assert!(
+                shown.contains("fork server ended (exit status: 1)"),
+                "{shown}"
+            );
+        }
+        other => panic!("expected a boot failure, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < 5 * SECOND,
+        "failed fast, not at the boot timeout"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn forked_runners_get_gpus_of_their_own() {
+    let backend = forking()
+        .gpus(["0", "1", "2", "3"])
+        .gpus_per_runner(2)
+        .build();
+    let pool = pool()
+        .backend(backend)
+        .max(8)
+        .max_concurrency(1)
+        .single_use(true)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(pool.limits().max, 2, "4 GPUs, 2 per runner");
+    let visible = || pool.call(&ENV, "CUDA_VISIBLE_DEVICES".to_string());
+    let (a, b) = tokio::join!(visible(), visible());
+    let mut pair = [a.unwrap().unwrap(), b.unwrap().unwrap()];
+    pair.sort();
+    assert_eq!(pair, ["0,1".to_string(), "2,3".to_string()]);
+    pool.shutdown().await;
+}
+
+/// Every log line, and a signal on each write.
+#[derive(Clone, Default)]
+struct Captured {
+    text: std::sync::Arc<parking_lot::Mutex<String>>,
+    written: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.lock().push_str(&String::from_utf8_lossy(buf));
+        self.written.notify_waiters();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_forked_runner_s_output_reaches_the_parent_s_log_with_its_runner_id() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let pool = pool()
+        .backend(forking().build())
+        .max(1)
+        .build()
+        .await
+        .unwrap();
+    let error = pool
+        .call(&firebrand_runner::PANIC, "boom-from-a-fork".into())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("boom-from-a-fork"));
+    let line = within(10 * SECOND, async {
+        loop {
+            let written = captured.written.notified();
+            let found = captured
+                .text
+                .lock()
+                .lines()
+                .find(|l| l.contains("boom-from-a-fork") && l.contains("firebrand::runner_output"))
+                .map(str::to_owned);
+            if let Some(line) = found {
+                return line;
+            }
+            written.await;
+        }
+    })
+    .await;
+    assert!(line.contains("runner="), "{line}");
+    assert!(
+        !line.contains("fork-server"),
+        "tagged with the runner, not the template: {line}"
+    );
+    assert!(line.contains("stream=\"stderr\""), "{line}");
+    pool.shutdown().await;
+}
