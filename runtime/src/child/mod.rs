@@ -137,7 +137,13 @@ pub fn run_if_child(registry: &Registry) {
                     std::process::exit(exit_code::SETUP);
                 }
             };
-            let result = runtime.block_on(serve(token, registry.clone()));
+            // On a worker rather than this thread, the serve loop is woken by the connection's
+            // tasks without a cross-thread hop, and the calls it spawns start on that worker.
+            let serving = runtime.spawn(serve(token, registry.clone()));
+            let result = match runtime.block_on(serving) {
+                Ok(result) => result,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
             runtime.shutdown_timeout(Duration::from_millis(200));
             exit_code_of(&result)
         }

@@ -30,6 +30,8 @@ struct Template {
     original_mask: libc::sigset_t,
     pid: libc::pid_t,
     runners: HashSet<libc::pid_t>,
+    /// See [`gro_keeper`].
+    _gro_keeper: Option<std::net::UdpSocket>,
 }
 
 impl Template {
@@ -65,6 +67,7 @@ impl Template {
 
         // Paid once here instead of in every runner: ring's CPU feature detection.
         let _ = ring::digest::digest(&ring::digest::SHA256, b"");
+        let gro_keeper = gro_keeper();
 
         let template = Template {
             control,
@@ -73,6 +76,7 @@ impl Template {
             // SAFETY: getpid cannot fail.
             pid: unsafe { libc::getpid() },
             runners: HashSet::new(),
+            _gro_keeper: gro_keeper,
         };
         template.reply(&Reply::Ready { protocol: PROTOCOL })?;
         Ok(template)
@@ -259,6 +263,29 @@ impl Template {
 enum Forked {
     Template,
     Runner,
+}
+
+/// An IPv6 UDP socket with `UDP_GRO` on, held for the template's life.
+///
+/// Each QUIC endpoint probes for GRO (quinn-udp binds `[::]:0` and sets `UDP_GRO`). When no
+/// such socket is open anywhere on the machine, the kernel enables, and on close disables, a
+/// static key for UDP encapsulation, and each switch patches kernel text with an interrupt to
+/// every CPU, serialised machine-wide. With this socket open the count never drops to zero
+/// while runners start, so their probes are plain counter updates.
+fn gro_keeper() -> Option<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind("[::]:0").ok()?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    (rc == 0).then_some(socket)
 }
 
 fn redirect_to_dev_null(target: i32) -> io::Result<()> {
