@@ -108,6 +108,10 @@ pub fn stats() -> RunnerStats {
 ///
 /// Call it first thing in `main`, before any async runtime starts: when it serves, it builds its
 /// own. A malformed token prints the reason to stderr and exits non-zero (see [`exit_code`]).
+///
+/// Started as the template of a [fork server](crate::backend::LocalBackendBuilder::fork_server),
+/// it forks runners on its parent's request instead, and returns from here only in each forked
+/// runner, to serve as above.
 pub fn run_if_child(registry: &Registry) {
     #[cfg(target_os = "linux")]
     if std::env::var_os(crate::fork_server::FORK_SERVER_ENV).is_some() {
