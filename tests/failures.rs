@@ -14,44 +14,7 @@ const HELPER_ENV: &str = "FIREBRAND_TEST_PARENT_HELPER";
 
 #[tokio::test]
 async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
-    let pool = pool()
-        .min(1)
-        .max(1)
-        .peer_timeout(Duration::from_secs(30))
-        .keep_alive(Duration::from_secs(10))
-        .build()
-        .await
-        .unwrap();
-    let pid = pool.call(&PID, ()).await.unwrap();
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call(&SLEEP, 60_000).timeout(None).await }
-    });
-    let mut counts = pool.watch_runners();
-    // Wait until the call is on the runner before killing it.
-    while pool.stats().in_flight == 0 {
-        tokio::task::yield_now().await;
-    }
-    let killed = Instant::now();
-    sigkill(pid);
-    // Well under the 30 s QUIC idle timeout set above: the backend saw the process exit.
-    match within(2 * SECOND, call).await.unwrap() {
-        Err(CallError::RunnerLost { reason, .. }) => {
-            assert!(reason.contains("signal 9"), "{reason}")
-        }
-        other => panic!("expected RunnerLost, got {other:?}"),
-    }
-    assert!(killed.elapsed() < 2 * SECOND);
-    // The min runner is replaced.
-    within(
-        20 * SECOND,
-        counts.wait_for(|c| c.ready == 1 && c.booting == 0),
-    )
-    .await
-    .unwrap();
-    let replacement = pool.call(&PID, ()).await.unwrap();
-    assert_ne!(replacement, pid);
-    pool.shutdown().await;
+    common::killed_runner_is_lost_at_once_and_replaced(local_backend()).await;
 }
 
 /// Set for the parent helper: its runners are forked from a template.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{alive, parent_of, pool, sigkill, wait_dead, within, Recording, RUNNER};
 use firebrand::{BootError, CallError, LocalBackend};
-use firebrand_runner::{ECHO, ENV, PID, SLEEP};
+use firebrand_runner::{ECHO, ENV, PID};
 use futures_util::StreamExt as _;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -81,37 +81,9 @@ async fn forked_runners_serve_calls_streams_and_maps_as_children_of_one_template
 }
 
 #[tokio::test]
-async fn a_forked_runner_killed_mid_call_is_reported_lost_with_its_signal() {
-    let pool = pool()
-        .backend(forking().build())
-        .max(1)
-        .peer_timeout(Duration::from_secs(30))
-        .keep_alive(Duration::from_secs(10))
-        .build()
-        .await
-        .unwrap();
-    let pid = pool.call(&PID, ()).await.unwrap();
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call(&SLEEP, 60_000).timeout(None).await }
-    });
-    while pool.stats().in_flight == 0 {
-        tokio::task::yield_now().await;
-    }
-    let killed = Instant::now();
-    sigkill(pid);
-    // Well under the 30 s QUIC idle timeout: the template reported the exit.
-    match within(2 * SECOND, call).await.unwrap() {
-        Err(CallError::RunnerLost { reason, .. }) => {
-            assert!(reason.contains("signal 9"), "{reason}")
-        }
-        other => panic!("expected RunnerLost, got {other:?}"),
-    }
-    assert!(killed.elapsed() < 2 * SECOND);
-    // The next call gets a new runner from the same template.
-    let replacement = pool.call(&PID, ()).await.unwrap();
-    assert_ne!(replacement, pid);
-    pool.shutdown().await;
+async fn a_forked_runner_killed_mid_call_is_reported_lost_with_its_signal_and_replaced() {
+    // The template reports the exit: well before the QUIC idle timeout.
+    common::killed_runner_is_lost_at_once_and_replaced(forking().build()).await;
 }
 
 #[tokio::test]
@@ -184,55 +156,12 @@ async fn a_template_that_cannot_serve_fails_boots_fast_with_its_exit_status() {
 
 #[tokio::test]
 async fn forked_runners_get_gpus_of_their_own() {
-    let backend = forking()
-        .gpus(["0", "1", "2", "3"])
-        .gpus_per_runner(2)
-        .build();
-    let pool = pool()
-        .backend(backend)
-        .max(8)
-        .max_concurrency(1)
-        .single_use(true)
-        .build()
-        .await
-        .unwrap();
-    assert_eq!(pool.limits().max, 2, "4 GPUs, 2 per runner");
-    let visible = || pool.call(&ENV, "CUDA_VISIBLE_DEVICES".to_string());
-    let (a, b) = tokio::join!(visible(), visible());
-    let mut pair = [a.unwrap().unwrap(), b.unwrap().unwrap()];
-    pair.sort();
-    assert_eq!(pair, ["0,1".to_string(), "2,3".to_string()]);
-    pool.shutdown().await;
-}
-
-/// Every log line, and a signal on each write.
-#[derive(Clone, Default)]
-struct Captured {
-    text: std::sync::Arc<parking_lot::Mutex<String>>,
-    written: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.text.lock().push_str(&String::from_utf8_lossy(buf));
-        self.written.notify_waiters();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    common::runners_get_gpus_of_their_own(forking()).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_forked_runner_s_output_reaches_the_parent_s_log_with_its_runner_id() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::CapturedLogs::install();
     let pool = pool()
         .backend(forking().build())
         .max(1)
@@ -244,22 +173,9 @@ async fn a_forked_runner_s_output_reaches_the_parent_s_log_with_its_runner_id() 
         .await
         .unwrap_err();
     assert!(error.to_string().contains("boom-from-a-fork"));
-    let line = within(10 * SECOND, async {
-        loop {
-            let written = captured.written.notified();
-            let found = captured
-                .text
-                .lock()
-                .lines()
-                .find(|l| l.contains("boom-from-a-fork") && l.contains("firebrand::runner_output"))
-                .map(str::to_owned);
-            if let Some(line) = found {
-                return line;
-            }
-            written.await;
-        }
-    })
-    .await;
+    let line = captured
+        .line(|l| l.contains("boom-from-a-fork") && l.contains("firebrand::runner_output"))
+        .await;
     assert!(line.contains("runner="), "{line}");
     assert!(
         !line.contains("fork-server"),

@@ -211,34 +211,9 @@ async fn metrics_count_calls_boots_and_runners() {
     let _ = SECOND;
 }
 
-/// Every log line, and a signal on each write.
-#[derive(Clone, Default)]
-struct Captured {
-    text: std::sync::Arc<parking_lot::Mutex<String>>,
-    written: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.text.lock().push_str(&String::from_utf8_lossy(buf));
-        self.written.notify_waiters();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn runner_log_lines_reach_the_parent_with_the_runner_id_and_the_call_s_trace_id() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::CapturedLogs::install();
     let pool = common::pool().max(1).build().await.unwrap();
     let trace = firebrand::TraceId(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c);
     let error = pool
@@ -247,22 +222,9 @@ async fn runner_log_lines_reach_the_parent_with_the_runner_id_and_the_call_s_tra
         .await
         .unwrap_err();
     assert!(error.to_string().contains("boom-for-tracing"));
-    let line = common::within(10 * SECOND, async {
-        loop {
-            let written = captured.written.notified();
-            let found = captured
-                .text
-                .lock()
-                .lines()
-                .find(|l| l.contains("boom-for-tracing") && l.contains(&trace.to_string()))
-                .map(str::to_owned);
-            if let Some(line) = found {
-                return line;
-            }
-            written.await;
-        }
-    })
-    .await;
+    let line = captured
+        .line(|l| l.contains("boom-for-tracing") && l.contains(&trace.to_string()))
+        .await;
     assert!(line.contains("firebrand::runner_output"), "{line}");
     assert!(line.contains("runner="), "{line}");
     assert!(line.contains("stream=\"stderr\""), "{line}");

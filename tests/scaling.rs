@@ -518,34 +518,7 @@ async fn resizing_min_boots_runners_and_bad_limits_are_refused() {
 
 #[tokio::test]
 async fn local_runners_get_gpus_of_their_own_and_max_is_capped_to_fit() {
-    use firebrand_runner::ENV;
-    let backend = LocalBackend::builder()
-        .command(common::RUNNER)
-        .gpus(["0", "1", "2", "3"])
-        .gpus_per_runner(2)
-        .build();
-    let pool = pool()
-        .backend(backend)
-        .max(8)
-        .max_concurrency(1)
-        .single_use(true)
-        .build()
-        .await
-        .unwrap();
-    assert_eq!(pool.limits().max, 2, "4 GPUs, 2 per runner");
-    let visible = || pool.call(&ENV, "CUDA_VISIBLE_DEVICES".to_string());
-    // Two runners at once: disjoint GPUs.
-    let (a, b) = tokio::join!(visible(), visible());
-    let mut pair = [a.unwrap().unwrap(), b.unwrap().unwrap()];
-    pair.sort();
-    assert_eq!(pair, ["0,1".to_string(), "2,3".to_string()]);
-    // Single-use runners end after each call: their GPUs come back for the next runners.
-    let more = futures_util::future::join_all((0..6).map(|_| visible())).await;
-    for gpus in more {
-        let gpus = gpus.unwrap().unwrap();
-        assert!(gpus == "0,1" || gpus == "2,3", "{gpus}");
-    }
-    pool.shutdown().await;
+    common::runners_get_gpus_of_their_own(LocalBackend::builder().command(common::RUNNER)).await;
 }
 
 #[tokio::test]

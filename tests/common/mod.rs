@@ -328,3 +328,137 @@ pub async fn next_matching(
     })
     .await
 }
+
+/// Kills the runner of a `min 1, max 1` pool on `backend` mid-call, and checks that the caller
+/// gets `RunnerLost` with the signal well before the QUIC idle timeout, and that the `min`
+/// runner is replaced.
+pub async fn killed_runner_is_lost_at_once_and_replaced(backend: impl Backend) {
+    const SECOND: Duration = Duration::from_secs(1);
+    let pool = pool()
+        .backend(backend)
+        .min(1)
+        .max(1)
+        .peer_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(10))
+        .build()
+        .await
+        .unwrap();
+    let pid = pool.call(&firebrand_runner::PID, ()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.call(&firebrand_runner::SLEEP, 60_000)
+                .timeout(None)
+                .await
+        }
+    });
+    let mut counts = pool.watch_runners();
+    // Wait until the call is on the runner before killing it.
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let killed = std::time::Instant::now();
+    sigkill(pid);
+    // Well under the 30 s QUIC idle timeout set above: the backend saw the process exit.
+    match within(2 * SECOND, call).await.unwrap() {
+        Err(firebrand::CallError::RunnerLost { reason, .. }) => {
+            assert!(reason.contains("signal 9"), "{reason}")
+        }
+        other => panic!("expected RunnerLost, got {other:?}"),
+    }
+    assert!(killed.elapsed() < 2 * SECOND);
+    // The min runner is replaced.
+    within(
+        20 * SECOND,
+        counts.wait_for(|c| c.ready == 1 && c.booting == 0),
+    )
+    .await
+    .unwrap();
+    let replacement = pool.call(&firebrand_runner::PID, ()).await.unwrap();
+    assert_ne!(replacement, pid);
+    pool.shutdown().await;
+}
+
+/// Checks that runners from `backend` (4 GPUs, 2 per runner) get disjoint GPUs, that `max` is
+/// capped to fit, and that single-use runners give their GPUs back for the next ones.
+pub async fn runners_get_gpus_of_their_own(backend: firebrand::backend::LocalBackendBuilder) {
+    use firebrand_runner::ENV;
+    let backend = backend
+        .gpus(["0", "1", "2", "3"])
+        .gpus_per_runner(2)
+        .build();
+    let pool = pool()
+        .backend(backend)
+        .max(8)
+        .max_concurrency(1)
+        .single_use(true)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(pool.limits().max, 2, "4 GPUs, 2 per runner");
+    let visible = || pool.call(&ENV, "CUDA_VISIBLE_DEVICES".to_string());
+    // Two runners at once: disjoint GPUs.
+    let (a, b) = tokio::join!(visible(), visible());
+    let mut pair = [a.unwrap().unwrap(), b.unwrap().unwrap()];
+    pair.sort();
+    assert_eq!(pair, ["0,1".to_string(), "2,3".to_string()]);
+    // Single-use runners end after each call: their GPUs come back for the next runners.
+    let more = futures_util::future::join_all((0..6).map(|_| visible())).await;
+    for gpus in more {
+        let gpus = gpus.unwrap().unwrap();
+        assert!(gpus == "0,1" || gpus == "2,3", "{gpus}");
+    }
+    pool.shutdown().await;
+}
+
+/// Every log line written on this thread while its guard lives, and a signal on each write.
+#[derive(Clone, Default)]
+pub struct CapturedLogs {
+    text: Arc<Mutex<String>>,
+    written: Arc<tokio::sync::Notify>,
+}
+
+impl CapturedLogs {
+    /// Captures INFO and above, without colours, on this thread until the guard drops.
+    pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Waits up to 10 s for a line that `matches` accepts, and returns it.
+    pub async fn line(&self, matches: impl Fn(&str) -> bool) -> String {
+        within(Duration::from_secs(10), async {
+            loop {
+                let written = self.written.notified();
+                let found = self
+                    .text
+                    .lock()
+                    .lines()
+                    .find(|l| matches(l))
+                    .map(str::to_owned);
+                if let Some(line) = found {
+                    return line;
+                }
+                written.await;
+            }
+        })
+        .await
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.lock().push_str(&String::from_utf8_lossy(buf));
+        self.written.notify_waiters();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
