@@ -198,7 +198,8 @@ impl LocalBackendBuilder {
     /// - code in `main` before [`run_if_child`](crate::run_if_child) runs once, in the
     ///   template, which must still be single-threaded there (no async runtime started yet);
     /// - forwarded variables are read when the template starts, not at each boot;
-    /// - a rebuilt program is picked up only by a new template, i.e. a new backend.
+    /// - a rebuilt program is picked up only by a new template: one starts when a boot finds
+    ///   none, after every runner of the last one has ended.
     ///
     /// The template lives while any runner it forked does, so a pool scaled to zero keeps no
     /// process behind; the next boot starts a new one. It also exits, killing its runners, when
