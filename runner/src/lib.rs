@@ -25,6 +25,14 @@ pub const FAIL: Job<String, ()> = Job::new("firebrand.fail");
 pub const PANIC: Job<String, ()> = Job::new("firebrand.panic");
 /// Chains SHA-256 over a seed: CPU-bound work.
 pub const HASH: Job<HashArgs, String> = Job::new("firebrand.hash");
+/// Spins the CPU for the given milliseconds without awaiting: an async job that computes.
+pub const SPIN: Job<u64, u64> = Job::new("firebrand.spin");
+/// Calls `std::thread::sleep` for the given milliseconds inside an async job: one that blocks.
+pub const THREAD_SLEEP: Job<u64, ()> = Job::new("firebrand.thread_sleep");
+/// Spins the CPU for the given milliseconds, registered with `register_blocking`.
+pub const SPIN_BLOCKING: Job<u64, u64> = Job::new("firebrand.spin_blocking");
+/// Writes the given bytes to stdout as they are, then flushes.
+pub const PRINT: Job<ByteBuf, ()> = Job::new("firebrand.print");
 /// The runner's process id.
 pub const PID: Job<(), u32> = Job::new("firebrand.pid");
 /// The runner's value of an environment variable.
@@ -99,6 +107,23 @@ pub fn registry() -> Registry {
             })
         })
         .and_then(|r| r.register(&HASH, |args: HashArgs| async move { ok(hash(&args)) }))
+        .and_then(|r| r.register(&SPIN, |ms: u64| async move { ok(spin(ms)) }))
+        .and_then(|r| {
+            r.register(&THREAD_SLEEP, |ms: u64| async move {
+                std::thread::sleep(Duration::from_millis(ms));
+                ok(())
+            })
+        })
+        .and_then(|r| r.register_blocking(&SPIN_BLOCKING, |ms: u64| ok(spin(ms))))
+        .and_then(|r| {
+            r.register(&PRINT, |bytes: ByteBuf| async move {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| e.to_string())
+            })
+        })
         .and_then(|r| r.register(&PID, |()| async { ok(std::process::id()) }))
         .and_then(|r| {
             r.register(
@@ -136,6 +161,19 @@ pub fn hash(args: &HashArgs) -> String {
         digest = ring::digest::digest(&ring::digest::SHA256, digest.as_ref());
     }
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Keeps one core busy for `ms` milliseconds; returns how many rounds it ran.
+#[must_use]
+pub fn spin(ms: u64) -> u64 {
+    let until = std::time::Instant::now() + Duration::from_millis(ms);
+    let mut rounds = 0u64;
+    while std::time::Instant::now() < until {
+        for _ in 0..1000 {
+            rounds = std::hint::black_box(rounds.wrapping_add(1));
+        }
+    }
+    rounds
 }
 
 fn blobs(args: BlobArgs) -> impl futures_util::Stream<Item = Result<ByteBuf, String>> {

@@ -29,6 +29,9 @@ pub(crate) type ResourceHandler =
     Arc<dyn Fn(wire::Message, Arc<Resources>) -> HandlerFuture + Send + Sync>;
 pub(crate) type UsingHandler =
     Arc<dyn Fn(AnyResource, wire::Message) -> HandlerFuture + Send + Sync>;
+/// A synchronous job: decodes, runs and encodes on a blocking thread.
+pub(crate) type BlockingHandler =
+    Arc<dyn Fn(wire::Message) -> Result<wire::Chunks, JobFailure> + Send + Sync>;
 
 /// How a registered job answers.
 #[derive(Clone)]
@@ -41,6 +44,8 @@ pub(crate) enum Body {
     Resource(ResourceHandler),
     /// With one result, from a resource the call names.
     Using(UsingHandler),
+    /// With one result, computed by a synchronous closure on a blocking thread.
+    Blocking(BlockingHandler),
 }
 
 /// Why a registered job did not produce a result.
@@ -131,6 +136,64 @@ impl Registry {
             std::any::type_name::<A>(),
             output,
             Body::Call(handler),
+        );
+        Ok(self)
+    }
+
+    /// Registers the synchronous `handler` as the body of `job`: for work that computes or
+    /// blocks without awaiting (hashing, image resizing, inference, a blocking client).
+    ///
+    /// The handler runs on the runner's blocking thread pool (tokio's `spawn_blocking`), under
+    /// the same concurrency limit as async jobs, so it never holds a thread that async jobs or
+    /// the connection need. Its argument is decoded and its result encoded on that thread too.
+    ///
+    /// A blocking job cannot be interrupted. When its caller cancels it, or its deadline
+    /// passes, the caller gets its answer at once ([`CallError::Timeout`](crate::CallError::Timeout)
+    /// at the deadline), but the closure runs on to its end and its result is discarded; until
+    /// then it keeps its concurrency slot, and the runner does not idle down. Check a
+    /// deadline yourself in long loops if stopping early matters.
+    ///
+    /// ```
+    /// use firebrand::{Job, Registry};
+    ///
+    /// const FIB: Job<u32, u64> = Job::new("fib");
+    ///
+    /// fn fib(n: u32) -> u64 {
+    ///     if n < 2 { n.into() } else { fib(n - 1) + fib(n - 2) }
+    /// }
+    ///
+    /// let mut registry = Registry::new();
+    /// registry.register_blocking(&FIB, |n: u32| Ok::<_, std::convert::Infallible>(fib(n)))?;
+    /// # Ok::<(), firebrand::RegistryError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] if the name is taken.
+    pub fn register_blocking<A, R, E, F>(
+        &mut self,
+        job: &Job<A, R>,
+        handler: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        A: Payload,
+        R: Payload,
+        E: Display,
+        F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
+    {
+        let name = job.name();
+        self.check_name(name)?;
+        let handler: BlockingHandler = Arc::new(move |args: wire::Message| {
+            let args = args
+                .decode::<A>()
+                .map_err(|e| JobFailure::BadArgs(e.to_string()))?;
+            let output = handler(args).map_err(|e| JobFailure::Failed(e.to_string()))?;
+            ok_reply(&output)
+        });
+        self.insert(
+            name,
+            std::any::type_name::<A>(),
+            std::any::type_name::<R>().into(),
+            Body::Blocking(handler),
         );
         Ok(self)
     }

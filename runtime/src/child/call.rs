@@ -7,11 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use quinn::{RecvStream, SendStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
-use super::terminator::{Ending, STATS};
-use crate::registry::{ok_reply, Body, JobFailure, Registry};
+use super::terminator::{Ending, Terminator, STATS};
+use crate::registry::{ok_reply, Body, HandlerFuture, JobFailure, Registry};
 use crate::wire::{self, CallHead, ReplyHead, WireError};
 
 /// What a call stream needs from its runner.
@@ -20,6 +22,9 @@ pub(crate) struct CallContext {
     pub(crate) resources: Arc<super::Resources>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) max_payload_len: usize,
+    pub(crate) terminator: Arc<Terminator>,
+    /// Where jobs run: never the connection's thread, which they could starve.
+    pub(crate) jobs: Handle,
 }
 
 /// Reads one request, runs its job, and writes the reply.
@@ -51,41 +56,36 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             let _ = finish(&mut send, &ReplyHead::Ok, reply).await;
             return;
         }
-        let Some(body) = cx.registry.body(&head.job) else {
+        let Some(body) = cx.registry.body(&head.job).cloned() else {
             tracing::warn!("unknown job");
             let _ = finish(&mut send, &ReplyHead::UnknownJob, None).await;
             return;
         };
         // The parent keeps within the runner's concurrency, so this wait is short; it exists so
-        // that the limit holds even against a parent that does not.
-        let Ok(_slot) = cx.slots.acquire().await else {
+        // that the limit holds even against a parent that does not. The permit goes with the
+        // job, not this stream: a job that cannot be interrupted keeps its slot until it ends.
+        let Ok(permit) = Arc::clone(&cx.slots).acquire_owned().await else {
             return;
         };
         STATS.running();
         let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
+        // Also held by the job: the runner does not idle down or exit its drain while a job it
+        // gave up on still runs.
+        let busy = cx.terminator.hold();
         if let Body::Stream(handler) = body {
-            let ending = super::stream::serve(handler, args, deadline, &mut send).await;
-            STATS.ended(ending);
+            // Its items are produced, and sent, on the jobs' threads.
+            cx.jobs.spawn(
+                async move {
+                    let _slot = (permit, busy);
+                    let ending = super::stream::serve(&handler, args, deadline, &mut send).await;
+                    STATS.ended(ending);
+                }
+                .in_current_span(),
+            );
             return;
         }
-        let resources = &cx.resources;
-        // The handler is called inside the guarded future: a panic before its first await is
-        // caught like any other.
-        let job = AssertUnwindSafe(async move {
-            match body {
-                Body::Call(handler) => handler(args).await,
-                Body::Resource(handler) => handler(args, Arc::clone(resources)).await,
-                Body::Using(handler) => match resources.get(head.resource) {
-                    Some(resource) => handler(resource, args).await,
-                    None => Err(JobFailure::Failed(format!(
-                        "resource {} is not held on this runner",
-                        head.resource
-                    ))),
-                },
-                Body::Stream(_) => unreachable!("served above"),
-            }
-        })
-        .catch_unwind();
+        let job = start_job(&cx, body, args, head.resource, (permit, busy));
+        let abort = job.abort_handle();
         let job = async move {
             match deadline {
                 Some(limit) => tokio::time::timeout(limit, job).await.ok(),
@@ -101,8 +101,10 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             outcome = &mut job => outcome,
             stopped = stopped => match stopped {
                 Ok(_) => {
-                    // The parent reset its side: the caller gave up. Dropping the job aborts it.
+                    // The parent reset its side: the caller gave up. An async job is aborted at
+                    // its next await; a blocking one runs on, its result discarded.
                     tracing::debug!("call cancelled by the parent");
+                    abort.abort();
                     STATS.ended(Ending::Cancelled);
                     return;
                 }
@@ -111,11 +113,19 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
                 Err(_) => job.await,
             },
         };
+        if outcome.is_none() {
+            abort.abort();
+        }
         let (reply, payload, ending) = match outcome {
             None => (ReplyHead::TimedOut, None, Ending::TimedOut),
-            Some(Ok(Ok(frame))) => (ReplyHead::Ok, Some(frame), Ending::Succeeded),
-            Some(Ok(Err(failure))) => (failure_head(failure), None, Ending::Failed),
-            Some(Err(panic)) => {
+            Some(Ok(Ok(Ok(frame)))) => (ReplyHead::Ok, Some(frame), Ending::Succeeded),
+            Some(Ok(Ok(Err(failure)))) => (failure_head(failure), None, Ending::Failed),
+            Some(Err(ended)) => {
+                let message = format!("the job's task ended: {ended}");
+                tracing::error!(%message, "job lost");
+                (ReplyHead::Panicked { message }, None, Ending::Panicked)
+            }
+            Some(Ok(Err(panic))) => {
                 let message = panic_message(panic.as_ref());
                 tracing::error!(%message, "job panicked");
                 (ReplyHead::Panicked { message }, None, Ending::Panicked)
@@ -128,6 +138,54 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
     }
     .instrument(span)
     .await;
+}
+
+/// What a job's task returns: its result, or the payload of its panic.
+type JobOutput = Result<Result<wire::Chunks, JobFailure>, Box<dyn std::any::Any + Send>>;
+
+/// Starts a job on the jobs' threads (a blocking one on their blocking pool), holding `slot`
+/// until it ends. Its argument is decoded and its result encoded there too, never on the
+/// connection's thread.
+fn start_job<S: Send + 'static>(
+    cx: &CallContext,
+    body: Body,
+    args: wire::Message,
+    resource: u64,
+    slot: S,
+) -> JoinHandle<JobOutput> {
+    if let Body::Blocking(handler) = body {
+        let span = tracing::Span::current();
+        return cx.jobs.spawn_blocking(move || {
+            let _slot = slot;
+            let _entered = span.enter();
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler(args)))
+        });
+    }
+    let resources = Arc::clone(&cx.resources);
+    // The handler is called inside the guarded future: a panic before its first await is
+    // caught like any other.
+    let run = move || -> HandlerFuture {
+        match body {
+            Body::Call(handler) => handler(args),
+            Body::Resource(handler) => handler(args, resources),
+            Body::Using(handler) => match resources.get(resource) {
+                Some(resource) => handler(resource, args),
+                None => Box::pin(std::future::ready(Err(JobFailure::Failed(format!(
+                    "resource {resource} is not held on this runner"
+                ))))),
+            },
+            Body::Blocking(_) | Body::Stream(_) => unreachable!("served elsewhere"),
+        }
+    };
+    cx.jobs.spawn(
+        async move {
+            let _slot = slot;
+            AssertUnwindSafe(async move { run().await })
+                .catch_unwind()
+                .await
+        }
+        .in_current_span(),
+    )
 }
 
 /// A request's head and its argument frame's body.

@@ -131,7 +131,10 @@ pub fn run_if_child(registry: &Registry) {
             exit_code::BAD_TOKEN
         }
         Ok(token) => {
+            // The jobs' runtime: one worker per core, and tokio's blocking pool for
+            // `register_blocking` jobs. The connection gets a thread of its own in `serve`.
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .thread_name("firebrand-job")
                 .enable_all()
                 .build()
             {
@@ -141,13 +144,7 @@ pub fn run_if_child(registry: &Registry) {
                     std::process::exit(exit_code::SETUP);
                 }
             };
-            // On a worker rather than this thread, the serve loop is woken by the connection's
-            // tasks without a cross-thread hop, and the calls it spawns start on that worker.
-            let serving = runtime.spawn(serve(token, registry.clone()));
-            let result = match runtime.block_on(serving) {
-                Ok(result) => result,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
+            let result = runtime.block_on(serve(token, registry.clone()));
             runtime.shutdown_timeout(Duration::from_millis(200));
             exit_code_of(&result)
         }
@@ -171,14 +168,59 @@ pub fn exit_code_of(result: &Result<ServeExit, ServeError>) -> i32 {
 /// Dials the parent named in `token`, serves `registry` until the parent releases the runner or
 /// is lost, and drains in-flight calls.
 ///
+/// Jobs run on the runtime this is awaited on. The QUIC connection runs on a thread of its own
+/// (`firebrand-io`, with a single-threaded runtime), which no job can occupy: a job that
+/// computes for minutes without awaiting, or calls `std::thread::sleep`, delays other async
+/// jobs on its worker but never the keep-alives, so the parent never declares the runner lost
+/// for it.
+///
 /// # Errors
 /// A [`ServeError`] if the parent is never reached or refuses the runner.
 pub async fn serve(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
+    let jobs = tokio::runtime::Handle::current();
     let span = tracing::info_span!("runner", runner = %token.runner_id);
-    serve_in_span(token, registry).instrument(span).await
+    let (mut done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("firebrand-io".into())
+        .spawn(move || {
+            let io = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let io = match io {
+                Ok(io) => io,
+                Err(e) => {
+                    let _ = done.send(Err(ServeError::Setup(format!(
+                        "cannot start the connection's runtime: {e}"
+                    ))));
+                    return;
+                }
+            };
+            let serving = serve_in_span(token, registry, jobs).instrument(span);
+            let outcome = io.block_on(async {
+                tokio::select! {
+                    outcome = serving => Some(outcome),
+                    // Whoever awaited `serve` dropped it: stop serving too.
+                    () = done.closed() => None,
+                }
+            });
+            if let Some(outcome) = outcome {
+                let _ = done.send(outcome);
+            }
+            io.shutdown_timeout(Duration::from_millis(100));
+        })
+        .map_err(|e| ServeError::Setup(format!("cannot start the connection's thread: {e}")))?;
+    result.await.unwrap_or_else(|_| {
+        Err(ServeError::Setup(
+            "the connection's thread ended without an outcome".into(),
+        ))
+    })
 }
 
-async fn serve_in_span(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
+async fn serve_in_span(
+    token: BootToken,
+    registry: Registry,
+    jobs: tokio::runtime::Handle,
+) -> Result<ServeExit, ServeError> {
     let settings = token.settings.clone();
     let (endpoint, connection, mut control) = connect(&token, &registry).await?;
     tracing::info!("connected to parent");
@@ -189,6 +231,8 @@ async fn serve_in_span(token: BootToken, registry: Registry) -> Result<ServeExit
         registry,
         slots: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
+        terminator: Arc::clone(&terminator),
+        jobs,
     });
     let idle = async {
         match settings.idle_shutdown_after {

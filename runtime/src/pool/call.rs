@@ -272,14 +272,38 @@ pub(super) async fn exchange<R: Payload>(
     let mut running = Running::start(shared, job, runner.id, queued_for);
     let reply = runner.call(request, timeout).await;
     drop(slot);
-    let output = reply.and_then(|reply| {
-        reply.decode().map_err(|e| CallError::Decode {
-            message: e.to_string(),
-        })
-    });
+    let output = match reply {
+        Ok(reply) => decode_reply(reply).await,
+        Err(e) => Err(e),
+    };
     running.outcome = CallOutcome::of(&output.as_ref().map(|_| ()));
     tracing::Span::current().record("ran_ms", running.started.elapsed().as_millis() as u64);
     output
+}
+
+/// Results at least this large are decoded on the blocking pool, off the threads that drive
+/// the pool's connections. Below it, decoding takes less than the hand-off would.
+pub(super) const OFFLOAD_DECODE_LEN: usize = 64 << 10;
+
+/// Decodes a call's result: a large one on the blocking pool.
+pub(super) async fn decode_reply<R: Payload>(reply: super::runner::Reply) -> Result<R, CallError> {
+    let offload = reply.len() >= OFFLOAD_DECODE_LEN;
+    let decode = move || {
+        reply.decode().map_err(|e| CallError::Decode {
+            message: e.to_string(),
+        })
+    };
+    if offload {
+        tokio::task::spawn_blocking(decode)
+            .await
+            .unwrap_or_else(|e| {
+                Err(CallError::Decode {
+                    message: format!("decoding the result failed: {e}"),
+                })
+            })
+    } else {
+        decode()
+    }
 }
 
 /// A call on its runner. Dropped, it reports the call finished, as cancelled unless told

@@ -1,0 +1,93 @@
+//! Real work on runners: jobs that compute or block without awaiting keep their runner, and a
+//! cheap call still gets through while every core is busy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pool, within};
+use firebrand::Pool;
+use firebrand_runner::{ECHO, SPIN, SPIN_BLOCKING, THREAD_SLEEP};
+
+/// Short enough that a runner whose connection starves is declared lost well within each job.
+const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Each job runs this long without awaiting: three peer timeouts.
+const JOB_MS: u64 = 3 * PEER_TIMEOUT.as_millis() as u64;
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+async fn one_runner() -> Pool {
+    pool()
+        .max(1)
+        .max_concurrency(64)
+        .peer_timeout(PEER_TIMEOUT)
+        .keep_alive(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Runs `count` calls of `job` at once on one runner and checks that every one succeeds.
+async fn all_succeed<R: firebrand::Payload + std::fmt::Debug>(
+    job: &firebrand::Job<u64, R>,
+    count: usize,
+) {
+    let pool = one_runner().await;
+    let calls: Vec<_> = (0..count)
+        .map(|_| tokio::spawn(pool.call(job, JOB_MS)))
+        .collect();
+    for call in calls {
+        let outcome = within(Duration::from_secs(60), call).await.unwrap();
+        assert!(outcome.is_ok(), "{}: {outcome:?}", job.name());
+    }
+    assert_eq!(pool.stats().ready, 1, "the runner was replaced");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_bound_async_jobs_on_every_core_keep_their_runner() {
+    all_succeed(&SPIN, cores() + 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_sleep_in_async_jobs_keeps_the_runner() {
+    all_succeed(&THREAD_SLEEP, cores() + 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_jobs_on_every_core_keep_their_runner() {
+    all_succeed(&SPIN_BLOCKING, cores() + 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheap_call_completes_while_every_core_is_busy() {
+    let pool = one_runner().await;
+    // Warm: the runner is up before the busy work starts.
+    pool.call(&ECHO, vec![1]).await.unwrap();
+    let busy: Vec<_> = (0..cores())
+        .map(|_| tokio::spawn(pool.call(&SPIN_BLOCKING, JOB_MS)))
+        .collect();
+    // Started on the runner: its calls are in flight.
+    let mut counts = pool.watch_runners();
+    within(Duration::from_secs(10), async {
+        while pool.stats().in_flight < cores() {
+            let _ = tokio::time::timeout(Duration::from_millis(20), counts.changed()).await;
+        }
+    })
+    .await;
+    let echoed = within(Duration::from_secs(30), pool.call(&ECHO, vec![7; 100]))
+        .await
+        .unwrap();
+    assert_eq!(echoed, vec![7; 100]);
+    // The cheap call did not wait for the busy ones: they are all still running.
+    assert!(
+        busy.iter().all(|b| !b.is_finished()),
+        "a busy job ended first"
+    );
+    for b in busy {
+        within(Duration::from_secs(60), b).await.unwrap().unwrap();
+    }
+    pool.shutdown().await;
+}
