@@ -292,3 +292,17 @@ async fn a_caller_dropped_after_being_granted_a_slot_gives_it_back() {
     within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_argument_over_max_payload_len_is_refused_before_it_is_sent() {
+    let pool = pool().max(1).max_payload_len(1024).build().await.unwrap();
+    let error = pool.call(&ECHO, vec![0; 4096]).await.unwrap_err();
+    assert!(
+        matches!(&error, CallError::Encode { message } if message.contains("1024")),
+        "{error:?}"
+    );
+    // Refused on the parent: no runner was booted for it, and a call within the limit works.
+    assert_eq!(pool.stats().ready + pool.stats().booting, 0);
+    assert_eq!(pool.call(&ECHO, vec![1; 100]).await.unwrap(), vec![1; 100]);
+    pool.shutdown().await;
+}

@@ -287,3 +287,66 @@ async fn job_errors_are_retried_only_when_the_caller_opts_in() {
     }
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_queued_behind_a_killed_runner_run_on_a_new_one() {
+    calls_queued_behind_a_lost_runner_run_on_a_new_one(libc::SIGKILL).await;
+}
+
+/// A stopped runner is lost at the peer timeout, when its calls and its supervisor all learn
+/// of it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_queued_behind_a_stopped_runner_run_on_a_new_one() {
+    calls_queued_behind_a_lost_runner_run_on_a_new_one(libc::SIGSTOP).await;
+}
+
+/// With one runner busy and calls queued behind it, `signal` takes the runner away: only the
+/// calls it was running fail.
+async fn calls_queued_behind_a_lost_runner_run_on_a_new_one(signal: libc::c_int) {
+    const IN_FLIGHT: usize = 4;
+    const QUEUED: usize = 32;
+    let pool = pool()
+        .max(1)
+        .max_concurrency(IN_FLIGHT as u32)
+        .terminate_grace(Duration::ZERO)
+        .peer_timeout(SECOND)
+        .keep_alive(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let running = common::spawn_sleeps(&pool, IN_FLIGHT, 60_000);
+    let mut counts = pool.watch_runners();
+    within(10 * SECOND, async {
+        while pool.stats().in_flight < IN_FLIGHT {
+            let _ = tokio::time::timeout(Duration::from_millis(20), counts.changed()).await;
+        }
+    })
+    .await;
+    let queued: Vec<_> = (0..QUEUED)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&PID, ()).await })
+        })
+        .collect();
+    within(10 * SECOND, async {
+        while pool.stats().queued < QUEUED {
+            let _ = tokio::time::timeout(Duration::from_millis(20), counts.changed()).await;
+        }
+    })
+    .await;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0);
+    for call in running {
+        let outcome = within(30 * SECOND, call).await.unwrap();
+        assert!(
+            matches!(outcome, Err(CallError::RunnerLost { .. })),
+            "{outcome:?}"
+        );
+    }
+    for call in queued {
+        let new_pid = within(30 * SECOND, call).await.unwrap().unwrap();
+        assert_ne!(new_pid, pid, "a queued call ran on the killed runner");
+    }
+    pool.shutdown().await;
+}

@@ -542,13 +542,15 @@ struct CallHeadRef<'a> {
     resource: u64,
 }
 
-/// Encodes a whole call request, head and argument.
+/// Encodes a whole call request, head and argument. An argument whose encoding is longer than
+/// `max_payload_len` is refused here, before anything is sent, as the runner would refuse it.
 pub(crate) fn encode_request<A: Serialize>(
     job: &str,
     timeout_ms: u64,
     trace_id: u128,
     resource: u64,
     args: &A,
+    max_payload_len: usize,
 ) -> Result<SmallVec<[Bytes; 2]>, WireError> {
     let mut chunks = Chunks::new();
     chunks.push_frame(&CallHeadRef {
@@ -557,7 +559,16 @@ pub(crate) fn encode_request<A: Serialize>(
         trace_id,
         resource,
     })?;
+    let head_len = chunks.len();
     chunks.push_frame(args)?;
+    // Less the argument frame's 4-byte length prefix.
+    let args_len = chunks.len() - head_len - 4;
+    if args_len > max_payload_len {
+        return Err(WireError::Encode(format!(
+            "the argument is {args_len} bytes encoded, more than the pool's max_payload_len of \
+             {max_payload_len} bytes"
+        )));
+    }
     Ok(chunks.into_bytes())
 }
 

@@ -12,7 +12,8 @@ use tracing::Instrument as _;
 use tokio::time::Instant;
 
 use super::observe::CallOutcome;
-use super::runner::RunnerHandle;
+use super::placement::Lease;
+use super::runner::{CallStream, RunnerHandle};
 use super::Shared;
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
@@ -150,7 +151,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
             return Err(CallError::NotIdempotent { job: name.into() });
         }
         let trace_id = self.trace_id.unwrap_or_else(TraceId::next);
-        let request = encode(name, self.timeout, trace_id, 0, &args)?;
+        let request = encode(&self.shared, name, self.timeout, trace_id, 0, &args)?;
         Ok(Prepared {
             job: name,
             request,
@@ -206,21 +207,71 @@ impl<R: Payload> Prepared<R> {
     }
 
     async fn attempt(&self, shared: &Arc<Shared>, request: Request) -> Result<R, CallError> {
-        let queued_at = Instant::now();
-        let lease = shared.acquire(self.job, self.queue_timeout).await?;
-        let runner = lease.runner().id;
-        let queued_for = queued_at.elapsed();
+        let placed = place(shared, self.job, self.queue_timeout, &request).await?;
+        drop(request);
         let span = tracing::debug_span!(
             "call",
             job = self.job,
-            runner = %runner,
+            runner = %placed.lease.runner().id,
             trace_id = %self.trace_id,
-            queued_ms = queued_for.as_millis() as u64,
+            queued_ms = placed.queued_for.as_millis() as u64,
             ran_ms = tracing::field::Empty,
         );
-        exchange(shared, lease, self.job, queued_for, request, self.timeout)
+        let Placed {
+            lease,
+            stream,
+            queued_for,
+        } = placed;
+        exchange(shared, lease, stream, self.job, queued_for, self.timeout)
             .instrument(span)
             .await
+    }
+}
+
+/// How many times one call is placed again because its runner turned out to be dead before the
+/// request left. Each placement marks that runner dead, so each goes to another runner; the
+/// bound only stops a pool whose every new runner dies at once from looping.
+const MAX_PLACEMENTS: u32 = 16;
+
+/// A call's request, sent on a runner: the slot it holds, its stream, and how long it queued.
+pub(super) struct Placed<S: std::ops::Deref<Target = Shared>> {
+    pub(super) lease: Lease<S>,
+    pub(super) stream: CallStream,
+    pub(super) queued_for: Duration,
+}
+
+/// Takes a slot and sends `request` on it. A runner whose connection is found gone before the
+/// request left never received the call: it is marked dead (no call is placed on it again)
+/// and the call is placed anew, on another runner or one that boots for it. Only a call the
+/// runner may have received fails with [`CallError::RunnerLost`].
+pub(super) async fn place<'a>(
+    shared: &'a Arc<Shared>,
+    job: &'static str,
+    queue_timeout: Duration,
+    request: &Request,
+) -> Result<Placed<&'a Shared>, CallError> {
+    let queued_at = Instant::now();
+    let mut placements = 0;
+    loop {
+        let lease = shared.acquire(job, queue_timeout).await?;
+        let runner = Arc::clone(lease.runner());
+        let error = match runner.open(request.clone()).await {
+            Ok(stream) => {
+                return Ok(Placed {
+                    lease,
+                    stream,
+                    queued_for: queued_at.elapsed(),
+                })
+            }
+            Err(e) => runner.wire_error(e),
+        };
+        placements += 1;
+        if !matches!(error, CallError::RunnerLost { .. }) || placements >= MAX_PLACEMENTS {
+            return Err(error);
+        }
+        // Before the lease goes: its release must not hand a waiter a slot on this runner.
+        shared.runner_dead(runner.id);
+        tracing::debug!(job, runner = %runner.id, %error, "runner gone before the request left; placing the call again");
     }
 }
 
@@ -238,8 +289,10 @@ pub(super) fn check_callable(shared: &Shared, name: &str) -> Result<(), CallErro
     Ok(())
 }
 
-/// Encodes a request for `name`, with its execution deadline for the runner.
+/// Encodes a request for `name`, with its execution deadline for the runner. An argument
+/// above the pool's `max_payload_len` is refused here, before it is sent.
 pub(super) fn encode<A: Payload>(
+    shared: &Shared,
     name: &str,
     timeout: Option<Duration>,
     trace_id: TraceId,
@@ -249,28 +302,29 @@ pub(super) fn encode<A: Payload>(
     let timeout_ms = timeout.map_or(0, |t| {
         u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
     });
-    wire::encode_request(name, timeout_ms, trace_id.0, resource, args).map_err(|e| {
+    let limit = usize::try_from(shared.config.max_payload_len).unwrap_or(usize::MAX);
+    wire::encode_request(name, timeout_ms, trace_id.0, resource, args, limit).map_err(|e| {
         CallError::Encode {
             message: e.to_string(),
         }
     })
 }
 
-/// Runs an encoded request on the runner `slot` reaches, reporting the call started and
-/// finished, and decodes its result. The slot (a lease, or a plain reference) is let go as soon
-/// as the reply is in, before decoding. The current span's `ran_ms` field, where it has one,
-/// gets the run time.
+/// Reads the reply to a request sent on `stream` to the runner `slot` reaches, reporting the
+/// call started and finished, and decodes its result. The slot (a lease, or a plain reference)
+/// is let go as soon as the reply is in, before decoding. The current span's `ran_ms` field,
+/// where it has one, gets the run time.
 pub(super) async fn exchange<R: Payload>(
     shared: &Shared,
     slot: impl Borrow<RunnerHandle>,
+    stream: CallStream,
     job: &'static str,
     queued_for: Duration,
-    request: Request,
     timeout: Option<Duration>,
 ) -> Result<R, CallError> {
     let runner = slot.borrow();
     let mut running = Running::start(shared, job, runner.id, queued_for);
-    let reply = runner.call(request, timeout).await;
+    let reply = runner.reply(stream, timeout).await;
     drop(slot);
     let output = match reply {
         Ok(reply) => decode_reply(reply).await,

@@ -44,6 +44,8 @@ pub(crate) struct Slot {
     /// Slots held by resource handles: taken, but no call to wait for at shutdown.
     pinned: u32,
     min: bool,
+    /// Its connection or process is gone: no call may be placed on it, and nothing released.
+    dead: bool,
 }
 
 /// The pool's mutable state.
@@ -276,7 +278,9 @@ impl Shared {
                 let runner = grant.runner.take().expect("not yet taken");
                 if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner.id) {
                     slot.in_flight -= 1;
-                    slot.draining &= !self.config.single_use;
+                    if self.config.single_use && !slot.dead {
+                        slot.draining = false;
+                    }
                 }
             }
         }
@@ -296,8 +300,22 @@ impl Shared {
             return;
         };
         slot.in_flight -= 1;
-        if slot.draining && slot.in_flight == 0 {
+        if slot.draining && slot.in_flight == 0 && !slot.dead {
             slot.handle.release(slot.release_reason);
+        }
+    }
+
+    /// The runner's connection or process is gone: from now on no call is placed on it, and
+    /// the slots its failing calls free go to other runners. Called before its calls are
+    /// failed, so that none of those releases can hand a waiter a slot on it.
+    pub(crate) fn runner_dead(&self, runner: RunnerId) {
+        let mut state = self.state.lock();
+        if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) {
+            if !slot.dead {
+                slot.dead = true;
+                slot.draining = true;
+                self.publish(&state);
+            }
         }
     }
 
@@ -306,7 +324,7 @@ impl Shared {
         let mut state = self.state.lock();
         if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) {
             slot.draining = true;
-            if slot.in_flight == 0 {
+            if slot.in_flight == 0 && !slot.dead {
                 slot.handle.release("drained");
             }
         }
@@ -397,6 +415,7 @@ impl Shared {
             release_reason: "drained",
             pinned: 0,
             min,
+            dead: false,
         });
         // A resize may have lowered the limits while it booted.
         self.trim(&mut state);

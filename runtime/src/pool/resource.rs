@@ -4,9 +4,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use super::call::{encode, exchange};
+use super::call::{encode, exchange, place, Placed};
 use super::placement::Lease;
 use super::runner::RunnerHandle;
 use super::{Pool, Shared};
@@ -59,23 +57,23 @@ impl Pool {
         if !shared.manifest.contains(name) {
             return Err(CallError::UnknownJob { job: name.into() });
         }
-        let request = encode(name, shared.config.call_timeout, TraceId::next(), 0, &args)?;
-        let queued_at = Instant::now();
-        let lease = shared
-            .acquire(name, shared.config.queue_timeout)
-            .await?
-            .into_owned(Arc::clone(&shared));
+        let request = encode(
+            &shared,
+            name,
+            shared.config.call_timeout,
+            TraceId::next(),
+            0,
+            &args,
+        )?;
+        let Placed {
+            lease,
+            stream,
+            queued_for,
+        } = place(&shared, name, shared.config.queue_timeout, &request).await?;
+        let lease = lease.into_owned(Arc::clone(&shared));
         let runner = Arc::clone(lease.runner());
         let timeout = shared.config.call_timeout;
-        let id = exchange(
-            &shared,
-            &*runner,
-            name,
-            queued_at.elapsed(),
-            request,
-            timeout,
-        )
-        .await?;
+        let id = exchange(&shared, &*runner, stream, name, queued_for, timeout).await?;
         shared.state.lock().pin(runner.id, true);
         tracing::debug!(resource = id, runner = %runner.id, job = name, "resource made");
         Ok(Resource {
@@ -104,6 +102,7 @@ impl<T> Resource<T> {
             return Err(CallError::UnknownJob { job: name.into() });
         }
         let request = encode(
+            &self.shared,
             name,
             self.shared.config.call_timeout,
             TraceId::next(),
@@ -111,12 +110,18 @@ impl<T> Resource<T> {
             &args,
         )?;
         let timeout = self.shared.config.call_timeout;
+        // No placement: the resource lives on this runner, and the handle holds its slot.
+        let runner = &self.runner;
+        let stream = runner
+            .open(request)
+            .await
+            .map_err(|e| runner.wire_error(e))?;
         exchange(
             &self.shared,
-            &*self.runner,
+            &**runner,
+            stream,
             name,
             Duration::ZERO,
-            request,
             timeout,
         )
         .await
@@ -131,7 +136,7 @@ impl<T> Resource<T> {
 impl<T> Drop for Resource<T> {
     fn drop(&mut self) {
         let (runner, lease, id) = (Arc::clone(&self.runner), self.lease.take(), self.id);
-        let Ok(request) = wire::encode_request(wire::RELEASE_JOB, 0, 0, id, &()) else {
+        let Ok(request) = wire::encode_request(wire::RELEASE_JOB, 0, 0, id, &(), usize::MAX) else {
             return;
         };
         self.shared.state.lock().pin(runner.id, false);

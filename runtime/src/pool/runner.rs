@@ -76,20 +76,8 @@ impl RunnerHandle {
         request: SmallVec<[Bytes; 2]>,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
-        let exchange = self.exchange(request);
-        match timeout {
-            None => exchange.await,
-            Some(after) => tokio::time::timeout(after, exchange)
-                .await
-                .map_err(|_| CallError::Timeout { after })?,
-        }
-        .map_err(|failure| match failure {
-            Failure::Reply(ReplyHead::TimedOut) => CallError::Timeout {
-                after: timeout.unwrap_or_default(),
-            },
-            Failure::Reply(head) => reply_error(head),
-            Failure::Wire(e) => self.wire_error(e),
-        })
+        let stream = self.open(request).await.map_err(|e| self.wire_error(e))?;
+        self.reply(stream, timeout).await
     }
 
     /// Opens a call's stream and sends its request.
@@ -108,12 +96,33 @@ impl RunnerHandle {
         Ok(stream)
     }
 
+    /// Reads the reply to a call whose request was sent on `stream`, within `timeout`.
+    pub(crate) async fn reply(
+        &self,
+        mut stream: CallStream,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, CallError> {
+        let exchange = self.read_reply(&mut stream);
+        match timeout {
+            None => exchange.await,
+            Some(after) => tokio::time::timeout(after, exchange)
+                .await
+                .map_err(|_| CallError::Timeout { after })?,
+        }
+        .map_err(|failure| match failure {
+            Failure::Reply(ReplyHead::TimedOut) => CallError::Timeout {
+                after: timeout.unwrap_or_default(),
+            },
+            Failure::Reply(head) => reply_error(head),
+            Failure::Wire(e) => self.wire_error(e),
+        })
+    }
+
     pub(crate) fn max_payload_len(&self) -> usize {
         self.max_payload_len
     }
 
-    async fn exchange(&self, request: SmallVec<[Bytes; 2]>) -> Result<Reply, Failure> {
-        let mut stream = self.open(request).await?;
+    async fn read_reply(&self, stream: &mut CallStream) -> Result<Reply, Failure> {
         let limit = wire::message_limit(self.max_payload_len);
         let mut reply = wire::read_message(&mut stream.recv, limit).await?;
         stream.done = true;
@@ -209,11 +218,14 @@ pub(crate) async fn supervise(
             error = handle.connection.closed() => break match handle.released.get() {
                 Some(why) => (*why).to_string(),
                 None => {
+                    shared.runner_dead(handle.id);
                     lost = true;
                     format!("connection lost: {error}")
                 }
             },
             exit = machine.exited() => {
+                // First, so that the calls failed below free no slot on it for a waiter.
+                shared.runner_dead(handle.id);
                 let _ = handle.exit.set(exit.description.clone());
                 // Fail this runner's calls now rather than at the QUIC idle timeout.
                 handle.connection.close(close::RUNNER_EXIT, b"runner process exited");

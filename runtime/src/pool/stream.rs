@@ -6,9 +6,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
-use tokio::time::Instant;
 
-use super::call::{check_callable, encode, Request, Running};
+use super::call::{check_callable, encode, place, Request, Running};
 use super::observe::CallOutcome;
 use super::placement::Lease;
 use super::runner::{reply_error, CallStream};
@@ -108,29 +107,30 @@ fn prepare<A: Payload>(
     args: &A,
 ) -> Result<Request, CallError> {
     check_callable(shared, name)?;
-    encode(name, shared.config.call_timeout, TraceId::next(), 0, args)
+    encode(
+        shared,
+        name,
+        shared.config.call_timeout,
+        TraceId::next(),
+        0,
+        args,
+    )
 }
 
 impl Start {
     async fn open(self) -> Result<Open, CallError> {
         let request = self.request?;
-        let queued_at = Instant::now();
-        let lease = self
-            .shared
-            .acquire(self.job, self.queue_timeout)
-            .await?
-            .into_owned(Arc::clone(&self.shared));
+        let placed = place(&self.shared, self.job, self.queue_timeout, &request).await?;
+        drop(request);
+        let lease = placed.lease.into_owned(Arc::clone(&self.shared));
         let runner = Arc::clone(lease.runner());
         let running = Running::start(
             Arc::clone(&self.shared),
             self.job,
             runner.id,
-            queued_at.elapsed(),
+            placed.queued_for,
         );
-        let stream = runner
-            .open(request)
-            .await
-            .map_err(|e| runner.wire_error(e))?;
+        let stream = placed.stream;
         Ok(Open {
             stream,
             running,
