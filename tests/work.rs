@@ -91,3 +91,37 @@ async fn a_cheap_call_completes_while_every_core_is_busy() {
     }
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_prints_binary_and_huge_lines_keeps_printing() {
+    use firebrand_runner::{ByteBuf, PID, PRINT};
+    let pool = pool().max(1).build().await.unwrap();
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let print = |bytes: Vec<u8>| pool.call(&PRINT, ByteBuf::from(bytes));
+    // Not UTF-8, then a 10 MiB line with no newline in it.
+    print(b"\xff\xfe\x00 binary \xc3\x28\n".to_vec())
+        .await
+        .unwrap();
+    let mut huge = vec![b'y'; 10 << 20];
+    huge.push(b'\n');
+    print(huge).await.unwrap();
+    // Ordinary prints still work: the relay kept the pipe open.
+    for i in 0..10 {
+        print(format!("line {i}\n").into_bytes()).await.unwrap();
+    }
+    // 100 MB more, a MiB per call: the relay keeps up, or these calls would stall.
+    let mib: Vec<u8> = (0..1 << 20)
+        .map(|i| if i % 100 == 99 { b'\n' } else { b'z' })
+        .collect();
+    for _ in 0..100 {
+        within(Duration::from_secs(30), print(mib.clone()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        pool.call(&PID, ()).await.unwrap(),
+        pid,
+        "the runner was replaced"
+    );
+    pool.shutdown().await;
+}
