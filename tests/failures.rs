@@ -21,7 +21,7 @@ async fn runner_killed_mid_call_is_reported_promptly_and_replaced() {
 const FORK_ENV: &str = "FIREBRAND_TEST_FORK";
 
 /// A pool with two ready runners, and the backend that knows their pids.
-async fn two_runners() -> (firebrand::Pool, Recording) {
+async fn two_runners(builder: firebrand::PoolBuilder) -> (firebrand::Pool, Recording) {
     let backend = if std::env::var_os(FORK_ENV).is_some() {
         firebrand::LocalBackend::builder()
             .command(common::RUNNER)
@@ -31,7 +31,7 @@ async fn two_runners() -> (firebrand::Pool, Recording) {
         local_backend()
     };
     let backend = Recording::new(backend);
-    let pool = pool()
+    let pool = builder
         .backend(backend.clone())
         .min(2)
         .max(2)
@@ -44,7 +44,7 @@ async fn two_runners() -> (firebrand::Pool, Recording) {
 
 #[tokio::test]
 async fn dropping_the_pool_leaves_no_runner_behind() {
-    let (pool, backend) = two_runners().await;
+    let (pool, backend) = two_runners(pool()).await;
     let pids = backend.pids();
     assert_eq!(pids.len(), 2);
     drop(pool);
@@ -53,16 +53,38 @@ async fn dropping_the_pool_leaves_no_runner_behind() {
     }
 }
 
-/// The parent in `parent_killed_runners_exit_within_10s`: a pool with two runners, whose pids it
-/// prints before waiting to be killed. Runs only as that test's child process.
+/// The runners' drain grace in the parent helper: long enough to tell a runner that waits it
+/// out from one killed at once.
+const HELPER_DRAIN_GRACE: Duration = Duration::from_secs(4);
+const HELPER_PEER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The parent in `parent_killed_*`: a pool with two runners, one of them running a detached
+/// spawn that outlives everything, whose pids it prints before waiting to be killed. Runs only
+/// as those tests' child process.
 #[test]
-#[ignore = "helper process, started by parent_killed_runners_exit_within_10s"]
+#[ignore = "helper process, started by the parent_killed_* tests"]
 fn parent_helper() {
     if std::env::var_os(HELPER_ENV).is_none() {
         return;
     }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (_pool, backend) = two_runners().await;
+        let (pool, backend) = two_runners(
+            pool()
+                .peer_timeout(HELPER_PEER_TIMEOUT)
+                .keep_alive(Duration::from_millis(300))
+                .drain_grace(HELPER_DRAIN_GRACE),
+        )
+        .await;
+        use futures_util::StreamExt as _;
+        let mut events = pool.events();
+        pool.spawn(&SLEEP, 600_000).detach();
+        // Started means its request was handed to QUIC; a round trip after it means the
+        // connection has sent it, so the runner has it even if this process dies now.
+        while !matches!(
+            events.next().await,
+            Some(firebrand::PoolEvent::CallStarted { .. })
+        ) {}
+        pool.call(&PID, ()).await.unwrap();
         for pid in backend.pids() {
             println!("RUNNER_PID {pid}");
         }
@@ -72,15 +94,17 @@ fn parent_helper() {
 }
 
 #[tokio::test]
-async fn parent_killed_runners_exit_within_10s() {
+async fn parent_killed_runners_drain_then_exit() {
     parent_killed_runners_exit(false).await;
 }
 
 #[tokio::test]
-async fn parent_killed_forked_runners_and_their_template_exit_within_10s() {
+async fn parent_killed_forked_runners_drain_then_exit_and_so_does_their_template() {
     parent_killed_runners_exit(true).await;
 }
 
+/// One rule on every backend: after its parent is killed, a runner lets the calls it runs go on
+/// for the drain grace, then exits; the idle one exits once it sees the parent gone.
 async fn parent_killed_runners_exit(fork: bool) {
     let mut helper = std::process::Command::new(std::env::current_exe().unwrap());
     helper
@@ -122,12 +146,17 @@ async fn parent_killed_runners_exit(fork: bool) {
     sigkill(parent.0.id());
     parent.0.wait().unwrap();
     let killed = Instant::now();
-    for pid in pids.into_iter().chain(template) {
-        wait_dead(pid, 10 * SECOND).await;
+    let mut lifetimes = Vec::new();
+    for pid in pids.iter().copied().chain(template) {
+        wait_dead(pid, 30 * SECOND).await;
+        lifetimes.push(killed.elapsed());
     }
-    println!(
-        "runners exited {:?} after their parent was killed",
-        killed.elapsed()
+    println!("runners (then template) exited {lifetimes:?} after their parent was killed");
+    // The runner with the spawn drained it for the whole grace: it cannot have exited sooner.
+    let longest = lifetimes.iter().max().unwrap();
+    assert!(
+        *longest >= HELPER_DRAIN_GRACE,
+        "no runner waited out the drain grace for its running call: {lifetimes:?}"
     );
 }
 

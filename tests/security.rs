@@ -404,3 +404,41 @@ async fn a_protocol_version_mismatch_is_refused_with_both_versions() {
     }
     pool.shutdown().await;
 }
+
+/// What the kernel shows any process of the same user as `pid`'s initial environment.
+fn environ_of(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
+#[tokio::test]
+async fn an_executed_runner_s_environment_holds_no_token() {
+    let backend = common::Recording::new(common::local_backend());
+    let pool = common::pool()
+        .backend(backend.clone())
+        .max(1)
+        .build()
+        .await
+        .unwrap();
+    let pid = pool.call(&firebrand_runner::PID, ()).await.unwrap();
+    let environ = environ_of(pid);
+    let token = backend.seen.lock().tokens[0].clone();
+    assert!(token.starts_with("fb1."), "the backend was given a token");
+    assert!(
+        !environ.contains(&token),
+        "the token is in /proc/{pid}/environ"
+    );
+    assert!(!environ.contains("fb1."), "{environ}");
+    assert!(
+        environ.contains(firebrand::token::PARENT_FD_ENV),
+        "{environ}"
+    );
+    // The pipe it came through is closed in the runner once read.
+    let fd3 = std::fs::read_link(format!("/proc/{pid}/fd/3"));
+    assert!(
+        fd3.as_ref()
+            .map_or(true, |l| !l.to_string_lossy().starts_with("pipe:")),
+        "descriptor 3 is still the token pipe: {fd3:?}"
+    );
+    pool.shutdown().await;
+}

@@ -15,6 +15,15 @@ use crate::wire;
 /// The environment variable that carries a runner's [`BootToken`].
 pub const PARENT_ENV: &str = "FIREBRAND_PARENT";
 
+/// The environment variable that names an inherited file descriptor to read a runner's
+/// [`BootToken`] from, instead of [`PARENT_ENV`]. The local backend hands tokens over this way:
+/// a process's initial environment stays readable in `/proc/<pid>/environ` for its whole life,
+/// whatever the process does to its copy, and the token holds the runner's private key.
+pub const PARENT_FD_ENV: &str = "FIREBRAND_PARENT_FD";
+
+/// The descriptor number the local backend gives the token pipe in a runner it executes.
+pub(crate) const PARENT_FD: i32 = 3;
+
 const PREFIX: &str = "fb1.";
 const MAX_TOKEN_LEN: usize = 64 * 1024;
 
@@ -147,11 +156,15 @@ impl BootToken {
         Ok(token)
     }
 
-    /// Reads the token from [`PARENT_ENV`].
+    /// Reads the token from the descriptor [`PARENT_FD_ENV`] names, reading it to its end and
+    /// closing it, or else from [`PARENT_ENV`].
     ///
     /// # Errors
-    /// [`TokenError::Missing`] when unset, or why the value is not a token.
+    /// [`TokenError::Missing`] when neither is set, or why the value is not a token.
     pub fn from_env() -> Result<Self, TokenError> {
+        if let Some(fd) = std::env::var_os(PARENT_FD_ENV) {
+            return Self::decode(&read_inherited(&fd)?);
+        }
         match std::env::var(PARENT_ENV) {
             Ok(v) => Self::decode(&v),
             Err(std::env::VarError::NotPresent) => Err(TokenError::Missing),
@@ -160,6 +173,35 @@ impl BootToken {
             }
         }
     }
+}
+
+/// Reads the token text from the inherited descriptor `fd`, and closes it.
+fn read_inherited(fd: &std::ffi::OsStr) -> Result<String, TokenError> {
+    use std::io::Read as _;
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let number: i32 = fd
+        .to_str()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 2)
+        .ok_or_else(|| {
+            TokenError::Malformed(format!("{PARENT_FD_ENV} is not a descriptor number"))
+        })?;
+    // SAFETY: F_GETFD only asks whether the descriptor is open; it touches no memory.
+    if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
+        return Err(TokenError::Malformed(format!(
+            "{PARENT_FD_ENV} names descriptor {number}, which is not open"
+        )));
+    }
+    // SAFETY: the descriptor is open (checked above) and was inherited for this alone: the
+    // parent handed it over and nothing else in this process knows of it, so taking ownership
+    // (and closing it when done) cannot close something another owner uses.
+    let owned = unsafe { OwnedFd::from_raw_fd(number) };
+    let mut text = String::new();
+    std::fs::File::from(owned)
+        .take(MAX_TOKEN_LEN as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| TokenError::Malformed(format!("cannot read descriptor {number}: {e}")))?;
+    Ok(text)
 }
 
 impl fmt::Debug for BootToken {
@@ -209,6 +251,17 @@ mod tests {
         assert_eq!(back.settings, settings());
         assert_eq!(back.runner_identity().key_der(), cert.key_der());
         assert!(format!("{back:?}").contains("<redacted>"));
+    }
+
+    #[test]
+    fn a_bad_token_descriptor_is_a_clear_error() {
+        for bad in ["x", "1", "-4", "999999"] {
+            let error = read_inherited(std::ffi::OsStr::new(bad)).unwrap_err();
+            assert!(
+                matches!(&error, TokenError::Malformed(m) if m.contains(PARENT_FD_ENV)),
+                "{bad}: {error:?}"
+            );
+        }
     }
 
     #[test]

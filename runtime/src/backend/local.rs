@@ -11,6 +11,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use tokio::process::{Child, Command};
 
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::Arc;
 
 use super::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
@@ -18,6 +19,7 @@ use super::{Backend, BootRequest, Exit, Machine};
 use crate::error::BackendError;
 #[cfg(target_os = "linux")]
 use crate::fork_server::client::ForkServers;
+use crate::token::{PARENT_ENV, PARENT_FD, PARENT_FD_ENV};
 
 /// Boots runners as processes on this machine: by default the current executable, which
 /// serves jobs through [`run_if_child`](crate::run_if_child) (embedded mode).
@@ -138,6 +140,8 @@ impl LocalBackend {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
             // The lines are re-logged: escape codes would only garble them.
             command.env("NO_COLOR", "1");
+            // The runner's output must outlive the pipes if the parent dies.
+            command.env(crate::child::RELAYED_OUTPUT_ENV, "1");
         }
         for name in &self.forward {
             if let Some(value) = std::env::var_os(name) {
@@ -278,6 +282,12 @@ impl Backend for LocalBackend {
                 return self.fork(servers, request.runner_id, env, gpus).await;
             }
             let (mut command, program) = self.command()?;
+            // The token goes through a pipe, not the environment (see `PARENT_FD_ENV`).
+            let token = take_token(&mut env);
+            let _token_pipe = match &token {
+                Some(token) => Some(hand_over_token(&mut command, token)?),
+                None => None,
+            };
             command.envs(env);
             let mut child = command
                 .spawn()
@@ -328,6 +338,69 @@ impl LocalBackend {
         tracing::debug!(%runner, pid = forked.pid(), gpus = visible, "runner process forked");
         Ok(Box::new(forked))
     }
+}
+
+/// Removes the boot token from a runner's environment, and returns it.
+fn take_token(env: &mut Vec<(String, String)>) -> Option<String> {
+    let at = env.iter().position(|(name, _)| name == PARENT_ENV)?;
+    Some(env.remove(at).1)
+}
+
+/// Arranges for the runner `command` starts to read `token` from an inherited pipe, at
+/// descriptor [`PARENT_FD`], named by [`PARENT_FD_ENV`]. The token is written (it fits in the
+/// pipe's buffer) and the write end closed before the runner starts. Returns the read end,
+/// which the caller keeps open until the runner has been spawned.
+fn hand_over_token(command: &mut Command, token: &str) -> Result<OwnedFd, BackendError> {
+    use std::io::Write as _;
+    let fail =
+        |e: std::io::Error| BackendError::Other(format!("cannot hand over the boot token: {e}"));
+    let (read, write) = cloexec_pipe().map_err(fail)?;
+    std::fs::File::from(write)
+        .write_all(token.as_bytes())
+        .map_err(fail)?;
+    let source = read.as_raw_fd();
+    command.env(PARENT_FD_ENV, PARENT_FD.to_string());
+    // SAFETY: the closure runs in the forked child before exec, and calls only dup2 and fcntl,
+    // which are async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            if source == PARENT_FD {
+                // Already in place: only clear close-on-exec, which dup2 would have cleared.
+                if libc::fcntl(PARENT_FD, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(source, PARENT_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(read)
+}
+
+/// A pipe whose two ends are closed on exec.
+fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two descriptors for pipe2(2) to fill. Both ends are
+    // close-on-exec from the start, so no process another thread starts meanwhile gets them.
+    #[cfg(target_os = "linux")]
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    // SAFETY: as above, for pipe(2); the ends are made close-on-exec just below.
+    #[cfg(not(target_os = "linux"))]
+    let made = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if made < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the pipe was made, so both descriptors are open and owned by nothing else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    #[cfg(not(target_os = "linux"))]
+    for fd in [&read, &write] {
+        // SAFETY: F_SETFD on an open descriptor touches no memory.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((read, write))
 }
 
 /// A pipe for a forked runner's output: the parent's end, to relay, and the runner's.

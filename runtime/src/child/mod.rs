@@ -13,6 +13,7 @@
 //! ```
 
 mod call;
+mod output;
 mod resources;
 mod stream;
 mod terminator;
@@ -28,10 +29,11 @@ use tracing::Instrument as _;
 pub use terminator::RunnerStats;
 
 use crate::registry::Registry;
-use crate::token::{BootToken, TokenError, PARENT_ENV};
+use crate::token::{BootToken, TokenError, PARENT_ENV, PARENT_FD_ENV};
 use crate::wire::{self, close, ControlMessage, DrainReason, Hello, HelloReply};
 use crate::{tls, transport};
 use call::{serve_call, CallContext};
+pub(crate) use output::RELAYED_OUTPUT_ENV;
 pub(crate) use resources::Resources;
 use terminator::{Terminator, STATS};
 
@@ -103,8 +105,8 @@ pub fn stats() -> RunnerStats {
     STATS.snapshot()
 }
 
-/// Serves `registry` and exits the process if [`FIREBRAND_PARENT`](PARENT_ENV) is set;
-/// returns at once otherwise.
+/// Serves `registry` and exits the process if [`FIREBRAND_PARENT`](PARENT_ENV) or
+/// [`FIREBRAND_PARENT_FD`](PARENT_FD_ENV) is set; returns at once otherwise.
 ///
 /// Call it first thing in `main`, before any async runtime starts: when it serves, it builds its
 /// own. A malformed token prints the reason to stderr and exits non-zero (see [`exit_code`]).
@@ -119,12 +121,17 @@ pub fn run_if_child(registry: &Registry) {
         // Returns only in a runner forked from this template, with its token set.
         crate::fork_server::server::serve();
     }
-    if std::env::var_os(PARENT_ENV).is_none() {
+    if std::env::var_os(PARENT_ENV).is_none() && std::env::var_os(PARENT_FD_ENV).is_none() {
         return;
     }
     let token = BootToken::from_env();
     // The token holds a private key: keep it from processes this one starts.
     std::env::remove_var(PARENT_ENV);
+    std::env::remove_var(PARENT_FD_ENV);
+    if std::env::var_os(RELAYED_OUTPUT_ENV).is_some() {
+        std::env::remove_var(RELAYED_OUTPUT_ENV);
+        output::outlive_the_relay();
+    }
     let code = match token {
         Err(e) => {
             eprintln!("firebrand runner: {e}");

@@ -7,10 +7,14 @@ use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 
+use std::time::Duration;
+
 use super::{recv, send, Reply, Request, MAX_MESSAGE, PROTOCOL};
 use crate::child::exit_code;
+use crate::token::{BootToken, PARENT_ENV};
 
-/// Serves fork requests on stdin until the parent closes it, then kills its runners and exits.
+/// Serves fork requests on stdin until the parent closes it, then waits for its runners to
+/// drain and exit (killing those left after their bound), and exits.
 /// Returns only in a forked runner, whose environment then holds its boot token.
 pub(crate) fn serve() {
     let mut template = match Template::start() {
@@ -30,6 +34,9 @@ struct Template {
     original_mask: libc::sigset_t,
     pid: libc::pid_t,
     runners: HashSet<libc::pid_t>,
+    /// How long its runners may take to exit by themselves once the parent is gone: the
+    /// longest `peer_timeout + drain_grace` among their tokens, plus a margin.
+    outlive_parent_for: Duration,
     /// See [`gro_keeper`].
     _gro_keeper: Option<std::net::UdpSocket>,
 }
@@ -76,6 +83,7 @@ impl Template {
             // SAFETY: getpid cannot fail.
             pid: unsafe { libc::getpid() },
             runners: HashSet::new(),
+            outlive_parent_for: Duration::ZERO,
             _gro_keeper: gro_keeper,
         };
         template.reply(&Reply::Ready { protocol: PROTOCOL })?;
@@ -120,7 +128,7 @@ impl Template {
                     }
                 }
                 Ok(Some((Request::Kill { pid }, _))) => self.kill(pid),
-                Ok(None) => self.shut_down("the parent closed the control socket"),
+                Ok(None) => self.outlive_parent(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => self.shut_down(&format!("bad request: {e}")),
             }
@@ -153,6 +161,9 @@ impl Template {
             }
             pid => {
                 self.runners.insert(pid);
+                if let Some(bound) = drain_bound(&env) {
+                    self.outlive_parent_for = self.outlive_parent_for.max(bound);
+                }
                 drop(output);
                 self.reply_or_exit(&Reply::Spawned { pid });
                 Forked::Template
@@ -190,6 +201,45 @@ impl Template {
         if self.runners.contains(&pid) {
             // SAFETY: kill takes a pid and a signal number.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// The parent is gone (it closed the control socket, or died). Fork nothing more, and
+    /// let each runner find out through its connection and drain its calls exactly as an
+    /// executed runner does; kill only what is left once every runner's bound has passed.
+    fn outlive_parent(&mut self) -> ! {
+        let deadline = std::time::Instant::now() + self.outlive_parent_for;
+        tracing::debug!(runners = self.runners.len(), bound = ?self.outlive_parent_for, "parent gone: waiting for runners to drain");
+        while !self.runners.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut poll = libc::pollfd {
+                fd: self.child_exits.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let millis = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: `poll` is one live pollfd.
+            if unsafe { libc::poll(&mut poll, 1, millis) } > 0 {
+                self.drain_child_exits();
+                // Nobody to tell: only forget the runners that ended.
+                self.reap_silently();
+            }
+        }
+        self.shut_down("the parent is gone")
+    }
+
+    fn reap_silently(&mut self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid writes the status into a live i32.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return;
+            }
+            self.runners.remove(&pid);
         }
     }
 
@@ -257,6 +307,22 @@ impl Template {
         }
         std::process::exit(exit_code::CLEAN);
     }
+}
+
+/// A margin over a runner's own bound, for its exit after the bound.
+const EXIT_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long after its parent's death the runner whose environment is `env` may still run:
+/// `peer_timeout` to notice, `drain_grace` for its calls, and a margin.
+fn drain_bound(env: &[(String, String)]) -> Option<Duration> {
+    let (_, token) = env.iter().find(|(name, _)| name == PARENT_ENV)?;
+    let settings = BootToken::decode(token).ok()?.settings;
+    Some(
+        settings
+            .peer_timeout
+            .saturating_add(settings.drain_grace)
+            .saturating_add(EXIT_MARGIN),
+    )
 }
 
 #[derive(Debug, PartialEq, Eq)]
