@@ -276,12 +276,12 @@ async fn serve_in_span(
             },
             () = &mut idle, if drain_deadline.is_none() => {
                 tracing::info!("idle: draining");
-                drain_deadline = Some(Instant::now() + settings.drain_grace + settings.peer_timeout);
+                drain_deadline = Some(after(settings.drain_grace.saturating_add(settings.peer_timeout)));
                 announce_drain(&mut control, DrainReason::Idle).await;
             }
             () = terminate.recv(), if drain_deadline.is_none() => {
                 tracing::info!("SIGTERM: draining");
-                drain_deadline = Some(Instant::now() + settings.drain_grace);
+                drain_deadline = Some(after(settings.drain_grace));
                 announce_drain(&mut control, DrainReason::Terminated).await;
             }
             () = deadline => {
@@ -309,6 +309,14 @@ async fn serve_in_span(
     // Give the close frame a moment to leave; the parent also sees the process exit.
     let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
     Ok(exit)
+}
+
+/// The instant `wait` from now, or a century from now if that cannot be represented: a token's
+/// settings are not trusted to keep `Instant + Duration` from overflowing.
+fn after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 async fn announce_drain(control: &mut quinn::SendStream, reason: DrainReason) {
@@ -346,7 +354,7 @@ type Connected = (quinn::Endpoint, quinn::Connection, quinn::SendStream);
 /// Dials the parent's addresses in turn until one accepts the runner, or the failsafe passes.
 async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, ServeError> {
     let settings = &token.settings;
-    let failsafe = Instant::now() + settings.connect_failsafe;
+    let failsafe = after(settings.connect_failsafe);
     tracing::debug!(parent = ?token.parent_addrs, "dialing parent");
     let ca = rustls::pki_types::CertificateDer::from(token.ca_cert.clone());
     let crypto = Arc::new(
@@ -403,7 +411,7 @@ async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, Se
                 }
             }
         }
-        if Instant::now() + backoff >= failsafe {
+        if after(backoff) >= failsafe {
             return Err(ServeError::Unreachable {
                 failsafe: settings.connect_failsafe,
                 last_error,

@@ -208,7 +208,11 @@ impl Template {
     /// let each runner find out through its connection and drain its calls exactly as an
     /// executed runner does; kill only what is left once every runner's bound has passed.
     fn outlive_parent(&mut self) -> ! {
-        let deadline = std::time::Instant::now() + self.outlive_parent_for;
+        let now = std::time::Instant::now();
+        // Bounded by what a parent's validated settings allow; a token beyond that waits a year.
+        let deadline = now
+            .checked_add(self.outlive_parent_for)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
         tracing::debug!(runners = self.runners.len(), bound = ?self.outlive_parent_for, "parent gone: waiting for runners to drain");
         while !self.runners.is_empty() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());

@@ -11,6 +11,17 @@ use crate::token::RunnerSettings;
 
 use super::Pool;
 
+/// The longest duration any setting accepts: ten years. Longer ones are refused rather than
+/// left to overflow a deadline (`Instant + Duration`) on the parent or a runner.
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The most runners a pool may have (`min` and `max`).
+pub const MAX_RUNNERS: usize = 100_000;
+
+/// The highest `max_concurrency`. Each call is a QUIC stream, and the runner's connection keeps
+/// state for every stream the parent may open at once, so the limit bounds that memory.
+pub const MAX_CONCURRENCY: u32 = 10_000;
+
 /// A pool's settings, validated.
 #[derive(Debug, Clone)]
 pub(crate) struct PoolConfig {
@@ -76,24 +87,47 @@ impl PoolConfig {
         if self.min > self.max {
             return invalid(format!("min ({}) exceeds max ({})", self.min, self.max));
         }
-        if self.max_concurrency == 0 {
-            return invalid("max_concurrency must be at least 1".into());
+        if self.max_concurrency == 0 || self.max_concurrency > MAX_CONCURRENCY {
+            return invalid(format!(
+                "max_concurrency ({}) must be between 1 and {MAX_CONCURRENCY}",
+                self.max_concurrency
+            ));
         }
         if self.boot_attempts == 0 {
             return invalid("boot_attempts must be at least 1".into());
         }
-        for (name, value) in [
-            ("boot_timeout", Some(self.boot_timeout)),
-            ("queue_timeout", Some(self.queue_timeout)),
-            ("timeout", self.call_timeout),
-            ("idle_shutdown_after", self.idle_shutdown_after),
-            ("min_idle_shutdown_after", self.min_idle_shutdown_after),
-            ("peer_timeout", Some(self.peer_timeout)),
-            ("keep_alive", Some(self.keep_alive)),
-            ("connect_failsafe", Some(self.connect_failsafe)),
+        if self.max > MAX_RUNNERS {
+            return invalid(format!(
+                "max ({}) exceeds the limit of {MAX_RUNNERS} runners",
+                self.max
+            ));
+        }
+        for (name, value, zero_allowed) in [
+            ("boot_timeout", Some(self.boot_timeout), false),
+            ("queue_timeout", Some(self.queue_timeout), false),
+            ("timeout", self.call_timeout, false),
+            ("idle_shutdown_after", self.idle_shutdown_after, false),
+            (
+                "min_idle_shutdown_after",
+                self.min_idle_shutdown_after,
+                false,
+            ),
+            ("peer_timeout", Some(self.peer_timeout), false),
+            ("keep_alive", Some(self.keep_alive), false),
+            ("connect_failsafe", Some(self.connect_failsafe), false),
+            ("drain_grace", Some(self.drain_grace), true),
+            ("terminate_grace", Some(self.terminate_grace), true),
+            ("boot_retry_after", Some(self.boot_retry_after), true),
         ] {
-            if value == Some(Duration::ZERO) {
+            let Some(value) = value else { continue };
+            if value.is_zero() && !zero_allowed {
                 return invalid(format!("{name} must be longer than zero"));
+            }
+            if value > MAX_SETTING_DURATION {
+                return invalid(format!(
+                    "{name} ({value:?}) exceeds the longest setting, {MAX_SETTING_DURATION:?} \
+                     (ten years); use `None` where the setting takes one, for no limit"
+                ));
             }
         }
         if self.keep_alive >= self.peer_timeout {

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use tokio_util::task::TaskTracker;
 
-pub use builder::{Placement, PoolBuilder};
+pub use builder::{Placement, PoolBuilder, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION};
 pub use call::Call;
 pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
@@ -77,6 +77,18 @@ pub struct PoolStats {
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shared = &self.inner.shared;
+        let state = shared.state.lock();
+        f.debug_struct("Pool")
+            .field("name", &shared.config.name)
+            .field("limits", &state.limits)
+            .field("stats", &state.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Owned by the user's handles only; its drop tells every task to wind down.

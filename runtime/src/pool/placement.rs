@@ -445,8 +445,10 @@ impl Shared {
         }
         state.retry_scheduled = true;
         drop(state);
-        let delay =
-            self.config.boot_retry_after * 2u32.saturating_pow(failures.saturating_sub(1).min(5));
+        let delay = self
+            .config
+            .boot_retry_after
+            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(5)));
         let shared = Arc::clone(self);
         let mut closing = self.closing.clone();
         self.tasks.spawn(async move {

@@ -50,6 +50,20 @@ impl Pool {
         if limits.min > limits.max {
             return invalid(format!("min ({}) exceeds max ({})", limits.min, limits.max));
         }
+        if limits.max_concurrency > super::MAX_CONCURRENCY {
+            return invalid(format!(
+                "max_concurrency ({}) exceeds the limit of {}",
+                limits.max_concurrency,
+                super::MAX_CONCURRENCY
+            ));
+        }
+        if limits.max > super::MAX_RUNNERS {
+            return invalid(format!(
+                "max ({}) exceeds the limit of {} runners",
+                limits.max,
+                super::MAX_RUNNERS
+            ));
+        }
         let shared = &self.inner.shared;
         let limits = cap(limits, shared.backend.max_runners())?;
         let mut state = shared.state.lock();
