@@ -532,7 +532,6 @@ async fn a_gpu_backend_without_gpus_is_refused_at_build() {
         .backend(backend)
         .build()
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(error.to_string().contains("GPUs"), "{error}");
 }
