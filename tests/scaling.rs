@@ -528,10 +528,6 @@ async fn a_gpu_backend_without_gpus_is_refused_at_build() {
         .gpus(Vec::<String>::new())
         .gpus_per_runner(1)
         .build();
-    let error = pool()
-        .backend(backend)
-        .build()
-        .await
-        .expect_err("refused");
+    let error = pool().backend(backend).build().await.expect_err("refused");
     assert!(error.to_string().contains("GPUs"), "{error}");
 }

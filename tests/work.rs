@@ -125,3 +125,47 @@ async fn a_runner_that_prints_binary_and_huge_lines_keeps_printing() {
     );
     pool.shutdown().await;
 }
+
+/// A runner whose `main` is `#[tokio::main]` and calls `run_if_child` inside it.
+const ASYNC_RUNNER: &str = env!("CARGO_BIN_EXE_firebrand-runner-async");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_if_child_inside_tokio_main_serves() {
+    let pool = pool()
+        .backend(
+            firebrand::LocalBackend::builder()
+                .command(ASYNC_RUNNER)
+                .build(),
+        )
+        .max(1)
+        .peer_timeout(PEER_TIMEOUT)
+        .keep_alive(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(pool.call(&ECHO, vec![4, 2]).await.unwrap(), vec![4, 2]);
+    // Its jobs still cannot starve its connection.
+    within(Duration::from_secs(30), pool.call(&SPIN, JOB_MS))
+        .await
+        .unwrap();
+    pool.shutdown().await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_threaded_fork_template_is_refused_with_the_cause_in_the_boot_error() {
+    let backend = firebrand::LocalBackend::builder()
+        .command(ASYNC_RUNNER)
+        .fork_server()
+        .build();
+    let error = pool()
+        .backend(backend)
+        .min(1)
+        .boot_attempts(1)
+        .build()
+        .await
+        .expect_err("a multi-threaded template cannot fork runners");
+    let message = error.to_string();
+    assert!(message.contains("other thread"), "{message}");
+    assert!(message.contains("run_if_child"), "{message}");
+}

@@ -294,16 +294,18 @@ impl Backend for LocalBackend {
                 .map_err(|source| BackendError::Spawn { program, source })?;
             let pid = child.id().unwrap_or_default();
             let runner = request.runner_id;
+            let tail = OutputTail::default();
             if let Some(stdout) = child.stdout.take() {
-                tokio::spawn(relay_output(stdout, runner, "stdout"));
+                tokio::spawn(relay_output(stdout, runner, "stdout", None));
             }
             if let Some(stderr) = child.stderr.take() {
-                tokio::spawn(relay_output(stderr, runner, "stderr"));
+                tokio::spawn(relay_output(stderr, runner, "stderr", Some(tail.clone())));
             }
             tracing::debug!(%runner, pid, gpus = gpus.as_ref().map(GpuLease::visible_devices), "runner process spawned");
             Ok(Box::new(LocalProcess {
                 child,
                 pid,
+                tail,
                 _gpus: gpus,
             }) as Box<dyn Machine>)
         }
@@ -326,8 +328,8 @@ impl LocalBackend {
         } else {
             let (stdout, stdout_writer) = output_pipe()?;
             let (stderr, stderr_writer) = output_pipe()?;
-            tokio::spawn(relay_output(stdout, runner, "stdout"));
-            tokio::spawn(relay_output(stderr, runner, "stderr"));
+            tokio::spawn(relay_output(stdout, runner, "stdout", None));
+            tokio::spawn(relay_output(stderr, runner, "stderr", None));
             Some((stdout_writer, stderr_writer))
         };
         let visible = gpus.as_ref().map(GpuLease::visible_devices);
@@ -421,14 +423,19 @@ fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, std::os::fd::Owned
 pub(crate) const MAX_OUTPUT_LINE: usize = 64 << 10;
 
 /// Logs each line a runner writes, until the runner closes the stream. Lines that are not
-/// UTF-8 are logged lossily; a line over [`MAX_OUTPUT_LINE`] is split and says so.
+/// UTF-8 are logged lossily; a line over [`MAX_OUTPUT_LINE`] is split and says so. With a
+/// `tail`, the last lines are kept there too, for the error of a runner that exits early.
 pub(crate) async fn relay_output(
     output: impl tokio::io::AsyncRead + Unpin,
     runner: impl std::fmt::Display,
     stream: &'static str,
+    tail: Option<OutputTail>,
 ) {
     relay_lines(output, |line, split| {
         let text = String::from_utf8_lossy(line);
+        if let Some(tail) = &tail {
+            tail.push(&text);
+        }
         if split {
             tracing::info!(target: "firebrand::runner_output", %runner, stream, split, "{text}");
         } else {
@@ -436,6 +443,58 @@ pub(crate) async fn relay_output(
         }
     })
     .await;
+    if let Some(tail) = &tail {
+        tail.close();
+    }
+}
+
+/// The last lines a process wrote to stderr: a runner that exits before it connects usually
+/// said why there, and its boot error should say it too.
+#[derive(Clone, Default)]
+pub(crate) struct OutputTail(Arc<TailState>);
+
+#[derive(Default)]
+struct TailState {
+    lines: parking_lot::Mutex<std::collections::VecDeque<String>>,
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl OutputTail {
+    /// Lines kept.
+    const LINES: usize = 4;
+    /// Bytes kept of each line.
+    const LINE_LEN: usize = 512;
+    /// How long the end of a process's output is awaited once it has exited.
+    const FLUSH_WAIT: Duration = Duration::from_millis(200);
+
+    fn push(&self, line: &str) {
+        let mut end = line.len().min(Self::LINE_LEN);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut lines = self.0.lines.lock();
+        if lines.len() == Self::LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line[..end].to_string());
+    }
+
+    fn close(&self) {
+        self.0.closed.send_replace(true);
+    }
+
+    /// `description`, with what the process last wrote to stderr once the relay has read it
+    /// to its end (briefly awaited: the process has exited, so its pipe is closing).
+    pub(crate) async fn explain(&self, description: String) -> String {
+        let mut closed = self.0.closed.subscribe();
+        let _ = tokio::time::timeout(Self::FLUSH_WAIT, closed.wait_for(|closed| *closed)).await;
+        let lines = self.0.lines.lock();
+        if lines.is_empty() {
+            return description;
+        }
+        let said: Vec<&str> = lines.iter().map(String::as_str).collect();
+        format!("{description}; it last wrote: {}", said.join(" | "))
+    }
 }
 
 /// Hands `emit` each line of `output`, without its line ending, and whether it is a piece of a
@@ -497,6 +556,7 @@ pub(crate) async fn relay_lines(
 struct LocalProcess {
     child: Child,
     pid: u32,
+    tail: OutputTail,
     // Declared after `child`: dropped after the kill.
     _gpus: Option<GpuLease>,
 }
@@ -523,7 +583,13 @@ impl Machine for LocalProcess {
     fn exited(&mut self) -> BoxFuture<'_, Exit> {
         async move {
             match self.child.wait().await {
-                Ok(status) => describe_status(status),
+                Ok(status) => {
+                    let exit = describe_status(status);
+                    Exit {
+                        description: self.tail.explain(exit.description).await,
+                        ..exit
+                    }
+                }
                 Err(e) => Exit {
                     code: None,
                     description: format!("cannot wait for the process: {e}"),

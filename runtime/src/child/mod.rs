@@ -108,8 +108,12 @@ pub fn stats() -> RunnerStats {
 /// Serves `registry` and exits the process if [`FIREBRAND_PARENT`](PARENT_ENV) or
 /// [`FIREBRAND_PARENT_FD`](PARENT_FD_ENV) is set; returns at once otherwise.
 ///
-/// Call it first thing in `main`, before any async runtime starts: when it serves, it builds its
-/// own. A malformed token prints the reason to stderr and exits non-zero (see [`exit_code`]).
+/// Call it first thing in `main`: when it serves, it builds a runtime of its own for the jobs,
+/// and the connection gets a thread of its own. Inside a running runtime (`#[tokio::main]`) it
+/// still works, serving on new threads while the app's runtime idles; but a
+/// [fork server](crate::backend::LocalBackendBuilder::fork_server) template must reach it with
+/// no other thread running, and refuses to start otherwise. A malformed token prints the reason
+/// to stderr and exits non-zero (see [`exit_code`]); the parent's boot error quotes it.
 ///
 /// Started as the template of a [fork server](crate::backend::LocalBackendBuilder::fork_server),
 /// it forks runners on its parent's request instead, and returns from here only in each forked
@@ -138,25 +142,49 @@ pub fn run_if_child(registry: &Registry) {
             exit_code::BAD_TOKEN
         }
         Ok(token) => {
-            // The jobs' runtime: one worker per core, and tokio's blocking pool for
-            // `register_blocking` jobs. The connection gets a thread of its own in `serve`.
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .thread_name("firebrand-job")
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("firebrand runner: cannot start the async runtime: {e}");
-                    std::process::exit(exit_code::SETUP);
-                }
-            };
-            let result = runtime.block_on(serve(token, registry.clone()));
-            runtime.shutdown_timeout(Duration::from_millis(200));
-            exit_code_of(&result)
+            let serve_here = || serve_on_own_runtime(token, registry);
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Called inside the app's runtime (`#[tokio::main]`), where no runtime can be
+                // started: the runner gets threads of its own, and the app's runtime idles.
+                std::thread::scope(|scope| {
+                    std::thread::Builder::new()
+                        .name("firebrand-runner".into())
+                        .spawn_scoped(scope, serve_here)
+                        .map(|serving| match serving.join() {
+                            Ok(code) => code,
+                            Err(panic) => std::panic::resume_unwind(panic),
+                        })
+                        .unwrap_or_else(|e| {
+                            eprintln!("firebrand runner: cannot start a thread to serve on: {e}");
+                            exit_code::SETUP
+                        })
+                })
+            } else {
+                serve_here()
+            }
         }
     };
     std::process::exit(code)
+}
+
+/// Serves on a runtime of its own for the jobs, and returns the process's exit code.
+fn serve_on_own_runtime(token: BootToken, registry: &Registry) -> i32 {
+    // The jobs' runtime: one worker per core, and tokio's blocking pool for
+    // `register_blocking` jobs. The connection gets a thread of its own in `serve`.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name("firebrand-job")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firebrand runner: cannot start the async runtime: {e}");
+            return exit_code::SETUP;
+        }
+    };
+    let result = runtime.block_on(serve(token, registry.clone()));
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    exit_code_of(&result)
 }
 
 /// The exit code for how [`serve`] ended.

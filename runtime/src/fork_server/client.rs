@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{recv, send, socket_pair, Reply, Request, FORK_SERVER_ENV, MAX_MESSAGE, PROTOCOL};
 use crate::backend::gpu::GpuLease;
-use crate::backend::local::relay_output;
+use crate::backend::local::{relay_output, OutputTail};
 use crate::backend::{Exit, Machine};
 use crate::error::BackendError;
 
@@ -77,7 +77,7 @@ impl ForkServer {
             .stdin(Stdio::from(theirs))
             .kill_on_drop(true)
             .spawn()?;
-        let template = relay_template_output(template);
+        let (template, tail) = relay_template_output(template);
         // SAFETY: `ours` is an open socket that the AsyncFd owns, and so keeps open, for its
         // whole life.
         let socket = unsafe { AsyncFd::register(ours) }?;
@@ -85,6 +85,7 @@ impl ForkServer {
         let state = Arc::new(Mutex::new(State::default()));
         let driver = tokio::spawn(drive(
             template,
+            tail,
             socket,
             outgoing,
             requests.clone(),
@@ -157,6 +158,7 @@ const EXIT_STATUS_WAIT: Duration = Duration::from_secs(1);
 /// Sends requests and reads replies until the template goes away, then fails whatever waits.
 async fn drive(
     mut template: Child,
+    tail: OutputTail,
     socket: AsyncFd<OwnedFd>,
     outgoing: mpsc::UnboundedReceiver<Outgoing>,
     requests: mpsc::UnboundedSender<Outgoing>,
@@ -169,7 +171,9 @@ async fn drive(
         Ok(Ok(status)) => format!(" ({status})"),
         _ => String::new(),
     };
-    let reason = format!("the fork server ended{status}: {error}");
+    let reason = tail
+        .explain(format!("the fork server ended{status}: {error}"))
+        .await;
     tracing::warn!(%reason, "fork server lost");
     let mut state = state.lock();
     for answer in state.spawns.drain(..) {
@@ -275,17 +279,18 @@ fn describe(code: Option<i32>, signal: Option<i32>) -> Exit {
     }
 }
 
-fn relay_template_output(mut template: Child) -> Child {
+fn relay_template_output(mut template: Child) -> (Child, OutputTail) {
     let pid = template.id().unwrap_or_default();
     tracing::debug!(pid, "fork server started");
     let label = format!("fork-server-{pid}");
+    let tail = OutputTail::default();
     if let Some(stdout) = template.stdout.take() {
-        tokio::spawn(relay_output(stdout, label.clone(), "stdout"));
+        tokio::spawn(relay_output(stdout, label.clone(), "stdout", None));
     }
     if let Some(stderr) = template.stderr.take() {
-        tokio::spawn(relay_output(stderr, label, "stderr"));
+        tokio::spawn(relay_output(stderr, label, "stderr", Some(tail.clone())));
     }
-    template
+    (template, tail)
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -17,6 +17,17 @@ use crate::token::{BootToken, PARENT_ENV};
 /// drain and exit (killing those left after their bound), and exits.
 /// Returns only in a forked runner, whose environment then holds its boot token.
 pub(crate) fn serve() {
+    // fork() copies only the calling thread: another thread's locks (the allocator's, an async
+    // runtime's) would stay held forever in every runner.
+    if let Some(threads) = other_threads() {
+        eprintln!(
+            "firebrand fork server: the template has {threads} other thread(s) running, and \
+             forking it would leave their locks held in every runner. Call \
+             firebrand::run_if_child first thing in main, before any thread or async runtime \
+             starts (not inside #[tokio::main]), or boot runners without fork_server()."
+        );
+        std::process::exit(exit_code::SETUP);
+    }
     let mut template = match Template::start() {
         Ok(template) => template,
         Err(e) => {
@@ -311,6 +322,12 @@ impl Template {
         }
         std::process::exit(exit_code::CLEAN);
     }
+}
+
+/// How many threads besides this one the process runs, when there are any.
+fn other_threads() -> Option<usize> {
+    let threads = std::fs::read_dir("/proc/self/task").ok()?.count();
+    (threads > 1).then(|| threads - 1)
 }
 
 /// A margin over a runner's own bound, for its exit after the bound.
