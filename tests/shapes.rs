@@ -348,3 +348,33 @@ async fn shutdown_does_not_wait_on_a_held_resource() {
     within(5 * SECOND, pool.shutdown()).await;
     drop(stash);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_runner_stops_sending_times_out_on_the_parent() {
+    let pool = common::pool()
+        .max(1)
+        .timeout(Duration::from_secs(1))
+        .terminate_grace(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    // The job blocks its thread between items, so the runner's own deadline cannot fire, while
+    // its connection's keep-alives still flow.
+    let args = firebrand_runner::BlobArgs {
+        count: 2,
+        bytes: 8,
+        delay_ms: 60_000,
+        block: true,
+        ..Default::default()
+    };
+    let mut stream = pool.stream(&firebrand_runner::BLOBS, args);
+    let first = within(Duration::from_secs(15), stream.next()).await;
+    assert!(
+        matches!(first, Some(Err(CallError::Timeout { .. }))),
+        "{first:?}"
+    );
+    assert!(within(Duration::from_secs(5), stream.next())
+        .await
+        .is_none());
+    pool.shutdown().await;
+}

@@ -65,6 +65,8 @@ pub struct BlobArgs {
     pub delay_ms: u64,
     /// The index at which the stream fails instead of yielding.
     pub fail_at: Option<u64>,
+    /// Waits between items with `std::thread::sleep`, blocking its thread, instead of awaiting.
+    pub block: bool,
 }
 
 /// The argument of [`HASH`].
@@ -183,7 +185,9 @@ fn blobs(args: BlobArgs) -> impl futures_util::Stream<Item = Result<ByteBuf, Str
             if index >= args.count {
                 return None;
             }
-            if args.delay_ms > 0 {
+            if args.delay_ms > 0 && args.block {
+                std::thread::sleep(Duration::from_millis(args.delay_ms));
+            } else if args.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
             }
             if args.fail_at == Some(index) {

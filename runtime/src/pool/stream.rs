@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
+use tokio::time::Instant;
 
 use super::call::{check_callable, encode, place, Request, Running};
 use super::observe::CallOutcome;
@@ -69,6 +70,10 @@ struct Open {
     running: Running<Arc<Shared>>,
     lease: Lease<Arc<Shared>>,
     timeout: Option<Duration>,
+    /// When the whole stream must have ended, enforced here as well as on the runner: a runner
+    /// that stops sending while its connection stays up (a job that blocks its thread) must
+    /// not hang the reader.
+    deadline: Option<Instant>,
 }
 
 pub(super) fn start<A: Payload, T: Payload>(
@@ -136,35 +141,68 @@ impl Start {
             running,
             lease,
             timeout: self.timeout,
+            deadline: self.timeout.and_then(|t| Instant::now().checked_add(t)),
         })
     }
 }
 
-/// Reads the next item, or the stream's end or error.
+/// Reads the next item, or the stream's end or error, by the stream's deadline.
 async fn next_item<T: Payload>(mut open: Open) -> Option<(Result<T, CallError>, Step)> {
+    let deadline = open.deadline;
+    let read = read_item::<T>(&mut open);
+    let read = match deadline {
+        None => read.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, read)
+            .await
+            .unwrap_or_else(|_| {
+                Read::Failed(CallError::Timeout {
+                    after: open.timeout.unwrap_or_default(),
+                })
+            }),
+    };
+    match read {
+        Read::Item(item) => Some((Ok(item), Step::Open(open))),
+        Read::End => {
+            open.stream.done = true;
+            open.running.outcome = CallOutcome::Ok;
+            None
+        }
+        // Dropping the stream (still not done on a timeout) cancels the job on the runner.
+        Read::Failed(failure) => {
+            open.running.outcome = CallOutcome::of(&Err(&failure));
+            Some((Err(failure), Step::Done))
+        }
+    }
+}
+
+/// What one read from a stream found.
+enum Read<T> {
+    Item(T),
+    End,
+    Failed(CallError),
+}
+
+/// Reads the next item, or the stream's end or error.
+async fn read_item<T: Payload>(open: &mut Open) -> Read<T> {
     let runner = Arc::clone(open.lease.runner());
     let head = match wire::read_head::<ReplyHead>(&mut open.stream.recv).await {
         Ok(head) => head,
-        Err(error) => return Some((Err(runner.wire_error(error)), Step::Done)),
+        Err(error) => return Read::Failed(runner.wire_error(error)),
     };
     let failure = match head {
         ReplyHead::Item => {
             let item = wire::read_frame(&mut open.stream.recv, runner.max_payload_len())
                 .await
                 .and_then(|frame| wire::decode_payload::<T>(&frame));
-            return Some(match item {
-                Ok(item) => (Ok(item), Step::Open(open)),
+            return match item {
+                Ok(item) => Read::Item(item),
                 Err(wire::WireError::Decode(message)) => {
-                    (Err(CallError::Decode { message }), Step::Done)
+                    Read::Failed(CallError::Decode { message })
                 }
-                Err(error) => (Err(runner.wire_error(error)), Step::Done),
-            });
+                Err(error) => Read::Failed(runner.wire_error(error)),
+            };
         }
-        ReplyHead::End => {
-            open.stream.done = true;
-            open.running.outcome = CallOutcome::Ok;
-            return None;
-        }
+        ReplyHead::End => return Read::End,
         ReplyHead::TimedOut => CallError::Timeout {
             after: open.timeout.unwrap_or_default(),
         },
@@ -174,6 +212,5 @@ async fn next_item<T: Payload>(mut open: Open) -> Option<(Result<T, CallError>, 
         other => reply_error(other),
     };
     open.stream.done = true;
-    open.running.outcome = CallOutcome::of(&Err(&failure));
-    Some((Err(failure), Step::Done))
+    Read::Failed(failure)
 }
