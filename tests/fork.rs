@@ -97,6 +97,17 @@ async fn dropping_a_forked_pool_kills_the_template_and_its_runners() {
 }
 
 #[tokio::test]
+async fn shutdown_returns_once_the_template_and_its_runners_are_gone() {
+    let (pool, backend, template) = two_forked_runners().await;
+    pool.shutdown().await;
+    // Not waited for: gone by the time shutdown returns.
+    assert!(!alive(template), "the template outlived shutdown");
+    for pid in backend.pids() {
+        assert!(!alive(pid), "runner {pid} outlived shutdown");
+    }
+}
+
+#[tokio::test]
 async fn a_killed_template_takes_its_runners_and_the_next_boot_starts_a_new_one() {
     let (pool, backend, template) = two_forked_runners().await;
     let pids = backend.pids();

@@ -173,6 +173,10 @@ impl Backend for Recording {
         self.inner.parent_addrs(bound)
     }
 
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.inner.shutdown()
+    }
+
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
         let token = request
             .env

@@ -266,6 +266,16 @@ impl Backend for LocalBackend {
         Some(gpus.len() / self.gpus_per_runner)
     }
 
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async move {
+            #[cfg(target_os = "linux")]
+            if let Some(servers) = &self.fork_server {
+                servers.wait_stopped().await;
+            }
+        }
+        .boxed()
+    }
+
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
         async move {
             // Waits, within the boot timeout, for an ending runner to give its GPUs back.

@@ -77,6 +77,14 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Called at the end of [`Pool::shutdown`](crate::Pool::shutdown), once every machine of the
+    /// pool has been terminated: waits for what the backend itself runs for those machines (a
+    /// fork-server template) to end, so that nothing outlives the shutdown. The default does
+    /// nothing.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// Starts a machine running a runner with `request.env`.
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>>;
 }

@@ -24,8 +24,18 @@ use crate::error::BackendError;
 /// lives while any runner it forked does: a pool scaled to zero keeps no template behind.
 #[derive(Default)]
 pub(crate) struct ForkServers {
-    current: Mutex<std::sync::Weak<ForkServer>>,
+    current: Mutex<Current>,
 }
+
+/// The latest template, and whether its process has ended.
+#[derive(Default)]
+struct Current {
+    server: std::sync::Weak<ForkServer>,
+    exited: Option<watch::Receiver<bool>>,
+}
+
+/// How long [`ForkServers::wait_stopped`] waits for a template whose last runner has gone.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl ForkServers {
     /// The running template, or a new one started from `command`.
@@ -34,14 +44,32 @@ impl ForkServers {
         command: impl FnOnce() -> Result<(Command, String), BackendError>,
     ) -> Result<Arc<ForkServer>, BackendError> {
         let mut current = self.current.lock();
-        if let Some(server) = current.upgrade().filter(|s| s.ended().is_none()) {
+        if let Some(server) = current.server.upgrade().filter(|s| s.ended().is_none()) {
             return Ok(server);
         }
         let (command, program) = command()?;
-        let server =
+        let (server, exited) =
             ForkServer::start(command).map_err(|source| BackendError::Spawn { program, source })?;
-        *current = Arc::downgrade(&server);
+        *current = Current {
+            server: Arc::downgrade(&server),
+            exited: Some(exited),
+        };
         Ok(server)
+    }
+
+    /// Waits (for at most [`STOP_WAIT`]) until the latest template has exited, when no runner
+    /// holds it any more; returns at once while one does (another pool sharing the backend).
+    pub(crate) async fn wait_stopped(&self) {
+        let exited = {
+            let current = self.current.lock();
+            if current.server.strong_count() > 0 {
+                return;
+            }
+            current.exited.clone()
+        };
+        if let Some(mut exited) = exited {
+            let _ = tokio::time::timeout(STOP_WAIT, exited.wait_for(|exited| *exited)).await;
+        }
     }
 }
 
@@ -49,8 +77,9 @@ impl ForkServers {
 pub(crate) struct ForkServer {
     requests: mpsc::UnboundedSender<Outgoing>,
     state: Arc<Mutex<State>>,
-    /// Owns the template process, which it kills when aborted.
-    driver: tokio::task::JoinHandle<()>,
+    /// Dropped with the last handle, which tells the driver (which owns the template process)
+    /// to kill it and wait for its exit.
+    _stop: oneshot::Sender<()>,
 }
 
 struct Outgoing {
@@ -69,7 +98,7 @@ struct State {
 }
 
 impl ForkServer {
-    fn start(mut command: Command) -> io::Result<Arc<Self>> {
+    fn start(mut command: Command) -> io::Result<(Arc<Self>, watch::Receiver<bool>)> {
         let (ours, theirs) = socket_pair()?;
         set_nonblocking(ours.as_raw_fd())?;
         let template = command
@@ -83,19 +112,29 @@ impl ForkServer {
         let socket = unsafe { AsyncFd::register(ours) }?;
         let (requests, outgoing) = mpsc::unbounded_channel();
         let state = Arc::new(Mutex::new(State::default()));
-        let driver = tokio::spawn(drive(
+        let (stop, stopped) = oneshot::channel();
+        let (exited_tx, exited) = watch::channel(false);
+        let driving = drive(
             template,
             tail,
             socket,
             outgoing,
             requests.clone(),
             Arc::clone(&state),
-        ));
-        Ok(Arc::new(ForkServer {
-            requests,
-            state,
-            driver,
-        }))
+            stopped,
+        );
+        tokio::spawn(async move {
+            driving.await;
+            exited_tx.send_replace(true);
+        });
+        Ok((
+            Arc::new(ForkServer {
+                requests,
+                state,
+                _stop: stop,
+            }),
+            exited,
+        ))
     }
 
     /// Why the template ended, if it has.
@@ -144,18 +183,13 @@ impl ForkServer {
     }
 }
 
-impl Drop for ForkServer {
-    fn drop(&mut self) {
-        // The driver's template is killed on drop (`kill_on_drop`), and its runners die with it
-        // (PR_SET_PDEATHSIG).
-        self.driver.abort();
-    }
-}
-
 /// How long an ended template's exit status is waited for, to put it in the error.
 const EXIT_STATUS_WAIT: Duration = Duration::from_secs(1);
 
-/// Sends requests and reads replies until the template goes away, then fails whatever waits.
+/// Sends requests and reads replies until the template goes away, then fails whatever waits;
+/// or, once the last handle is dropped (`stop`), kills the template and waits for its exit.
+/// Its runners die with it (PR_SET_PDEATHSIG). Should the runtime drop this task first, the
+/// template is killed all the same (`kill_on_drop`).
 async fn drive(
     mut template: Child,
     tail: OutputTail,
@@ -163,10 +197,17 @@ async fn drive(
     outgoing: mpsc::UnboundedReceiver<Outgoing>,
     requests: mpsc::UnboundedSender<Outgoing>,
     state: Arc<Mutex<State>>,
+    stop: oneshot::Receiver<()>,
 ) {
-    let error = exchange(&socket, outgoing, &requests, &state)
-        .await
-        .unwrap_err();
+    let error = tokio::select! {
+        result = exchange(&socket, outgoing, &requests, &state) => result.unwrap_err(),
+        _ = stop => {
+            let _ = template.start_kill();
+            let _ = template.wait().await;
+            state.lock().ended = Some("the fork server was stopped".into());
+            return;
+        }
+    };
     let status = match tokio::time::timeout(EXIT_STATUS_WAIT, template.wait()).await {
         Ok(Ok(status)) => format!(" ({status})"),
         _ => String::new(),

@@ -343,6 +343,7 @@ impl Pool {
         self.inner.closing.send_replace(true);
         shared.tasks.close();
         shared.tasks.wait().await;
+        shared.backend.shutdown().await;
         shared.listener.close();
     }
 }
