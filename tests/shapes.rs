@@ -378,3 +378,151 @@ async fn a_stream_whose_runner_stops_sending_times_out_on_the_parent() {
         .is_none());
     pool.shutdown().await;
 }
+
+/// Plays the parent of one runner that idles down after 300 ms, asks it for a [`STASH`]
+/// resource, reads the reply, then ends the stream with `code`. Returns the connection, the
+/// resource's id, and the runner's control stream.
+async fn make_a_raw_resource(
+    parent: &common::RawParent,
+    code: quinn::VarInt,
+) -> (
+    quinn::Connection,
+    u64,
+    quinn::RecvStream,
+    tokio::process::Child,
+) {
+    use firebrand::wire::{self, ReplyHead};
+    let settings = firebrand::token::RunnerSettings {
+        idle_shutdown_after: Some(Duration::from_millis(300)),
+        ..common::raw_settings()
+    };
+    let runner = common::spawn_runner(&parent.token(settings).encode());
+    let (connection, _send, control) = parent.admit_with_control().await;
+    let (_request, mut reply) = common::raw_request(
+        &connection,
+        firebrand_runner::STASH.name(),
+        0,
+        &vec![7u8; 64],
+    )
+    .await;
+    let head: ReplyHead = wire::read_head(&mut reply).await.unwrap();
+    assert!(matches!(head, ReplyHead::Ok), "{head:?}");
+    let id: u64 = wire::decode_payload(&wire::read_frame(&mut reply, 64).await.unwrap()).unwrap();
+    reply.stop(code).unwrap();
+    (connection, id, control, runner)
+}
+
+#[tokio::test]
+async fn a_resource_whose_caller_left_after_it_was_made_is_dropped_and_the_runner_idles() {
+    use firebrand::wire::{self, ControlMessage, DrainReason};
+    common::init_tracing();
+    let parent = common::RawParent::new();
+    // What a caller dropped just after the reply arrived does: its stream is stopped.
+    let (_connection, _id, mut control, _runner) =
+        make_a_raw_resource(&parent, firebrand::wire::stream::CANCELLED).await;
+    let message: ControlMessage = within(Duration::from_secs(10), wire::read_head(&mut control))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            message,
+            ControlMessage::Draining {
+                reason: DrainReason::Idle
+            }
+        ),
+        "{message:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_claimed_resource_stays_on_its_runner() {
+    use firebrand::wire::{self, CallHead, ReplyHead};
+    common::init_tracing();
+    let parent = common::RawParent::new();
+    let (connection, id, _control, _runner) =
+        make_a_raw_resource(&parent, firebrand::wire::stream::CLAIMED).await;
+    // Well past the idle timeout, the resource is still there to use.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (mut send, mut reply) = connection.open_bi().await.unwrap();
+    let mut request = wire::encode_payload_frame(&CallHead {
+        job: firebrand_runner::STASH_LEN.name().into(),
+        timeout_ms: 0,
+        trace_id: 0,
+        resource: id,
+    })
+    .unwrap();
+    wire::encode_frame_into(&mut request, &()).unwrap();
+    send.write_all(&request).await.unwrap();
+    send.finish().unwrap();
+    let head: ReplyHead = within(Duration::from_secs(10), wire::read_head(&mut reply))
+        .await
+        .unwrap();
+    assert!(matches!(head, ReplyHead::Ok), "{head:?}");
+    let (len, _pid): (usize, u32) =
+        wire::decode_payload(&wire::read_frame(&mut reply, 64).await.unwrap()).unwrap();
+    assert_eq!(len, 64);
+}
+
+/// Polls a future until its `n`th wait, then drops it: cancels it at exactly that await point.
+struct CancelAt<F> {
+    future: std::pin::Pin<Box<F>>,
+    waits_left: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for CancelAt<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.future.as_mut().poll(cx) {
+            std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
+            std::task::Poll::Pending if self.waits_left == 0 => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => {
+                self.waits_left -= 1;
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_pool_resource_at_every_point_leaks_nothing_and_the_runner_idles_down() {
+    let pool = common::pool()
+        .max(1)
+        .idle_shutdown_after(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let mut events = pool.events();
+    let mut completed = 0;
+    // Cancel at the first wait, then the second, and so on, until the call completes on its
+    // own several times in a row: every await point of the exchange is hit.
+    for waits in 0..200 {
+        let making = CancelAt {
+            future: Box::pin(pool.resource(&firebrand_runner::STASH, vec![1; 32])),
+            waits_left: waits,
+        };
+        match within(Duration::from_secs(30), making).await {
+            None => {}
+            Some(made) => {
+                drop(made.unwrap());
+                completed += 1;
+                if completed == 5 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(completed, 5, "the resource call never completed");
+    // Nothing was left on the runner, so it idles down on its own.
+    loop {
+        match within(Duration::from_secs(20), events.next()).await {
+            Some(PoolEvent::RunnerIdleStopped { .. }) => break,
+            Some(_) => {}
+            None => panic!("events ended"),
+        }
+    }
+    pool.shutdown().await;
+}

@@ -25,8 +25,15 @@ pub(crate) type StreamHandler =
 
 /// A value a resource job made, as the runner keeps it.
 pub(crate) type AnyResource = Arc<dyn Any + Send + Sync>;
-pub(crate) type ResourceHandler =
-    Arc<dyn Fn(wire::Message, Arc<Resources>) -> HandlerFuture + Send + Sync>;
+/// A resource job: makes its value, keeps it, and returns its id.
+pub(crate) type ResourceHandler = Arc<
+    dyn Fn(
+            wire::Message,
+            Arc<Resources>,
+        ) -> Pin<Box<dyn Future<Output = Result<u64, JobFailure>> + Send>>
+        + Send
+        + Sync,
+>;
 pub(crate) type UsingHandler =
     Arc<dyn Fn(AnyResource, wire::Message) -> HandlerFuture + Send + Sync>;
 /// A synchronous job: decodes, runs and encodes on a blocking thread.
@@ -294,14 +301,17 @@ impl Registry {
     {
         let name = job.name();
         self.check_name(name)?;
-        let handler: ResourceHandler = Arc::new(move |args, resources: Arc<Resources>| {
-            run_decoded(args, |args: A| {
+        let handler: ResourceHandler = Arc::new(move |args, resources: Arc<Resources>| match args
+            .decode::<A>()
+        {
+            Ok(args) => {
                 let made = handler(args);
-                async move {
-                    let value = made.await?;
-                    Ok::<_, E>(resources.insert(Arc::new(value)))
-                }
-            })
+                Box::pin(async move {
+                    let value = made.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                    Ok(resources.insert(Arc::new(value)))
+                })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
         });
         self.insert(
             name,

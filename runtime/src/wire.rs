@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::registry::Manifest;
 
 /// The protocol version, sent as the first two bytes of the control stream.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The TLS application protocol name. It carries no version: a version mismatch must reach the
 /// parent, which refuses it with an error that names both versions.
@@ -61,6 +61,10 @@ pub mod stream {
     pub const CANCELLED: VarInt = VarInt::from_u32(1);
     /// The peer sent a malformed frame on this stream.
     pub const MALFORMED: VarInt = VarInt::from_u32(2);
+    /// The parent read a new resource's id and holds a handle to it: the runner keeps it.
+    /// Until the parent says so, a resource is unclaimed, and the runner drops it if the
+    /// stream ends any other way (the caller gave up after the runner made it).
+    pub const CLAIMED: VarInt = VarInt::from_u32(3);
 }
 
 /// The runner's first message on the control stream.

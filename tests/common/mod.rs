@@ -277,6 +277,15 @@ impl RawParent {
 
     /// Accepts the next runner and its hello, and admits it.
     pub async fn admit(&self) -> (quinn::Connection, quinn::SendStream) {
+        let (connection, send, _) = self.admit_with_control().await;
+        (connection, send)
+    }
+
+    /// [`admit`](Self::admit), keeping the runner's side of the control stream too, on which it
+    /// announces that it drains.
+    pub async fn admit_with_control(
+        &self,
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
         use firebrand::wire::{self, Hello, HelloReply};
         let connection = within(Duration::from_secs(20), async {
             self.endpoint.accept().await.unwrap().await.unwrap()
@@ -289,7 +298,7 @@ impl RawParent {
         wire::write_frame(&mut send, &HelloReply::Accepted)
             .await
             .unwrap();
-        (connection, send)
+        (connection, send, recv)
     }
 }
 

@@ -116,9 +116,18 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         if outcome.is_none() {
             abort.abort();
         }
+        if let Some(Ok(Ok(Ok(Made {
+            reply,
+            resource: Some(id),
+        })))) = outcome
+        {
+            STATS.ended(Ending::Succeeded);
+            hand_over(&cx, &mut send, reply, id).await;
+            return;
+        }
         let (reply, payload, ending) = match outcome {
             None => (ReplyHead::TimedOut, None, Ending::TimedOut),
-            Some(Ok(Ok(Ok(frame)))) => (ReplyHead::Ok, Some(frame), Ending::Succeeded),
+            Some(Ok(Ok(Ok(made)))) => (ReplyHead::Ok, Some(made.reply), Ending::Succeeded),
             Some(Ok(Ok(Err(failure)))) => (failure_head(failure), None, Ending::Failed),
             Some(Err(ended)) => {
                 let message = format!("the job's task ended: {ended}");
@@ -141,7 +150,22 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
 }
 
 /// What a job's task returns: its result, or the payload of its panic.
-type JobOutput = Result<Result<wire::Chunks, JobFailure>, Box<dyn std::any::Any + Send>>;
+type JobOutput = Result<Result<Made, JobFailure>, Box<dyn std::any::Any + Send>>;
+
+/// A job's encoded reply, and the resource it made, if it is a resource job.
+struct Made {
+    reply: wire::Chunks,
+    resource: Option<u64>,
+}
+
+impl From<wire::Chunks> for Made {
+    fn from(reply: wire::Chunks) -> Self {
+        Made {
+            reply,
+            resource: None,
+        }
+    }
+}
 
 /// Starts a job on the jobs' threads (a blocking one on their blocking pool), holding `slot`
 /// until it ends. Its argument is decoded and its result encoded there too, never on the
@@ -158,8 +182,32 @@ fn start_job<S: Send + 'static>(
         return cx.jobs.spawn_blocking(move || {
             let _slot = slot;
             let _entered = span.enter();
-            std::panic::catch_unwind(AssertUnwindSafe(|| handler(args)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler(args).map(Made::from)))
         });
+    }
+    if let Body::Resource(handler) = body {
+        let resources = Arc::clone(&cx.resources);
+        return cx.jobs.spawn(
+            async move {
+                let _slot = slot;
+                AssertUnwindSafe(async move {
+                    let id = handler(args, Arc::clone(&resources)).await?;
+                    match ok_reply(&id) {
+                        Ok(reply) => Ok(Made {
+                            reply,
+                            resource: Some(id),
+                        }),
+                        Err(failure) => {
+                            resources.release(id);
+                            Err(failure)
+                        }
+                    }
+                })
+                .catch_unwind()
+                .await
+            }
+            .in_current_span(),
+        );
     }
     let resources = Arc::clone(&cx.resources);
     // The handler is called inside the guarded future: a panic before its first await is
@@ -167,25 +215,43 @@ fn start_job<S: Send + 'static>(
     let run = move || -> HandlerFuture {
         match body {
             Body::Call(handler) => handler(args),
-            Body::Resource(handler) => handler(args, resources),
             Body::Using(handler) => match resources.get(resource) {
                 Some(resource) => handler(resource, args),
                 None => Box::pin(std::future::ready(Err(JobFailure::Failed(format!(
                     "resource {resource} is not held on this runner"
                 ))))),
             },
-            Body::Blocking(_) | Body::Stream(_) => unreachable!("served elsewhere"),
+            Body::Blocking(_) | Body::Stream(_) | Body::Resource(_) => {
+                unreachable!("served elsewhere")
+            }
         }
     };
     cx.jobs.spawn(
         async move {
             let _slot = slot;
-            AssertUnwindSafe(async move { run().await })
+            AssertUnwindSafe(async move { run().await.map(Made::from) })
                 .catch_unwind()
                 .await
         }
         .in_current_span(),
     )
+}
+
+/// Sends a new resource's id and keeps the resource only once the parent claims it. Until
+/// then it is unclaimed: if the parent's side of the stream ends any other way (the caller
+/// gave up after the job had made it, or the connection went), it is dropped at once, and a
+/// runner that held nothing else can idle down.
+async fn hand_over(cx: &CallContext, send: &mut SendStream, reply: wire::Chunks, id: u64) {
+    // Not finished: the parent reads the two frames, not to the stream's end, then claims.
+    let sent = send.write_all_chunks(&mut reply.into_bytes()).await;
+    let claimed = match sent {
+        Ok(()) => matches!(send.stopped().await, Ok(Some(code)) if code == wire::stream::CLAIMED),
+        Err(_) => false,
+    };
+    if !claimed {
+        tracing::debug!(resource = id, "resource not claimed by the parent: dropped");
+        cx.resources.release(id);
+    }
 }
 
 /// A request's head and its argument frame's body.

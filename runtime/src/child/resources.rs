@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::terminator::{StreamGuard, Terminator};
+use super::terminator::{StreamGuard, Terminator, STATS};
 use crate::registry::AnyResource;
 
 /// The runner's resources, by id.
@@ -22,6 +22,12 @@ struct Held {
     _busy: StreamGuard,
 }
 
+impl Drop for Held {
+    fn drop(&mut self) {
+        STATS.resources.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Resources {
     pub(crate) fn new(terminator: Arc<Terminator>) -> Self {
         Self {
@@ -35,6 +41,7 @@ impl Resources {
     pub(crate) fn insert(&self, value: AnyResource) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let busy = self.terminator.hold();
+        STATS.resources.fetch_add(1, Ordering::Relaxed);
         self.held.lock().insert(id, Held { value, _busy: busy });
         tracing::debug!(resource = id, "resource made");
         id

@@ -27,6 +27,8 @@ pub struct RunnerStats {
     pub in_flight: u64,
     /// The most calls that ran at once.
     pub peak_in_flight: u64,
+    /// Resources held for the parent now, claimed or not yet.
+    pub resources: u64,
 }
 
 pub(crate) static STATS: Counters = Counters::new();
@@ -40,6 +42,7 @@ pub(crate) struct Counters {
     cancelled: AtomicU64,
     in_flight: AtomicU64,
     peak: AtomicU64,
+    pub(crate) resources: AtomicU64,
 }
 
 /// How one call ended, for the counters.
@@ -63,6 +66,7 @@ impl Counters {
             cancelled: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            resources: AtomicU64::new(0),
         }
     }
 
@@ -93,6 +97,7 @@ impl Counters {
             cancelled: self.cancelled.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             peak_in_flight: self.peak.load(Ordering::Relaxed),
+            resources: self.resources.load(Ordering::Relaxed),
         }
     }
 }

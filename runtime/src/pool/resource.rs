@@ -4,7 +4,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::call::{encode, exchange, place, Placed};
+use super::call::{encode, exchange, place, Placed, Running};
+use super::observe::CallOutcome;
 use super::placement::Lease;
 use super::runner::RunnerHandle;
 use super::{Pool, Shared};
@@ -67,22 +68,31 @@ impl Pool {
         )?;
         let Placed {
             lease,
-            stream,
+            mut stream,
             queued_for,
         } = place(&shared, name, shared.config.queue_timeout, &request).await?;
         let lease = lease.into_owned(Arc::clone(&shared));
         let runner = Arc::clone(lease.runner());
-        let timeout = shared.config.call_timeout;
-        let id = exchange(&shared, &*runner, stream, name, queued_for, timeout).await?;
+        let mut running = Running::start(&*shared, name, runner.id, queued_for);
+        let made = runner
+            .resource_reply(&mut stream, shared.config.call_timeout)
+            .await;
+        running.outcome = CallOutcome::of(&made.as_ref().map(|_| ()));
+        drop(running);
+        let id = made?;
         shared.state.lock().pin(runner.id, true);
         tracing::debug!(resource = id, runner = %runner.id, job = name, "resource made");
-        Ok(Resource {
+        let resource = Resource {
             id,
             runner,
             shared,
             lease: Some(lease),
             kind: PhantomData,
-        })
+        };
+        // Only now, with a handle that releases it on drop: from here on nothing can cancel
+        // between the runner keeping the resource and the parent holding it.
+        stream.claim();
+        Ok(resource)
     }
 }
 

@@ -36,6 +36,15 @@ pub(crate) struct CallStream {
     pub(crate) done: bool,
 }
 
+impl CallStream {
+    /// Tells the runner that the parent holds a handle to the resource this call made, so the
+    /// runner keeps it. Any other end of the stream drops the resource on the runner.
+    pub(crate) fn claim(&mut self) {
+        let _ = self.recv.stop(wire::stream::CLAIMED);
+        self.done = true;
+    }
+}
+
 impl Drop for CallStream {
     fn drop(&mut self) {
         if !self.done {
@@ -114,6 +123,39 @@ impl RunnerHandle {
                 after: timeout.unwrap_or_default(),
             },
             Failure::Reply(head) => reply_error(head),
+            Failure::Wire(e) => self.wire_error(e),
+        })
+    }
+
+    /// Reads the reply to a resource call, within `timeout`: the new resource's id. The runner
+    /// holds the resource unclaimed until [`CallStream::claim`].
+    pub(crate) async fn resource_reply(
+        &self,
+        stream: &mut CallStream,
+        timeout: Option<Duration>,
+    ) -> Result<u64, CallError> {
+        let read = async {
+            let head: ReplyHead = wire::read_head(&mut stream.recv).await?;
+            match head {
+                ReplyHead::Ok => {
+                    let id = wire::read_frame(&mut stream.recv, wire::MAX_HEAD_LEN).await?;
+                    Ok(wire::decode_payload::<u64>(&id)?)
+                }
+                other => Err(Failure::Reply(other)),
+            }
+        };
+        match timeout {
+            None => read.await,
+            Some(after) => tokio::time::timeout(after, read)
+                .await
+                .map_err(|_| CallError::Timeout { after })?,
+        }
+        .map_err(|failure| match failure {
+            Failure::Reply(ReplyHead::TimedOut) => CallError::Timeout {
+                after: timeout.unwrap_or_default(),
+            },
+            Failure::Reply(head) => reply_error(head),
+            Failure::Wire(WireError::Decode(message)) => CallError::Decode { message },
             Failure::Wire(e) => self.wire_error(e),
         })
     }
