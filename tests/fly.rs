@@ -248,8 +248,8 @@ async fn capacity_errors_move_to_the_fallback_regions() {
     pool.call(&PID, ()).await.unwrap();
     assert_eq!(
         fly.counts().create_requests,
-        3,
-        "two tries in ord, one in ams"
+        2,
+        "one refusal in ord, then at once ams"
     );
     let machines = fly.machines();
     assert_eq!(machines.len(), 1);
@@ -525,4 +525,98 @@ async fn a_lost_runner_s_machine_ends_destroyed_and_destroys_are_retried_through
     shut_down_clean(pool, &fly).await;
     assert!(fly.counts().rate_limited >= 3);
     assert_eq!(fly.counts().destroyed, 2);
+}
+
+/// Create requests the fake answered other than with its own rate limit: each backend paces
+/// itself, but several built in a row can still meet the fake's limit.
+fn answered_creates(fly: &FakeFly) -> usize {
+    let counts = fly.counts();
+    counts.create_requests - counts.rate_limited
+}
+
+#[tokio::test]
+async fn refusals_that_cannot_change_fail_the_call_after_one_create() {
+    let fly = fake().await;
+    let refusals: [(u16, &str, Option<&str>); 3] = [
+        (400, "invalid machine config: bad init.cmd", Some("unknown")),
+        (
+            403,
+            "unauthorized: the token lacks the machines:write scope",
+            None,
+        ),
+        (
+            422,
+            "invalid guest: memory_mb must be a multiple of 256",
+            Some("unknown"),
+        ),
+    ];
+    for (status, message, fly_status) in refusals {
+        fly.refuse_next_create(status, message, fly_status);
+        let before = answered_creates(&fly);
+        let pool = pool(backend(&fly).build().unwrap())
+            .boot_attempts(3)
+            .boot_retry_after(Duration::from_millis(50))
+            .build()
+            .await
+            .unwrap();
+        let error = within(10 * SECOND, pool.call(&PID, ())).await.unwrap_err();
+        assert!(boot_failure(&error).contains(message), "{error}");
+        assert_eq!(answered_creates(&fly) - before, 1, "{status} was retried");
+        pool.shutdown().await;
+    }
+    // A token Fly does not accept: 401.
+    let before = answered_creates(&fly);
+    let wrong_token = backend(&fly).token("fm2_not-the-token").build().unwrap();
+    let pool = self::pool(wrong_token)
+        .boot_attempts(3)
+        .build()
+        .await
+        .unwrap();
+    let error = within(10 * SECOND, pool.call(&PID, ())).await.unwrap_err();
+    assert!(boot_failure(&error).contains("401"), "{error}");
+    assert_eq!(answered_creates(&fly) - before, 1);
+    pool.shutdown().await;
+    // A GPU refusal through a pool, too.
+    fly.refuse_gpus();
+    let before = answered_creates(&fly);
+    let gpu = backend(&fly)
+        .cpu_kind(firebrand::backend::fly::CpuKind::Performance)
+        .cpus(8)
+        .memory_mb(32768)
+        .gpu_kind("a100-pcie-40gb")
+        .build()
+        .unwrap();
+    let pool = self::pool(gpu).boot_attempts(3).build().await.unwrap();
+    let error = within(10 * SECOND, pool.call(&PID, ())).await.unwrap_err();
+    assert!(boot_failure(&error).contains("GPU"), "{error}");
+    assert_eq!(answered_creates(&fly) - before, 1);
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
+async fn a_full_region_is_skipped_by_later_boots() {
+    let fly = fake().await;
+    fly.no_capacity_in("ord");
+    let backend = backend(&fly).fallback_regions(["ams"]).build().unwrap();
+    let pool = pool(backend.clone())
+        .max(3)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..3).map(|_| pool.call(&SLEEP, 200)).collect();
+    for outcome in futures_util::future::join_all(calls).await {
+        outcome.unwrap();
+    }
+    let three = fly.counts().create_requests;
+    // Each boot at most once in ord (those started before the first refusal), once in ams.
+    assert!(three <= 6, "{three} creates for 3 machines");
+    pool.shutdown().await;
+    // A boot after the refusal goes straight to ams.
+    let again = self::pool(backend).build().await.unwrap();
+    let pool = again;
+    pool.call(&PID, ()).await.unwrap();
+    assert_eq!(fly.counts().create_requests - three, 1);
+    assert!(fly.machines().iter().all(|m| m.region == "ams"));
+    shut_down_clean(pool, &fly).await;
 }

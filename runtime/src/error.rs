@@ -141,6 +141,15 @@ pub enum BootError {
     PoolClosed,
 }
 
+impl BootError {
+    /// Whether booting again cannot help, so the pool does not retry: the backend refused the
+    /// configuration or the credentials (see [`BackendError::is_permanent`]).
+    #[must_use]
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, BootError::Backend(error) if error.is_permanent())
+    }
+}
+
 /// An error from a [`Backend`](crate::Backend).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -163,6 +172,21 @@ pub enum BackendError {
     /// Any other backend failure.
     #[error("{0}")]
     Other(String),
+}
+
+impl BackendError {
+    /// Whether booting again cannot help: the backend's configuration is invalid, or its
+    /// provider refused the request as such (on Fly: a GPU refusal, 400, 401, 403, a 422 for
+    /// the config). Spawn errors and everything else may pass, and are retried.
+    #[must_use]
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            BackendError::Config(_) => true,
+            #[cfg(feature = "fly")]
+            BackendError::Fly(error) => error.is_permanent(),
+            _ => false,
+        }
+    }
 }
 
 /// Why a pool could not start.

@@ -426,7 +426,8 @@ impl Shared {
 
     /// A boot failed: retry after a debounce that doubles with each failure in a row, while
     /// callers wait or `min` is unmet; after `boot_attempts` failures with nothing running, fail
-    /// the waiting callers instead of letting them wait out their timeout.
+    /// the waiting callers instead of letting them wait out their timeout. A permanent failure
+    /// (a refused config or token) fails them at once and is not retried.
     pub(crate) fn boot_failed(self: &Arc<Self>, min: bool, error: Arc<BootError>) {
         let mut state = self.state.lock();
         state.booting -= 1;
@@ -436,10 +437,17 @@ impl Shared {
         state.boot_failures += 1;
         state.last_boot_error = Some(Arc::clone(&error));
         let failures = state.boot_failures;
-        if failures >= self.config.boot_attempts && state.runners.is_empty() && state.booting == 0 {
+        let permanent = error.is_permanent();
+        let given_up = failures >= self.config.boot_attempts || permanent;
+        if given_up && state.runners.is_empty() && state.booting == 0 {
             state.fail_waiters(&CallError::BootFailed(Arc::clone(&error)));
         }
         self.publish(&state);
+        if permanent {
+            // Another boot would be refused the same way; only new demand tries again.
+            tracing::error!(%error, "boot refused for good: not retrying");
+            return;
+        }
         if state.closed || state.retry_scheduled {
             return;
         }

@@ -357,8 +357,10 @@ impl FlyBackendBuilder {
         self
     }
 
-    /// Creates per region that may fail for lack of capacity before the next region is tried.
-    /// Default: 3.
+    /// Creates that may fail for lack of capacity in the last region to try, before the boot
+    /// fails with [`FlyError::NoCapacity`](super::FlyError::NoCapacity). A capacity refusal in
+    /// any other region moves to the next one at once, and puts the region last for later
+    /// boots for [`FULL_REGION_COOLDOWN`](super::FULL_REGION_COOLDOWN) (60 s). Default: 3.
     pub fn capacity_attempts(mut self, attempts: u32) -> Self {
         self.capacity_attempts = attempts;
         self

@@ -45,14 +45,28 @@ impl std::fmt::Display for ApiError {
 }
 
 impl ApiError {
-    /// Whether Fly said it has no room for the machine: worth a retry, then another region.
+    /// Whether Fly said it has no room for the machine: worth another region, or a retry.
+    ///
+    /// Only a real capacity refusal: Fly's `status` says so (`insufficient_capacity`,
+    /// `volume_placement_capacity`), or a 409, 412 or 422 without a `status` says so in its
+    /// message. A 422 for a config Fly does not accept (a bad guest, a GPU kind that no longer
+    /// exists) is not: retrying it can only cost more requests.
     pub fn is_capacity(&self) -> bool {
-        self.fly_status.as_deref() == Some("insufficient_capacity")
-            || (matches!(self.status, 409 | 412 | 422) && !self.is_name_taken())
+        match self.fly_status.as_deref() {
+            Some("insufficient_capacity" | "volume_placement_capacity") => true,
+            Some(status) if status != "unknown" => false,
+            _ => {
+                let said = self.error.to_ascii_lowercase();
+                matches!(self.status, 409 | 412 | 422)
+                    && (said.contains("capacity") || said.contains("insufficient resources"))
+            }
+        }
     }
 
-    fn is_name_taken(&self) -> bool {
-        self.fly_status.as_deref() == Some("name_taken")
+    /// Whether no retry of this request can succeed: a refusal that is neither transient nor
+    /// for capacity (400, 401, 403, 404, a 422 for the config, a name taken).
+    pub fn is_permanent(&self) -> bool {
+        !self.is_transient() && !self.is_capacity()
     }
 
     /// Whether repeating the same request may succeed: 408, 429 and 5xx.
@@ -113,6 +127,18 @@ pub enum FlyError {
 }
 
 impl FlyError {
+    /// Whether booting again cannot help: the configuration, the token or the request is
+    /// refused as such (a GPU refusal, 400, 401, 403, a 422 for the config). A pool fails its
+    /// waiting callers at once on such an error, instead of spending a create per boot attempt.
+    #[must_use]
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            FlyError::Config(_) | FlyError::GpuRefused(_) => true,
+            FlyError::Api(api) => api.is_permanent(),
+            _ => false,
+        }
+    }
+
     /// Whether repeating the request may succeed.
     pub(crate) fn is_transient(&self) -> bool {
         match self {
@@ -140,5 +166,57 @@ impl FlyError {
 
     pub(crate) fn is_not_found(&self) -> bool {
         self.api().is_some_and(|api| api.status == 404)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(status: u16, error: &str, fly_status: Option<&str>) -> ApiError {
+        ApiError {
+            method: "POST",
+            path: "/v1/apps/a/machines".into(),
+            status,
+            error: error.into(),
+            fly_status: fly_status.map(Into::into),
+            request_id: None,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn only_real_capacity_refusals_are_capacity() {
+        let capacity = [
+            refusal(
+                412,
+                "could not reserve resource",
+                Some("insufficient_capacity"),
+            ),
+            refusal(422, "no room", Some("volume_placement_capacity")),
+            refusal(
+                409,
+                "insufficient resources available to fulfill request",
+                None,
+            ),
+            refusal(412, "not enough capacity in ord", Some("unknown")),
+        ];
+        for r in &capacity {
+            assert!(r.is_capacity() && !r.is_permanent(), "{r}");
+        }
+        let permanent = [
+            refusal(422, "invalid guest: memory_mb", Some("unknown")),
+            refusal(422, "GPU machines are no longer available", None),
+            refusal(409, "a machine named x already exists", Some("name_taken")),
+            refusal(400, "bad request", None),
+            refusal(401, "Authenticate: token validation error", None),
+            refusal(403, "forbidden", None),
+        ];
+        for r in &permanent {
+            assert!(!r.is_capacity() && r.is_permanent(), "{r}");
+        }
+        for transient in [refusal(429, "", None), refusal(503, "", None)] {
+            assert!(!transient.is_permanent(), "{transient}");
+        }
     }
 }

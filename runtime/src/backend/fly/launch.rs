@@ -56,17 +56,24 @@ pub(crate) async fn launch(
         armed: true,
     };
     let wants_gpu = config.guest.gpu_kind.is_some();
-    let regions: Vec<Option<&str>> = match &config.region {
+    let all_regions: Vec<Option<&str>> = match &config.region {
         Some(region) => std::iter::once(Some(region.as_str()))
             .chain(config.fallback_regions.iter().map(|r| Some(r.as_str())))
             .collect(),
         None => vec![None],
     };
+    // Regions that refused for capacity lately go last: trying them first would cost a create
+    // (and a backoff) per boot while they stay full.
+    let (mut regions, cooling): (Vec<_>, Vec<_>) = all_regions
+        .iter()
+        .partition(|region| !inner.full_regions.is_cooling(region.unwrap_or("")));
+    regions.extend(cooling);
     let mut transient_delays = api.retry.delays();
     let mut attempts = 0;
     let mut last_refusal: Option<Box<ApiError>> = None;
-    for region in &regions {
+    for (index, region) in regions.iter().enumerate() {
         let body = config.create_body(*region, &launch_id, runner, runner_env);
+        let last_region = index + 1 == regions.len();
         let mut capacity_tries = 0;
         loop {
             inner.pacer.ready().await;
@@ -85,8 +92,10 @@ pub(crate) async fn launch(
                 FlyError::Api(refusal) if refusal.is_capacity() => {
                     capacity_tries += 1;
                     tracing::warn!(region = region.unwrap_or("default"), %refusal, "no capacity");
+                    inner.full_regions.refused(region.unwrap_or(""));
                     last_refusal = Some(refusal.clone());
-                    if capacity_tries >= config.capacity_attempts {
+                    // With another region to go to, go at once; retry only the last one.
+                    if !last_region || capacity_tries >= config.capacity_attempts {
                         break;
                     }
                     let delay = transient_delays.next().unwrap_or(api.retry.max_delay);
@@ -115,12 +124,43 @@ pub(crate) async fn launch(
         }
     }
     Err(FlyError::NoCapacity {
-        regions: regions
+        regions: all_regions
             .iter()
             .map(|r| r.unwrap_or("default").to_owned())
             .collect(),
         last: last_refusal.expect("a region was given up on for lack of capacity"),
     })
+}
+
+/// How long a region that refused a machine for capacity goes to the back of the list of
+/// regions later boots try. Long enough to spare a burst of boots the full region, short
+/// enough to use it again once Fly has room.
+pub const FULL_REGION_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// Regions that refused for capacity, and when: shared by every boot of one backend.
+#[derive(Default)]
+pub(crate) struct FullRegions {
+    refused: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+}
+
+impl FullRegions {
+    fn refused(&self, region: &str) {
+        self.refused
+            .lock()
+            .insert(region.to_owned(), tokio::time::Instant::now());
+    }
+
+    fn is_cooling(&self, region: &str) -> bool {
+        let mut refused = self.refused.lock();
+        match refused.get(region) {
+            Some(at) if at.elapsed() < FULL_REGION_COOLDOWN => true,
+            Some(_) => {
+                refused.remove(region);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// Fly refuses GPU machines since it discontinued them; tell that apart from a capacity error.

@@ -38,6 +38,7 @@ use serde_json::{json, Map, Value};
 
 pub use builder::{CpuKind, FlyBackendBuilder, DEFAULT_API_BASE};
 pub use error::{ApiError, FlyError};
+pub use launch::FULL_REGION_COOLDOWN;
 pub use token::FlyToken;
 
 use self::api::MachinesApi;
@@ -58,6 +59,8 @@ struct Inner {
     config: FlyConfig,
     api: Arc<MachinesApi>,
     pacer: launch::Pacer,
+    /// Regions that refused for capacity lately, which later boots try last.
+    full_regions: launch::FullRegions,
 }
 
 impl std::fmt::Debug for FlyBackend {
@@ -96,6 +99,7 @@ impl FlyBackend {
                 config,
                 api: Arc::new(api),
                 pacer,
+                full_regions: launch::FullRegions::default(),
             }),
         })
     }

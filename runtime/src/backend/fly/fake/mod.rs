@@ -88,6 +88,7 @@ pub(crate) struct Faults {
     pub crash_boots: Vec<i32>,
     pub stall_boots: u32,
     pub refuse_gpus: bool,
+    pub refusals: std::collections::VecDeque<(u16, String, Option<String>)>,
 }
 
 pub(crate) struct State {
@@ -234,6 +235,16 @@ impl FakeFly {
     /// Creates that ask for a GPU are refused, as Fly refuses them since 2026-08-01.
     pub fn refuse_gpus(&self) {
         self.state.faults.lock().refuse_gpus = true;
+    }
+
+    /// Refuses the next create with `status`, Fly's `error` message and its `status` field, as
+    /// Fly answers a config it does not accept (400, 422) or a token without the scope (403).
+    pub fn refuse_next_create(&self, status: u16, error: &str, fly_status: Option<&str>) {
+        self.state.faults.lock().refusals.push_back((
+            status,
+            error.to_owned(),
+            fly_status.map(str::to_owned),
+        ));
     }
 
     /// Adds a started machine with no process: a parent, for reaping tests.

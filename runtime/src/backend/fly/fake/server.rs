@@ -222,7 +222,11 @@ fn check_create(state: &State, body: &Value, config: &Value, region: &str) -> Re
             ));
         }
     }
-    let faults = state.faults.lock();
+    let mut faults = state.faults.lock();
+    if let Some((status, message, fly_status)) = faults.refusals.pop_front() {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        return Err(error(status, &message, fly_status.as_deref()));
+    }
     if faults.refuse_gpus && guest.get("gpu_kind").is_some() {
         return Err(error(
             StatusCode::UNPROCESSABLE_ENTITY,
