@@ -620,3 +620,40 @@ async fn a_full_region_is_skipped_by_later_boots() {
     assert!(fly.machines().iter().all(|m| m.region == "ams"));
     shut_down_clean(pool, &fly).await;
 }
+
+#[tokio::test]
+async fn a_boot_no_call_needs_any_more_is_cancelled_and_its_machine_destroyed() {
+    use futures_util::StreamExt as _;
+    let fly = fake().await;
+    let pool = pool(backend(&fly).build().unwrap())
+        .min(1)
+        .max(2)
+        .max_concurrency(1)
+        // Far beyond the test: only the cancellation can end the stalled boot in time.
+        .boot_timeout(120 * SECOND)
+        .build()
+        .await
+        .unwrap();
+    let first = pool.call(&PID, ()).await.unwrap();
+    let mut events = pool.events();
+    fly.stall_next_boot();
+    let busy = tokio::spawn(pool.call(&SLEEP, 1_000));
+    // The next call waits, and a second machine boots for it, which never dials back.
+    let waiting = tokio::spawn(pool.call(&PID, ()));
+    loop {
+        match within(10 * SECOND, events.next()).await {
+            Some(firebrand::PoolEvent::RunnerBooting { .. }) => break,
+            Some(_) => {}
+            None => panic!("events ended"),
+        }
+    }
+    // The busy call ends, the waiting one runs on the first runner: the boot is not needed.
+    busy.await.unwrap().unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), first);
+    assert!(
+        fly.wait_for(20 * SECOND, |c| c.destroyed >= 1).await,
+        "the unneeded machine was not destroyed"
+    );
+    assert_eq!(pool.stats().booting, 0);
+    shut_down_clean(pool, &fly).await;
+}

@@ -139,6 +139,10 @@ pub enum BootError {
     /// The pool closed while the runner booted.
     #[error("pool closed during boot")]
     PoolClosed,
+    /// No call waited for the runner any more (they ran elsewhere), and `min` did not need it:
+    /// the boot was cancelled and its machine terminated, rather than left to serve nothing.
+    #[error("boot cancelled: no call needs the runner any more")]
+    NotNeeded,
 }
 
 impl BootError {

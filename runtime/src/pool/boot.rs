@@ -24,6 +24,7 @@ const CERT_MARGIN: Duration = Duration::from_secs(3600);
 pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
     let shared = Arc::clone(shared);
     let id = RunnerId(Uuid::new_v4());
+    let cancel = shared.boot_started(id, min);
     let span = tracing::info_span!("runner", runner = %id, min);
     shared.tasks.clone().spawn(
         async move {
@@ -34,9 +35,11 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                 .emit(|| super::PoolEvent::RunnerBooting { runner: id });
             let started = Instant::now();
             let mut closing = shared.closing.clone();
+            // Dropping `boot` drops the machine it made, which its backend then terminates.
             let booted = tokio::select! {
                 booted = boot(&shared, id, min) => booted,
                 _ = closing.wait_for(|closing| *closing) => Err(BootError::PoolClosed),
+                () = cancel.cancelled() => Err(BootError::NotNeeded),
             };
             match booted {
                 Ok((handle, machine, control)) => {
@@ -72,7 +75,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                             outcome,
                         },
                     );
-                    shared.boot_failed(min, error);
+                    shared.boot_failed(id, min, error);
                 }
             }
         }

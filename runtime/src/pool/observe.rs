@@ -221,7 +221,11 @@ impl Observer {
                 });
             }
             Err(error) => {
-                metrics::counter!("firebrand_boots_total", "outcome" => "failed").increment(1);
+                let outcome = match **error {
+                    BootError::NotNeeded => "cancelled",
+                    _ => "failed",
+                };
+                metrics::counter!("firebrand_boots_total", "outcome" => outcome).increment(1);
                 self.emit(|| PoolEvent::RunnerBootFailed {
                     runner,
                     error: Arc::clone(error),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::builder::Placement;
 use super::resize::Limits;
@@ -59,6 +60,8 @@ pub(crate) struct State {
     boot_failures: u32,
     last_boot_error: Option<Arc<BootError>>,
     retry_scheduled: bool,
+    /// Boots under way that are not for `min`, oldest first, with what cancels each.
+    demand_boots: Vec<(RunnerId, CancellationToken)>,
 }
 
 impl State {
@@ -73,6 +76,7 @@ impl State {
             boot_failures: 0,
             last_boot_error: None,
             retry_scheduled: false,
+            demand_boots: Vec::new(),
         }
     }
 
@@ -250,9 +254,44 @@ impl Shared {
         Some(Arc::clone(&slot.handle))
     }
 
+    /// A boot task started: returns what cancels it, when it is for demand, not `min`.
+    pub(crate) fn boot_started(&self, runner: RunnerId, min: bool) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        if !min {
+            let mut state = self.state.lock();
+            state.demand_boots.push((runner, cancel.clone()));
+        }
+        cancel
+    }
+
+    /// Cancels the newest boots for demand beyond what the waiting callers still need: their
+    /// calls were served by runners that freed up, so the boots would only make runners that
+    /// serve nothing (and, on Fly, bill for it until they idle down). `min` boots stay.
+    fn cancel_unneeded_boots(&self, state: &mut State) {
+        let demand_booting = state.booting - state.booting_min;
+        if demand_booting == 0 || state.closed {
+            return;
+        }
+        let per_runner = state.limits.max_concurrency as usize;
+        // Callers who gave up may still be counted: that can only keep a boot, never cancel one
+        // that is needed. A pool that pre-warms keeps one boot for the spare.
+        let mut wanted = state.waiters.len().div_ceil(per_runner);
+        if self.config.prewarm_at.is_some() {
+            wanted = wanted.max(1);
+        }
+        for _ in 0..demand_booting.saturating_sub(wanted) {
+            let Some((runner, cancel)) = state.demand_boots.pop() else {
+                break;
+            };
+            tracing::info!(%runner, "cancelling a boot no call needs any more");
+            cancel.cancel();
+        }
+    }
+
     /// Hands free slots to waiting callers, oldest first.
     fn dispatch(&self, state: &mut State) {
         if state.waiters.is_empty() {
+            self.cancel_unneeded_boots(state);
             return;
         }
         // Only while the pool is being dropped can this fail; nobody is left to serve then.
@@ -284,6 +323,7 @@ impl Shared {
                 }
             }
         }
+        self.cancel_unneeded_boots(state);
     }
 
     fn release(&self, runner: RunnerId) {
@@ -399,6 +439,7 @@ impl Shared {
     /// A booted runner is ready. Returns `false` if the pool closed meanwhile.
     pub(crate) fn runner_ready(self: &Arc<Self>, handle: Arc<RunnerHandle>, min: bool) -> bool {
         let mut state = self.state.lock();
+        state.demand_boots.retain(|(id, _)| *id != handle.id);
         state.booting -= 1;
         if min {
             state.booting_min -= 1;
@@ -428,11 +469,22 @@ impl Shared {
     /// callers wait or `min` is unmet; after `boot_attempts` failures with nothing running, fail
     /// the waiting callers instead of letting them wait out their timeout. A permanent failure
     /// (a refused config or token) fails them at once and is not retried.
-    pub(crate) fn boot_failed(self: &Arc<Self>, min: bool, error: Arc<BootError>) {
+    pub(crate) fn boot_failed(
+        self: &Arc<Self>,
+        runner: RunnerId,
+        min: bool,
+        error: Arc<BootError>,
+    ) {
         let mut state = self.state.lock();
+        state.demand_boots.retain(|(id, _)| *id != runner);
         state.booting -= 1;
         if min {
             state.booting_min -= 1;
+        }
+        if matches!(*error, BootError::NotNeeded) {
+            // Not a failure: nothing to retry, and no caller to tell.
+            self.publish(&state);
+            return;
         }
         state.boot_failures += 1;
         state.last_boot_error = Some(Arc::clone(&error));
