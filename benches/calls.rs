@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use firebrand_runner::{ByteBuf, ECHO_BYTES};
+use firebrand_runner::{ByteBuf, ECHO_BYTES, SPIN_BLOCKING};
 use support::{run_in_flight, warm_pool, Latencies, QuicEcho, TcpEcho};
 
 fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
@@ -235,6 +235,54 @@ fn cpu_per_call(rt: &tokio::runtime::Runtime) {
     support::write_results("cpu", &results);
 }
 
+/// Warm-call latency on a runner whose every core is busy with CPU-bound (`register_blocking`)
+/// jobs, against the same call on the same runner idle, in the same run.
+fn busy_runner(rt: &tokio::runtime::Runtime) {
+    const CALLS: usize = 1_000;
+    const SPIN_MS: u64 = 4_000;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let payload = vec![7u8; 64];
+    let pool = rt.block_on(warm_pool(1));
+    let sample = |pool: &firebrand::Pool| {
+        rt.block_on(async {
+            let mut nanos = Vec::with_capacity(CALLS);
+            for _ in 0..CALLS {
+                let started = Instant::now();
+                let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
+                nanos.push(started.elapsed().as_nanos() as u64);
+                assert_eq!(reply.unwrap().len(), 64);
+            }
+            nanos.sort_unstable();
+            nanos[nanos.len() / 2] as f64 / 1e3
+        })
+    };
+    sample(&pool);
+    let idle = sample(&pool);
+    let spins: Vec<_> = (0..cores)
+        .map(|_| rt.spawn(pool.call(&SPIN_BLOCKING, SPIN_MS)))
+        .collect();
+    rt.block_on(async {
+        while pool.stats().in_flight < cores {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let busy = sample(&pool);
+    let still_busy = spins.iter().all(|s| !s.is_finished());
+    for spin in spins {
+        rt.block_on(spin).unwrap().unwrap();
+    }
+    rt.block_on(pool.shutdown());
+    let ratio = busy / idle;
+    println!("busy runner: warm call p50 {busy:.1} µs with {cores} cores spinning, {idle:.1} µs idle: {ratio:.2}x (all busy throughout: {still_busy})");
+    support::write_results(
+        "busy",
+        &serde_json::json!({
+            "idle_p50_us": idle, "busy_p50_us": busy, "ratio": ratio, "cores": cores,
+            "busy_throughout": still_busy,
+        }),
+    );
+}
+
 fn main() {
     support::run_peer_if_asked();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -246,5 +294,6 @@ fn main() {
     // Not on `--list` or the `--test` pass that `cargo test --benches` makes.
     if !std::env::args().any(|a| a == "--list" || a == "--test") {
         cpu_per_call(&rt);
+        busy_runner(&rt);
     }
 }

@@ -84,6 +84,11 @@ if cpu:
     row("CPU per call, runner / echo peer", f'{fb["child_us"]:.1f} µs', f'A {qa["child_us"]:.1f} µs',
         f'{fb["child_us"] / qa["child_us"]:.2f}× A', "", None)
 
+busy = load("busy")
+if busy:
+    row(f'warm call p50, all {busy["cores"]} runner cores busy (register_blocking)', f'{busy["busy_p50_us"]:.1f} µs',
+        f'idle runner {busy["idle_p50_us"]:.1f} µs', f'{busy["ratio"]:.2f}× idle', "≤ 3× idle", busy["ratio"] <= 3)
+
 for mib in (1, 16, 64):
     base, units = estimate("payload", "baseline_quic", str(mib))
     t, u = estimate("payload", "firebrand", str(mib))
