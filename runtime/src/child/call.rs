@@ -9,11 +9,10 @@ use futures_util::FutureExt as _;
 use quinn::{RecvStream, SendStream};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
 use super::terminator::{Ending, Terminator, STATS};
-use crate::registry::{ok_reply, Body, HandlerFuture, JobFailure, Registry};
+use crate::registry::{ok_reply, Body, JobFailure, Registry};
 use crate::wire::{self, CallHead, ReplyHead, WireError};
 
 /// What a call stream needs from its runner.
@@ -23,7 +22,8 @@ pub(crate) struct CallContext {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) max_payload_len: usize,
     pub(crate) terminator: Arc<Terminator>,
-    /// Where jobs run: never the connection's thread, which they could starve.
+    /// Where calls are served and jobs run: never the connection's thread, which they could
+    /// starve.
     pub(crate) jobs: Handle,
 }
 
@@ -73,19 +73,12 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         // gave up on still runs.
         let busy = cx.terminator.hold();
         if let Body::Stream(handler) = body {
-            // Its items are produced, and sent, on the jobs' threads.
-            cx.jobs.spawn(
-                async move {
-                    let _slot = (permit, busy);
-                    let ending = super::stream::serve(&handler, args, deadline, &mut send).await;
-                    STATS.ended(ending);
-                }
-                .in_current_span(),
-            );
+            let _slot = (permit, busy);
+            let ending = super::stream::serve(&handler, args, deadline, &mut send).await;
+            STATS.ended(ending);
             return;
         }
         let job = start_job(&cx, body, args, head.resource, (permit, busy));
-        let abort = job.abort_handle();
         let job = async move {
             match deadline {
                 Some(limit) => tokio::time::timeout(limit, job).await.ok(),
@@ -101,10 +94,9 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
             outcome = &mut job => outcome,
             stopped = stopped => match stopped {
                 Ok(_) => {
-                    // The parent reset its side: the caller gave up. An async job is aborted at
-                    // its next await; a blocking one runs on, its result discarded.
+                    // The parent reset its side: the caller gave up. Dropping the job aborts an
+                    // async one at its next await; a blocking one runs on, its result discarded.
                     tracing::debug!("call cancelled by the parent");
-                    abort.abort();
                     STATS.ended(Ending::Cancelled);
                     return;
                 }
@@ -113,13 +105,10 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
                 Err(_) => job.await,
             },
         };
-        if outcome.is_none() {
-            abort.abort();
-        }
-        if let Some(Ok(Ok(Ok(Made {
+        if let Some(Ok(Ok(Made {
             reply,
             resource: Some(id),
-        })))) = outcome
+        }))) = outcome
         {
             STATS.ended(Ending::Succeeded);
             hand_over(&cx, &mut send, reply, id).await;
@@ -127,14 +116,9 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         }
         let (reply, payload, ending) = match outcome {
             None => (ReplyHead::TimedOut, None, Ending::TimedOut),
-            Some(Ok(Ok(Ok(made)))) => (ReplyHead::Ok, Some(made.reply), Ending::Succeeded),
-            Some(Ok(Ok(Err(failure)))) => (failure_head(failure), None, Ending::Failed),
-            Some(Err(ended)) => {
-                let message = format!("the job's task ended: {ended}");
-                tracing::error!(%message, "job lost");
-                (ReplyHead::Panicked { message }, None, Ending::Panicked)
-            }
-            Some(Ok(Err(panic))) => {
+            Some(Ok(Ok(made))) => (ReplyHead::Ok, Some(made.reply), Ending::Succeeded),
+            Some(Ok(Err(failure))) => (failure_head(failure), None, Ending::Failed),
+            Some(Err(panic)) => {
                 let message = panic_message(panic.as_ref());
                 tracing::error!(%message, "job panicked");
                 (ReplyHead::Panicked { message }, None, Ending::Panicked)
@@ -167,74 +151,60 @@ impl From<wire::Chunks> for Made {
     }
 }
 
-/// Starts a job on the jobs' threads (a blocking one on their blocking pool), holding `slot`
-/// until it ends. Its argument is decoded and its result encoded there too, never on the
-/// connection's thread.
+/// The job, as a future that holds `slot` until the job really ends. An async job runs in
+/// this future, on the jobs' runtime, and is aborted when it is dropped; a blocking one runs on
+/// the blocking pool, and runs on to its end if this future is dropped. Either way its argument
+/// is decoded and its result encoded on the jobs' threads, never on the connection's.
 fn start_job<S: Send + 'static>(
     cx: &CallContext,
     body: Body,
     args: wire::Message,
     resource: u64,
     slot: S,
-) -> JoinHandle<JobOutput> {
+) -> futures_util::future::BoxFuture<'static, JobOutput> {
     if let Body::Blocking(handler) = body {
         let span = tracing::Span::current();
-        return cx.jobs.spawn_blocking(move || {
+        let running = cx.jobs.spawn_blocking(move || {
             let _slot = slot;
             let _entered = span.enter();
             std::panic::catch_unwind(AssertUnwindSafe(|| handler(args).map(Made::from)))
         });
-    }
-    if let Body::Resource(handler) = body {
-        let resources = Arc::clone(&cx.resources);
-        return cx.jobs.spawn(
-            async move {
-                let _slot = slot;
-                AssertUnwindSafe(async move {
-                    let id = handler(args, Arc::clone(&resources)).await?;
-                    match ok_reply(&id) {
-                        Ok(reply) => Ok(Made {
-                            reply,
-                            resource: Some(id),
-                        }),
-                        Err(failure) => {
-                            resources.release(id);
-                            Err(failure)
-                        }
-                    }
-                })
-                .catch_unwind()
-                .await
-            }
-            .in_current_span(),
-        );
+        return Box::pin(async move {
+            running.await.unwrap_or_else(|ended| {
+                Err(Box::new(format!("the job's thread ended: {ended}")) as Box<_>)
+            })
+        });
     }
     let resources = Arc::clone(&cx.resources);
     // The handler is called inside the guarded future: a panic before its first await is
     // caught like any other.
-    let run = move || -> HandlerFuture {
+    let run = async move {
+        let _slot = slot;
         match body {
-            Body::Call(handler) => handler(args),
+            Body::Call(handler) => handler(args).await.map(Made::from),
             Body::Using(handler) => match resources.get(resource) {
-                Some(resource) => handler(resource, args),
-                None => Box::pin(std::future::ready(Err(JobFailure::Failed(format!(
+                Some(resource) => handler(resource, args).await.map(Made::from),
+                None => Err(JobFailure::Failed(format!(
                     "resource {resource} is not held on this runner"
-                ))))),
+                ))),
             },
-            Body::Blocking(_) | Body::Stream(_) | Body::Resource(_) => {
-                unreachable!("served elsewhere")
+            Body::Resource(handler) => {
+                let id = handler(args, Arc::clone(&resources)).await?;
+                match ok_reply(&id) {
+                    Ok(reply) => Ok(Made {
+                        reply,
+                        resource: Some(id),
+                    }),
+                    Err(failure) => {
+                        resources.release(id);
+                        Err(failure)
+                    }
+                }
             }
+            Body::Blocking(_) | Body::Stream(_) => unreachable!("served elsewhere"),
         }
     };
-    cx.jobs.spawn(
-        async move {
-            let _slot = slot;
-            AssertUnwindSafe(async move { run().await.map(Made::from) })
-                .catch_unwind()
-                .await
-        }
-        .in_current_span(),
-    )
+    Box::pin(AssertUnwindSafe(run).catch_unwind())
 }
 
 /// Sends a new resource's id and keeps the resource only once the parent claims it. Until

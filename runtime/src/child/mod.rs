@@ -291,11 +291,15 @@ async fn serve_in_span(
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let guard = terminator.stream_started();
-                    let cx = Arc::clone(&cx);
-                    tokio::spawn(async move {
-                        serve_call(cx, send, recv).await;
-                        drop(guard);
-                    });
+                    let served = Arc::clone(&cx);
+                    // Served on the jobs' runtime: this thread only drives the connection.
+                    cx.jobs.spawn(
+                        async move {
+                            serve_call(served, send, recv).await;
+                            drop(guard);
+                        }
+                        .in_current_span(),
+                    );
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE => {
                     break ServeExit::Released;
