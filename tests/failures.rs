@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::BufRead as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{alive, local_backend, parent_of, pool, sigkill, wait_dead, within, Recording};
@@ -397,4 +398,76 @@ async fn a_runner_that_exits_at_boot_has_its_last_words_in_the_boot_error() {
     let message = error.to_string();
     assert!(message.contains("exit status: 7"), "{message}");
     assert!(message.contains("MODEL_DIR is not set"), "{message}");
+}
+
+/// A bounded soak: calls keep 64 in flight on up to 4 runners × 16 while a random live runner
+/// is killed every 300 ms. Each kill may fail only the calls its runner had: at most 16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_runners_under_load_fails_only_their_own_calls() {
+    const KILLS: usize = 8;
+    let backend = Recording::new(local_backend());
+    let pool = pool()
+        .backend(backend.clone())
+        .max(4)
+        .max_concurrency(16)
+        .terminate_grace(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcomes = Arc::new(parking_lot::Mutex::new((
+        0usize,
+        0usize,
+        Vec::<String>::new(),
+    )));
+    let callers: Vec<_> = (0..64)
+        .map(|_| {
+            let (pool, stop, outcomes) = (pool.clone(), Arc::clone(&stop), Arc::clone(&outcomes));
+            tokio::spawn(async move {
+                // Bounded in count as well as by the stop flag.
+                for _ in 0..2_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let outcome = pool.call(&SLEEP, 5).await;
+                    let mut outcomes = outcomes.lock();
+                    match outcome {
+                        Ok(()) => outcomes.0 += 1,
+                        Err(CallError::RunnerLost { .. }) => outcomes.1 += 1,
+                        Err(other) => outcomes.2.push(other.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut killed = std::collections::HashSet::new();
+    let mut kills = 0;
+    let mut ticks = tokio::time::interval(Duration::from_millis(300));
+    ticks.tick().await;
+    while kills < KILLS {
+        ticks.tick().await;
+        let live: Vec<u32> = backend
+            .pids()
+            .into_iter()
+            .filter(|p| !killed.contains(p) && alive(*p))
+            .collect();
+        if let Some(&pid) = live.get(kills % live.len().max(1)) {
+            sigkill(pid);
+            killed.insert(pid);
+            kills += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        within(60 * SECOND, caller).await.unwrap();
+    }
+    let (succeeded, lost, others) = outcomes.lock().clone();
+    println!("{succeeded} succeeded, {lost} lost to {kills} kills, other errors: {others:?}");
+    assert!(others.is_empty(), "{others:?}");
+    assert!(succeeded > 0);
+    assert!(
+        lost <= kills * 16,
+        "{lost} calls failed with RunnerLost for {kills} kills of runners that held 16 each"
+    );
+    pool.shutdown().await;
 }

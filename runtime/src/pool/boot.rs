@@ -64,7 +64,11 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                 }
                 Err(error) => {
                     shared.listener.abandon(id);
-                    tracing::warn!(%error, "runner boot failed");
+                    if matches!(error, BootError::NotNeeded) {
+                        tracing::info!(%error, "runner boot cancelled");
+                    } else {
+                        tracing::warn!(%error, "runner boot failed");
+                    }
                     let error = Arc::new(error);
                     let outcome = Err(Arc::clone(&error));
                     shared.observer.booted(id, "", &outcome);
