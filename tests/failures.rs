@@ -388,14 +388,7 @@ async fn a_runner_that_exits_at_boot_has_its_last_words_in_the_boot_error() {
         .arg("-c")
         .arg("echo starting; echo 'MODEL_DIR is not set' >&2; exit 7")
         .build();
-    let error = pool()
-        .backend(backend)
-        .min(1)
-        .boot_attempts(1)
-        .build()
-        .await
-        .expect_err("the runner exits at once");
-    let message = error.to_string();
+    let message = common::min_boot_error(backend).await;
     assert!(message.contains("exit status: 7"), "{message}");
     assert!(message.contains("MODEL_DIR is not set"), "{message}");
 }

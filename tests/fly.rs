@@ -615,8 +615,7 @@ async fn a_full_region_is_skipped_by_later_boots() {
     assert!(three <= 6, "{three} creates for 3 machines");
     pool.shutdown().await;
     // A boot after the refusal goes straight to ams.
-    let again = self::pool(backend).build().await.unwrap();
-    let pool = again;
+    let pool = self::pool(backend).build().await.unwrap();
     pool.call(&PID, ()).await.unwrap();
     assert_eq!(fly.counts().create_requests - three, 1);
     assert!(fly.machines().iter().all(|m| m.region == "ams"));

@@ -158,14 +158,7 @@ async fn a_multi_threaded_fork_template_is_refused_with_the_cause_in_the_boot_er
         .command(ASYNC_RUNNER)
         .fork_server()
         .build();
-    let error = pool()
-        .backend(backend)
-        .min(1)
-        .boot_attempts(1)
-        .build()
-        .await
-        .expect_err("a multi-threaded template cannot fork runners");
-    let message = error.to_string();
+    let message = common::min_boot_error(backend).await;
     assert!(message.contains("other thread"), "{message}");
     assert!(message.contains("run_if_child"), "{message}");
 }

@@ -78,6 +78,18 @@ pub struct HashArgs {
     pub rounds: u32,
 }
 
+/// Logs to stderr at the level `RUST_LOG` sets (default `warn`), as both stock runner binaries
+/// do: the parent relays a local runner's stderr into its own log.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// The stock runner's jobs.
 ///
 /// # Panics

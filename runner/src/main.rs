@@ -3,13 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    firebrand_runner::init_logging();
     firebrand::run_if_child(&firebrand_runner::registry());
     eprintln!(
         "firebrand-runner serves jobs for a Firebrand pool, which starts it with {} set.\n\

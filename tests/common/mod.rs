@@ -475,3 +475,15 @@ impl std::io::Write for CapturedLogs {
         Ok(())
     }
 }
+
+/// The message of the error a pool with one `min` runner of `backend` fails to start with.
+pub async fn min_boot_error(backend: LocalBackend) -> String {
+    pool()
+        .backend(backend)
+        .min(1)
+        .boot_attempts(1)
+        .build()
+        .await
+        .expect_err("the min runner cannot boot")
+        .to_string()
+}

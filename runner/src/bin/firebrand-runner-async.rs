@@ -7,13 +7,7 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    firebrand_runner::init_logging();
     firebrand::run_if_child(&firebrand_runner::registry());
     eprintln!("firebrand-runner-async serves jobs for a Firebrand pool");
     ExitCode::from(2)

@@ -127,7 +127,7 @@ impl Template {
             }
             if polls[1].revents != 0 {
                 self.drain_child_exits();
-                self.reap();
+                self.reap(true);
             }
             if polls[0].revents == 0 {
                 continue;
@@ -240,22 +240,10 @@ impl Template {
             if unsafe { libc::poll(&mut poll, 1, millis) } > 0 {
                 self.drain_child_exits();
                 // Nobody to tell: only forget the runners that ended.
-                self.reap_silently();
+                self.reap(false);
             }
         }
         self.shut_down("the parent is gone")
-    }
-
-    fn reap_silently(&mut self) {
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid writes the status into a live i32.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                return;
-            }
-            self.runners.remove(&pid);
-        }
     }
 
     fn drain_child_exits(&self) {
@@ -272,8 +260,9 @@ impl Template {
         {}
     }
 
-    /// Reports every runner that has ended. Signals coalesce, so this reaps until none is left.
-    fn reap(&mut self) {
+    /// Reaps every runner that has ended, and reports each to the parent if `report`. Signals
+    /// coalesce, so this reaps until none is left.
+    fn reap(&mut self, report: bool) {
         loop {
             let mut status = 0;
             // SAFETY: waitpid writes the status into a live i32.
@@ -281,7 +270,7 @@ impl Template {
             if pid <= 0 {
                 return;
             }
-            if !self.runners.remove(&pid) {
+            if !self.runners.remove(&pid) || !report {
                 continue;
             }
             let (code, signal) = if libc::WIFEXITED(status) {

@@ -111,20 +111,7 @@ impl RunnerHandle {
         mut stream: CallStream,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
-        let exchange = self.read_reply(&mut stream);
-        match timeout {
-            None => exchange.await,
-            Some(after) => tokio::time::timeout(after, exchange)
-                .await
-                .map_err(|_| CallError::Timeout { after })?,
-        }
-        .map_err(|failure| match failure {
-            Failure::Reply(ReplyHead::TimedOut) => CallError::Timeout {
-                after: timeout.unwrap_or_default(),
-            },
-            Failure::Reply(head) => reply_error(head),
-            Failure::Wire(e) => self.wire_error(e),
-        })
+        self.within(timeout, self.read_reply(&mut stream)).await
     }
 
     /// Reads the reply to a resource call, within `timeout`: the new resource's id. The runner
@@ -144,6 +131,16 @@ impl RunnerHandle {
                 other => Err(Failure::Reply(other)),
             }
         };
+        self.within(timeout, read).await
+    }
+
+    /// Runs a read of a reply within the call's `timeout`, and says what went wrong as a
+    /// [`CallError`].
+    async fn within<T>(
+        &self,
+        timeout: Option<Duration>,
+        read: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, CallError> {
         match timeout {
             None => read.await,
             Some(after) => tokio::time::timeout(after, read)
@@ -155,7 +152,6 @@ impl RunnerHandle {
                 after: timeout.unwrap_or_default(),
             },
             Failure::Reply(head) => reply_error(head),
-            Failure::Wire(WireError::Decode(message)) => CallError::Decode { message },
             Failure::Wire(e) => self.wire_error(e),
         })
     }
