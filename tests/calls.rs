@@ -306,3 +306,52 @@ async fn an_argument_over_max_payload_len_is_refused_before_it_is_sent() {
     assert_eq!(pool.call(&ECHO, vec![1; 100]).await.unwrap(), vec![1; 100]);
     pool.shutdown().await;
 }
+
+/// The threads that encoded a [`Recorded`] argument, in order.
+static ENCODED_ON: parking_lot::Mutex<Vec<std::thread::ThreadId>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Bytes that encode as a `Vec<u8>` does, and note the thread that encoded them.
+#[derive(serde::Deserialize)]
+struct Recorded(Vec<u8>);
+
+impl serde::Serialize for Recorded {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        ENCODED_ON.lock().push(std::thread::current().id());
+        self.0.serialize(serializer)
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_argument_is_encoded_off_the_caller_s_thread() {
+    const ECHO_RECORDED: Job<Recorded, Vec<u8>> = Job::new("firebrand.echo");
+    let pool = pool().max(1).build().await.unwrap();
+    let here = std::thread::current().id();
+    assert_eq!(
+        pool.call(&ECHO_RECORDED, Recorded(vec![1; 100]))
+            .await
+            .unwrap()
+            .len(),
+        100
+    );
+    assert_eq!(
+        *ENCODED_ON.lock(),
+        vec![here],
+        "a small argument is encoded in place"
+    );
+    ENCODED_ON.lock().clear();
+    let big = pool
+        .call(&ECHO_RECORDED, Recorded(vec![2; 1 << 20]))
+        .await
+        .unwrap();
+    assert_eq!(big.len(), 1 << 20);
+    // The caller's thread stopped at the first 64 KiB; the blocking pool encoded it all.
+    let threads = ENCODED_ON.lock().clone();
+    assert_eq!(threads.len(), 2, "{threads:?}");
+    assert_eq!(threads[0], here);
+    assert_ne!(
+        threads[1], here,
+        "the large argument was encoded on the caller's thread"
+    );
+    pool.shutdown().await;
+}

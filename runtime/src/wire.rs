@@ -243,6 +243,9 @@ pub struct Chunks {
     first: Vec<u8>,
     full: Vec<Bytes>,
     current: Vec<u8>,
+    /// Set to refuse anything past the first 64 KiB: encoding stops there, with `spilled` set.
+    first_only: bool,
+    spilled: bool,
 }
 
 const CHUNK: usize = 64 << 10;
@@ -313,6 +316,10 @@ impl bincode::enc::write::Writer for &mut Chunks {
             let n = CHUNK.saturating_sub(self.first.len()).min(bytes.len());
             self.first.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
+        }
+        if self.first_only && !bytes.is_empty() {
+            self.spilled = true;
+            return Err(bincode::error::EncodeError::Other("past the first chunk"));
         }
         while !bytes.is_empty() {
             if self.current.len() == CHUNK {
@@ -556,15 +563,53 @@ pub(crate) fn encode_request<A: Serialize>(
     args: &A,
     max_payload_len: usize,
 ) -> Result<SmallVec<[Bytes; 2]>, WireError> {
-    let mut chunks = Chunks::new();
-    chunks.push_frame(&CallHeadRef {
+    let head = CallHeadRef {
         job,
         timeout_ms,
         trace_id,
         resource,
-    })?;
+    };
+    encode_request_into(Chunks::new(), &head, args, max_payload_len)?
+        .ok_or_else(|| WireError::Encode("a request without a size bound spilled".into()))
+}
+
+/// [`encode_request`] for a request that fits in the first 64 KiB; `None`, having encoded at
+/// most that much, for one that does not, which is then worth encoding off the caller's thread.
+pub(crate) fn encode_small_request<A: Serialize>(
+    job: &str,
+    timeout_ms: u64,
+    trace_id: u128,
+    resource: u64,
+    args: &A,
+    max_payload_len: usize,
+) -> Result<Option<SmallVec<[Bytes; 2]>>, WireError> {
+    let chunks = Chunks {
+        first_only: true,
+        ..Chunks::new()
+    };
+    let head = CallHeadRef {
+        job,
+        timeout_ms,
+        trace_id,
+        resource,
+    };
+    encode_request_into(chunks, &head, args, max_payload_len)
+}
+
+/// The request in `chunks`, or `None` if they hold only a first chunk and it overflowed.
+fn encode_request_into<A: Serialize>(
+    mut chunks: Chunks,
+    head: &CallHeadRef<'_>,
+    args: &A,
+    max_payload_len: usize,
+) -> Result<Option<SmallVec<[Bytes; 2]>>, WireError> {
+    chunks.push_frame(head)?;
     let head_len = chunks.len();
-    chunks.push_frame(args)?;
+    match chunks.push_frame(args) {
+        Ok(()) => {}
+        Err(_) if chunks.spilled => return Ok(None),
+        Err(e) => return Err(e),
+    }
     // Less the argument frame's 4-byte length prefix.
     let args_len = chunks.len() - head_len - 4;
     if args_len > max_payload_len {
@@ -573,7 +618,7 @@ pub(crate) fn encode_request<A: Serialize>(
              {max_payload_len} bytes"
         )));
     }
-    Ok(chunks.into_bytes())
+    Ok(Some(chunks.into_bytes()))
 }
 
 #[cfg(test)]

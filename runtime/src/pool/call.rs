@@ -151,10 +151,24 @@ impl<A: Payload, R: Payload> Call<A, R> {
             return Err(CallError::NotIdempotent { job: name.into() });
         }
         let trace_id = self.trace_id.unwrap_or_else(TraceId::next);
-        let request = encode(&self.shared, name, self.timeout, trace_id, 0, &args)?;
+        // A small argument is encoded here; a large one (64 KiB or more) on the blocking pool,
+        // off the threads that drive the pool's connections, when the call runs.
+        let (request, deferred) =
+            match encode_small(&self.shared, name, self.timeout, trace_id, &args)? {
+                Some(request) => (request, None),
+                None => {
+                    let shared = Arc::clone(&self.shared);
+                    let timeout = self.timeout;
+                    let encoding = tokio::task::spawn_blocking(move || {
+                        encode(&shared, name, timeout, trace_id, 0, &args)
+                    });
+                    (Request::new(), Some(encoding))
+                }
+            };
         Ok(Prepared {
             job: name,
             request,
+            deferred,
             timeout: self.timeout,
             queue_timeout: self.queue_timeout,
             retry: self.retry,
@@ -164,11 +178,17 @@ impl<A: Payload, R: Payload> Call<A, R> {
     }
 }
 
+/// A large argument being encoded on the blocking pool.
+type DeferredEncoding = tokio::task::JoinHandle<Result<Request, CallError>>;
+
 /// An encoded call, ready to place.
 pub(super) struct Prepared<R> {
     job: &'static str,
     // Handed to quinn as is: its send buffer takes the chunks without copying them.
     request: Request,
+    /// For a large argument: the encoding of `request` under way, awaited before the call is
+    /// placed.
+    deferred: Option<DeferredEncoding>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
     retry: Retry,
@@ -178,6 +198,13 @@ pub(super) struct Prepared<R> {
 
 impl<R: Payload> Prepared<R> {
     pub(super) async fn run(mut self, shared: &Arc<Shared>) -> Result<R, CallError> {
+        if let Some(encoding) = self.deferred.take() {
+            self.request = encoding.await.unwrap_or_else(|e| {
+                Err(CallError::Encode {
+                    message: format!("encoding the argument failed: {e}"),
+                })
+            })?;
+        }
         if self.retry.retries == 0 {
             let request = std::mem::take(&mut self.request);
             return self.attempt(shared, request).await;
@@ -289,6 +316,30 @@ pub(super) fn check_callable(shared: &Shared, name: &str) -> Result<(), CallErro
     Ok(())
 }
 
+/// [`encode`] for an argument under 64 KiB encoded; `None` for a larger one, of which at most
+/// 64 KiB was encoded here.
+fn encode_small<A: Payload>(
+    shared: &Shared,
+    name: &str,
+    timeout: Option<Duration>,
+    trace_id: TraceId,
+    args: &A,
+) -> Result<Option<Request>, CallError> {
+    let limit = usize::try_from(shared.config.max_payload_len).unwrap_or(usize::MAX);
+    wire::encode_small_request(name, timeout_ms(timeout), trace_id.0, 0, args, limit).map_err(|e| {
+        CallError::Encode {
+            message: e.to_string(),
+        }
+    })
+}
+
+/// A call's execution deadline as the runner reads it: 0 for none, at least 1 ms otherwise.
+fn timeout_ms(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
 /// Encodes a request for `name`, with its execution deadline for the runner. An argument
 /// above the pool's `max_payload_len` is refused here, before it is sent.
 pub(super) fn encode<A: Payload>(
@@ -299,15 +350,12 @@ pub(super) fn encode<A: Payload>(
     resource: u64,
     args: &A,
 ) -> Result<Request, CallError> {
-    let timeout_ms = timeout.map_or(0, |t| {
-        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
-    });
     let limit = usize::try_from(shared.config.max_payload_len).unwrap_or(usize::MAX);
-    wire::encode_request(name, timeout_ms, trace_id.0, resource, args, limit).map_err(|e| {
-        CallError::Encode {
+    wire::encode_request(name, timeout_ms(timeout), trace_id.0, resource, args, limit).map_err(
+        |e| CallError::Encode {
             message: e.to_string(),
-        }
-    })
+        },
+    )
 }
 
 /// Reads the reply to a request sent on `stream` to the runner `slot` reaches, reporting the

@@ -216,8 +216,9 @@ impl Pool {
     /// Calls `job` in the background, discarding its result; failures are logged.
     ///
     /// # Errors
-    /// Only what is known at once: [`CallError::UnknownJob`], [`CallError::Encode`],
-    /// [`CallError::Closed`].
+    /// Only what is known at once: [`CallError::UnknownJob`], [`CallError::Encode`] (for an
+    /// argument under 64 KiB encoded; a larger one is encoded in the background, and a failure
+    /// to encode it is logged like any other), [`CallError::Closed`].
     ///
     /// # Panics
     /// Outside a Tokio runtime.
