@@ -619,7 +619,11 @@ async fn a_full_region_is_skipped_by_later_boots() {
     // A boot after the refusal goes straight to ams.
     let pool = self::pool(backend).build().await.unwrap();
     pool.call(&PID, ()).await.unwrap();
-    assert_eq!(answered_creates(&fly) - three, 1, "the later boot tried ord again");
+    assert_eq!(
+        answered_creates(&fly) - three,
+        1,
+        "the later boot tried ord again"
+    );
     assert!(fly.machines().iter().all(|m| m.region == "ams"));
     shut_down_clean(pool, &fly).await;
 }

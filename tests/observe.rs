@@ -157,13 +157,16 @@ async fn metrics_count_calls_boots_and_runners() {
 
     // Both runners booted before `build` returns: a boot still running when the calls end
     // would be missing from the snapshot.
+    // Named apart from the other tests' pools, which record here too.
     let pool = common::pool()
+        .name("metrics-a")
         .min(2)
         .max(2)
         .max_concurrency(1)
         .build()
         .await
         .unwrap();
+    let other = common::pool().name("metrics-b").build().await.unwrap();
     let args = || HashArgs {
         seed: b"m".to_vec(),
         rounds: 1,
@@ -171,6 +174,7 @@ async fn metrics_count_calls_boots_and_runners() {
     let (a, b) = tokio::join!(pool.call(&HASH, args()), pool.call(&HASH, args()));
     a.unwrap();
     b.unwrap();
+    other.call(&HASH, args()).await.unwrap();
     let snapshot = snapshotter.snapshot().into_vec();
     let find = |name: &str, labels: &[(&str, &str)]| {
         snapshot
@@ -184,14 +188,24 @@ async fn metrics_count_calls_boots_and_runners() {
             })
             .map(|(_, _, _, value)| value)
     };
-    match find(
-        "firebrand_calls_total",
-        &[("job", "firebrand.hash"), ("outcome", "ok")],
-    ) {
-        Some(DebugValue::Counter(n)) => assert_eq!(*n, 2),
-        other => panic!("calls_total: {other:?}"),
+    // Two pools in one process keep their series apart.
+    for (pool_name, calls) in [("metrics-a", 2), ("metrics-b", 1)] {
+        match find(
+            "firebrand_calls_total",
+            &[
+                ("pool", pool_name),
+                ("job", "firebrand.hash"),
+                ("outcome", "ok"),
+            ],
+        ) {
+            Some(DebugValue::Counter(n)) => assert_eq!(*n, calls, "{pool_name}"),
+            other => panic!("calls_total of {pool_name}: {other:?}"),
+        }
     }
-    match find("firebrand_call_seconds", &[("job", "firebrand.hash")]) {
+    match find(
+        "firebrand_call_seconds",
+        &[("pool", "metrics-a"), ("job", "firebrand.hash")],
+    ) {
         Some(DebugValue::Histogram(values)) => assert_eq!(values.len(), 2),
         other => panic!("call_seconds: {other:?}"),
     }
@@ -208,6 +222,7 @@ async fn metrics_count_calls_boots_and_runners() {
     ));
     assert!(find("firebrand_queue_wait_seconds", &[("job", "firebrand.hash")]).is_some());
     pool.shutdown().await;
+    other.shutdown().await;
     let _ = SECOND;
 }
 

@@ -153,6 +153,7 @@ impl Pool {
             },
             backend.max_runners(),
         )?;
+        let observer = observe::Observer::new(&config.name);
         let shared = Arc::new_cyclic(|me| Shared {
             config,
             manifest,
@@ -165,7 +166,7 @@ impl Pool {
             closing,
             runner_counts: watch::channel(PoolStats::default()).0,
             calls_drained: Notify::new(),
-            observer: observe::Observer::new(),
+            observer,
             closed: std::sync::atomic::AtomicBool::new(false),
             me: me.clone(),
         });

@@ -145,6 +145,8 @@ impl CallOutcome {
 
 /// The pool's event channel.
 pub(crate) struct Observer {
+    /// The pool's name: the `pool` label on every metric, so two pools keep their series apart.
+    pool: metrics::SharedString,
     events: broadcast::Sender<PoolEvent>,
     /// Live event streams. Read on every call: an atomic load, where asking the channel for
     /// its receiver count would take its lock.
@@ -161,8 +163,9 @@ impl Drop for Listening {
 }
 
 impl Observer {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(pool: &str) -> Self {
         Self {
+            pool: metrics::SharedString::from(pool.to_owned()),
             events: broadcast::channel(BACKLOG).0,
             listeners: Arc::new(AtomicUsize::new(0)),
         }
@@ -194,13 +197,16 @@ impl Observer {
     }
 
     pub(crate) fn runner_counts(&self, stats: &PoolStats) {
-        metrics::gauge!("firebrand_runners", "state" => "booting").set(stats.booting as f64);
-        metrics::gauge!("firebrand_runners", "state" => "ready").set(stats.ready as f64);
-        metrics::gauge!("firebrand_runners", "state" => "draining").set(stats.draining as f64);
+        metrics::gauge!("firebrand_runners", "pool" => self.pool.clone(), "state" => "booting")
+            .set(stats.booting as f64);
+        metrics::gauge!("firebrand_runners", "pool" => self.pool.clone(), "state" => "ready")
+            .set(stats.ready as f64);
+        metrics::gauge!("firebrand_runners", "pool" => self.pool.clone(), "state" => "draining")
+            .set(stats.draining as f64);
     }
 
     pub(crate) fn queue_length(&self, queued: usize) {
-        metrics::gauge!("firebrand_calls_queued").set(queued as f64);
+        metrics::gauge!("firebrand_calls_queued", "pool" => self.pool.clone()).set(queued as f64);
     }
 
     pub(crate) fn booted(
@@ -211,9 +217,9 @@ impl Observer {
     ) {
         match outcome {
             Ok(boot_time) => {
-                metrics::histogram!("firebrand_boot_seconds", "outcome" => "ok")
+                metrics::histogram!("firebrand_boot_seconds", "pool" => self.pool.clone(), "outcome" => "ok")
                     .record(boot_time.as_secs_f64());
-                metrics::counter!("firebrand_boots_total", "outcome" => "ok").increment(1);
+                metrics::counter!("firebrand_boots_total", "pool" => self.pool.clone(), "outcome" => "ok").increment(1);
                 self.emit(|| PoolEvent::RunnerUp {
                     runner,
                     machine: machine.to_owned(),
@@ -225,7 +231,7 @@ impl Observer {
                     BootError::NotNeeded => "cancelled",
                     _ => "failed",
                 };
-                metrics::counter!("firebrand_boots_total", "outcome" => outcome).increment(1);
+                metrics::counter!("firebrand_boots_total", "pool" => self.pool.clone(), "outcome" => outcome).increment(1);
                 self.emit(|| PoolEvent::RunnerBootFailed {
                     runner,
                     error: Arc::clone(error),
@@ -235,7 +241,7 @@ impl Observer {
     }
 
     pub(crate) fn runner_lost(&self, runner: RunnerId, reason: &str) {
-        metrics::counter!("firebrand_runners_lost_total").increment(1);
+        metrics::counter!("firebrand_runners_lost_total", "pool" => self.pool.clone()).increment(1);
         self.emit(|| PoolEvent::RunnerLost {
             runner,
             reason: reason.to_owned(),
@@ -243,8 +249,8 @@ impl Observer {
     }
 
     pub(crate) fn call_started(&self, job: &'static str, runner: RunnerId, queued_for: Duration) {
-        metrics::gauge!("firebrand_calls_in_flight").increment(1.0);
-        metrics::histogram!("firebrand_queue_wait_seconds", "job" => job)
+        metrics::gauge!("firebrand_calls_in_flight", "pool" => self.pool.clone()).increment(1.0);
+        metrics::histogram!("firebrand_queue_wait_seconds", "pool" => self.pool.clone(), "job" => job)
             .record(queued_for.as_secs_f64());
         self.emit(|| PoolEvent::CallStarted {
             job,
@@ -260,9 +266,10 @@ impl Observer {
         ran_for: Duration,
         outcome: CallOutcome,
     ) {
-        metrics::gauge!("firebrand_calls_in_flight").decrement(1.0);
-        metrics::histogram!("firebrand_call_seconds", "job" => job).record(ran_for.as_secs_f64());
-        metrics::counter!("firebrand_calls_total", "job" => job, "outcome" => outcome.label())
+        metrics::gauge!("firebrand_calls_in_flight", "pool" => self.pool.clone()).decrement(1.0);
+        metrics::histogram!("firebrand_call_seconds", "pool" => self.pool.clone(), "job" => job)
+            .record(ran_for.as_secs_f64());
+        metrics::counter!("firebrand_calls_total", "pool" => self.pool.clone(), "job" => job, "outcome" => outcome.label())
             .increment(1);
         self.emit(|| PoolEvent::CallFinished {
             job,
