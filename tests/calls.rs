@@ -355,3 +355,34 @@ async fn a_large_argument_is_encoded_off_the_caller_s_thread() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_public_handle_has_a_useful_debug() {
+    let builder = pool().max(1).name("debugged");
+    assert!(format!("{builder:?}").contains("debugged"));
+    let pool = builder.build().await.unwrap();
+    assert!(format!("{pool:?}").contains("debugged"));
+    let call = pool.call(&ECHO, vec![1]).timeout(Duration::from_secs(3));
+    let shown = format!("{call:?}");
+    assert!(
+        shown.contains("firebrand.echo") && shown.contains("3s"),
+        "{shown}"
+    );
+    assert_eq!(call.await.unwrap(), vec![1]);
+    let task = pool.spawn(&ECHO, vec![2]);
+    assert!(format!("{task:?}").starts_with("RemoteTask"));
+    assert_eq!(task.await.unwrap(), vec![2]);
+    let map = pool.map(&ECHO, vec![vec![3]]);
+    assert!(format!("{map:?}").contains("firebrand.echo"));
+    drop(map);
+    let stream = pool.stream(&firebrand_runner::BLOBS, Default::default());
+    assert!(format!("{stream:?}").starts_with("RemoteStream"));
+    drop(stream);
+    let stash = pool
+        .resource(&firebrand_runner::STASH, vec![4])
+        .await
+        .unwrap();
+    assert!(format!("{stash:?}").contains(&stash.runner().to_string()));
+    drop(stash);
+    pool.shutdown().await;
+}

@@ -32,6 +32,7 @@
 //! }
 //! ```
 #![deny(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 #[cfg(not(unix))]
 compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");

@@ -172,6 +172,19 @@ pub struct PoolBuilder {
     config: PoolConfig,
 }
 
+impl std::fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("jobs", &self.manifest.jobs().len())
+            .field(
+                "backend",
+                &self.backend.as_ref().map_or("local (default)", |_| "set"),
+            )
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
 impl PoolBuilder {
     pub(crate) fn new(manifest: Manifest) -> Self {
         Self {

@@ -43,6 +43,19 @@ pub struct Call<A, R> {
     running: Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>,
 }
 
+impl<A, R> std::fmt::Debug for Call<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("job", &self.job.name())
+            .field("timeout", &self.timeout)
+            .field("queue_timeout", &self.queue_timeout)
+            .field("retry", &self.retry)
+            .field("trace_id", &self.trace_id)
+            .field("running", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A call's retry settings.
 #[derive(Debug, Clone, Copy)]
 struct Retry {

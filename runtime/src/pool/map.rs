@@ -58,6 +58,18 @@ pub struct Map<A, R> {
     stopped: bool,
 }
 
+impl<A, R> std::fmt::Debug for Map<A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map")
+            .field("job", &self.job.name())
+            .field("ordered", &self.ordered)
+            .field("in_flight", &self.in_flight)
+            .field("stop_on_error", &self.stop_on_error)
+            .field("running", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<A: Payload, R: Payload> Map<A, R> {
     pub(super) fn new(
         pool: Pool,

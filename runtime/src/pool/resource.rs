@@ -43,6 +43,16 @@ pub struct Resource<T> {
     kind: PhantomData<fn() -> T>,
 }
 
+impl<T> std::fmt::Debug for Resource<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resource")
+            .field("id", &self.id)
+            .field("runner", &self.runner.id)
+            .field("kind", &std::any::type_name::<T>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pool {
     /// Runs the resource `job` on a runner and returns a handle to what it made there.
     ///

@@ -41,6 +41,14 @@ pub struct RemoteStream<T> {
     items: BoxStream<'static, Result<T, CallError>>,
 }
 
+impl<T> std::fmt::Debug for RemoteStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStream")
+            .field("item", &std::any::type_name::<T>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<T> Stream for RemoteStream<T> {
     type Item = Result<T, CallError>;
 

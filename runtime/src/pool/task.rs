@@ -27,6 +27,15 @@ pub struct RemoteTask<R> {
     detached: bool,
 }
 
+impl<R> std::fmt::Debug for RemoteTask<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTask")
+            .field("finished", &self.handle.is_finished())
+            .field("detached", &self.detached)
+            .finish()
+    }
+}
+
 impl<R> RemoteTask<R> {
     pub(super) fn new(handle: tokio::task::JoinHandle<Result<R, CallError>>) -> Self {
         Self {

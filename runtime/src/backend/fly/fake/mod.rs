@@ -50,7 +50,17 @@ pub struct FakeFly {
     server: tokio::task::JoinHandle<()>,
 }
 
-/// Builds a [`FakeFly`].
+impl std::fmt::Debug for FakeFly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeFly")
+            .field("addr", &self.addr)
+            .field("app", &self.state.app)
+            .field("counts", &self.counts())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`FakeFly`]. `Debug` does not show the token it accepts.
 #[must_use = "a builder does nothing until `start` is called"]
 pub struct FakeFlyBuilder {
     app: String,
@@ -58,6 +68,17 @@ pub struct FakeFlyBuilder {
     regions: Vec<String>,
     images: HashMap<String, PathBuf>,
     rate_limits: bool,
+}
+
+impl std::fmt::Debug for FakeFlyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeFlyBuilder")
+            .field("app", &self.app)
+            .field("regions", &self.regions)
+            .field("images", &self.images)
+            .field("rate_limits", &self.rate_limits)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Tallies a test can assert on.
