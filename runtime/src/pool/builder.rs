@@ -81,26 +81,14 @@ impl PoolConfig {
 
     fn validate(&self) -> Result<(), PoolError> {
         let invalid = |why: String| Err(PoolError::InvalidConfig(why));
-        if self.max == 0 {
-            return invalid("max must be at least 1".into());
+        super::resize::Limits {
+            min: self.min,
+            max: self.max,
+            max_concurrency: self.max_concurrency,
         }
-        if self.min > self.max {
-            return invalid(format!("min ({}) exceeds max ({})", self.min, self.max));
-        }
-        if self.max_concurrency == 0 || self.max_concurrency > MAX_CONCURRENCY {
-            return invalid(format!(
-                "max_concurrency ({}) must be between 1 and {MAX_CONCURRENCY}",
-                self.max_concurrency
-            ));
-        }
+        .validate()?;
         if self.boot_attempts == 0 {
             return invalid("boot_attempts must be at least 1".into());
-        }
-        if self.max > MAX_RUNNERS {
-            return invalid(format!(
-                "max ({}) exceeds the limit of {MAX_RUNNERS} runners",
-                self.max
-            ));
         }
         for (name, value, zero_allowed) in [
             ("boot_timeout", Some(self.boot_timeout), false),

@@ -43,27 +43,7 @@ impl Pool {
     /// [`PoolError::InvalidConfig`] when `max` or `max_concurrency` is 0 or `min` exceeds `max`;
     /// the pool is unchanged then.
     pub fn resize(&self, limits: Limits) -> Result<(), PoolError> {
-        let invalid = |why: String| Err(PoolError::InvalidConfig(why));
-        if limits.max == 0 || limits.max_concurrency == 0 {
-            return invalid("max and max_concurrency must be at least 1".into());
-        }
-        if limits.min > limits.max {
-            return invalid(format!("min ({}) exceeds max ({})", limits.min, limits.max));
-        }
-        if limits.max_concurrency > super::MAX_CONCURRENCY {
-            return invalid(format!(
-                "max_concurrency ({}) exceeds the limit of {}",
-                limits.max_concurrency,
-                super::MAX_CONCURRENCY
-            ));
-        }
-        if limits.max > super::MAX_RUNNERS {
-            return invalid(format!(
-                "max ({}) exceeds the limit of {} runners",
-                limits.max,
-                super::MAX_RUNNERS
-            ));
-        }
+        limits.validate()?;
         let shared = &self.inner.shared;
         let limits = cap(limits, shared.backend.max_runners())?;
         let mut state = shared.state.lock();
@@ -72,6 +52,34 @@ impl Pool {
         shared.trim(&mut state);
         drop(state);
         shared.after_resize();
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// Refuses limits no pool can run with: the one check for the builder and for resizes.
+    pub(super) fn validate(&self) -> Result<(), PoolError> {
+        let invalid = |why: String| Err(PoolError::InvalidConfig(why));
+        if self.max == 0 {
+            return invalid("max must be at least 1".into());
+        }
+        if self.min > self.max {
+            return invalid(format!("min ({}) exceeds max ({})", self.min, self.max));
+        }
+        if self.max > super::MAX_RUNNERS {
+            return invalid(format!(
+                "max ({}) exceeds the limit of {} runners",
+                self.max,
+                super::MAX_RUNNERS
+            ));
+        }
+        if self.max_concurrency == 0 || self.max_concurrency > super::MAX_CONCURRENCY {
+            return invalid(format!(
+                "max_concurrency ({}) must be between 1 and {}",
+                self.max_concurrency,
+                super::MAX_CONCURRENCY
+            ));
+        }
         Ok(())
     }
 }
