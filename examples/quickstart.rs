@@ -6,7 +6,9 @@
 //! ```
 //!
 //! This binary is both the parent and its runners (embedded mode): the pool starts copies of it
-//! with `FIREBRAND_PARENT` set, and `run_if_child` turns those copies into runners.
+//! with a boot token, and `run_if_child` turns those copies into runners. The job computes
+//! without awaiting, so it is registered with `register_blocking`: it runs on the runner's
+//! blocking pool, and cheap calls and the runner's connection never wait behind it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -33,20 +35,16 @@ struct Crunched {
 fn registry() -> Registry {
     let mut registry = Registry::new();
     registry
-        .register(&CRUNCH, |job: Crunch| async move {
-            let digest = tokio::task::spawn_blocking(move || {
-                let mut d = ring::digest::digest(&ring::digest::SHA256, &job.item.to_le_bytes());
-                for _ in 1..job.rounds {
-                    d = ring::digest::digest(&ring::digest::SHA256, d.as_ref());
-                }
-                d.as_ref()[..6]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            Ok::<_, String>(Crunched {
+        .register_blocking(&CRUNCH, |job: Crunch| {
+            let mut d = ring::digest::digest(&ring::digest::SHA256, &job.item.to_le_bytes());
+            for _ in 1..job.rounds {
+                d = ring::digest::digest(&ring::digest::SHA256, d.as_ref());
+            }
+            let digest = d.as_ref()[..6]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>();
+            Ok::<_, std::convert::Infallible>(Crunched {
                 item: job.item,
                 pid: std::process::id(),
                 digest,

@@ -546,11 +546,11 @@ pub async fn write_frame<T: Serialize + ?Sized>(
 
 /// [`CallHead`] as the parent encodes it, without copying the job name.
 #[derive(Serialize)]
-struct CallHeadRef<'a> {
-    job: &'a str,
-    timeout_ms: u64,
-    trace_id: u128,
-    resource: u64,
+pub(crate) struct CallHeadRef<'a> {
+    pub(crate) job: &'a str,
+    pub(crate) timeout_ms: u64,
+    pub(crate) trace_id: u128,
+    pub(crate) resource: u64,
 }
 
 /// Encodes a whole call request, head and argument. An argument whose encoding is longer than
@@ -573,13 +573,11 @@ pub(crate) fn encode_request<A: Serialize>(
         .ok_or_else(|| WireError::Encode("a request without a size bound spilled".into()))
 }
 
-/// [`encode_request`] for a request that fits in the first 64 KiB; `None`, having encoded at
-/// most that much, for one that does not, which is then worth encoding off the caller's thread.
+/// [`encode_request`] for a call's request (no resource) that fits in the first 64 KiB; `None`,
+/// having encoded at most that much, for one that does not, which is then worth encoding off
+/// the caller's thread.
 pub(crate) fn encode_small_request<A: Serialize>(
-    job: &str,
-    timeout_ms: u64,
-    trace_id: u128,
-    resource: u64,
+    head: &CallHeadRef<'_>,
     args: &A,
     max_payload_len: usize,
 ) -> Result<Option<SmallVec<[Bytes; 2]>>, WireError> {
@@ -587,13 +585,7 @@ pub(crate) fn encode_small_request<A: Serialize>(
         first_only: true,
         ..Chunks::new()
     };
-    let head = CallHeadRef {
-        job,
-        timeout_ms,
-        trace_id,
-        resource,
-    };
-    encode_request_into(chunks, &head, args, max_payload_len)
+    encode_request_into(chunks, head, args, max_payload_len)
 }
 
 /// The request in `chunks`, or `None` if they hold only a first chunk and it overflowed.

@@ -11,7 +11,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use super::terminator::{Ending, Terminator, STATS};
+use super::terminator::{Ending, StreamGuard, STATS};
 use crate::registry::{ok_reply, Body, JobFailure, Registry};
 use crate::wire::{self, CallHead, ReplyHead, WireError};
 
@@ -21,14 +21,19 @@ pub(crate) struct CallContext {
     pub(crate) resources: Arc<super::Resources>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) max_payload_len: usize,
-    pub(crate) terminator: Arc<Terminator>,
     /// Where calls are served and jobs run: never the connection's thread, which they could
     /// starve.
     pub(crate) jobs: Handle,
 }
 
-/// Reads one request, runs its job, and writes the reply.
-pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut recv: RecvStream) {
+/// Reads one request, runs its job, and writes the reply. `busy` counts the call as work for
+/// the terminator while it is served; a blocking job takes it along, since it can outlive this.
+pub(crate) async fn serve_call(
+    cx: Arc<CallContext>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    busy: StreamGuard,
+) {
     let message = wire::read_message(&mut recv, wire::message_limit(cx.max_payload_len)).await;
     let (head, args) = match message.and_then(|m| parse_request(m, cx.max_payload_len)) {
         Ok(request) => request,
@@ -69,9 +74,8 @@ pub(crate) async fn serve_call(cx: Arc<CallContext>, mut send: SendStream, mut r
         };
         STATS.running();
         let deadline = (head.timeout_ms > 0).then(|| Duration::from_millis(head.timeout_ms));
-        // Also held by the job: the runner does not idle down or exit its drain while a job it
-        // gave up on still runs.
-        let busy = cx.terminator.hold();
+        // The permit and `busy` go with the job: the runner does not idle down or exit its
+        // drain while a job it gave up on still runs.
         if let Body::Stream(handler) = body {
             let _slot = (permit, busy);
             let ending = super::stream::serve(&handler, args, deadline, &mut send).await;
@@ -152,16 +156,18 @@ impl From<wire::Chunks> for Made {
 }
 
 /// The job, as a future that holds `slot` until the job really ends. An async job runs in
-/// this future, on the jobs' runtime, and is aborted when it is dropped; a blocking one runs on
-/// the blocking pool, and runs on to its end if this future is dropped. Either way its argument
-/// is decoded and its result encoded on the jobs' threads, never on the connection's.
+/// this future, in its call's task on the jobs' runtime, and is aborted when it is dropped; a
+/// blocking one runs on the blocking pool, and runs on to its end if this future is dropped.
+/// Either way its argument is decoded and its result encoded on the jobs' threads, never on
+/// the connection's.
 fn start_job<S: Send + 'static>(
     cx: &CallContext,
     body: Body,
     args: wire::Message,
     resource: u64,
     slot: S,
-) -> futures_util::future::BoxFuture<'static, JobOutput> {
+) -> impl std::future::Future<Output = JobOutput> + Send + 'static {
+    use futures_util::future::Either;
     if let Body::Blocking(handler) = body {
         let span = tracing::Span::current();
         let running = cx.jobs.spawn_blocking(move || {
@@ -169,7 +175,7 @@ fn start_job<S: Send + 'static>(
             let _entered = span.enter();
             std::panic::catch_unwind(AssertUnwindSafe(|| handler(args).map(Made::from)))
         });
-        return Box::pin(async move {
+        return Either::Left(async move {
             running.await.unwrap_or_else(|ended| {
                 Err(Box::new(format!("the job's thread ended: {ended}")) as Box<_>)
             })
@@ -204,7 +210,7 @@ fn start_job<S: Send + 'static>(
             Body::Blocking(_) | Body::Stream(_) => unreachable!("served elsewhere"),
         }
     };
-    Box::pin(AssertUnwindSafe(run).catch_unwind())
+    Either::Right(AssertUnwindSafe(run).catch_unwind())
 }
 
 /// Sends a new resource's id and keeps the resource only once the parent claims it. Until

@@ -266,7 +266,6 @@ async fn serve_in_span(
         registry,
         slots: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
-        terminator: Arc::clone(&terminator),
         jobs,
     });
     let idle = async {
@@ -293,13 +292,8 @@ async fn serve_in_span(
                     let guard = terminator.stream_started();
                     let served = Arc::clone(&cx);
                     // Served on the jobs' runtime: this thread only drives the connection.
-                    cx.jobs.spawn(
-                        async move {
-                            serve_call(served, send, recv).await;
-                            drop(guard);
-                        }
-                        .in_current_span(),
-                    );
+                    cx.jobs
+                        .spawn(serve_call(served, send, recv, guard).in_current_span());
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE => {
                     break ServeExit::Released;

@@ -329,8 +329,8 @@ pub(super) fn check_callable(shared: &Shared, name: &str) -> Result<(), CallErro
     Ok(())
 }
 
-/// [`encode`] for an argument under 64 KiB encoded; `None` for a larger one, of which at most
-/// 64 KiB was encoded here.
+/// [`encode`] for a call's argument under 64 KiB encoded; `None` for a larger one, of which at
+/// most 64 KiB was encoded here.
 fn encode_small<A: Payload>(
     shared: &Shared,
     name: &str,
@@ -338,19 +338,13 @@ fn encode_small<A: Payload>(
     trace_id: TraceId,
     args: &A,
 ) -> Result<Option<Request>, CallError> {
-    let limit = usize::try_from(shared.config.max_payload_len).unwrap_or(usize::MAX);
-    wire::encode_small_request(name, timeout_ms(timeout), trace_id.0, 0, args, limit).map_err(|e| {
-        CallError::Encode {
-            message: e.to_string(),
-        }
-    })
-}
-
-/// A call's execution deadline as the runner reads it: 0 for none, at least 1 ms otherwise.
-fn timeout_ms(timeout: Option<Duration>) -> u64 {
-    timeout.map_or(0, |t| {
-        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
-    })
+    let head = wire::CallHeadRef {
+        job: name,
+        timeout_ms: timeout_ms(timeout),
+        trace_id: trace_id.0,
+        resource: 0,
+    };
+    wire::encode_small_request(&head, args, payload_limit(shared)).map_err(encode_error)
 }
 
 /// Encodes a request for `name`, with its execution deadline for the runner. An argument
@@ -363,12 +357,26 @@ pub(super) fn encode<A: Payload>(
     resource: u64,
     args: &A,
 ) -> Result<Request, CallError> {
-    let limit = usize::try_from(shared.config.max_payload_len).unwrap_or(usize::MAX);
-    wire::encode_request(name, timeout_ms(timeout), trace_id.0, resource, args, limit).map_err(
-        |e| CallError::Encode {
-            message: e.to_string(),
-        },
-    )
+    let limit = payload_limit(shared);
+    wire::encode_request(name, timeout_ms(timeout), trace_id.0, resource, args, limit)
+        .map_err(encode_error)
+}
+
+/// A call's execution deadline as the runner reads it: 0 for none, at least 1 ms otherwise.
+fn timeout_ms(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
+fn payload_limit(shared: &Shared) -> usize {
+    usize::try_from(shared.config.max_payload_len).unwrap_or(usize::MAX)
+}
+
+fn encode_error(error: wire::WireError) -> CallError {
+    CallError::Encode {
+        message: error.to_string(),
+    }
 }
 
 /// Reads the reply to a request sent on `stream` to the runner `slot` reaches, reporting the
