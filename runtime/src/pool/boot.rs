@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
-use uuid::Uuid;
 
+use super::handle::{supervise, RunnerHandle};
 use super::hooks::{self, GrowEnd, GrowStart};
 use super::listener::Admitted;
-use super::runner::{self, RunnerHandle};
 use super::Shared;
 use crate::backend::{BootRequest, Machine};
 use crate::error::{BootError, RunnerId};
@@ -20,11 +20,10 @@ use crate::token::{BootToken, PARENT_ENV};
 /// the handshake, which the boot timeout already bounds.
 const CERT_MARGIN: Duration = Duration::from_secs(3600);
 
-/// Boots a runner in the background and supervises it once it is ready.
-pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
+/// Boots runner `id` in the background, as placement asked, and supervises it once it is
+/// ready. `cancel` stops the boot when no call needs it any more.
+pub(crate) fn spawn(shared: &Arc<Shared>, id: RunnerId, min: bool, cancel: CancellationToken) {
     let shared = Arc::clone(shared);
-    let id = RunnerId(Uuid::new_v4());
-    let cancel = shared.boot_started(id, min);
     let span = tracing::info_span!("runner", runner = %id, min);
     shared.tasks.clone().spawn(
         async move {
@@ -53,8 +52,8 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                         },
                     );
                     tracing::info!(machine = %handle.machine, "runner ready");
-                    if shared.runner_ready(Arc::clone(&handle), min) {
-                        runner::supervise(shared, handle, machine, control, closing).await;
+                    if shared.runner_ready(&handle) {
+                        supervise(shared, handle, machine, control, closing).await;
                     } else {
                         handle
                             .connection
@@ -79,7 +78,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, min: bool) {
                             outcome,
                         },
                     );
-                    shared.boot_failed(id, min, error);
+                    shared.boot_failed(id, error);
                 }
             }
         }
@@ -98,7 +97,7 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
         .issue_runner(id.0, config.boot_timeout + CERT_MARGIN)?;
     let mut admitted = shared.listener.expect(id, cert.cert.clone());
     // Resizes apply to runners booted from now on.
-    let capacity = shared.state.lock().limits.max_concurrency;
+    let capacity = shared.state.lock().scheduler.limits().max_concurrency;
     let token = BootToken::new(
         shared.parent_addrs.clone(),
         PARENT_SERVER_NAME.into(),

@@ -11,9 +11,9 @@ use tracing::Instrument as _;
 
 use tokio::time::Instant;
 
+use super::driver::Lease;
+use super::handle::{CallStream, RunnerHandle};
 use super::observe::CallOutcome;
-use super::placement::Lease;
-use super::runner::{CallStream, RunnerHandle};
 use super::Shared;
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
@@ -310,7 +310,7 @@ pub(super) async fn place<'a>(
             return Err(error);
         }
         // Before the lease goes: its release must not hand a waiter a slot on this runner.
-        shared.runner_dead(runner.id);
+        shared.drive(|state| state.scheduler.runner_dead(runner.id));
         tracing::debug!(job, runner = %runner.id, %error, "runner gone before the request left; placing the call again");
     }
 }
@@ -409,7 +409,7 @@ pub(super) async fn exchange<R: Payload>(
 pub(super) const OFFLOAD_DECODE_LEN: usize = 64 << 10;
 
 /// Decodes a call's result: a large one on the blocking pool.
-pub(super) async fn decode_reply<R: Payload>(reply: super::runner::Reply) -> Result<R, CallError> {
+pub(super) async fn decode_reply<R: Payload>(reply: super::handle::Reply) -> Result<R, CallError> {
     let offload = reply.len() >= OFFLOAD_DECODE_LEN;
     let decode = move || {
         reply.decode().map_err(|e| CallError::Decode {

@@ -3,6 +3,8 @@
 mod boot;
 mod builder;
 mod call;
+mod driver;
+mod handle;
 mod hooks;
 mod listener;
 mod map;
@@ -10,7 +12,6 @@ mod observe;
 mod placement;
 mod resize;
 mod resource;
-mod runner;
 mod stream;
 mod task;
 
@@ -37,8 +38,9 @@ use crate::registry::{Manifest, Registry};
 use crate::tls::{self, PoolCa};
 use crate::{transport, wire};
 use builder::PoolConfig;
+use driver::State;
 use listener::Listener;
-use placement::State;
+use placement::{Rules, Scheduler};
 
 /// A snapshot of a pool's runners and calls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -85,8 +87,8 @@ impl std::fmt::Debug for Pool {
         let state = shared.state.lock();
         f.debug_struct("Pool")
             .field("name", &shared.config.name)
-            .field("limits", &state.limits)
-            .field("stats", &state.stats())
+            .field("limits", &state.scheduler.limits())
+            .field("stats", &state.scheduler.stats())
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +117,8 @@ pub(crate) struct Shared {
     closed: std::sync::atomic::AtomicBool,
     /// This value's own `Arc`, for grants made where only `&self` is at hand.
     me: std::sync::Weak<Shared>,
+    /// The start of the pool's clock, which placement reads as time since then.
+    clock: tokio::time::Instant,
 }
 
 impl Pool {
@@ -154,6 +158,14 @@ impl Pool {
             backend.max_runners(),
         )?;
         let observer = observe::Observer::new(&config.name);
+        let rules = Rules {
+            placement: config.placement,
+            single_use: config.single_use,
+            prewarm_at: config.prewarm_at,
+            max_queued: config.max_queued,
+            boot_attempts: config.boot_attempts,
+            boot_retry_after: config.boot_retry_after,
+        };
         let shared = Arc::new_cyclic(|me| Shared {
             config,
             manifest,
@@ -161,7 +173,7 @@ impl Pool {
             ca,
             listener,
             parent_addrs,
-            state: Mutex::new(State::new(limits)),
+            state: Mutex::new(State::new(Scheduler::new(rules, limits))),
             tasks: TaskTracker::new(),
             closing,
             runner_counts: watch::channel(PoolStats::default()).0,
@@ -169,6 +181,7 @@ impl Pool {
             observer,
             closed: std::sync::atomic::AtomicBool::new(false),
             me: me.clone(),
+            clock: tokio::time::Instant::now(),
         });
         let pool = Pool {
             inner: Arc::new(PoolInner {
@@ -183,19 +196,19 @@ impl Pool {
     /// Boots the `min` runners and waits until they are ready, or one fails.
     async fn await_min(&self) -> Result<(), PoolError> {
         let shared = &self.inner.shared;
-        let min = shared.state.lock().limits.min;
+        let min = shared.state.lock().scheduler.limits().min;
         if min == 0 {
             return Ok(());
         }
         let mut counts = shared.runner_counts.subscribe();
-        shared.grow();
+        shared.drive(|state| state.scheduler.grow());
         // Never lock the state while borrowing the watch: `publish` takes them the other way.
         let failed = loop {
             let ready = counts.borrow_and_update().ready;
             if ready >= min {
                 return Ok(());
             }
-            if let Some(error) = shared.state.lock().last_boot_error() {
+            if let Some(error) = shared.state.lock().scheduler.last_boot_error() {
                 break error;
             }
             if counts.changed().await.is_err() {
@@ -309,7 +322,7 @@ impl Pool {
     /// The pool's runners and calls now.
     #[must_use]
     pub fn stats(&self) -> PoolStats {
-        self.inner.shared.state.lock().stats()
+        self.inner.shared.state.lock().scheduler.stats()
     }
 
     /// A receiver that sees the runner counts of [`PoolStats`] change: runners booting, ready
@@ -326,15 +339,7 @@ impl Pool {
         let drained = shared.calls_drained.notified();
         tokio::pin!(drained);
         drained.as_mut().enable();
-        let busy = {
-            let mut state = shared.state.lock();
-            state.closed = true;
-            shared
-                .closed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            state.fail_waiters(&CallError::Closed);
-            state.calls_running()
-        };
+        let busy = shared.close();
         if busy
             && tokio::time::timeout(shared.config.drain_grace, drained)
                 .await
@@ -352,18 +357,20 @@ impl Pool {
 
 impl Drop for PoolInner {
     fn drop(&mut self) {
-        let mut state = self.shared.state.lock();
-        state.closed = true;
-        self.shared
-            .closed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        state.fail_waiters(&CallError::Closed);
+        self.shared.close();
         // Releasing the runners now lets them exit cleanly; the tasks then terminate the
         // machines. If the runtime is going away too, dropping the machines kills them.
-        for handle in state.handles() {
+        let handles: Vec<_> = self
+            .shared
+            .state
+            .lock()
+            .scheduler
+            .handles()
+            .cloned()
+            .collect();
+        for handle in handles {
             handle.connection.close(wire::close::DONE, b"pool dropped");
         }
-        drop(state);
         self.closing.send_replace(true);
     }
 }

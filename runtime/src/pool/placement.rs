@@ -1,584 +1,759 @@
-//! Placement: which runner serves a call, who waits, and when the pool grows.
+//! Placement: which runner serves a call, who waits, and when the pool grows or shrinks.
 //!
-//! All decisions happen under one short `parking_lot` lock on [`State`]. A call takes a
-//! [`Lease`] on a runner slot; dropping the lease frees the slot and hands it straight to the
-//! oldest waiting caller.
+//! A pure state machine, after quinn's split of `quinn-proto` and `quinn`. [`Scheduler`] holds
+//! the runners by id, the waiting callers, the limits and the boots under way. Events go in as
+//! method calls: a call arrives, a slot is freed, a runner is up, draining, dead or gone, a boot
+//! failed, the limits change, time passes (the time is passed in). What must happen comes out as
+//! [`Action`]s: grant a slot, fail a waiter, boot, cancel a boot, release a runner, wake me
+//! later. The pool's driver (`driver.rs`) applies them after it lets go of the lock.
+//!
+//! Nothing in here touches QUIC, a lock, a clock or a backend, so the unit and property tests at
+//! the bottom drive it directly, and `benches/placement.rs` measures it alone.
+//!
+//! Every decision is O(log runners) or better: the runners that can take a call are kept in a
+//! set ordered by the placement policy, and every count [`PoolStats`] reports is kept as it
+//! changes, so that neither a grant nor `stats()` walks the runners or the waiters.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::builder::Placement;
 use super::resize::Limits;
-use super::runner::RunnerHandle;
-use super::{PoolStats, Shared};
+use super::PoolStats;
 use crate::error::{BootError, CallError, RunnerId};
 
-/// A waiting caller. It is sent a grant of the slot it now holds.
-type Waiter = oneshot::Sender<Result<Grant, CallError>>;
+/// How long after a failed boot the next one starts, at most: the delay doubles with each
+/// failure in a row, up to 2^`MAX_BACKOFF_DOUBLINGS` times the pool's `boot_retry_after`.
+const MAX_BACKOFF_DOUBLINGS: u32 = 5;
 
-/// A slot handed to a waiting caller. If the caller is gone before it takes the grant (its
-/// future dropped with the grant still in the channel), dropping the grant gives the slot back.
-pub(crate) struct Grant {
-    shared: Arc<Shared>,
-    runner: Option<Arc<RunnerHandle>>,
+/// A waiting caller, as the scheduler sees it: it may have given up.
+pub trait Waiter {
+    /// Whether the caller is gone, so that a grant would be wasted on it.
+    fn is_gone(&self) -> bool;
 }
 
-impl Drop for Grant {
-    fn drop(&mut self) {
-        if let Some(runner) = self.runner.take() {
-            self.shared.release(runner.id);
-        }
-    }
+/// A waiting caller's place in the queue, to leave it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WaiterId(u64);
+
+/// The pool settings placement follows, fixed when the pool is built.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Which runner a call goes to.
+    pub placement: Placement,
+    /// Each runner serves one call, then drains.
+    pub single_use: bool,
+    /// Boot a spare runner when this share of the slots is taken.
+    pub prewarm_at: Option<f64>,
+    /// Refuse a call when this many wait.
+    pub max_queued: Option<usize>,
+    /// Failed boots in a row, with nothing running, after which the waiting callers fail.
+    pub boot_attempts: u32,
+    /// The delay before a failed boot is retried, doubled with each failure in a row.
+    pub boot_retry_after: Duration,
 }
 
-/// A ready runner and its parent-side accounting.
-pub(crate) struct Slot {
-    pub(crate) handle: Arc<RunnerHandle>,
+/// What the driver must do, in order.
+#[derive(Debug)]
+pub enum Action<W, H> {
+    /// Hand `waiter` the slot on `runner` that is now taken for it. If the waiter is gone by
+    /// then, give the slot back with [`Scheduler::grant_returned`].
+    Grant {
+        /// The caller.
+        waiter: W,
+        /// Its runner.
+        runner: H,
+    },
+    /// Fail a waiting caller.
+    Fail {
+        /// The caller.
+        waiter: W,
+        /// Why.
+        error: CallError,
+    },
+    /// Boot a runner with this id; report the outcome with [`Scheduler::runner_up`] or
+    /// [`Scheduler::boot_failed`].
+    Boot {
+        /// The runner to be.
+        runner: RunnerId,
+        /// Whether it is one of the pool's `min` runners.
+        min: bool,
+    },
+    /// Cancel this boot: no caller needs it any more. Its end is still reported as a
+    /// [`BootError::NotNeeded`] failure.
+    CancelBoot(RunnerId),
+    /// Release this runner: it takes no more calls and has none running.
+    Release {
+        /// The runner.
+        runner: H,
+        /// Why, for its log line.
+        reason: &'static str,
+    },
+    /// Call [`Scheduler::tick`] once the pool's clock reads this.
+    WakeAt(Duration),
+    /// The pool is closed and no call runs any more.
+    CallsDrained,
+}
+
+/// What became of a call that arrived.
+#[derive(Debug)]
+pub enum Arrival<H> {
+    /// A slot on this runner is taken for it.
+    Granted(H),
+    /// It waits, with this place in the queue.
+    Queued(WaiterId),
+    /// It is refused.
+    Refused(CallError),
+}
+
+/// A ready runner and its accounting.
+#[derive(Debug)]
+struct Slot<H> {
+    handle: H,
+    /// Its place in the order runners came up in: ties go to the oldest.
+    seq: u64,
+    /// The calls it was booted to run at once.
+    capacity: u32,
     in_flight: u32,
-    draining: bool,
-    /// Why it drains, given when it is released.
-    release_reason: &'static str,
     /// Slots held by resource handles: taken, but no call to wait for at shutdown.
     pinned: u32,
     min: bool,
-    /// Its connection or process is gone: no call may be placed on it, and nothing released.
+    /// It takes no more calls.
+    draining: bool,
+    /// Why it drains, given when it is released.
+    release_reason: &'static str,
+    /// Its connection or process is gone: nothing may be placed on it, or released.
     dead: bool,
+    /// A release was asked for already.
+    released: bool,
 }
 
-/// The pool's mutable state.
-pub(crate) struct State {
-    pub(crate) limits: Limits,
-    runners: Vec<Slot>,
-    booting: usize,
+/// What a slot adds to the pool's counts, so that a change is a subtraction and an addition.
+#[derive(Clone, Copy, Default)]
+struct Share {
+    live: usize,
+    live_min: usize,
+    in_flight: usize,
+    in_flight_live: usize,
+    pinned: usize,
+}
+
+/// A boot under way.
+#[derive(Debug, Clone, Copy)]
+struct Booting {
+    min: bool,
+    /// Its place among the boots for demand, newest last; `None` for `min` and cancelled ones.
+    demand: Option<u64>,
+}
+
+/// The pool's placement state. See the [module docs](self).
+#[derive(Debug)]
+pub struct Scheduler<W, H> {
+    rules: Rules,
+    limits: Limits,
+    runners: HashMap<RunnerId, Slot<H>>,
+    /// The runners that can take a call now, best first by [`Scheduler::rank`].
+    free: BTreeSet<(u32, u64, RunnerId)>,
+    next_seq: u64,
+    booting: HashMap<RunnerId, Booting>,
     booting_min: usize,
-    waiters: VecDeque<Waiter>,
-    pub(crate) closed: bool,
+    /// Boots for demand that may still be cancelled, oldest first.
+    demand_boots: BTreeMap<u64, RunnerId>,
+    waiters: VecDeque<(WaiterId, W)>,
+    next_waiter: u64,
+    live: usize,
+    live_min: usize,
+    in_flight: usize,
+    in_flight_live: usize,
+    pinned: usize,
+    closed: bool,
     boot_failures: u32,
     last_boot_error: Option<Arc<BootError>>,
-    retry_scheduled: bool,
-    /// Boots under way that are not for `min`, oldest first, with what cancels each.
-    demand_boots: Vec<(RunnerId, CancellationToken)>,
+    /// When the retry of a failed boot is due, on the pool's clock.
+    retry_at: Option<Duration>,
+    actions: Vec<Action<W, H>>,
 }
 
-impl State {
-    pub(crate) fn new(limits: Limits) -> Self {
+impl<W: Waiter, H: Clone> Scheduler<W, H> {
+    /// An empty pool with these rules and limits. Nothing boots until the first event.
+    pub fn new(rules: Rules, limits: Limits) -> Self {
         Self {
+            rules,
             limits,
-            runners: Vec::new(),
-            booting: 0,
+            runners: HashMap::new(),
+            free: BTreeSet::new(),
+            next_seq: 0,
+            booting: HashMap::new(),
             booting_min: 0,
+            demand_boots: BTreeMap::new(),
             waiters: VecDeque::new(),
+            next_waiter: 0,
+            live: 0,
+            live_min: 0,
+            in_flight: 0,
+            in_flight_live: 0,
+            pinned: 0,
             closed: false,
             boot_failures: 0,
             last_boot_error: None,
-            retry_scheduled: false,
-            demand_boots: Vec::new(),
+            retry_at: None,
+            actions: Vec::new(),
         }
     }
 
-    pub(crate) fn stats(&self) -> PoolStats {
+    // ---- queries ----
+
+    /// The pool's runners and calls now.
+    pub fn stats(&self) -> PoolStats {
         PoolStats {
-            ready: self.runners.iter().filter(|s| !s.draining).count(),
-            booting: self.booting,
-            draining: self.runners.iter().filter(|s| s.draining).count(),
-            in_flight: self.runners.iter().map(|s| s.in_flight as usize).sum(),
-            queued: self.waiters.iter().filter(|w| !w.is_closed()).count(),
+            ready: self.live,
+            booting: self.booting.len(),
+            draining: self.runners.len() - self.live,
+            in_flight: self.in_flight,
+            queued: self.waiters.len(),
         }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Whether any call runs: a slot a resource handle holds is not a call.
-    pub(crate) fn calls_running(&self) -> bool {
-        self.runners.iter().any(|s| s.in_flight > s.pinned)
+    pub fn calls_running(&self) -> bool {
+        self.in_flight > self.pinned
     }
 
-    /// Counts a taken slot on `runner` as held by a resource handle, or no longer.
-    pub(crate) fn pin(&mut self, runner: RunnerId, pinned: bool) {
-        if let Some(slot) = self.runners.iter_mut().find(|s| s.handle.id == runner) {
-            if pinned {
-                slot.pinned += 1;
-            } else {
-                slot.pinned = slot.pinned.saturating_sub(1);
-            }
-        }
-    }
-
-    pub(crate) fn handles(&self) -> Vec<Arc<RunnerHandle>> {
-        self.runners.iter().map(|s| Arc::clone(&s.handle)).collect()
-    }
-
-    pub(crate) fn last_boot_error(&self) -> Option<Arc<BootError>> {
+    /// The last boot failure, until a runner comes up.
+    pub fn last_boot_error(&self) -> Option<Arc<BootError>> {
         self.last_boot_error.clone()
     }
 
-    /// Fails every waiting caller with `error`.
-    pub(crate) fn fail_waiters(&mut self, error: &CallError) {
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(Err(error.clone()));
+    /// Every runner's handle, draining and dead ones included.
+    pub fn handles(&self) -> impl Iterator<Item = &H> {
+        self.runners.values().map(|slot| &slot.handle)
+    }
+
+    /// What a caller that waited `waited` in vain is told: the boot failure, when nothing ever
+    /// came up, or that it timed out.
+    pub fn queue_timeout_error(&self, waited: Duration) -> CallError {
+        match &self.last_boot_error {
+            Some(error) if self.runners.is_empty() => CallError::BootFailed(Arc::clone(error)),
+            _ => CallError::QueueTimeout { waited },
         }
     }
-}
 
-/// One call's claim on one runner slot. Dropping it frees the slot. `S` is how it reaches the
-/// pool: borrowed for a call, owned (an `Arc`) for a stream that outlives its creator's borrow.
-pub(crate) struct Lease<S: std::ops::Deref<Target = Shared> = &'static Shared> {
-    shared: S,
-    runner: Arc<RunnerHandle>,
-}
-
-impl<S: std::ops::Deref<Target = Shared>> Lease<S> {
-    pub(crate) fn runner(&self) -> &Arc<RunnerHandle> {
-        &self.runner
+    /// Moves the actions the last events produced into `into`.
+    pub fn drain_actions<E: Extend<Action<W, H>>>(&mut self, into: &mut E) {
+        into.extend(self.actions.drain(..));
     }
-}
 
-impl<S: std::ops::Deref<Target = Shared>> std::borrow::Borrow<RunnerHandle> for Lease<S> {
-    fn borrow(&self) -> &RunnerHandle {
-        &self.runner
-    }
-}
+    // ---- events ----
 
-impl Lease<&Shared> {
-    /// The same claim, holding the pool by `Arc`.
-    pub(crate) fn into_owned(self, shared: Arc<Shared>) -> Lease<Arc<Shared>> {
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again: its runner is moved out exactly once.
-        let runner = unsafe { std::ptr::read(&this.runner) };
-        Lease { shared, runner }
-    }
-}
-
-impl<S: std::ops::Deref<Target = Shared>> Drop for Lease<S> {
-    fn drop(&mut self) {
-        self.shared.release(self.runner.id);
-    }
-}
-
-impl Shared {
-    /// Takes a slot on the least-loaded runner, waiting in FIFO order for at most `queue_timeout`.
-    pub(crate) async fn acquire(
-        self: &Arc<Self>,
-        job: &'static str,
-        queue_timeout: Duration,
-    ) -> Result<Lease<&Self>, CallError> {
-        let queued = {
-            let mut state = self.state.lock();
-            if state.closed {
-                return Err(CallError::Closed);
+    /// A call arrives. It takes a slot at once when nobody waits and one is free; otherwise it
+    /// waits as `waiter()` (boots may follow), or is refused.
+    pub fn call_arrived(&mut self, waiter: impl FnOnce() -> W) -> Arrival<H> {
+        if self.closed {
+            return Arrival::Refused(CallError::Closed);
+        }
+        while self.waiters.front().is_some_and(|(_, w)| w.is_gone()) {
+            self.waiters.pop_front();
+        }
+        // Only when nobody waits: a free slot goes to the oldest caller first.
+        if self.waiters.is_empty() {
+            if let Some(runner) = self.take_best() {
+                if self.rules.prewarm_at.is_some() {
+                    self.plan_boots();
+                }
+                return Arrival::Granted(runner);
             }
-            while state.waiters.front().is_some_and(|w| w.is_closed()) {
-                state.waiters.pop_front();
-            }
-            // Only when nobody waits: a free slot goes to the oldest caller first.
-            if state.waiters.is_empty() {
-                if let Some(runner) = self.take_slot(&mut state) {
-                    if self.config.prewarm_at.is_some() {
-                        let boots = self.plan_boots(&mut state);
-                        drop(state);
-                        self.start_boots(boots);
-                    }
-                    return Ok(Lease {
-                        shared: &**self,
-                        runner,
+        }
+        if let Some(max) = self.rules.max_queued {
+            if self.waiters.len() >= max {
+                // Callers who gave up may still hold places; count only the living.
+                self.waiters.retain(|(_, w)| !w.is_gone());
+                if self.waiters.len() >= max {
+                    return Arrival::Refused(CallError::Overloaded {
+                        queued: self.waiters.len(),
                     });
                 }
             }
-            if let Some(max) = self.config.max_queued {
-                if state.waiters.len() >= max {
-                    // Callers who gave up may still hold places; count only the living.
-                    state.waiters.retain(|w| !w.is_closed());
-                    if state.waiters.len() >= max {
-                        return Err(CallError::Overloaded {
-                            queued: state.waiters.len(),
-                        });
-                    }
-                }
+        }
+        let id = WaiterId(self.next_waiter);
+        self.next_waiter += 1;
+        self.waiters.push_back((id, waiter()));
+        self.plan_boots();
+        Arrival::Queued(id)
+    }
+
+    /// A waiting caller gave up (timed out, or was dropped). A no-op if it was served already.
+    pub fn waiter_left(&mut self, id: WaiterId) {
+        // Places are handed out in increasing order, so the queue is sorted by them.
+        if let Ok(at) = self.waiters.binary_search_by_key(&id, |(w, _)| *w) {
+            self.waiters.remove(at);
+        }
+    }
+
+    /// A call on `runner` ended: its slot goes to the oldest waiting caller, and a draining
+    /// runner with no call left is released.
+    pub fn slot_freed(&mut self, runner: RunnerId) {
+        self.update(runner, |slot| {
+            slot.in_flight = slot.in_flight.saturating_sub(1)
+        });
+        self.release_if_drained(runner);
+        self.dispatch();
+        if self.closed && !self.calls_running() {
+            self.actions.push(Action::CallsDrained);
+        }
+    }
+
+    /// A [`Action::Grant`] found its waiter gone: the slot is free again, and a single-use
+    /// runner that served nothing may serve the next caller.
+    pub fn grant_returned(&mut self, runner: RunnerId) {
+        let single_use = self.rules.single_use;
+        self.update(runner, |slot| {
+            if single_use && !slot.dead {
+                slot.draining = false;
             }
-            let (waiter, queued) = oneshot::channel();
-            state.waiters.push_back(waiter);
-            self.observer.queue_length(state.waiters.len());
-            let boots = self.plan_boots(&mut state);
-            drop(state);
-            self.observer.emit(|| super::PoolEvent::CallQueued { job });
-            self.start_boots(boots);
-            queued
+        });
+        self.slot_freed(runner);
+    }
+
+    /// Counts a taken slot on `runner` as held by a resource handle, or no longer.
+    pub fn pin(&mut self, runner: RunnerId, pinned: bool) {
+        self.update(runner, |slot| {
+            slot.pinned = if pinned {
+                slot.pinned + 1
+            } else {
+                slot.pinned.saturating_sub(1)
+            };
+        });
+    }
+
+    /// A booted runner is ready, able to run `capacity` calls at once. Returns `false` when the
+    /// pool closed meanwhile: the driver then lets the runner go.
+    pub fn runner_up(&mut self, runner: RunnerId, handle: H, capacity: u32) -> bool {
+        let min = self.boot_ended(runner).is_some_and(|boot| boot.min);
+        if self.closed {
+            return false;
+        }
+        self.boot_failures = 0;
+        self.last_boot_error = None;
+        let slot = Slot {
+            handle,
+            seq: self.next_seq,
+            capacity,
+            in_flight: 0,
+            pinned: 0,
+            min,
+            draining: false,
+            release_reason: "drained",
+            dead: false,
+            released: false,
         };
-        // Bound first, so that the receiver is dropped (and the waiter seen as gone) before the
-        // state is locked below.
-        let outcome = tokio::time::timeout(queue_timeout, queued).await;
-        match outcome {
-            Ok(Ok(granted)) => granted.map(|mut grant| Lease {
-                shared: &**self,
-                runner: grant
-                    .runner
-                    .take()
-                    .expect("a grant holds its runner until taken"),
-            }),
-            Ok(Err(_)) => Err(CallError::Closed),
-            Err(_) => {
-                let state = self.state.lock();
-                let booted_nothing = state.runners.is_empty();
-                match &state.last_boot_error {
-                    Some(error) if booted_nothing => Err(CallError::BootFailed(Arc::clone(error))),
-                    _ => Err(CallError::QueueTimeout {
-                        waited: queue_timeout,
-                    }),
+        self.next_seq += 1;
+        self.add_share(self.share(&slot));
+        if let Some(key) = self.free_key(runner, &slot) {
+            self.free.insert(key);
+        }
+        self.runners.insert(runner, slot);
+        // The limits may have been lowered while it booted.
+        self.trim();
+        self.dispatch();
+        // A boot works again: what an earlier failure left unmet (a `min` runner) boots now.
+        self.plan_boots();
+        true
+    }
+
+    /// A boot failed, at `now` on the pool's clock. It is retried after a delay that doubles
+    /// with each failure in a row, while callers wait or `min` is unmet. After `boot_attempts`
+    /// failures with nothing running, the waiting callers fail instead of waiting out their
+    /// timeout. A permanent failure (a refused config or token) fails them at once and is not
+    /// retried: only new demand boots again.
+    pub fn boot_failed(&mut self, runner: RunnerId, error: Arc<BootError>, now: Duration) {
+        self.boot_ended(runner);
+        if matches!(*error, BootError::NotNeeded) {
+            // Not a failure: nobody to tell. Demand that arrived since may need a boot.
+            self.plan_boots();
+            return;
+        }
+        self.boot_failures = self.boot_failures.saturating_add(1);
+        self.last_boot_error = Some(Arc::clone(&error));
+        let permanent = error.is_permanent();
+        let given_up = self.boot_failures >= self.rules.boot_attempts || permanent;
+        if given_up && self.runners.is_empty() && self.booting.is_empty() {
+            let failed = CallError::BootFailed(Arc::clone(&error));
+            for (_, waiter) in self.waiters.drain(..) {
+                self.actions.push(Action::Fail {
+                    waiter,
+                    error: failed.clone(),
+                });
+            }
+        }
+        if permanent || self.closed || self.retry_at.is_some() {
+            return;
+        }
+        let doublings = (self.boot_failures - 1).min(MAX_BACKOFF_DOUBLINGS);
+        let delay = self.rules.boot_retry_after.saturating_mul(1 << doublings);
+        let at = now.saturating_add(delay);
+        self.retry_at = Some(at);
+        self.actions.push(Action::WakeAt(at));
+    }
+
+    /// Time passed: `now` on the pool's clock. A boot retry that is due starts.
+    pub fn tick(&mut self, now: Duration) {
+        if self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+            self.plan_boots();
+        }
+    }
+
+    /// Boots what `min` and the waiting callers need now: at build, and after a retry.
+    pub fn grow(&mut self) {
+        self.plan_boots();
+    }
+
+    /// The runner said it drains: nothing more is placed on it.
+    pub fn runner_draining(&mut self, runner: RunnerId) {
+        self.update(runner, |slot| slot.draining = true);
+        self.release_if_drained(runner);
+    }
+
+    /// The runner's connection or process is gone: from now on nothing is placed on it, and the
+    /// slots its failing calls free go to other runners. The driver reports this before it
+    /// fails its calls, so that none of their ends can hand a waiter a slot on it.
+    pub fn runner_dead(&mut self, runner: RunnerId) {
+        self.update(runner, |slot| {
+            slot.dead = true;
+            slot.draining = true;
+        });
+    }
+
+    /// The runner is gone for good: it is forgotten, and replacements that `min` or the waiting
+    /// callers need are booted.
+    pub fn runner_gone(&mut self, runner: RunnerId) {
+        if let Some(slot) = self.runners.remove(&runner) {
+            if let Some(key) = self.free_key(runner, &slot) {
+                self.free.remove(&key);
+            }
+            self.sub_share(self.share(&slot));
+        }
+        if self.closed && !self.calls_running() {
+            self.actions.push(Action::CallsDrained);
+        }
+        self.plan_boots();
+    }
+
+    /// New limits. Shrinking drains runners, least busy first; growing boots what is needed. A
+    /// lower `max_concurrency` applies to every runner at once.
+    pub fn resize(&mut self, limits: Limits) {
+        let concurrency_changed = limits.max_concurrency != self.limits.max_concurrency;
+        self.limits = limits;
+        if concurrency_changed {
+            self.free.clear();
+            for (id, slot) in &self.runners {
+                if let Some(key) = self.free_key(*id, slot) {
+                    self.free.insert(key);
                 }
             }
         }
+        self.trim();
+        self.dispatch();
+        self.plan_boots();
     }
 
-    /// Takes a slot on a runner that has one free, chosen by the placement policy. Ties go to
-    /// the oldest runner.
-    fn take_slot(&self, state: &mut State) -> Option<Arc<RunnerHandle>> {
-        let max = state.limits.max_concurrency;
-        let free = state
-            .runners
-            .iter_mut()
-            .filter(|s| !s.draining && s.in_flight < s.handle.capacity.min(max));
-        let slot = match self.config.placement {
-            Placement::Spread => free.min_by_key(|s| s.in_flight),
-            // `max_by_key` keeps the last of equals; the fold keeps the first.
-            Placement::Pack => free.fold(None::<&mut Slot>, |best, s| match best {
-                Some(b) if b.in_flight >= s.in_flight => Some(b),
-                _ => Some(s),
-            }),
-        }?;
-        slot.in_flight += 1;
-        if self.config.single_use {
-            slot.draining = true;
+    /// The pool closes: every waiting caller fails, and nothing boots any more. Returns whether
+    /// calls still run; [`Action::CallsDrained`] follows when the last one ends.
+    pub fn close(&mut self) -> bool {
+        self.closed = true;
+        self.retry_at = None;
+        for (_, waiter) in self.waiters.drain(..) {
+            self.actions.push(Action::Fail {
+                waiter,
+                error: CallError::Closed,
+            });
         }
-        Some(Arc::clone(&slot.handle))
+        self.calls_running()
     }
 
-    /// A boot task started: returns what cancels it, when it is for demand, not `min`.
-    pub(crate) fn boot_started(&self, runner: RunnerId, min: bool) -> CancellationToken {
-        let cancel = CancellationToken::new();
-        if !min {
-            let mut state = self.state.lock();
-            state.demand_boots.push((runner, cancel.clone()));
+    // ---- internals ----
+
+    /// Where a slot ranks among the free ones: Spread prefers the least loaded runner, Pack the
+    /// most loaded one that still has room. Ties go to the oldest runner (lowest `seq`).
+    fn rank(&self, in_flight: u32) -> u32 {
+        match self.rules.placement {
+            Placement::Spread => in_flight,
+            Placement::Pack => u32::MAX - in_flight,
         }
-        cancel
+    }
+
+    /// The slot's key in `free`, if it can take a call.
+    fn free_key(&self, id: RunnerId, slot: &Slot<H>) -> Option<(u32, u64, RunnerId)> {
+        let room = slot.capacity.min(self.limits.max_concurrency);
+        (!slot.draining && slot.in_flight < room).then(|| (self.rank(slot.in_flight), slot.seq, id))
+    }
+
+    fn share(&self, slot: &Slot<H>) -> Share {
+        let live = !slot.draining;
+        Share {
+            live: usize::from(live),
+            live_min: usize::from(live && slot.min),
+            in_flight: slot.in_flight as usize,
+            in_flight_live: if live { slot.in_flight as usize } else { 0 },
+            pinned: slot.pinned as usize,
+        }
+    }
+
+    fn add_share(&mut self, share: Share) {
+        self.live += share.live;
+        self.live_min += share.live_min;
+        self.in_flight += share.in_flight;
+        self.in_flight_live += share.in_flight_live;
+        self.pinned += share.pinned;
+    }
+
+    fn sub_share(&mut self, share: Share) {
+        self.live -= share.live;
+        self.live_min -= share.live_min;
+        self.in_flight -= share.in_flight;
+        self.in_flight_live -= share.in_flight_live;
+        self.pinned -= share.pinned;
+    }
+
+    /// Changes one runner's slot, keeping `free` and the counts in step. A no-op for a runner
+    /// that is gone.
+    fn update(&mut self, id: RunnerId, change: impl FnOnce(&mut Slot<H>)) {
+        let Some(slot) = self.runners.get(&id) else {
+            return;
+        };
+        let (before, key) = (self.share(slot), self.free_key(id, slot));
+        if let Some(key) = key {
+            self.free.remove(&key);
+        }
+        let slot = self.runners.get_mut(&id).expect("looked up above");
+        change(slot);
+        let slot = &self.runners[&id];
+        let (after, key) = (self.share(slot), self.free_key(id, slot));
+        if let Some(key) = key {
+            self.free.insert(key);
+        }
+        self.sub_share(before);
+        self.add_share(after);
+    }
+
+    /// Takes a slot on the best free runner, if any.
+    fn take_best(&mut self) -> Option<H> {
+        let &(_, _, id) = self.free.first()?;
+        let single_use = self.rules.single_use;
+        self.update(id, |slot| {
+            slot.in_flight += 1;
+            if single_use {
+                slot.draining = true;
+            }
+        });
+        Some(self.runners[&id].handle.clone())
+    }
+
+    /// Releases `runner` if it drains and has no call left.
+    fn release_if_drained(&mut self, runner: RunnerId) {
+        let Some(slot) = self.runners.get_mut(&runner) else {
+            return;
+        };
+        if slot.draining && slot.in_flight == 0 && !slot.dead && !slot.released {
+            slot.released = true;
+            self.actions.push(Action::Release {
+                runner: slot.handle.clone(),
+                reason: slot.release_reason,
+            });
+        }
+    }
+
+    /// Hands free slots to waiting callers, oldest first, then cancels boots nobody needs.
+    fn dispatch(&mut self) {
+        while let Some((_, waiter)) = self.waiters.front() {
+            if waiter.is_gone() {
+                self.waiters.pop_front();
+                continue;
+            }
+            let Some(runner) = self.take_best() else {
+                break;
+            };
+            let (_, waiter) = self.waiters.pop_front().expect("looked at above");
+            self.actions.push(Action::Grant { waiter, runner });
+        }
+        self.cancel_unneeded_boots();
     }
 
     /// Cancels the newest boots for demand beyond what the waiting callers still need: their
     /// calls were served by runners that freed up, so the boots would only make runners that
     /// serve nothing (and, on Fly, bill for it until they idle down). `min` boots stay.
-    fn cancel_unneeded_boots(&self, state: &mut State) {
-        let demand_booting = state.booting - state.booting_min;
-        if demand_booting == 0 || state.closed {
+    fn cancel_unneeded_boots(&mut self) {
+        if self.demand_boots.is_empty() || self.closed {
             return;
         }
-        let per_runner = state.limits.max_concurrency as usize;
+        let per_runner = self.limits.max_concurrency as usize;
         // Callers who gave up may still be counted: that can only keep a boot, never cancel one
         // that is needed. A pool that pre-warms keeps one boot for the spare.
-        let mut wanted = state.waiters.len().div_ceil(per_runner);
-        if self.config.prewarm_at.is_some() {
+        let mut wanted = self.waiters.len().div_ceil(per_runner);
+        if self.rules.prewarm_at.is_some() {
             wanted = wanted.max(1);
         }
-        for _ in 0..demand_booting.saturating_sub(wanted) {
-            let Some((runner, cancel)) = state.demand_boots.pop() else {
-                break;
-            };
-            tracing::info!(%runner, "cancelling a boot no call needs any more");
-            cancel.cancel();
+        while self.demand_boots.len() > wanted {
+            let (_, runner) = self.demand_boots.pop_last().expect("not empty");
+            if let Some(boot) = self.booting.get_mut(&runner) {
+                boot.demand = None;
+            }
+            self.actions.push(Action::CancelBoot(runner));
         }
     }
 
-    /// Hands free slots to waiting callers, oldest first.
-    fn dispatch(&self, state: &mut State) {
-        if state.waiters.is_empty() {
-            self.cancel_unneeded_boots(state);
+    /// Forgets a boot that ended, either way.
+    fn boot_ended(&mut self, runner: RunnerId) -> Option<Booting> {
+        let boot = self.booting.remove(&runner)?;
+        if boot.min {
+            self.booting_min -= 1;
+        }
+        if let Some(order) = boot.demand {
+            self.demand_boots.remove(&order);
+        }
+        Some(boot)
+    }
+
+    /// Boots what `min`, the waiting callers and pre-warming need, within `max`.
+    fn plan_boots(&mut self) {
+        if self.closed {
             return;
         }
-        // Only while the pool is being dropped can this fail; nobody is left to serve then.
-        let Some(shared) = self.me.upgrade() else {
-            return;
-        };
-        while let Some(waiter) = state.waiters.pop_front() {
-            if waiter.is_closed() {
-                continue;
-            }
-            let Some(runner) = self.take_slot(state) else {
-                state.waiters.push_front(waiter);
-                break;
-            };
-            self.observer.queue_length(state.waiters.len());
-            let grant = Grant {
-                shared: Arc::clone(&shared),
-                runner: Some(runner),
-            };
-            if let Err(Ok(mut grant)) = waiter.send(Ok(grant)) {
-                // The caller left between the check and the send. Undo here: dropping an armed
-                // grant would take the lock this function runs under.
-                let runner = grant.runner.take().expect("not yet taken");
-                if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner.id) {
-                    slot.in_flight -= 1;
-                    if self.config.single_use && !slot.dead {
-                        slot.draining = false;
-                    }
-                }
-            }
-        }
-        self.cancel_unneeded_boots(state);
-    }
-
-    fn release(&self, runner: RunnerId) {
-        let mut state = self.state.lock();
-        self.free_slot(&mut state, runner);
-        self.dispatch(&mut state);
-        if state.closed && !state.calls_running() {
-            self.calls_drained.notify_waiters();
-        }
-    }
-
-    fn free_slot(&self, state: &mut State, runner: RunnerId) {
-        let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) else {
-            return;
-        };
-        slot.in_flight -= 1;
-        if slot.draining && slot.in_flight == 0 && !slot.dead {
-            slot.handle.release(slot.release_reason);
-        }
-    }
-
-    /// The runner's connection or process is gone: from now on no call is placed on it, and
-    /// the slots its failing calls free go to other runners. Called before its calls are
-    /// failed, so that none of those releases can hand a waiter a slot on it.
-    pub(crate) fn runner_dead(&self, runner: RunnerId) {
-        let mut state = self.state.lock();
-        if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) {
-            if !slot.dead {
-                slot.dead = true;
-                slot.draining = true;
-                self.publish(&state);
-            }
-        }
-    }
-
-    /// The runner announced that it is draining: place nothing more on it.
-    pub(crate) fn runner_draining(&self, runner: RunnerId) {
-        let mut state = self.state.lock();
-        if let Some(slot) = state.runners.iter_mut().find(|s| s.handle.id == runner) {
-            slot.draining = true;
-            if slot.in_flight == 0 && !slot.dead {
-                slot.handle.release("drained");
-            }
-        }
-        self.publish(&state);
-    }
-
-    /// How many runners to boot now, and which of them are `min` runners. Counts them as booting.
-    fn plan_boots(&self, state: &mut State) -> Vec<bool> {
-        if state.closed {
-            return Vec::new();
-        }
-        let config = &self.config;
-        let limits = state.limits;
+        let limits = self.limits;
         let per_runner = limits.max_concurrency as usize;
-        let min_up = state
-            .runners
-            .iter()
-            .filter(|s| s.min && !s.draining)
-            .count();
-        let min_missing = limits.min.saturating_sub(min_up + state.booting_min);
+        let min_missing = limits.min.saturating_sub(self.live_min + self.booting_min);
         // Callers who gave up may still be counted until dispatch reaches them; that can only
-        // bring a boot forward, never past `max`.
-        let waiting = state.waiters.len();
-        let absorbed = state.booting * per_runner;
-        let for_demand = waiting.saturating_sub(absorbed).div_ceil(per_runner);
-        // Draining runners count too: the pool never runs more than `max` at once.
+        // bring a boot forward, never past `max`. A cancelled boot serves nobody.
+        let serving_boots = self.booting_min + self.demand_boots.len();
+        let absorbed = serving_boots.saturating_mul(per_runner);
+        let for_demand = self
+            .waiters
+            .len()
+            .saturating_sub(absorbed)
+            .div_ceil(per_runner);
+        // Draining runners and cancelled boots count too: the pool never runs more than `max`
+        // machines at once.
         let room = limits
             .max
-            .saturating_sub(state.runners.len() + state.booting);
-        let prewarm = match config.prewarm_at {
+            .saturating_sub(self.runners.len() + self.booting.len());
+        let prewarm = match self.rules.prewarm_at {
             // One runner at a time: the next crossing boots the next.
-            Some(at) if state.booting == 0 => {
-                let ready = state.runners.iter().filter(|s| !s.draining);
-                let (slots, used) = ready.fold((0, 0), |(slots, used), s| {
-                    (slots + per_runner, used + s.in_flight as usize)
-                });
-                usize::from(slots > 0 && (used + waiting) as f64 >= at * slots as f64)
+            Some(at) if self.booting.is_empty() => {
+                let slots = self.live.saturating_mul(per_runner);
+                let used = self.in_flight_live + self.waiters.len();
+                usize::from(slots > 0 && used as f64 >= at * slots as f64)
             }
             _ => 0,
         };
         let total = min_missing.max(for_demand).max(prewarm).min(room);
         let mins = min_missing.min(total);
-        state.booting += total;
-        state.booting_min += mins;
-        if total > 0 {
-            self.publish(state);
-        }
-        (0..total).map(|i| i < mins).collect()
-    }
-
-    fn start_boots(self: &Arc<Self>, plan: Vec<bool>) {
-        for min in plan {
-            super::boot::spawn(self, min);
-        }
-    }
-
-    /// Hands out slots a resize freed, and boots what it calls for.
-    pub(crate) fn after_resize(self: &Arc<Self>) {
-        let mut state = self.state.lock();
-        self.dispatch(&mut state);
-        let plan = self.plan_boots(&mut state);
-        drop(state);
-        self.start_boots(plan);
-    }
-
-    /// Plans and starts whatever boots the current state calls for.
-    pub(crate) fn grow(self: &Arc<Self>) {
-        let plan = self.plan_boots(&mut self.state.lock());
-        self.start_boots(plan);
-    }
-
-    /// A booted runner is ready. Returns `false` if the pool closed meanwhile.
-    pub(crate) fn runner_ready(self: &Arc<Self>, handle: Arc<RunnerHandle>, min: bool) -> bool {
-        let mut state = self.state.lock();
-        state.demand_boots.retain(|(id, _)| *id != handle.id);
-        state.booting -= 1;
-        if min {
-            state.booting_min -= 1;
-        }
-        if state.closed {
-            return false;
-        }
-        state.boot_failures = 0;
-        state.last_boot_error = None;
-        state.runners.push(Slot {
-            handle,
-            in_flight: 0,
-            draining: false,
-            release_reason: "drained",
-            pinned: 0,
-            min,
-            dead: false,
-        });
-        // A resize may have lowered the limits while it booted.
-        self.trim(&mut state);
-        self.dispatch(&mut state);
-        self.publish(&state);
-        true
-    }
-
-    /// A boot failed: retry after a debounce that doubles with each failure in a row, while
-    /// callers wait or `min` is unmet; after `boot_attempts` failures with nothing running, fail
-    /// the waiting callers instead of letting them wait out their timeout. A permanent failure
-    /// (a refused config or token) fails them at once and is not retried.
-    pub(crate) fn boot_failed(
-        self: &Arc<Self>,
-        runner: RunnerId,
-        min: bool,
-        error: Arc<BootError>,
-    ) {
-        let mut state = self.state.lock();
-        state.demand_boots.retain(|(id, _)| *id != runner);
-        state.booting -= 1;
-        if min {
-            state.booting_min -= 1;
-        }
-        if matches!(*error, BootError::NotNeeded) {
-            // Not a failure: nothing to retry, and no caller to tell.
-            self.publish(&state);
-            return;
-        }
-        state.boot_failures += 1;
-        state.last_boot_error = Some(Arc::clone(&error));
-        let failures = state.boot_failures;
-        let permanent = error.is_permanent();
-        let given_up = failures >= self.config.boot_attempts || permanent;
-        if given_up && state.runners.is_empty() && state.booting == 0 {
-            state.fail_waiters(&CallError::BootFailed(Arc::clone(&error)));
-        }
-        self.publish(&state);
-        if permanent {
-            // Another boot would be refused the same way; only new demand tries again.
-            tracing::error!(%error, "boot refused for good: not retrying");
-            return;
-        }
-        if state.closed || state.retry_scheduled {
-            return;
-        }
-        state.retry_scheduled = true;
-        drop(state);
-        let delay = self
-            .config
-            .boot_retry_after
-            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(5)));
-        let shared = Arc::clone(self);
-        let mut closing = self.closing.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = closing.wait_for(|closing| *closing) => return,
+        for i in 0..total {
+            let runner = RunnerId(Uuid::new_v4());
+            let min = i < mins;
+            let demand = (!min).then(|| {
+                let order = self.next_seq;
+                self.next_seq += 1;
+                self.demand_boots.insert(order, runner);
+                order
+            });
+            self.booting.insert(runner, Booting { min, demand });
+            if min {
+                self.booting_min += 1;
             }
-            shared.state.lock().retry_scheduled = false;
-            shared.grow();
-        });
-    }
-
-    /// A runner is gone: forget it, and boot replacements that `min` or waiting callers need.
-    pub(crate) fn runner_gone(self: &Arc<Self>, runner: RunnerId) {
-        let mut state = self.state.lock();
-        state.runners.retain(|s| s.handle.id != runner);
-        self.publish(&state);
-        if state.closed && !state.calls_running() {
-            self.calls_drained.notify_waiters();
+            self.actions.push(Action::Boot { runner, min });
         }
-        let plan = self.plan_boots(&mut state);
-        drop(state);
-        self.start_boots(plan);
     }
 
     /// Drains runners beyond `max`, and `min` runners beyond `min`, least busy first. A busy
     /// runner finishes its calls before it is released.
-    pub(crate) fn trim(&self, state: &mut State) {
-        let limits = state.limits;
-        let live = |s: &Slot| !s.draining;
-        let excess = state
-            .runners
-            .iter()
-            .filter(|s| live(s))
-            .count()
-            .saturating_sub(limits.max);
-        let excess_min = state
-            .runners
-            .iter()
-            .filter(|s| live(s) && s.min)
-            .count()
-            .saturating_sub(limits.min);
+    fn trim(&mut self) {
+        let excess_min = self.live_min.saturating_sub(self.limits.min);
+        let excess = self.live.saturating_sub(self.limits.max);
+        if excess_min == 0 && excess == 0 {
+            return;
+        }
         for (count, only_min) in [(excess_min, true), (excess, false)] {
-            for _ in 0..count {
-                let candidate = state
-                    .runners
-                    .iter_mut()
-                    .filter(|s| live(s) && (s.min || !only_min))
-                    .min_by_key(|s| s.in_flight);
-                let Some(slot) = candidate else { break };
-                slot.draining = true;
-                slot.release_reason = "resized";
-                if slot.in_flight == 0 {
-                    slot.handle.release("resized");
-                }
+            let mut candidates: Vec<(u32, u64, RunnerId)> = self
+                .runners
+                .iter()
+                .filter(|(_, s)| !s.draining && (s.min || !only_min))
+                .map(|(id, s)| (s.in_flight, s.seq, *id))
+                .collect();
+            candidates.sort_unstable();
+            for (_, _, runner) in candidates.into_iter().take(count) {
+                self.update(runner, |slot| {
+                    slot.draining = true;
+                    slot.release_reason = "resized";
+                });
+                self.release_if_drained(runner);
             }
         }
-        self.publish(state);
-    }
-
-    /// Publishes runner counts. Called under the state lock, so it takes the watch's lock
-    /// second; nothing may take them in the other order.
-    fn publish(&self, state: &State) {
-        let stats = state.stats();
-        self.observer.runner_counts(&stats);
-        self.runner_counts.send_if_modified(|old| {
-            let changed = (old.ready, old.booting, old.draining)
-                != (stats.ready, stats.booting, stats.draining);
-            *old = stats;
-            changed
-        });
     }
 }
+
+#[cfg(test)]
+impl<W: Waiter, H: Clone> Scheduler<W, H> {
+    /// Recomputes every count, the free set and the boot books from scratch, and panics where
+    /// the kept ones differ.
+    fn check_invariants(&self) {
+        let mut share = Share::default();
+        let mut free = BTreeSet::new();
+        for (id, slot) in &self.runners {
+            let s = self.share(slot);
+            share.live += s.live;
+            share.live_min += s.live_min;
+            share.in_flight += s.in_flight;
+            share.in_flight_live += s.in_flight_live;
+            share.pinned += s.pinned;
+            free.extend(self.free_key(*id, slot));
+            assert!(!slot.dead || slot.draining, "a dead runner drains");
+        }
+        assert_eq!(
+            (
+                share.live,
+                share.live_min,
+                share.in_flight,
+                share.in_flight_live,
+                share.pinned
+            ),
+            (
+                self.live,
+                self.live_min,
+                self.in_flight,
+                self.in_flight_live,
+                self.pinned
+            ),
+            "kept counts"
+        );
+        assert_eq!(free, self.free, "free set");
+        let booting_min = self.booting.values().filter(|b| b.min).count();
+        assert_eq!(booting_min, self.booting_min, "min boots");
+        for (order, runner) in &self.demand_boots {
+            assert_eq!(
+                self.booting[runner].demand,
+                Some(*order),
+                "demand boot books"
+            );
+        }
+        let with_demand = self.booting.values().filter(|b| b.demand.is_some()).count();
+        assert_eq!(with_demand, self.demand_boots.len(), "demand boots");
+        assert!(
+            self.waiters
+                .iter()
+                .zip(self.waiters.iter().skip(1))
+                .all(|(a, b)| a.0 < b.0),
+            "the queue is in arrival order"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

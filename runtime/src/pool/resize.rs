@@ -19,7 +19,7 @@ impl Pool {
     /// The pool's size now.
     #[must_use]
     pub fn limits(&self) -> Limits {
-        self.inner.shared.state.lock().limits
+        self.inner.shared.state.lock().scheduler.limits()
     }
 
     /// Changes `min`, `max` and `max_concurrency` while the pool runs.
@@ -46,12 +46,11 @@ impl Pool {
         limits.validate()?;
         let shared = &self.inner.shared;
         let limits = cap(limits, shared.backend.max_runners())?;
-        let mut state = shared.state.lock();
-        tracing::info!(from = ?state.limits, to = ?limits, "resizing the pool");
-        state.limits = limits;
-        shared.trim(&mut state);
-        drop(state);
-        shared.after_resize();
+        shared.drive(|state| {
+            let from = state.scheduler.limits();
+            tracing::info!(?from, to = ?limits, "resizing the pool");
+            state.scheduler.resize(limits);
+        });
         Ok(())
     }
 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::call::{encode, exchange, place, Placed, Running};
+use super::driver::Lease;
+use super::handle::RunnerHandle;
 use super::observe::CallOutcome;
-use super::placement::Lease;
-use super::runner::RunnerHandle;
 use super::{Pool, Shared};
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload, ResourceJob};
@@ -90,7 +90,7 @@ impl Pool {
         running.outcome = CallOutcome::of(&made.as_ref().map(|_| ()));
         drop(running);
         let id = made?;
-        shared.state.lock().pin(runner.id, true);
+        shared.drive(|state| state.scheduler.pin(runner.id, true));
         tracing::debug!(resource = id, runner = %runner.id, job = name, "resource made");
         let resource = Resource {
             id,
@@ -159,7 +159,8 @@ impl<T> Drop for Resource<T> {
         let Ok(request) = wire::encode_request(wire::RELEASE_JOB, 0, 0, id, &(), usize::MAX) else {
             return;
         };
-        self.shared.state.lock().pin(runner.id, false);
+        self.shared
+            .drive(|state| state.scheduler.pin(runner.id, false));
         if tokio::runtime::Handle::try_current().is_err() {
             // No runtime to send a release on: the runner drops the resource with its
             // connection, when the pool ends.

@@ -9,9 +9,9 @@ use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use tokio::time::Instant;
 
 use super::call::{check_callable, encode, place, Request, Running};
+use super::driver::Lease;
+use super::handle::{reply_error, CallStream};
 use super::observe::CallOutcome;
-use super::placement::Lease;
-use super::runner::{reply_error, CallStream};
 use super::Shared;
 use crate::error::CallError;
 use crate::job::{Payload, StreamJob};

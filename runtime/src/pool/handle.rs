@@ -248,7 +248,7 @@ pub(crate) async fn supervise(
                 Ok(ControlMessage::Draining { reason }) => {
                     tracing::info!(?reason, "runner draining");
                     drained_idle = reason == wire::DrainReason::Idle;
-                    shared.runner_draining(handle.id);
+                    shared.drive(|state| state.scheduler.runner_draining(handle.id));
                 }
                 // The connection is ending; its own branch says why.
                 Err(_) => control_open = false,
@@ -256,14 +256,14 @@ pub(crate) async fn supervise(
             error = handle.connection.closed() => break match handle.released.get() {
                 Some(why) => (*why).to_string(),
                 None => {
-                    shared.runner_dead(handle.id);
+                    shared.drive(|state| state.scheduler.runner_dead(handle.id));
                     lost = true;
                     format!("connection lost: {error}")
                 }
             },
             exit = machine.exited() => {
                 // First, so that the calls failed below free no slot on it for a waiter.
-                shared.runner_dead(handle.id);
+                shared.drive(|state| state.scheduler.runner_dead(handle.id));
                 let _ = handle.exit.set(exit.description.clone());
                 // Fail this runner's calls now rather than at the QUIC idle timeout.
                 handle.connection.close(close::RUNNER_EXIT, b"runner process exited");
@@ -277,7 +277,7 @@ pub(crate) async fn supervise(
         }
     };
     tracing::info!(reason = %ended, "runner ended");
-    shared.runner_gone(handle.id);
+    shared.drive(|state| state.scheduler.runner_gone(handle.id));
     let runner = handle.id;
     if lost {
         shared.observer.runner_lost(runner, &ended);
