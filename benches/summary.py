@@ -125,6 +125,26 @@ if memory:
     row("parent RSS per idle runner", f'{idle["per_runner_kib"]:.0f} KiB', f'{idle["runners"]} runners', "",
         "≤ 1 MiB", idle["per_runner_kib"] <= 1024)
 
+for placement in ("spread", "pack"):
+    one, _ = estimate("placement_grant", placement, "1")
+    for runners in (100, 10_000):
+        t, _ = estimate("placement_grant", placement, str(runners))
+        if one and t:
+            r = t / one
+            row(f"placement alone: a grant at {runners:,} runners ({placement})", f"{t * 1e9:.0f} ns",
+                f"1 runner {one * 1e9:.0f} ns", f"{r:.2f}× one", "≤ 2× one" if runners == 10_000 else "",
+                (r <= 2) if runners == 10_000 else None)
+one, _ = estimate("placement_handoff", "1")
+many, _ = estimate("placement_handoff", "100000")
+if one and many:
+    row("placement alone: a freed slot handed to the oldest of 100,000 waiters", f"{many * 1e9:.0f} ns",
+        f"1 waiter {one * 1e9:.0f} ns", f"{many / one:.2f}× one", "", None)
+one, _ = estimate("placement_handoff", "stats", "1")
+many, _ = estimate("placement_handoff", "stats", "100000")
+if one and many:
+    row("placement alone: stats() with 10,000 runners, 100,000 waiters", f"{many * 1e9:.1f} ns",
+        f"1 waiter {one * 1e9:.1f} ns", f"{many / one:.2f}× one", "", None)
+
 if not rows:
     sys.exit(f"no results under {target}: run `cargo bench` first")
 header = ("benchmark", "Firebrand", "baseline", "ratio", "target", "verdict")

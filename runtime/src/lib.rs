@@ -64,3 +64,10 @@ pub use pool::{
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};
 pub use trace::TraceId;
+
+/// Not public API: what the project's own tests and benches reach inside for. It may change in
+/// any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::pool::placement::{Action, Arrival, Rules, Scheduler, Waiter, WaiterId};
+}

@@ -9,7 +9,7 @@ mod hooks;
 mod listener;
 mod map;
 mod observe;
-mod placement;
+pub(crate) mod placement;
 mod resize;
 mod resource;
 mod stream;

@@ -355,7 +355,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             released: false,
         };
         self.next_seq += 1;
-        self.add_share(self.share(&slot));
+        self.add_share(share(&slot));
         if let Some(key) = self.free_key(runner, &slot) {
             self.free.insert(key);
         }
@@ -439,7 +439,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             if let Some(key) = self.free_key(runner, &slot) {
                 self.free.remove(&key);
             }
-            self.sub_share(self.share(&slot));
+            self.sub_share(share(&slot));
         }
         if self.closed && !self.calls_running() {
             self.actions.push(Action::CallsDrained);
@@ -481,30 +481,9 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     // ---- internals ----
 
-    /// Where a slot ranks among the free ones: Spread prefers the least loaded runner, Pack the
-    /// most loaded one that still has room. Ties go to the oldest runner (lowest `seq`).
-    fn rank(&self, in_flight: u32) -> u32 {
-        match self.rules.placement {
-            Placement::Spread => in_flight,
-            Placement::Pack => u32::MAX - in_flight,
-        }
-    }
-
     /// The slot's key in `free`, if it can take a call.
     fn free_key(&self, id: RunnerId, slot: &Slot<H>) -> Option<(u32, u64, RunnerId)> {
-        let room = slot.capacity.min(self.limits.max_concurrency);
-        (!slot.draining && slot.in_flight < room).then(|| (self.rank(slot.in_flight), slot.seq, id))
-    }
-
-    fn share(&self, slot: &Slot<H>) -> Share {
-        let live = !slot.draining;
-        Share {
-            live: usize::from(live),
-            live_min: usize::from(live && slot.min),
-            in_flight: slot.in_flight as usize,
-            in_flight_live: if live { slot.in_flight as usize } else { 0 },
-            pinned: slot.pinned as usize,
-        }
+        free_key(self.rules.placement, self.limits.max_concurrency, id, slot)
     }
 
     fn add_share(&mut self, share: Share) {
@@ -525,23 +504,23 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     /// Changes one runner's slot, keeping `free` and the counts in step. A no-op for a runner
     /// that is gone.
-    fn update(&mut self, id: RunnerId, change: impl FnOnce(&mut Slot<H>)) {
-        let Some(slot) = self.runners.get(&id) else {
-            return;
-        };
-        let (before, key) = (self.share(slot), self.free_key(id, slot));
-        if let Some(key) = key {
-            self.free.remove(&key);
-        }
-        let slot = self.runners.get_mut(&id).expect("looked up above");
-        change(slot);
-        let slot = &self.runners[&id];
-        let (after, key) = (self.share(slot), self.free_key(id, slot));
-        if let Some(key) = key {
-            self.free.insert(key);
+    fn update<R>(&mut self, id: RunnerId, change: impl FnOnce(&mut Slot<H>) -> R) -> Option<R> {
+        let (placement, concurrency) = (self.rules.placement, self.limits.max_concurrency);
+        let slot = self.runners.get_mut(&id)?;
+        let (before, old_key) = (share(slot), free_key(placement, concurrency, id, slot));
+        let out = change(slot);
+        let (after, new_key) = (share(slot), free_key(placement, concurrency, id, slot));
+        if old_key != new_key {
+            if let Some(key) = old_key {
+                self.free.remove(&key);
+            }
+            if let Some(key) = new_key {
+                self.free.insert(key);
+            }
         }
         self.sub_share(before);
         self.add_share(after);
+        Some(out)
     }
 
     /// Takes a slot on the best free runner, if any.
@@ -553,8 +532,8 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             if single_use {
                 slot.draining = true;
             }
-        });
-        Some(self.runners[&id].handle.clone())
+            slot.handle.clone()
+        })
     }
 
     /// Releases `runner` if it drains and has no call left.
@@ -699,30 +678,62 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     }
 }
 
+/// Where a slot ranks among the free ones: Spread prefers the least loaded runner, Pack the most
+/// loaded one that still has room. Ties go to the oldest runner (lowest `seq`). `None` when it
+/// can take no call.
+fn free_key<H>(
+    placement: Placement,
+    max_concurrency: u32,
+    id: RunnerId,
+    slot: &Slot<H>,
+) -> Option<(u32, u64, RunnerId)> {
+    let room = slot.capacity.min(max_concurrency);
+    if slot.draining || slot.in_flight >= room {
+        return None;
+    }
+    let rank = match placement {
+        Placement::Spread => slot.in_flight,
+        Placement::Pack => u32::MAX - slot.in_flight,
+    };
+    Some((rank, slot.seq, id))
+}
+
+/// What a slot adds to the pool's counts.
+fn share<H>(slot: &Slot<H>) -> Share {
+    let live = !slot.draining;
+    Share {
+        live: usize::from(live),
+        live_min: usize::from(live && slot.min),
+        in_flight: slot.in_flight as usize,
+        in_flight_live: if live { slot.in_flight as usize } else { 0 },
+        pinned: slot.pinned as usize,
+    }
+}
+
 #[cfg(test)]
 impl<W: Waiter, H: Clone> Scheduler<W, H> {
     /// Recomputes every count, the free set and the boot books from scratch, and panics where
     /// the kept ones differ.
     fn check_invariants(&self) {
-        let mut share = Share::default();
+        let mut total = Share::default();
         let mut free = BTreeSet::new();
         for (id, slot) in &self.runners {
-            let s = self.share(slot);
-            share.live += s.live;
-            share.live_min += s.live_min;
-            share.in_flight += s.in_flight;
-            share.in_flight_live += s.in_flight_live;
-            share.pinned += s.pinned;
+            let s = share(slot);
+            total.live += s.live;
+            total.live_min += s.live_min;
+            total.in_flight += s.in_flight;
+            total.in_flight_live += s.in_flight_live;
+            total.pinned += s.pinned;
             free.extend(self.free_key(*id, slot));
             assert!(!slot.dead || slot.draining, "a dead runner drains");
         }
         assert_eq!(
             (
-                share.live,
-                share.live_min,
-                share.in_flight,
-                share.in_flight_live,
-                share.pinned
+                total.live,
+                total.live_min,
+                total.in_flight,
+                total.in_flight_live,
+                total.pinned
             ),
             (
                 self.live,

@@ -15,6 +15,24 @@ pub struct Limits {
     pub max_concurrency: u32,
 }
 
+impl Limits {
+    /// `min` runners kept up, at most `max`, each running up to `max_concurrency` calls at
+    /// once. [`Pool::resize`] checks them.
+    ///
+    /// ```
+    /// let limits = firebrand::Limits::new(1, 8, 4);
+    /// assert_eq!(limits.max, 8);
+    /// ```
+    #[must_use]
+    pub fn new(min: usize, max: usize, max_concurrency: u32) -> Self {
+        Self {
+            min,
+            max,
+            max_concurrency,
+        }
+    }
+}
+
 impl Pool {
     /// The pool's size now.
     #[must_use]
