@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{pool, within};
-use firebrand::child::RunnerStats;
+use firebrand::runner::RunnerStats;
 use firebrand::{CallError, Job, Pool};
 use firebrand_runner::{HashArgs, ECHO, FAIL, HASH, PANIC, PID, SLEEP, STATS};
 

@@ -237,7 +237,7 @@ fn a_runner_that_loses_its_parent_drains_its_calls_within_the_grace() {
     common::init_tracing();
     // The call outlives the 1 s peer timeout: the runner waits for it, then exits.
     let (code, elapsed) = vanish_during_a_call(3_000, Duration::from_secs(10));
-    assert_eq!(code, Some(firebrand::child::exit_code::PARENT_LOST));
+    assert_eq!(code, Some(firebrand::runner::exit_code::PARENT_LOST));
     assert!(
         elapsed >= Duration::from_millis(2_700),
         "exited before the call ended: {elapsed:?}"
@@ -245,7 +245,7 @@ fn a_runner_that_loses_its_parent_drains_its_calls_within_the_grace() {
     assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
     // A call longer than the grace is abandoned when the grace ends.
     let (code, elapsed) = vanish_during_a_call(60_000, Duration::from_millis(500));
-    assert_eq!(code, Some(firebrand::child::exit_code::PARENT_LOST));
+    assert_eq!(code, Some(firebrand::runner::exit_code::PARENT_LOST));
     assert!(
         elapsed < Duration::from_secs(6),
         "waited past the grace: {elapsed:?}"

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{local_backend, pool, spawn_runner, within, Recording};
-use firebrand::child::exit_code;
+use firebrand::runner::exit_code;
 use firebrand::tls::{self, IssuedCert, PoolCa, PARENT_SERVER_NAME};
 use firebrand::token::{BootToken, RunnerSettings, PARENT_ENV};
 use firebrand::wire::{self, CallHead, Hello, HelloReply, ReplyHead};

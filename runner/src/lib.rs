@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use firebrand::child::RunnerStats;
+use firebrand::runner::RunnerStats;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -145,7 +145,7 @@ pub fn registry() -> Registry {
                 |name: String| async move { ok(std::env::var(name).ok()) },
             )
         })
-        .and_then(|r| r.register(&STATS, |()| async { ok(firebrand::child::stats()) }))
+        .and_then(|r| r.register(&STATS, |()| async { ok(firebrand::runner::stats()) }))
         .and_then(|r| r.register_stream(&BLOBS, blobs))
         .and_then(|r| r.register_resource(&STASH, |bytes: Vec<u8>| async move { ok(bytes) }))
         .and_then(|r| {

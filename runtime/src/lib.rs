@@ -38,13 +38,13 @@
 compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");
 
 pub mod backend;
-pub mod child;
 mod error;
 #[cfg(target_os = "linux")]
 mod fork_server;
 mod job;
 mod pool;
 mod registry;
+pub mod runner;
 pub mod tls;
 pub mod token;
 mod trace;
@@ -54,7 +54,6 @@ pub mod wire;
 #[cfg(feature = "fly")]
 pub use backend::fly::FlyBackend;
 pub use backend::{Backend, LocalBackend};
-pub use child::run_if_child;
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload, ResourceJob, StreamJob};
 pub use pool::{
@@ -63,6 +62,7 @@ pub use pool::{
     MAX_SETTING_DURATION,
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};
+pub use runner::run_if_child;
 pub use trace::TraceId;
 
 /// Not public API: what the project's own tests and benches reach inside for. It may change in

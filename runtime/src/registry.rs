@@ -10,8 +10,8 @@ use std::sync::Arc;
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
-use crate::child::Resources;
 use crate::job::{Job, Payload, ResourceJob, StreamJob};
+use crate::runner::Resources;
 use crate::wire;
 
 /// What a job handler produces: an encoded result frame, or a failure to report.

@@ -141,7 +141,7 @@ impl LocalBackend {
             // The lines are re-logged: escape codes would only garble them.
             command.env("NO_COLOR", "1");
             // The runner's output must outlive the pipes if the parent dies.
-            command.env(crate::child::RELAYED_OUTPUT_ENV, "1");
+            command.env(crate::runner::RELAYED_OUTPUT_ENV, "1");
         }
         for name in &self.forward {
             if let Some(value) = std::env::var_os(name) {

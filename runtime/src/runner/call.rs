@@ -11,7 +11,8 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use super::terminator::{Ending, StreamGuard, STATS};
+use super::stats::{Ending, STATS};
+use super::terminator::StreamGuard;
 use crate::registry::{ok_reply, Body, JobFailure, Registry};
 use crate::wire::{self, CallHead, ReplyHead, WireError};
 

@@ -7,7 +7,7 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use quinn::SendStream;
 
 use super::call::{failure_head, finish, panic_message};
-use super::terminator::Ending;
+use super::stats::Ending;
 use crate::registry::{ItemStream, StreamHandler};
 use crate::wire::{self, ReplyHead};
 

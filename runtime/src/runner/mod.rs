@@ -1,4 +1,7 @@
-//! The child side: a runner process that dials its parent and serves jobs.
+//! The runner side: a process that dials its parent and serves jobs.
+//!
+//! `dial.rs` reaches the parent; `call.rs` and `stream.rs` serve each call on the jobs'
+//! runtime; the [terminator](terminator) decides when the runner stops.
 //!
 //! An app embeds the runner with one call at the top of `main`:
 //!
@@ -13,29 +16,29 @@
 //! ```
 
 mod call;
+mod dial;
 mod output;
 mod resources;
+mod stats;
 mod stream;
 mod terminator;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tracing::Instrument as _;
 
-pub use terminator::RunnerStats;
+pub use stats::RunnerStats;
 
 use crate::registry::Registry;
 use crate::token::{BootToken, TokenError, PARENT_ENV, PARENT_FD_ENV};
-use crate::wire::{self, close, ControlMessage, DrainReason, Hello, HelloReply};
-use crate::{tls, transport};
+use crate::wire::{self, close, ControlMessage, DrainReason};
 use call::{serve_call, CallContext};
 pub(crate) use output::RELAYED_OUTPUT_ENV;
 pub(crate) use resources::Resources;
-use terminator::{Terminator, STATS};
+use stats::STATS;
+use terminator::{Stop, Terminator};
 
 /// Process exit codes of a runner.
 pub mod exit_code {
@@ -257,10 +260,11 @@ async fn serve_in_span(
     jobs: tokio::runtime::Handle,
 ) -> Result<ServeExit, ServeError> {
     let settings = token.settings.clone();
-    let (endpoint, connection, mut control) = connect(&token, &registry).await?;
+    let terminator = Arc::new(Terminator::new(&settings));
+    let (endpoint, connection, mut control) =
+        dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
     tracing::info!("connected to parent");
 
-    let terminator = Arc::new(Terminator::new());
     let cx = Arc::new(CallContext {
         resources: Arc::new(Resources::new(Arc::clone(&terminator))),
         registry,
@@ -268,24 +272,8 @@ async fn serve_in_span(
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
         jobs,
     });
-    let idle = async {
-        match settings.idle_shutdown_after {
-            Some(after) => terminator.idle_for(after).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(idle);
-    let mut terminate = sigterm();
-    // Once draining, the parent should release the runner when its calls finish; this bounds
-    // the wait for a parent that never does.
-    let mut drain_deadline: Option<Instant> = None;
+    let mut stops = terminator.stops();
     let exit = loop {
-        let deadline = async {
-            match drain_deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
@@ -300,20 +288,10 @@ async fn serve_in_span(
                 }
                 Err(e) => break ServeExit::ParentLost(e.to_string()),
             },
-            () = &mut idle, if drain_deadline.is_none() => {
-                tracing::info!("idle: draining");
-                drain_deadline = Some(after(settings.drain_grace.saturating_add(settings.peer_timeout)));
-                announce_drain(&mut control, DrainReason::Idle).await;
-            }
-            () = terminate.recv(), if drain_deadline.is_none() => {
-                tracing::info!("SIGTERM: draining");
-                drain_deadline = Some(after(settings.drain_grace));
-                announce_drain(&mut control, DrainReason::Terminated).await;
-            }
-            () = deadline => {
-                tracing::warn!("parent did not release the draining runner; exiting");
-                break ServeExit::Released;
-            }
+            stop = stops.next() => match stop {
+                Stop::Drain(reason) => announce_drain(&mut control, reason).await,
+                Stop::Exit => break ServeExit::Released,
+            },
         }
     };
     match &exit {
@@ -322,181 +300,15 @@ async fn serve_in_span(
     }
     // Nobody can use them any more; calls still running keep theirs until they end.
     cx.resources.clear();
-    if tokio::time::timeout(settings.drain_grace, terminator.drained())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            in_flight = stats().in_flight,
-            "drain grace over; abandoning calls"
-        );
-    }
+    terminator.drain_calls().await;
     connection.close(close::RUNNER_EXIT, b"runner exiting");
     // Give the close frame a moment to leave; the parent also sees the process exit.
     let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
     Ok(exit)
 }
 
-/// The instant `wait` from now, or a century from now if that cannot be represented: a token's
-/// settings are not trusted to keep `Instant + Duration` from overflowing.
-fn after(wait: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(wait)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
 async fn announce_drain(control: &mut quinn::SendStream, reason: DrainReason) {
     if let Err(e) = wire::write_frame(control, &ControlMessage::Draining { reason }).await {
         tracing::debug!(error = %e, "could not announce drain");
-    }
-}
-
-/// SIGTERM, or nothing if it cannot be watched.
-fn sigterm() -> Sigterm {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => Sigterm(Some(signal)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM");
-            Sigterm(None)
-        }
-    }
-}
-
-struct Sigterm(Option<tokio::signal::unix::Signal>);
-
-impl Sigterm {
-    async fn recv(&mut self) {
-        if let Some(signal) = &mut self.0 {
-            if signal.recv().await.is_some() {
-                return;
-            }
-        }
-        std::future::pending().await
-    }
-}
-
-type Connected = (quinn::Endpoint, quinn::Connection, quinn::SendStream);
-
-/// Dials the parent's addresses in turn until one accepts the runner, or the failsafe passes.
-async fn connect(token: &BootToken, registry: &Registry) -> Result<Connected, ServeError> {
-    let settings = &token.settings;
-    let failsafe = after(settings.connect_failsafe);
-    tracing::debug!(parent = ?token.parent_addrs, "dialing parent");
-    let ca = rustls::pki_types::CertificateDer::from(token.ca_cert.clone());
-    let crypto = Arc::new(
-        tls::client_crypto(&ca, &token.runner_identity())
-            .map_err(|e| ServeError::Setup(e.to_string()))?,
-    );
-    let transport = transport::transport_config(
-        settings.peer_timeout,
-        settings.keep_alive,
-        settings.max_concurrency,
-    );
-    let hello = Hello {
-        runner_id: token.runner_id,
-        manifest: registry.manifest(),
-        pid: std::process::id(),
-    };
-    let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
-    let mut backoff = Duration::from_millis(100);
-    let mut last_error = String::from("no address resolved");
-    loop {
-        for addr in &token.parent_addrs {
-            let resolved = match resolve(addr).await {
-                Ok(found) => found,
-                Err(e) => {
-                    last_error = format!("cannot resolve {addr}: {e}");
-                    continue;
-                }
-            };
-            for target in resolved {
-                let endpoint = match endpoints.iter().find(|(v6, _)| *v6 == target.is_ipv6()) {
-                    Some((_, e)) => e.clone(),
-                    None => {
-                        let e =
-                            transport::client_endpoint(target, crypto.clone(), transport.clone())
-                                .map_err(|e| {
-                                ServeError::Setup(format!("cannot bind a UDP socket: {e}"))
-                            })?;
-                        endpoints.push((target.is_ipv6(), e.clone()));
-                        e
-                    }
-                };
-                tracing::debug!(%target, "endpoint ready; connecting");
-                let attempt = handshake(&endpoint, target, &token.server_name, &hello);
-                match tokio::time::timeout_at(failsafe, attempt).await {
-                    Ok(Ok((connection, control))) => return Ok((endpoint, connection, control)),
-                    Ok(Err(Attempt::Refused(reason))) => return Err(ServeError::Refused(reason)),
-                    Ok(Err(Attempt::Failed(e))) => {
-                        tracing::debug!(%target, error = %e, "parent not reached");
-                        last_error = format!("{target}: {e}");
-                    }
-                    Err(_) => {
-                        last_error = format!("{target}: handshake still running at the failsafe")
-                    }
-                }
-            }
-        }
-        if after(backoff) >= failsafe {
-            return Err(ServeError::Unreachable {
-                failsafe: settings.connect_failsafe,
-                last_error,
-            });
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
-    }
-}
-
-/// Resolves `host:port`. A literal address needs no resolver, whose thread would cost a cold
-/// start a millisecond.
-async fn resolve(addr: &str) -> std::io::Result<Vec<SocketAddr>> {
-    match addr.parse::<SocketAddr>() {
-        Ok(literal) => Ok(vec![literal]),
-        Err(_) => Ok(tokio::net::lookup_host(addr).await?.collect()),
-    }
-}
-
-enum Attempt {
-    Refused(String),
-    Failed(String),
-}
-
-async fn handshake(
-    endpoint: &quinn::Endpoint,
-    target: SocketAddr,
-    server_name: &str,
-    hello: &Hello,
-) -> Result<(quinn::Connection, quinn::SendStream), Attempt> {
-    let connection = endpoint
-        .connect(target, server_name)
-        .map_err(|e| Attempt::Failed(e.to_string()))?
-        .await
-        .map_err(|e| classify(&e))?;
-    // With TLS 1.3 the client finishes its handshake before the server has checked its
-    // certificate: only the parent's reply proves that it accepted us.
-    let exchange = async {
-        let (mut send, mut recv) = connection.open_bi().await?;
-        send.write_all(&wire::PROTOCOL_VERSION.to_be_bytes())
-            .await?;
-        wire::write_frame(&mut send, hello).await?;
-        let reply: HelloReply = wire::read_head(&mut recv).await?;
-        Ok::<_, wire::WireError>((reply, send))
-    };
-    match exchange.await {
-        Ok((HelloReply::Accepted, send)) => Ok((connection, send)),
-        Err(e) => Err(match connection.close_reason() {
-            Some(reason) => classify(&reason),
-            None => Attempt::Failed(e.to_string()),
-        }),
-    }
-}
-
-fn classify(error: &quinn::ConnectionError) -> Attempt {
-    match error {
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::REFUSED => {
-            Attempt::Refused(String::from_utf8_lossy(&c.reason).into_owned())
-        }
-        e => Attempt::Failed(e.to_string()),
     }
 }

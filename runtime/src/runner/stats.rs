@@ -1,12 +1,6 @@
-//! The terminator: the runner's bookkeeping of in-flight calls, and its reasons to stop.
+//! What a runner process has served: counters kept with relaxed atomics, read by `stats()`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use parking_lot::Mutex;
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// Counts of what this runner process has served, for diagnostics. See [`stats`](super::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,7 +28,7 @@ pub struct RunnerStats {
 pub(crate) static STATS: Counters = Counters::new();
 
 pub(crate) struct Counters {
-    started: AtomicU64,
+    pub(crate) started: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
     panicked: AtomicU64,
@@ -98,85 +92,6 @@ impl Counters {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             peak_in_flight: self.peak.load(Ordering::Relaxed),
             resources: self.resources.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// The streams a runner is serving, and when it last became idle.
-pub(crate) struct Terminator {
-    streams: Mutex<(usize, Instant)>,
-    changed: Notify,
-}
-
-/// Held while a stream is served; dropping it ends the stream's accounting.
-pub(crate) struct StreamGuard(Arc<Terminator>);
-
-impl Terminator {
-    pub(crate) fn new() -> Self {
-        Self {
-            streams: Mutex::new((0, Instant::now())),
-            changed: Notify::new(),
-        }
-    }
-
-    pub(crate) fn stream_started(self: &Arc<Self>) -> StreamGuard {
-        STATS.started.fetch_add(1, Ordering::Relaxed);
-        self.hold()
-    }
-
-    /// Counts as a stream being served until the guard drops: the runner is not idle.
-    pub(crate) fn hold(self: &Arc<Self>) -> StreamGuard {
-        let mut streams = self.streams.lock();
-        streams.0 += 1;
-        // Only the edges between idle and busy matter to the waiters; notifying on every call
-        // would wake the serve loop twice per call.
-        if streams.0 == 1 {
-            self.changed.notify_waiters();
-        }
-        drop(streams);
-        StreamGuard(Arc::clone(self))
-    }
-
-    /// Resolves once no stream has been served for `idle_after`.
-    pub(crate) async fn idle_for(&self, idle_after: Duration) {
-        loop {
-            let changed = self.changed.notified();
-            let (count, since) = *self.streams.lock();
-            if count == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep_until(since + idle_after) => {
-                        let (count, again) = *self.streams.lock();
-                        if count == 0 && again == since {
-                            return;
-                        }
-                    }
-                    () = changed => {}
-                }
-            } else {
-                changed.await;
-            }
-        }
-    }
-
-    /// Resolves once no stream is being served.
-    pub(crate) async fn drained(&self) {
-        loop {
-            let changed = self.changed.notified();
-            if self.streams.lock().0 == 0 {
-                return;
-            }
-            changed.await;
-        }
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        let mut streams = self.0.streams.lock();
-        streams.0 -= 1;
-        if streams.0 == 0 {
-            streams.1 = Instant::now();
-            self.0.changed.notify_waiters();
         }
     }
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::terminator::{StreamGuard, Terminator, STATS};
+use super::stats::STATS;
+use super::terminator::{StreamGuard, Terminator};
 use crate::registry::AnyResource;
 
 /// The runner's resources, by id.
