@@ -94,14 +94,19 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     ];
     let quic = rt.block_on(QuicEcho::start());
     let raw = rt.block_on(support::RawParent::start());
-    let mut raw_request = firebrand::wire::encode_payload_frame(&firebrand::wire::CallHead {
-        job: ECHO_BYTES.name().into(),
-        timeout_ms: 30_000,
-        trace_id: 0,
-        resource: 0,
-    })
-    .unwrap();
-    firebrand::wire::encode_frame_into(&mut raw_request, &ByteBuf::from(payload.clone())).unwrap();
+    let mut raw_request = firebrand::wire::Chunks::new();
+    raw_request
+        .push_frame(&firebrand::wire::CallHead {
+            job: ECHO_BYTES.name().into(),
+            timeout_ms: 30_000,
+            trace_id: 0,
+            resource: 0,
+        })
+        .unwrap();
+    raw_request
+        .push_frame(&ByteBuf::from(payload.clone()))
+        .unwrap();
+    let raw_request = raw_request.into_bytes().concat();
     for in_flight in [1, 8, 64, 256] {
         group.bench_with_input(
             BenchmarkId::new("baseline_quic", in_flight),

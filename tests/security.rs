@@ -285,13 +285,14 @@ async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
 
     // A valid head whose argument frame exceeds the runner's payload limit.
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    let mut request = wire::encode_payload_frame(&CallHead {
+    let mut request = wire::encode_frame(&CallHead {
         job: ECHO.name().into(),
         timeout_ms: 0,
         trace_id: 0,
         resource: 0,
     })
-    .unwrap();
+    .unwrap()
+    .to_vec();
     request.extend_from_slice(&(2u32 << 20).to_be_bytes());
     send.write_all(&request).await.unwrap();
     let _ = send.finish();
@@ -320,10 +321,7 @@ async fn hostile_frames_get_errors_and_the_runner_keeps_serving() {
     let reply: ReplyHead = wire::read_head(&mut recv).await.unwrap();
     assert_eq!(reply, ReplyHead::Ok);
     let body = wire::read_frame(&mut recv, 1 << 20).await.unwrap();
-    assert_eq!(
-        wire::decode_payload::<Vec<u8>>(&body).unwrap(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(body.decode::<Vec<u8>>().unwrap(), vec![1, 2, 3]);
 
     connection.close(wire::close::DONE, b"done");
     let status = within(10 * SECOND, runner.wait()).await.unwrap();

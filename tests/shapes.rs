@@ -407,7 +407,11 @@ async fn make_a_raw_resource(
     .await;
     let head: ReplyHead = wire::read_head(&mut reply).await.unwrap();
     assert!(matches!(head, ReplyHead::Ok), "{head:?}");
-    let id: u64 = wire::decode_payload(&wire::read_frame(&mut reply, 64).await.unwrap()).unwrap();
+    let id: u64 = wire::read_frame(&mut reply, 64)
+        .await
+        .unwrap()
+        .decode()
+        .unwrap();
     reply.stop(code).unwrap();
     (connection, id, control, runner)
 }
@@ -444,22 +448,29 @@ async fn a_claimed_resource_stays_on_its_runner() {
     // Well past the idle timeout, the resource is still there to use.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (mut send, mut reply) = connection.open_bi().await.unwrap();
-    let mut request = wire::encode_payload_frame(&CallHead {
-        job: firebrand_runner::STASH_LEN.name().into(),
-        timeout_ms: 0,
-        trace_id: 0,
-        resource: id,
-    })
-    .unwrap();
-    wire::encode_frame_into(&mut request, &()).unwrap();
-    send.write_all(&request).await.unwrap();
+    let mut request = wire::Chunks::new();
+    request
+        .push_frame(&CallHead {
+            job: firebrand_runner::STASH_LEN.name().into(),
+            timeout_ms: 0,
+            trace_id: 0,
+            resource: id,
+        })
+        .unwrap();
+    request.push_frame(&()).unwrap();
+    send.write_all(&request.into_bytes().concat())
+        .await
+        .unwrap();
     send.finish().unwrap();
     let head: ReplyHead = within(Duration::from_secs(10), wire::read_head(&mut reply))
         .await
         .unwrap();
     assert!(matches!(head, ReplyHead::Ok), "{head:?}");
-    let (len, _pid): (usize, u32) =
-        wire::decode_payload(&wire::read_frame(&mut reply, 64).await.unwrap()).unwrap();
+    let (len, _pid): (usize, u32) = wire::read_frame(&mut reply, 64)
+        .await
+        .unwrap()
+        .decode()
+        .unwrap();
     assert_eq!(len, 64);
 }
 

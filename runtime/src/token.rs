@@ -126,7 +126,7 @@ impl BootToken {
     /// Never: every field encodes.
     #[must_use]
     pub fn encode(&self) -> String {
-        let frame = wire::encode_payload_frame(self).expect("a boot token always encodes");
+        let frame = wire::encode_frame(self).expect("a boot token always encodes");
         format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&frame[4..]))
     }
 

@@ -312,15 +312,19 @@ pub async fn raw_request<A: serde::Serialize>(
 ) -> (quinn::SendStream, quinn::RecvStream) {
     use firebrand::wire::{self, CallHead};
     let (mut send, recv) = connection.open_bi().await.unwrap();
-    let mut request = wire::encode_payload_frame(&CallHead {
-        job: job.into(),
-        timeout_ms,
-        trace_id: 0,
-        resource: 0,
-    })
-    .unwrap();
-    wire::encode_frame_into(&mut request, args).unwrap();
-    send.write_all(&request).await.unwrap();
+    let mut request = wire::Chunks::new();
+    request
+        .push_frame(&CallHead {
+            job: job.into(),
+            timeout_ms,
+            trace_id: 0,
+            resource: 0,
+        })
+        .unwrap();
+    request.push_frame(args).unwrap();
+    send.write_all(&request.into_bytes().concat())
+        .await
+        .unwrap();
     send.finish().unwrap();
     (send, recv)
 }

@@ -126,7 +126,7 @@ impl RunnerHandle {
             match head {
                 ReplyHead::Ok => {
                     let id = wire::read_frame(&mut stream.recv, wire::MAX_HEAD_LEN).await?;
-                    Ok(wire::decode_payload::<u64>(&id)?)
+                    Ok(id.decode::<u64>()?)
                 }
                 other => Err(Failure::Reply(other)),
             }

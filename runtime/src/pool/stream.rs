@@ -201,7 +201,7 @@ async fn read_item<T: Payload>(open: &mut Open) -> Read<T> {
         ReplyHead::Item => {
             let item = wire::read_frame(&mut open.stream.recv, runner.max_payload_len())
                 .await
-                .and_then(|frame| wire::decode_payload::<T>(&frame));
+                .and_then(wire::Message::decode::<T>);
             return match item {
                 Ok(item) => Read::Item(item),
                 Err(wire::WireError::Decode(message)) => {

@@ -4,7 +4,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt as _;
 use quinn::{RecvStream, SendStream};
 use tokio::runtime::Handle;
@@ -273,7 +272,7 @@ pub(super) async fn finish(
 ) -> Result<(), WireError> {
     let mut chunks = match encoded {
         Some(encoded) => encoded.into_bytes(),
-        None => smallvec::smallvec![Bytes::from(wire::encode_payload_frame(head)?)],
+        None => smallvec::smallvec![wire::encode_frame(head)?],
     };
     send.write_all_chunks(&mut chunks).await?;
     let _ = send.finish();
