@@ -94,9 +94,9 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     ];
     let quic = rt.block_on(QuicEcho::start());
     let raw = rt.block_on(support::RawParent::start());
-    let mut raw_request = firebrand::wire::Chunks::new();
+    let mut raw_request = firebrand::internals::wire::Chunks::new();
     raw_request
-        .push_frame(&firebrand::wire::CallHead {
+        .push_frame(&firebrand::internals::wire::CallHead {
             job: ECHO_BYTES.name().into(),
             timeout_ms: 30_000,
             trace_id: 0,

@@ -265,7 +265,7 @@ async fn runners_get_an_explicit_environment() {
         "not forwarded"
     );
     assert_eq!(
-        get(firebrand::token::PARENT_ENV).await.unwrap(),
+        get(firebrand::internals::token::PARENT_ENV).await.unwrap(),
         None,
         "the boot token is removed from the runner's environment"
     );

@@ -73,14 +73,18 @@ fn parent_helper() {
             pool()
                 .peer_timeout(HELPER_PEER_TIMEOUT)
                 .keep_alive(Duration::from_millis(300))
-                .drain_grace(HELPER_DRAIN_GRACE),
+                .drain_grace(HELPER_DRAIN_GRACE)
+                // Pack puts the round trip below on the runner with the spawn, over the same
+                // connection; Spread would send it to the other runner, proving nothing.
+                .placement(firebrand::Placement::Pack),
         )
         .await;
         use futures_util::StreamExt as _;
         let mut events = pool.events();
         pool.spawn(&SLEEP, 600_000).detach();
-        // Started means its request was handed to QUIC; a round trip after it means the
-        // connection has sent it, so the runner has it even if this process dies now.
+        // Started means its request was handed to QUIC; a round trip after it on the same
+        // connection means the connection has sent it, so the runner has it even if this
+        // process dies now.
         while !matches!(
             events.next().await,
             Some(firebrand::PoolEvent::CallStarted { .. })
@@ -205,7 +209,7 @@ fn vanish_during_a_call(sleep_ms: u64, drain_grace: Duration) -> (Option<i32>, D
         .enable_all()
         .build()
         .unwrap();
-    let settings = firebrand::token::RunnerSettings {
+    let settings = firebrand::internals::token::RunnerSettings {
         peer_timeout: Duration::from_secs(1),
         keep_alive: Duration::from_millis(300),
         drain_grace,

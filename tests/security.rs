@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{local_backend, pool, spawn_runner, within, Recording};
+use firebrand::internals::tls::{self, IssuedCert, PoolCa, PARENT_SERVER_NAME};
+use firebrand::internals::token::{BootToken, RunnerSettings, PARENT_ENV};
+use firebrand::internals::wire::{self, CallHead, Hello, HelloReply, ReplyHead};
 use firebrand::runner::exit_code;
-use firebrand::tls::{self, IssuedCert, PoolCa, PARENT_SERVER_NAME};
-use firebrand::token::{BootToken, RunnerSettings, PARENT_ENV};
-use firebrand::wire::{self, CallHead, Hello, HelloReply, ReplyHead};
 use firebrand::{BootError, CallError, Job, Pool};
 use firebrand_runner::{ECHO, PID};
 use rustls::pki_types::CertificateDer;
@@ -428,7 +428,7 @@ async fn an_executed_runner_s_environment_holds_no_token() {
     );
     assert!(!environ.contains("fb1."), "{environ}");
     assert!(
-        environ.contains(firebrand::token::PARENT_FD_ENV),
+        environ.contains(firebrand::internals::token::PARENT_FD_ENV),
         "{environ}"
     );
     // The pipe it came through is closed in the runner once read.

@@ -391,8 +391,8 @@ async fn make_a_raw_resource(
     quinn::RecvStream,
     tokio::process::Child,
 ) {
-    use firebrand::wire::{self, ReplyHead};
-    let settings = firebrand::token::RunnerSettings {
+    use firebrand::internals::wire::{self, ReplyHead};
+    let settings = firebrand::internals::token::RunnerSettings {
         idle_shutdown_after: Some(Duration::from_millis(300)),
         ..common::raw_settings()
     };
@@ -418,12 +418,12 @@ async fn make_a_raw_resource(
 
 #[tokio::test]
 async fn a_resource_whose_caller_left_after_it_was_made_is_dropped_and_the_runner_idles() {
-    use firebrand::wire::{self, ControlMessage, DrainReason};
+    use firebrand::internals::wire::{self, ControlMessage, DrainReason};
     common::init_tracing();
     let parent = common::RawParent::new();
     // What a caller dropped just after the reply arrived does: its stream is stopped.
     let (_connection, _id, mut control, _runner) =
-        make_a_raw_resource(&parent, firebrand::wire::stream::CANCELLED).await;
+        make_a_raw_resource(&parent, firebrand::internals::wire::stream::CANCELLED).await;
     let message: ControlMessage = within(Duration::from_secs(10), wire::read_head(&mut control))
         .await
         .unwrap();
@@ -440,11 +440,11 @@ async fn a_resource_whose_caller_left_after_it_was_made_is_dropped_and_the_runne
 
 #[tokio::test]
 async fn a_claimed_resource_stays_on_its_runner() {
-    use firebrand::wire::{self, CallHead, ReplyHead};
+    use firebrand::internals::wire::{self, CallHead, ReplyHead};
     common::init_tracing();
     let parent = common::RawParent::new();
     let (connection, id, _control, _runner) =
-        make_a_raw_resource(&parent, firebrand::wire::stream::CLAIMED).await;
+        make_a_raw_resource(&parent, firebrand::internals::wire::stream::CLAIMED).await;
     // Well past the idle timeout, the resource is still there to use.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (mut send, mut reply) = connection.open_bi().await.unwrap();

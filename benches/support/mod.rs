@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use firebrand::tls::{self, PoolCa, PARENT_SERVER_NAME};
-use firebrand::token::{BootToken, RunnerSettings};
-use firebrand::{transport, LocalBackend, Pool};
+use firebrand::internals::tls::{self, PoolCa, PARENT_SERVER_NAME};
+use firebrand::internals::token::{BootToken, RunnerSettings};
+use firebrand::internals::transport;
+use firebrand::{LocalBackend, Pool};
 use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
 
@@ -317,10 +318,10 @@ pub struct RawParent {
 
 impl RawParent {
     pub async fn start() -> Self {
-        use firebrand::wire::{self, Hello, HelloReply};
+        use firebrand::internals::wire::{self, Hello, HelloReply};
         let (endpoint, token) = test_parent();
         let runner = tokio::process::Command::new(RUNNER)
-            .env(firebrand::token::PARENT_ENV, token.encode())
+            .env(firebrand::internals::token::PARENT_ENV, token.encode())
             .kill_on_drop(true)
             .spawn()
             .unwrap();

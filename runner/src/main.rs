@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     eprintln!(
         "firebrand-runner serves jobs for a Firebrand pool, which starts it with {} set.\n\
          Point a pool at it with `LocalBackend::builder().command(\"{}\")`.",
-        firebrand::token::PARENT_ENV,
+        firebrand::runner::PARENT_ENV,
         std::env::args().next().unwrap_or_default()
     );
     ExitCode::from(2)

@@ -159,7 +159,7 @@ impl BootError {
 #[non_exhaustive]
 pub enum BackendError {
     /// The runner process could not be spawned.
-    #[error("cannot spawn runner `{program}`: {source}")]
+    #[error("cannot spawn runner `{program}`")]
     Spawn {
         /// The program.
         program: String,
@@ -171,14 +171,41 @@ pub enum BackendError {
     Config(String),
     /// The Fly Machines API refused or failed.
     #[cfg(feature = "fly")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
     #[error(transparent)]
     Fly(crate::backend::fly::FlyError),
-    /// Any other backend failure.
-    #[error("{0}")]
-    Other(String),
+    /// Any other backend failure: what the backend was doing, and the error that stopped it,
+    /// if another error says why. Build one with [`BackendError::other`].
+    #[error("{message}")]
+    Other {
+        /// What failed.
+        message: String,
+        /// Why.
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
 }
 
 impl BackendError {
+    /// A [`BackendError::Other`]: `message` says what failed, `source` why. Its `Display` is
+    /// `message` alone; the cause is its [`source`](std::error::Error::source).
+    ///
+    /// ```
+    /// use firebrand::BackendError;
+    ///
+    /// let error = BackendError::other("cannot create the pod", "quota exceeded");
+    /// assert_eq!(error.to_string(), "cannot create the pod");
+    /// assert_eq!(std::error::Error::source(&error).unwrap().to_string(), "quota exceeded");
+    /// ```
+    pub fn other(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        BackendError::Other {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
     /// Whether booting again cannot help: the backend's configuration is invalid, or its
     /// provider refused the request as such (on Fly: a GPU refusal, 400, 401, 403, a 422 for
     /// the config). Spawn errors and everything else may pass, and are retried.
@@ -201,7 +228,7 @@ pub enum PoolError {
     #[error("invalid pool configuration: {0}")]
     InvalidConfig(String),
     /// The QUIC endpoint could not bind.
-    #[error("cannot bind the pool's endpoint on {addr}: {source}")]
+    #[error("cannot bind the pool's endpoint on {addr}")]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
@@ -214,4 +241,20 @@ pub enum PoolError {
     /// A `min` runner failed to boot at start.
     #[error("a min runner failed to boot: {0}")]
     Boot(Arc<BootError>),
+}
+
+/// An error with its chain of causes, `error: cause: cause`, for log lines: the errors here
+/// print their own message only and return their cause from `source()`.
+pub(crate) struct Report<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
 }

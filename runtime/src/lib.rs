@@ -31,8 +31,9 @@
 //!     })
 //! }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
-#![warn(missing_debug_implementations)]
+#![warn(missing_debug_implementations, unreachable_pub)]
 
 #[cfg(not(unix))]
 compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");
@@ -52,6 +53,7 @@ pub mod transport;
 pub mod wire;
 
 #[cfg(feature = "fly")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
 pub use backend::fly::FlyBackend;
 pub use backend::{Backend, LocalBackend};
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
@@ -70,4 +72,24 @@ pub use trace::TraceId;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::pool::placement::{Action, Arrival, Rules, Scheduler, Waiter, WaiterId};
+
+    /// The pool's certificates and TLS configurations.
+    pub mod tls {
+        pub use crate::tls::*;
+    }
+
+    /// The boot token a runner is started with.
+    pub mod token {
+        pub use crate::token::*;
+    }
+
+    /// QUIC endpoints and transport settings.
+    pub mod transport {
+        pub use crate::transport::*;
+    }
+
+    /// The wire protocol.
+    pub mod wire {
+        pub use crate::wire::*;
+    }
 }

@@ -17,22 +17,47 @@ use uuid::Uuid;
 
 use crate::wire::ALPN;
 
-/// An error making certificates or TLS configurations.
+/// An error making certificates or TLS configurations. The cause (from rcgen, rustls or
+/// quinn, which are not part of this crate's API) is its [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
     /// Certificate generation failed.
-    #[error("certificate generation failed: {0}")]
-    Certificate(#[from] rcgen::Error),
+    #[error("certificate generation failed")]
+    Certificate(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// rustls refused the configuration.
-    #[error("TLS configuration failed: {0}")]
-    Config(#[from] rustls::Error),
+    #[error("TLS configuration failed")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The client certificate verifier could not be built.
-    #[error("client verifier failed: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("client verifier failed")]
+    Verifier(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// quinn refused the rustls configuration.
-    #[error("QUIC crypto configuration failed: {0}")]
-    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("QUIC crypto configuration failed")]
+    Quic(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<rcgen::Error> for TlsError {
+    fn from(e: rcgen::Error) -> Self {
+        TlsError::Certificate(Box::new(e))
+    }
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        TlsError::Config(Box::new(e))
+    }
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsError {
+    fn from(e: rustls::server::VerifierBuilderError) -> Self {
+        TlsError::Verifier(Box::new(e))
+    }
+}
+
+impl From<quinn::crypto::rustls::NoInitialCipherSuite> for TlsError {
+    fn from(e: quinn::crypto::rustls::NoInitialCipherSuite) -> Self {
+        TlsError::Quic(Box::new(e))
+    }
 }
 
 /// A certificate and its private key. `Debug` never shows the key.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use firebrand::backend::{BootRequest, Exit, Machine};
-use firebrand::token::{BootToken, PARENT_ENV};
+use firebrand::internals::token::{BootToken, PARENT_ENV};
 use firebrand::{Backend, BackendError, LocalBackend, Pool, PoolBuilder};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
@@ -229,8 +229,8 @@ pub fn spawn_runner(token: &str) -> tokio::process::Child {
 }
 
 /// Runner settings for tests that play the parent themselves.
-pub fn raw_settings() -> firebrand::token::RunnerSettings {
-    firebrand::token::RunnerSettings {
+pub fn raw_settings() -> firebrand::internals::token::RunnerSettings {
+    firebrand::internals::token::RunnerSettings {
         max_concurrency: 4,
         idle_shutdown_after: None,
         connect_failsafe: Duration::from_secs(20),
@@ -245,15 +245,15 @@ pub fn raw_settings() -> firebrand::token::RunnerSettings {
 /// the way no pool does.
 pub struct RawParent {
     pub endpoint: quinn::Endpoint,
-    ca: firebrand::tls::PoolCa,
+    ca: firebrand::internals::tls::PoolCa,
 }
 
 impl RawParent {
     /// Listens on loopback. Call within a Tokio runtime.
     pub fn new() -> Self {
-        let ca = firebrand::tls::PoolCa::generate("raw-parent").unwrap();
+        let ca = firebrand::internals::tls::PoolCa::generate("raw-parent").unwrap();
         let server = ca.issue_server().unwrap();
-        let crypto = firebrand::tls::server_crypto(ca.cert(), &server).unwrap();
+        let crypto = firebrand::internals::tls::server_crypto(ca.cert(), &server).unwrap();
         let endpoint = quinn::Endpoint::server(
             quinn::ServerConfig::with_crypto(Arc::new(crypto)),
             "127.0.0.1:0".parse().unwrap(),
@@ -263,11 +263,11 @@ impl RawParent {
     }
 
     /// A token for a new runner with `settings`.
-    pub fn token(&self, settings: firebrand::token::RunnerSettings) -> BootToken {
+    pub fn token(&self, settings: firebrand::internals::token::RunnerSettings) -> BootToken {
         let id = uuid::Uuid::new_v4();
         BootToken::new(
             vec![self.endpoint.local_addr().unwrap().to_string()],
-            firebrand::tls::PARENT_SERVER_NAME.into(),
+            firebrand::internals::tls::PARENT_SERVER_NAME.into(),
             self.ca.cert(),
             &self.ca.issue_runner(id, Duration::from_secs(600)).unwrap(),
             id,
@@ -286,7 +286,7 @@ impl RawParent {
     pub async fn admit_with_control(
         &self,
     ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-        use firebrand::wire::{self, Hello, HelloReply};
+        use firebrand::internals::wire::{self, Hello, HelloReply};
         let connection = within(Duration::from_secs(20), async {
             self.endpoint.accept().await.unwrap().await.unwrap()
         })
@@ -310,7 +310,7 @@ pub async fn raw_request<A: serde::Serialize>(
     timeout_ms: u64,
     args: &A,
 ) -> (quinn::SendStream, quinn::RecvStream) {
-    use firebrand::wire::{self, CallHead};
+    use firebrand::internals::wire::{self, CallHead};
     let (mut send, recv) = connection.open_bi().await.unwrap();
     let mut request = wire::Chunks::new();
     request

@@ -218,6 +218,7 @@ impl LocalBackendBuilder {
     ///     .build();
     /// ```
     #[cfg(target_os = "linux")]
+    #[cfg_attr(docsrs, doc(cfg(target_os = "linux")))]
     pub fn fork_server(mut self) -> Self {
         self.backend.fork_server = Some(Arc::default());
         self
@@ -346,7 +347,10 @@ impl LocalBackend {
         let forked = server
             .spawn(env, output, gpus)
             .await
-            .map_err(BackendError::Other)?;
+            .map_err(|why| BackendError::Other {
+                message: format!("the fork server could not fork a runner: {why}"),
+                source: None,
+            })?;
         tracing::debug!(%runner, pid = forked.pid(), gpus = visible, "runner process forked");
         Ok(Box::new(forked))
     }
@@ -364,8 +368,7 @@ fn take_token(env: &mut Vec<(String, String)>) -> Option<String> {
 /// which the caller keeps open until the runner has been spawned.
 fn hand_over_token(command: &mut Command, token: &str) -> Result<OwnedFd, BackendError> {
     use std::io::Write as _;
-    let fail =
-        |e: std::io::Error| BackendError::Other(format!("cannot hand over the boot token: {e}"));
+    let fail = |e: std::io::Error| BackendError::other("cannot hand over the boot token", e);
     let (read, write) = cloexec_pipe().map_err(fail)?;
     std::fs::File::from(write)
         .write_all(token.as_bytes())
@@ -425,7 +428,7 @@ fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, std::os::fd::Owned
             write,
         ))
     };
-    pipe().map_err(|e| BackendError::Other(format!("cannot make an output pipe: {e}")))
+    pipe().map_err(|e| BackendError::other("cannot make an output pipe", e))
 }
 
 /// The longest line the relay logs as one event; a longer line is logged in pieces of this
@@ -622,9 +625,10 @@ impl Machine for LocalProcess {
                     pid = self.pid,
                     "runner did not exit within its grace; killing"
                 );
-                self.child.kill().await.map_err(|e| {
-                    BackendError::Other(format!("cannot kill pid {}: {e}", self.pid))
-                })?;
+                self.child
+                    .kill()
+                    .await
+                    .map_err(|e| BackendError::other(format!("cannot kill pid {}", self.pid), e))?;
             }
             Ok(())
         }

@@ -1,6 +1,7 @@
 //! Backends boot and terminate the machines that runners run on.
 
 #[cfg(feature = "fly")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
 pub mod fly;
 pub(crate) mod gpu;
 pub(crate) mod local;

@@ -12,7 +12,7 @@ use super::hooks::{self, GrowEnd, GrowStart};
 use super::listener::Admitted;
 use super::Shared;
 use crate::backend::{BootRequest, Machine};
-use crate::error::{BootError, RunnerId};
+use crate::error::{BootError, Report, RunnerId};
 use crate::tls::PARENT_SERVER_NAME;
 use crate::token::{BootToken, PARENT_ENV};
 
@@ -66,7 +66,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: RunnerId, min: bool, cancel: Cance
                     if matches!(error, BootError::NotNeeded) {
                         tracing::info!(%error, "runner boot cancelled");
                     } else {
-                        tracing::warn!(%error, "runner boot failed");
+                        tracing::warn!(error = %Report(&error), "runner boot failed");
                     }
                     let error = Arc::new(error);
                     let outcome = Err(Arc::clone(&error));
@@ -140,7 +140,7 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
             shared.listener.abandon(id);
             // It never served a call: nothing to drain.
             if let Err(e) = machine.terminate(Duration::ZERO).await {
-                tracing::error!(error = %e, "terminating a failed boot failed");
+                tracing::error!(error = %Report(&e), "terminating a failed boot failed");
             }
             Err(error)
         }

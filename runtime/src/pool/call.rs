@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sync_wrapper::SyncWrapper;
 use tracing::Instrument as _;
 
 use tokio::time::Instant;
@@ -35,12 +36,14 @@ use crate::wire;
 pub struct Call<A, R> {
     shared: Arc<Shared>,
     job: Job<A, R>,
-    args: Option<A>,
+    // Wrapped so that a `Call` is `Sync` whatever `A` is: both are only reached through
+    // `&mut self`.
+    args: SyncWrapper<Option<A>>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
     retry: Retry,
     trace_id: Option<TraceId>,
-    running: Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>,
+    running: SyncWrapper<Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>>,
 }
 
 impl<A, R> std::fmt::Debug for Call<A, R> {
@@ -51,7 +54,6 @@ impl<A, R> std::fmt::Debug for Call<A, R> {
             .field("queue_timeout", &self.queue_timeout)
             .field("retry", &self.retry)
             .field("trace_id", &self.trace_id)
-            .field("running", &self.running.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -98,7 +100,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
         Call {
             shared,
             job: *job,
-            args: Some(args),
+            args: SyncWrapper::new(Some(args)),
             timeout,
             queue_timeout,
             retry: Retry {
@@ -107,7 +109,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
                 job_errors: false,
             },
             trace_id: None,
-            running: None,
+            running: SyncWrapper::new(None),
         }
     }
 
@@ -156,7 +158,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
 
     pub(super) fn prepare(&mut self) -> Result<Prepared<R>, CallError> {
         let name = self.job.name();
-        let args = self.args.take().ok_or(CallError::Protocol {
+        let args = self.args.get_mut().take().ok_or(CallError::Protocol {
             message: "call polled after completion".into(),
         })?;
         check_callable(&self.shared, name)?;
@@ -471,11 +473,16 @@ impl<A: Payload, R: Payload> Future for Call<A, R> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if this.running.is_none() {
+        if this.running.get_mut().is_none() {
             let prepared = this.prepare();
             let shared = Arc::clone(&this.shared);
-            this.running = Some(Box::pin(async move { prepared?.run(&shared).await }));
+            *this.running.get_mut() = Some(Box::pin(async move { prepared?.run(&shared).await }));
         }
-        this.running.as_mut().expect("set above").as_mut().poll(cx)
+        this.running
+            .get_mut()
+            .as_mut()
+            .expect("set above")
+            .as_mut()
+            .poll(cx)
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::handle::RunnerHandle;
 use super::placement::{Action, Arrival, Scheduler, Waiter, WaiterId};
 use super::{PoolStats, Shared};
-use crate::error::{BootError, CallError, RunnerId};
+use crate::error::{BootError, CallError, Report, RunnerId};
 
 /// A waiting caller's end of its grant.
 pub(crate) type WaiterTx = oneshot::Sender<Result<Grant, CallError>>;
@@ -297,7 +297,7 @@ impl Shared {
             state.boot_cancels.remove(&runner);
             if error.is_permanent() {
                 // Another boot would be refused the same way; only new demand tries again.
-                tracing::error!(%error, "boot refused for good: not retrying");
+                tracing::error!(error = %Report(&*error), "boot refused for good: not retrying");
             }
             state.scheduler.boot_failed(runner, error, now);
         });

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::Shared;
 use crate::backend::Machine;
-use crate::error::{CallError, RunnerId};
+use crate::error::{CallError, Report, RunnerId};
 use crate::wire::{self, close, ControlMessage, ReplyHead, WireError};
 
 /// One connected runner.
@@ -299,6 +299,6 @@ pub(crate) async fn supervise(
         },
     );
     if let Err(e) = machine.terminate(shared.config.terminate_grace).await {
-        tracing::error!(error = %e, machine = %handle.machine, "terminating the runner failed");
+        tracing::error!(error = %Report(&e), machine = %handle.machine, "terminating the runner failed");
     }
 }

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::oneshot;
 
-use crate::error::{BootError, RunnerId};
+use crate::error::{BootError, Report, RunnerId};
 use crate::registry::Manifest;
 use crate::wire::{self, close, Hello, HelloReply};
 
@@ -73,7 +73,9 @@ impl Listener {
                         .await
                     {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::debug!(error = %e, "connection attempt failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %Report(&e), "connection attempt failed")
+                        }
                         Err(_) => tracing::warn!("connecting runner did not say hello in time"),
                     }
                 });
@@ -122,7 +124,7 @@ impl Drop for Listener {
 
 #[derive(Debug, thiserror::Error)]
 enum AdmitError {
-    #[error("handshake failed: {0}")]
+    #[error("handshake failed")]
     Handshake(#[from] quinn::ConnectionError),
     #[error(transparent)]
     Wire(#[from] wire::WireError),

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
+use sync_wrapper::SyncWrapper;
 
 use super::Pool;
 use crate::error::CallError;
@@ -23,6 +24,9 @@ pub struct Progress {
 }
 
 type Hook = Box<dyn FnMut(Progress) + Send>;
+
+/// The results of a running map, each with its input's index.
+type Results<R> = BoxStream<'static, (usize, Result<R, CallError>)>;
 
 /// A job mapped over inputs, from [`Pool::map`]. A [`Stream`] of `(input index, result)`.
 ///
@@ -49,12 +53,13 @@ type Hook = Box<dyn FnMut(Progress) + Send>;
 pub struct Map<A, R> {
     pool: Pool,
     job: Job<A, R>,
-    inputs: Option<(BoxStream<'static, A>, Option<usize>)>,
+    // Wrapped so that a `Map` is `Sync`: they are only ever reached through `&mut self`.
+    inputs: SyncWrapper<Option<(BoxStream<'static, A>, Option<usize>)>>,
     ordered: bool,
     in_flight: Option<usize>,
     stop_on_error: bool,
-    progress: Option<Hook>,
-    running: Option<BoxStream<'static, (usize, Result<R, CallError>)>>,
+    progress: SyncWrapper<Option<Hook>>,
+    running: SyncWrapper<Option<Results<R>>>,
     stopped: bool,
 }
 
@@ -65,7 +70,6 @@ impl<A, R> std::fmt::Debug for Map<A, R> {
             .field("ordered", &self.ordered)
             .field("in_flight", &self.in_flight)
             .field("stop_on_error", &self.stop_on_error)
-            .field("running", &self.running.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -83,12 +87,12 @@ impl<A: Payload, R: Payload> Map<A, R> {
         Self {
             pool,
             job,
-            inputs: Some((inputs.boxed(), total)),
+            inputs: SyncWrapper::new(Some((inputs.boxed(), total))),
             ordered: true,
             in_flight: None,
             stop_on_error: false,
-            progress: None,
-            running: None,
+            progress: SyncWrapper::new(None),
+            running: SyncWrapper::new(None),
             stopped: false,
         }
     }
@@ -114,7 +118,7 @@ impl<A: Payload, R: Payload> Map<A, R> {
 
     /// Calls `hook` after each result, with the counts so far.
     pub fn on_progress(mut self, hook: impl FnMut(Progress) + Send + 'static) -> Self {
-        self.progress = Some(Box::new(hook));
+        self.progress = SyncWrapper::new(Some(Box::new(hook)));
         self
     }
 
@@ -139,8 +143,8 @@ impl<A: Payload, R: Payload> Map<A, R> {
         Ok(all.into_iter().map(|(_, output)| output).collect())
     }
 
-    fn start(&mut self) -> BoxStream<'static, (usize, Result<R, CallError>)> {
-        let (inputs, total) = self.inputs.take().expect("started once");
+    fn start(&mut self) -> Results<R> {
+        let (inputs, total) = self.inputs.get_mut().take().expect("started once");
         let pool = self.pool.clone();
         let job = self.job;
         let calls = inputs.enumerate().map(move |(index, args)| {
@@ -153,7 +157,7 @@ impl<A: Payload, R: Payload> Map<A, R> {
         } else {
             calls.buffer_unordered(limit).boxed()
         };
-        let mut hook = self.progress.take();
+        let mut hook = self.progress.get_mut().take();
         let mut progress = Progress {
             done: 0,
             failed: 0,
@@ -178,19 +182,20 @@ impl<A: Payload, R: Payload> Stream for Map<A, R> {
         if self.stopped {
             return Poll::Ready(None);
         }
-        if self.running.is_none() {
+        if self.running.get_mut().is_none() {
             let running = self.start();
-            self.running = Some(running);
+            *self.running.get_mut() = Some(running);
         }
         let next = self
             .running
+            .get_mut()
             .as_mut()
             .expect("set above")
             .poll_next_unpin(cx);
         if let Poll::Ready(Some((_, Err(_)))) = &next {
             if self.stop_on_error {
                 // Dropping the calls in flight cancels them now, not when the map is dropped.
-                self.running = None;
+                *self.running.get_mut() = None;
                 self.stopped = true;
             }
         }

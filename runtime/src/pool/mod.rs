@@ -374,3 +374,21 @@ impl Drop for PoolInner {
         self.closing.send_replace(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_and_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn work_shapes_are_send_and_sync_whatever_their_payloads() {
+        // `Cell` is `Send` but not `Sync`: the shapes must not depend on their payloads' `Sync`.
+        type NotSync = std::cell::Cell<u8>;
+        send_and_sync::<Call<NotSync, NotSync>>();
+        send_and_sync::<Map<NotSync, NotSync>>();
+        send_and_sync::<RemoteStream<NotSync>>();
+        send_and_sync::<Pool>();
+        send_and_sync::<PoolBuilder>();
+    }
+}

@@ -149,7 +149,7 @@ struct Booting {
     demand: Option<u64>,
 }
 
-/// The pool's placement state. See the [module docs](self).
+/// The pool's placement state: see the module docs of `pool/placement.rs`.
 #[derive(Debug)]
 pub struct Scheduler<W, H> {
     rules: Rules,

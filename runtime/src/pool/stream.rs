@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
+use sync_wrapper::SyncWrapper;
 use tokio::time::Instant;
 
 use super::call::{check_callable, encode, place, Request, Running};
@@ -38,7 +39,8 @@ use crate::wire::{self, ReplyHead};
 /// ```
 #[must_use = "a stream does nothing unless polled"]
 pub struct RemoteStream<T> {
-    items: BoxStream<'static, Result<T, CallError>>,
+    // Wrapped so that a `RemoteStream` is `Sync`: it is only polled through `&mut self`.
+    items: SyncWrapper<BoxStream<'static, Result<T, CallError>>>,
 }
 
 impl<T> std::fmt::Debug for RemoteStream<T> {
@@ -53,7 +55,7 @@ impl<T> Stream for RemoteStream<T> {
     type Item = Result<T, CallError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.items.poll_next_unpin(cx)
+        self.items.get_mut().poll_next_unpin(cx)
     }
 }
 
@@ -110,7 +112,7 @@ pub(super) fn start<A: Payload, T: Payload>(
         next_item(open).await
     });
     RemoteStream {
-        items: items.boxed(),
+        items: SyncWrapper::new(items.boxed()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The runner side: a process that dials its parent and serves jobs.
 //!
 //! `dial.rs` reaches the parent; `call.rs` and `stream.rs` serve each call on the jobs'
-//! runtime; the [terminator](terminator) decides when the runner stops.
+//! runtime; the terminator (`terminator.rs`) decides when the runner stops.
 //!
 //! An app embeds the runner with one call at the top of `main`:
 //!
@@ -29,10 +29,11 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
+pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
 pub use stats::RunnerStats;
 
 use crate::registry::Registry;
-use crate::token::{BootToken, TokenError, PARENT_ENV, PARENT_FD_ENV};
+use crate::token::BootToken;
 use crate::wire::{self, close, ControlMessage, DrainReason};
 use call::{serve_call, CallContext};
 pub(crate) use output::RELAYED_OUTPUT_ENV;
@@ -185,7 +186,7 @@ fn serve_on_own_runtime(token: BootToken, registry: &Registry) -> i32 {
             return exit_code::SETUP;
         }
     };
-    let result = runtime.block_on(serve(token, registry.clone()));
+    let result = runtime.block_on(serve_token(token, registry.clone()));
     runtime.shutdown_timeout(Duration::from_millis(200));
     exit_code_of(&result)
 }
@@ -203,8 +204,11 @@ pub fn exit_code_of(result: &Result<ServeExit, ServeError>) -> i32 {
     }
 }
 
-/// Dials the parent named in `token`, serves `registry` until the parent releases the runner or
-/// is lost, and drains in-flight calls.
+/// Serves `registry` for the parent whose boot token this process was started with (from
+/// [`FIREBRAND_PARENT_FD`](PARENT_FD_ENV) or [`FIREBRAND_PARENT`](PARENT_ENV), both removed
+/// from the environment once read), until the parent releases the runner or is lost, then
+/// drains in-flight calls. [`run_if_child`] does this and exits; call `serve` instead to serve
+/// on a runtime of the app's own, and pass its outcome to [`exit_code_of`].
 ///
 /// Jobs run on the runtime this is awaited on. The QUIC connection runs on a thread of its own
 /// (`firebrand-io`, with a single-threaded runtime), which no job can occupy: a job that
@@ -213,8 +217,17 @@ pub fn exit_code_of(result: &Result<ServeExit, ServeError>) -> i32 {
 /// for it.
 ///
 /// # Errors
-/// A [`ServeError`] if the parent is never reached or refuses the runner.
-pub async fn serve(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
+/// [`ServeError::Token`] if the process has no valid boot token; another [`ServeError`] if the
+/// parent is never reached or refuses the runner.
+pub async fn serve(registry: Registry) -> Result<ServeExit, ServeError> {
+    let token = BootToken::from_env();
+    std::env::remove_var(PARENT_ENV);
+    std::env::remove_var(PARENT_FD_ENV);
+    serve_token(token?, registry).await
+}
+
+/// [`serve`] with the token already read.
+async fn serve_token(token: BootToken, registry: Registry) -> Result<ServeExit, ServeError> {
     let jobs = tokio::runtime::Handle::current();
     let span = tracing::info_span!("runner", runner = %token.runner_id);
     let (mut done, result) = tokio::sync::oneshot::channel();

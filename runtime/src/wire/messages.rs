@@ -31,7 +31,7 @@ pub enum HelloReply {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ControlMessage {
     /// The runner wants to stop. It still serves the calls the parent already sent; the parent
-    /// sends no more and closes the connection with [`close::DONE`] once they have finished.
+    /// sends no more and closes the connection with [`close::DONE`](super::close::DONE) once they have finished.
     Draining {
         /// Why the runner is stopping.
         reason: DrainReason,

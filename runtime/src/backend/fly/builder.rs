@@ -10,10 +10,10 @@ use crate::token::PARENT_ENV;
 
 /// Metadata keys Firebrand sets on every machine it creates.
 pub(crate) mod keys {
-    pub const POOL: &str = "firebrand_pool";
-    pub const PARENT: &str = "firebrand_parent";
-    pub const INCARNATION: &str = "firebrand_parent_incarnation";
-    pub const LAUNCH: &str = "firebrand_launch";
+    pub(crate) const POOL: &str = "firebrand_pool";
+    pub(crate) const PARENT: &str = "firebrand_parent";
+    pub(crate) const INCARNATION: &str = "firebrand_parent_incarnation";
+    pub(crate) const LAUNCH: &str = "firebrand_launch";
 }
 
 /// The default API: Fly's public endpoint. Inside Fly, `http://_api.internal:4280` works too.

@@ -25,6 +25,7 @@ mod api;
 mod builder;
 mod error;
 #[cfg(feature = "fly-fake")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fly-fake")))]
 pub mod fake;
 mod launch;
 mod machine;
