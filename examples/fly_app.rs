@@ -93,8 +93,8 @@ async fn parent(registry: Registry, fake: bool) -> anyhow::Result<()> {
 
 /// A fake Machines API whose image is this very binary, and a backend pointed at it as a
 /// parent on Fly would be by its environment.
-async fn fake_fly() -> anyhow::Result<(FlyBackendBuilder, firebrand::backend::fly::fake::FakeFly)> {
-    use firebrand::backend::fly::fake::FakeFly;
+async fn fake_fly() -> anyhow::Result<(FlyBackendBuilder, firebrand_fly_fake::FakeFly)> {
+    use firebrand_fly_fake::FakeFly;
     const IMAGE: &str = "registry.fly.io/fly-app-example:deployment-01";
     let fly = FakeFly::builder()
         .app("fly-app-example")

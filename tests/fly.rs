@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{within, RUNNER};
-use firebrand::backend::fly::fake::FakeFly;
 use firebrand::backend::fly::{FlyBackend, FlyBackendBuilder, FlyError};
 use firebrand::backend::BootRequest;
 use firebrand::{Backend, BackendError, CallError, Pool, PoolBuilder, RunnerId};
+use firebrand_fly_fake::FakeFly;
 use firebrand_runner::{ENV, PID, SLEEP};
 
 const IMAGE: &str = "registry.fly.io/fake-app:deployment-01";

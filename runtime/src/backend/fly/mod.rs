@@ -24,9 +24,6 @@
 mod api;
 mod builder;
 mod error;
-#[cfg(feature = "fly-fake")]
-#[cfg_attr(docsrs, doc(cfg(feature = "fly-fake")))]
-pub mod fake;
 mod launch;
 mod machine;
 mod token;
@@ -352,7 +349,6 @@ mod tests {
         assert_eq!(config["metadata"]["firebrand_launch"], "launch-1");
         assert_eq!(config["metadata"]["firebrand_parent"], "148e21ea0d2089");
         assert!(config.get("services").is_none());
-        #[cfg(feature = "fly-fake")]
-        fake::check_create_body(&body).expect("valid against the spec");
+        firebrand_fly_fake::check_create_body(&body).expect("valid against the spec");
     }
 }

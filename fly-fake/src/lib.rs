@@ -1,10 +1,17 @@
-//! A fake of the Fly Machines API for tests: it validates every request against Fly's
-//! published OpenAPI spec and boots each "machine" as a local process, so a real runner dials
-//! back over real QUIC. Enabled by the `fly-fake` feature.
+//! A fake of the Fly Machines API for tests of code that uses Firebrand's `FlyBackend`: it
+//! validates every request against Fly's published OpenAPI spec (shipped in this crate) and
+//! boots each "machine" as a local process, so a real runner dials back over real QUIC.
+//!
+//! Add it as a dev-dependency:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! firebrand-fly-fake = "0.1"
+//! ```
 //!
 //! ```no_run
-//! use firebrand::backend::fly::fake::FakeFly;
 //! use firebrand::backend::fly::FlyBackendBuilder;
+//! use firebrand_fly_fake::FakeFly;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let fly = FakeFly::builder()
@@ -24,6 +31,9 @@
 //! assert_eq!(fly.created(), fly.destroyed());
 //! # Ok(()) }
 //! ```
+
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, unreachable_pub)]
 
 mod server;
 mod spec;
@@ -357,9 +367,12 @@ impl FakeFlyBuilder {
     }
 }
 
-/// Checks a create body against `CreateMachineRequest` in Fly's spec.
-#[cfg(test)]
-pub(crate) fn check_create_body(body: &serde_json::Value) -> Result<(), String> {
+/// Checks a create body against `CreateMachineRequest` in Fly's spec, as the fake checks every
+/// request it serves.
+///
+/// # Errors
+/// Each way the body breaks the schema, in one message.
+pub fn check_create_body(body: &serde_json::Value) -> Result<(), String> {
     spec::Spec::load().check_body("CreateMachineRequest", body)
 }
 
