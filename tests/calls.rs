@@ -148,13 +148,13 @@ async fn concurrency_limit_is_respected_per_runner() {
 #[tokio::test]
 async fn cast_runs_in_the_background() {
     let pool = one_runner(4).await;
-    pool.cast(&SLEEP, 10).unwrap();
-    pool.cast(&SLEEP, 10).unwrap();
+    pool.call(&SLEEP, 10).cast().unwrap();
+    pool.call(&SLEEP, 10).cast().unwrap();
     let stats = stats_until(&pool, |s| s.succeeded >= 2).await;
     assert_eq!(stats.failed, 0);
     const MISSING: Job<(), ()> = Job::new("not.registered");
     assert!(matches!(
-        pool.cast(&MISSING, ()),
+        pool.call(&MISSING, ()).cast(),
         Err(CallError::UnknownJob { .. })
     ));
     pool.shutdown().await;
@@ -369,7 +369,7 @@ async fn every_public_handle_has_a_useful_debug() {
         "{shown}"
     );
     assert_eq!(call.await.unwrap(), vec![1]);
-    let task = pool.spawn(&ECHO, vec![2]);
+    let task = pool.call(&ECHO, vec![2]).spawn();
     assert!(format!("{task:?}").starts_with("RemoteTask"));
     assert_eq!(task.await.unwrap(), vec![2]);
     let map = pool.map(&ECHO, vec![vec![3]]);

@@ -81,7 +81,7 @@ fn parent_helper() {
         .await;
         use futures_util::StreamExt as _;
         let mut events = pool.events();
-        pool.spawn(&SLEEP, 600_000).detach();
+        pool.call(&SLEEP, 600_000).timeout(None).spawn().detach();
         // Started means its request was handed to QUIC; a round trip after it on the same
         // connection means the connection has sent it, so the runner has it even if this
         // process dies now.

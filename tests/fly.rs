@@ -465,7 +465,7 @@ async fn every_work_shape_runs_on_fly_machines_too() {
     let items: Vec<_> = pool.stream(&firebrand_runner::BLOBS, args).collect().await;
     assert_eq!(items.len(), 50);
     assert!(items.iter().all(Result::is_ok));
-    pool.spawn(&SLEEP, 50).await.unwrap();
+    pool.call(&SLEEP, 50).spawn().await.unwrap();
     let stash = pool
         .resource(&firebrand_runner::STASH, vec![1, 2, 3])
         .await

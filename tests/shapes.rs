@@ -17,7 +17,7 @@ const SECOND: Duration = Duration::from_secs(1);
 async fn a_spawned_task_returns_its_result_and_holds_a_slot_while_it_runs() {
     let pool = common::pool().max(1).build().await.unwrap();
     let mut events = pool.events();
-    let task = pool.spawn(&SLEEP, 300);
+    let task = pool.call(&SLEEP, 300).spawn();
     common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
     assert_eq!(pool.stats().in_flight, 1, "the spawned job holds its slot");
     let pid = pool.call(&PID, ()).await.unwrap();
@@ -38,7 +38,7 @@ async fn aborting_or_dropping_a_task_cancels_its_job_and_frees_the_slot() {
         .await
         .unwrap();
     let mut events = pool.events();
-    let task = pool.spawn(&SLEEP, 60_000);
+    let task = pool.call(&SLEEP, 60_000).timeout(None).spawn();
     common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
     let queued = pool
         .call(&PID, ())
@@ -52,7 +52,7 @@ async fn aborting_or_dropping_a_task_cancels_its_job_and_frees_the_slot() {
     assert!(matches!(task.await, Err(CallError::Aborted)));
     within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
 
-    let task = pool.spawn(&SLEEP, 60_000);
+    let task = pool.call(&SLEEP, 60_000).timeout(None).spawn();
     common::next_matching(&mut events, |e| matches!(e, PoolEvent::CallStarted { .. })).await;
     drop(task);
     within(5 * SECOND, pool.call(&PID, ())).await.unwrap();
@@ -69,7 +69,7 @@ async fn a_detached_task_keeps_its_runner_up_until_it_ends() {
         .unwrap();
     pool.call(&PID, ()).await.unwrap();
     let detached_at = Instant::now();
-    pool.spawn(&SLEEP, 1_500).detach();
+    pool.call(&SLEEP, 1_500).spawn().detach();
     let mut runners = pool.watch_runners();
     within(
         10 * SECOND,
@@ -512,7 +512,9 @@ async fn cancelling_pool_resource_at_every_point_leaks_nothing_and_the_runner_id
     // own several times in a row: every await point of the exchange is hit.
     for waits in 0..200 {
         let making = CancelAt {
-            future: Box::pin(pool.resource(&firebrand_runner::STASH, vec![1; 32])),
+            future: Box::pin(std::future::IntoFuture::into_future(
+                pool.resource(&firebrand_runner::STASH, vec![1; 32]),
+            )),
             waits_left: waits,
         };
         match within(Duration::from_secs(30), making).await {
@@ -535,5 +537,91 @@ async fn cancelling_pool_resource_at_every_point_leaks_nothing_and_the_runner_id
             None => panic!("events ended"),
         }
     }
+    pool.shutdown().await;
+}
+
+/// Every work shape ends with the options a call takes, and none hard-codes its own: a spawned
+/// call runs under the pool's timeout unless told otherwise, and a stream, a resource and a
+/// spawn each take a timeout and a queue timeout of their own.
+#[tokio::test]
+async fn every_work_shape_takes_the_call_options() {
+    const POOL_TIMEOUT: Duration = Duration::from_millis(400);
+    let pool = common::pool()
+        .max(1)
+        .max_concurrency(1)
+        .timeout(POOL_TIMEOUT)
+        .build()
+        .await
+        .unwrap();
+    let timed_out = |result: Result<_, CallError>, after: Duration| match result {
+        Err(CallError::Timeout { after: a }) => assert_eq!(a, after),
+        other => panic!("expected a timeout after {after:?}, got {other:?}"),
+    };
+    // Spawn: the pool's timeout by default, its own when set.
+    let spawned = pool.call(&SLEEP, 60_000).spawn();
+    timed_out(within(10 * SECOND, spawned).await.map(|_| ()), POOL_TIMEOUT);
+    let own = Duration::from_millis(150);
+    let spawned = pool.call(&SLEEP, 60_000).timeout(own).spawn();
+    timed_out(within(10 * SECOND, spawned).await.map(|_| ()), own);
+    // A stream that yields slower than its deadline allows.
+    let slow = firebrand_runner::BlobArgs {
+        count: 1_000,
+        bytes: 8,
+        delay_ms: 100,
+        ..Default::default()
+    };
+    let items: Vec<_> = within(
+        10 * SECOND,
+        pool.stream(&firebrand_runner::BLOBS, slow.clone())
+            .timeout(own)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    timed_out(items.last().cloned().unwrap().map(|_| ()), own);
+    assert!(items.len() < 10, "{} items in {own:?}", items.len());
+
+    // With the one slot taken, each shape waits only its own queue timeout.
+    let blocker = pool.call(&SLEEP, 60_000).timeout(None).spawn();
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let waited = Duration::from_millis(100);
+    let queue_timed_out = |result: Result<(), CallError>| match result {
+        Err(CallError::QueueTimeout { waited: w }) => assert_eq!(w, waited),
+        other => panic!("expected a queue timeout, got {other:?}"),
+    };
+    queue_timed_out(
+        pool.call(&PID, ())
+            .queue_timeout(waited)
+            .spawn()
+            .await
+            .map(|_| ()),
+    );
+    let mut stream = pool
+        .stream(&firebrand_runner::BLOBS, slow)
+        .queue_timeout(waited);
+    queue_timed_out(stream.next().await.unwrap().map(|_| ()));
+    queue_timed_out(
+        pool.resource(&firebrand_runner::STASH, vec![1])
+            .queue_timeout(waited)
+            .await
+            .map(|_| ()),
+    );
+    blocker.abort();
+    // Once free, a resource takes its options too, and a call on it runs.
+    let stash = pool
+        .resource(&firebrand_runner::STASH, vec![0; 8])
+        .timeout(5 * SECOND)
+        .trace_id(firebrand::TraceId(7))
+        .await
+        .unwrap();
+    let (len, _) = stash
+        .call(&firebrand_runner::STASH_LEN, ())
+        .timeout(5 * SECOND)
+        .trace_id(firebrand::TraceId(8))
+        .await
+        .unwrap();
+    assert_eq!(len, 8);
+    drop(stash);
     pool.shutdown().await;
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::driver::Lease;
 use super::handle::{CallStream, RunnerHandle};
 use super::observe::CallOutcome;
+use super::task::RemoteTask;
 use super::Shared;
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
@@ -39,10 +40,8 @@ pub struct Call<A, R> {
     // Wrapped so that a `Call` is `Sync` whatever `A` is: both are only reached through
     // `&mut self`.
     args: SyncWrapper<Option<A>>,
-    timeout: Option<Duration>,
-    queue_timeout: Duration,
+    options: Options,
     retry: Retry,
-    trace_id: Option<TraceId>,
     running: SyncWrapper<Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>>,
 }
 
@@ -50,11 +49,36 @@ impl<A, R> std::fmt::Debug for Call<A, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Call")
             .field("job", &self.job.name())
-            .field("timeout", &self.timeout)
-            .field("queue_timeout", &self.queue_timeout)
+            .field("options", &self.options)
             .field("retry", &self.retry)
-            .field("trace_id", &self.trace_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// The options every work shape takes: a call, a stream, a resource and a call on one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Options {
+    /// The execution deadline; `None` for none.
+    pub(super) timeout: Option<Duration>,
+    /// How long a call may wait for a slot.
+    pub(super) queue_timeout: Duration,
+    /// The trace id; a new one per call when unset.
+    pub(super) trace_id: Option<TraceId>,
+}
+
+impl Options {
+    /// The pool's defaults.
+    pub(super) fn of(shared: &Shared) -> Self {
+        Self {
+            timeout: shared.config.call_timeout,
+            queue_timeout: shared.config.queue_timeout,
+            trace_id: None,
+        }
+    }
+
+    /// The trace id to send: the one set, or a new one.
+    pub(super) fn trace_id(&self) -> TraceId {
+        self.trace_id.unwrap_or_else(TraceId::next)
     }
 }
 
@@ -96,19 +120,16 @@ impl<A, R> Unpin for Call<A, R> {}
 
 impl<A: Payload, R: Payload> Call<A, R> {
     pub(super) fn new(shared: Arc<Shared>, job: &Job<A, R>, args: A) -> Self {
-        let (timeout, queue_timeout) = (shared.config.call_timeout, shared.config.queue_timeout);
         Call {
+            options: Options::of(&shared),
             shared,
             job: *job,
             args: SyncWrapper::new(Some(args)),
-            timeout,
-            queue_timeout,
             retry: Retry {
                 idempotent: job.is_idempotent(),
                 retries: job.default_retries(),
                 job_errors: false,
             },
-            trace_id: None,
             running: SyncWrapper::new(None),
         }
     }
@@ -116,14 +137,14 @@ impl<A: Payload, R: Payload> Call<A, R> {
     /// The execution deadline for this call; `None` for none. Default: the pool's
     /// [`timeout`](crate::PoolBuilder::timeout).
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = timeout.into();
+        self.options.timeout = timeout.into();
         self
     }
 
     /// How long this call may wait for a slot. Default: the pool's
     /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
-        self.queue_timeout = timeout;
+        self.options.queue_timeout = timeout;
         self
     }
 
@@ -152,11 +173,54 @@ impl<A: Payload, R: Payload> Call<A, R> {
     /// The trace id this call's span and the runner's log lines for it carry, e.g. one taken
     /// from an OpenTelemetry context. Default: a new one per call.
     pub fn trace_id(mut self, id: TraceId) -> Self {
-        self.trace_id = Some(id);
+        self.options.trace_id = Some(id);
         self
     }
 
-    pub(super) fn prepare(&mut self) -> Result<Prepared<R>, CallError> {
+    /// Runs this call in the background and returns a handle to await, abort or detach it.
+    /// Dropping the handle aborts the job. The call's options apply as to `.await`: its
+    /// execution deadline is the pool's [`timeout`](crate::PoolBuilder::timeout) unless set, so
+    /// give a job that runs longer `.timeout(None)`.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+    /// # const TRAIN: firebrand::Job<u32, f64> = firebrand::Job::new("train");
+    /// let training = pool.call(&TRAIN, 10).timeout(None).spawn();
+    /// // ... other work ...
+    /// let loss = training.await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn spawn(self) -> RemoteTask<R> {
+        let tasks = self.shared.tasks.clone();
+        RemoteTask::new(tasks.spawn(self))
+    }
+
+    /// Runs this call in the background and discards its result; a failure is logged.
+    ///
+    /// # Errors
+    /// Only what is known at once: [`CallError::UnknownJob`], [`CallError::NotIdempotent`],
+    /// [`CallError::Encode`] (for an argument under 64 KiB encoded; a larger one is encoded in
+    /// the background, and a failure to encode it is logged like any other),
+    /// [`CallError::Closed`].
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn cast(mut self) -> Result<(), CallError> {
+        let prepared = self.prepare()?;
+        let shared = Arc::clone(&self.shared);
+        let name = self.job.name();
+        self.shared.tasks.spawn(async move {
+            if let Err(error) = prepared.run(&shared).await {
+                tracing::warn!(job = name, %error, "cast failed");
+            }
+        });
+        Ok(())
+    }
+
+    fn prepare(&mut self) -> Result<Prepared<R>, CallError> {
         let name = self.job.name();
         let args = self.args.get_mut().take().ok_or(CallError::Protocol {
             message: "call polled after completion".into(),
@@ -165,27 +229,27 @@ impl<A: Payload, R: Payload> Call<A, R> {
         if self.retry.retries > 0 && !self.retry.idempotent {
             return Err(CallError::NotIdempotent { job: name.into() });
         }
-        let trace_id = self.trace_id.unwrap_or_else(TraceId::next);
+        let trace_id = self.options.trace_id();
+        let timeout = self.options.timeout;
         // A small argument is encoded here; a large one (64 KiB or more) on the blocking pool,
         // off the threads that drive the pool's connections, when the call runs.
-        let (request, deferred) =
-            match encode_small(&self.shared, name, self.timeout, trace_id, &args)? {
-                Some(request) => (request, None),
-                None => {
-                    let shared = Arc::clone(&self.shared);
-                    let timeout = self.timeout;
-                    let encoding = tokio::task::spawn_blocking(move || {
-                        encode(&shared, name, timeout, trace_id, 0, &args)
-                    });
-                    (Request::new(), Some(encoding))
-                }
-            };
+        let (request, deferred) = match encode_small(&self.shared, name, timeout, trace_id, &args)?
+        {
+            Some(request) => (request, None),
+            None => {
+                let shared = Arc::clone(&self.shared);
+                let encoding = tokio::task::spawn_blocking(move || {
+                    encode(&shared, name, timeout, trace_id, 0, &args)
+                });
+                (Request::new(), Some(encoding))
+            }
+        };
         Ok(Prepared {
             job: name,
             request,
             deferred,
-            timeout: self.timeout,
-            queue_timeout: self.queue_timeout,
+            timeout,
+            queue_timeout: self.options.queue_timeout,
             retry: self.retry,
             trace_id,
             output: std::marker::PhantomData,

@@ -27,12 +27,12 @@ pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
 pub use observe::{CallOutcome, PoolEvent};
 pub use resize::Limits;
-pub use resource::Resource;
+pub use resource::{MakeResource, Resource, ResourceCall};
 pub use stream::RemoteStream;
 pub use task::RemoteTask;
 
 use crate::backend::Backend;
-use crate::error::{BootError, CallError, PoolError};
+use crate::error::{BootError, PoolError};
 use crate::job::{Job, Payload, StreamJob};
 use crate::registry::{Manifest, Registry};
 use crate::tls::{self, PoolCa};
@@ -219,49 +219,32 @@ impl Pool {
         Err(PoolError::Boot(failed))
     }
 
-    /// Calls `job` with `args` on a runner and returns its result. Await the returned [`Call`],
-    /// or set per-call options on it first.
+    /// Calls `job` with `args` on a runner. The [`Call`] takes per-call options (timeout, queue
+    /// timeout, retries, trace id), then ends in one of three ways:
     ///
-    /// Dropping the future cancels the call: the job is aborted on its runner.
+    /// - `.await` for the result; dropping the future cancels the call, aborting the job on its
+    ///   runner;
+    /// - [`.spawn()`](Call::spawn) for a [`RemoteTask`] to await, abort or detach;
+    /// - [`.cast()`](Call::cast) to fire and forget, with failures logged.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+    /// # const JOB: firebrand::Job<u32, u32> = firebrand::Job::new("job");
+    /// use std::time::Duration;
+    ///
+    /// let out = pool.call(&JOB, 1).timeout(Duration::from_secs(5)).await?;
+    /// let task = pool.call(&JOB, 2).spawn();
+    /// pool.call(&JOB, 3).cast()?;
+    /// # Ok(()) }
+    /// ```
     pub fn call<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> Call<A, R> {
         Call::new(Arc::clone(&self.inner.shared), job, args)
     }
 
-    /// Calls `job` in the background, discarding its result; failures are logged.
-    ///
-    /// # Errors
-    /// Only what is known at once: [`CallError::UnknownJob`], [`CallError::Encode`] (for an
-    /// argument under 64 KiB encoded; a larger one is encoded in the background, and a failure
-    /// to encode it is logged like any other), [`CallError::Closed`].
-    ///
-    /// # Panics
-    /// Outside a Tokio runtime.
-    pub fn cast<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> Result<(), CallError> {
-        let prepared = self.call(job, args).prepare()?;
-        let shared = Arc::clone(&self.inner.shared);
-        let name = job.name();
-        self.inner.shared.tasks.spawn(async move {
-            if let Err(error) = prepared.run(&shared).await {
-                tracing::warn!(job = name, %error, "cast failed");
-            }
-        });
-        Ok(())
-    }
-
-    /// Starts `job` on a runner in the background and returns a handle to await, abort or
-    /// detach it. The job has no execution deadline: it runs until it ends or is aborted.
-    /// Dropping the handle aborts it.
-    ///
-    /// # Panics
-    /// Outside a Tokio runtime.
-    pub fn spawn<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> RemoteTask<R> {
-        let call = self.call(job, args).timeout(None);
-        RemoteTask::new(self.inner.shared.tasks.spawn(call))
-    }
-
     /// Starts the streaming `job` and returns its items as a [`RemoteStream`], with
     /// backpressure: the runner produces only as fast as the stream is read. Dropping the
-    /// stream cancels the job. The pool's `timeout` bounds the whole stream.
+    /// stream cancels the job. It takes the same options as a [`Call`]: a timeout (the pool's
+    /// by default) bounds the whole stream.
     pub fn stream<A: Payload, T: Payload>(
         &self,
         job: &StreamJob<A, T>,

@@ -1,10 +1,14 @@
 //! Resource handles: something a job made on a runner, kept there while the parent holds it.
 
+use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::call::{encode, exchange, place, Placed, Running};
+use futures_util::future::BoxFuture;
+use sync_wrapper::SyncWrapper;
+
+use super::call::{check_callable, encode, exchange, place, Options, Placed, Running};
 use super::driver::Lease;
 use super::handle::RunnerHandle;
 use super::observe::CallOutcome;
@@ -54,39 +58,87 @@ impl<T> std::fmt::Debug for Resource<T> {
 }
 
 impl Pool {
-    /// Runs the resource `job` on a runner and returns a handle to what it made there.
-    ///
-    /// # Errors
-    /// As for a call: the job's own error, a lost runner, a full queue.
-    pub async fn resource<A: Payload, T>(
-        &self,
-        job: &ResourceJob<A, T>,
-        args: A,
-    ) -> Result<Resource<T>, CallError> {
+    /// Runs the resource `job` on a runner; awaiting the [`MakeResource`] gives a handle to
+    /// what it made there. It takes the same options as a [`Call`](crate::Call).
+    pub fn resource<A: Payload, T>(&self, job: &ResourceJob<A, T>, args: A) -> MakeResource<A, T> {
         let shared = Arc::clone(&self.inner.shared);
-        let name = job.name();
-        if !shared.manifest.contains(name) {
-            return Err(CallError::UnknownJob { job: name.into() });
+        MakeResource {
+            options: Options::of(&shared),
+            shared,
+            job: job.name(),
+            args: SyncWrapper::new(args),
+            kind: PhantomData,
         }
+    }
+}
+
+/// A resource job about to run, from [`Pool::resource`]: set its options, then `.await` it.
+#[must_use = "a resource is made only when awaited"]
+pub struct MakeResource<A, T> {
+    shared: Arc<Shared>,
+    job: &'static str,
+    // Wrapped so that this is `Sync` whatever `A` is: it is only moved, never shared.
+    args: SyncWrapper<A>,
+    options: Options,
+    kind: PhantomData<fn() -> T>,
+}
+
+impl<A, T> std::fmt::Debug for MakeResource<A, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MakeResource")
+            .field("job", &self.job)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Payload, T: 'static> MakeResource<A, T> {
+    /// The execution deadline for the job that makes the resource; `None` for none. Default:
+    /// the pool's [`timeout`](crate::PoolBuilder::timeout).
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.options.timeout = timeout.into();
+        self
+    }
+
+    /// How long it may wait for a slot. Default: the pool's
+    /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.options.queue_timeout = timeout;
+        self
+    }
+
+    /// The trace id the runner's log lines for the job carry. Default: a new one.
+    pub fn trace_id(mut self, id: TraceId) -> Self {
+        self.options.trace_id = Some(id);
+        self
+    }
+
+    async fn make(self) -> Result<Resource<T>, CallError> {
+        let Self {
+            shared,
+            job: name,
+            args,
+            options,
+            ..
+        } = self;
+        check_callable(&shared, name)?;
         let request = encode(
             &shared,
             name,
-            shared.config.call_timeout,
-            TraceId::next(),
+            options.timeout,
+            options.trace_id(),
             0,
-            &args,
+            &args.into_inner(),
         )?;
         let Placed {
             lease,
             mut stream,
             queued_for,
-        } = place(&shared, name, shared.config.queue_timeout, &request).await?;
+        } = place(&shared, name, options.queue_timeout, &request).await?;
         let lease = lease.into_owned(Arc::clone(&shared));
         let runner = Arc::clone(lease.runner());
         let mut running = Running::start(&*shared, name, runner.id, queued_for);
-        let made = runner
-            .resource_reply(&mut stream, shared.config.call_timeout)
-            .await;
+        let made = runner.resource_reply(&mut stream, options.timeout).await;
         running.outcome = CallOutcome::of(&made.as_ref().map(|_| ()));
         drop(running);
         let id = made?;
@@ -106,45 +158,31 @@ impl Pool {
     }
 }
 
-impl<T> Resource<T> {
-    /// Calls `job` on the resource's runner, with the resource. The call does not queue for a
-    /// pool slot (the handle holds one); the runner's own concurrency limit applies.
-    ///
+impl<A: Payload, T: 'static> IntoFuture for MakeResource<A, T> {
+    type Output = Result<Resource<T>, CallError>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
     /// # Errors
-    /// As for [`Pool::call`].
-    pub async fn call<A: Payload, R: Payload>(
-        &self,
-        job: &Job<A, R>,
-        args: A,
-    ) -> Result<R, CallError> {
-        let name = job.name();
-        if !self.shared.manifest.contains(name) {
-            return Err(CallError::UnknownJob { job: name.into() });
+    /// As for a call: the job's own error, a lost runner, a full queue.
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.make())
+    }
+}
+
+impl<T> Resource<T> {
+    /// Calls `job` on the resource's runner, with the resource; set the call's options, then
+    /// `.await` it. The call does not queue for a pool slot (the handle holds one); the
+    /// runner's own concurrency limit applies.
+    pub fn call<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> ResourceCall<'_, A, R> {
+        ResourceCall {
+            resource_id: self.id,
+            runner: &self.runner,
+            shared: &self.shared,
+            job: job.name(),
+            args: SyncWrapper::new(args),
+            options: Options::of(&self.shared),
+            output: PhantomData,
         }
-        let request = encode(
-            &self.shared,
-            name,
-            self.shared.config.call_timeout,
-            TraceId::next(),
-            self.id,
-            &args,
-        )?;
-        let timeout = self.shared.config.call_timeout;
-        // No placement: the resource lives on this runner, and the handle holds its slot.
-        let runner = &self.runner;
-        let stream = runner
-            .open(request)
-            .await
-            .map_err(|e| runner.wire_error(e))?;
-        exchange(
-            &self.shared,
-            &**runner,
-            stream,
-            name,
-            Duration::ZERO,
-            timeout,
-        )
-        .await
     }
 
     /// The runner that holds the resource.
@@ -173,5 +211,82 @@ impl<T> Drop for Resource<T> {
             }
             drop(lease);
         });
+    }
+}
+
+/// A call on a resource, from [`Resource::call`]: set its options, then `.await` it.
+#[must_use = "a call does nothing unless awaited"]
+pub struct ResourceCall<'a, A, R> {
+    resource_id: u64,
+    runner: &'a Arc<RunnerHandle>,
+    shared: &'a Arc<Shared>,
+    job: &'static str,
+    // Wrapped so that this is `Sync` whatever `A` is: it is only moved, never shared.
+    args: SyncWrapper<A>,
+    options: Options,
+    output: PhantomData<fn() -> R>,
+}
+
+impl<A, R> std::fmt::Debug for ResourceCall<'_, A, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceCall")
+            .field("job", &self.job)
+            .field("resource", &self.resource_id)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, A: Payload, R: Payload> ResourceCall<'a, A, R> {
+    /// The execution deadline; `None` for none. Default: the pool's
+    /// [`timeout`](crate::PoolBuilder::timeout).
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.options.timeout = timeout.into();
+        self
+    }
+
+    /// The trace id the runner's log lines for the call carry. Default: a new one.
+    pub fn trace_id(mut self, id: TraceId) -> Self {
+        self.options.trace_id = Some(id);
+        self
+    }
+
+    async fn run(self) -> Result<R, CallError> {
+        let name = self.job;
+        check_callable(self.shared, name)?;
+        let request = encode(
+            self.shared,
+            name,
+            self.options.timeout,
+            self.options.trace_id(),
+            self.resource_id,
+            &self.args.into_inner(),
+        )?;
+        // No placement: the resource lives on this runner, and the handle holds its slot.
+        let runner = self.runner;
+        let stream = runner
+            .open(request)
+            .await
+            .map_err(|e| runner.wire_error(e))?;
+        exchange(
+            self.shared,
+            &**runner,
+            stream,
+            name,
+            Duration::ZERO,
+            self.options.timeout,
+        )
+        .await
+    }
+}
+
+impl<'a, A: Payload, R: Payload> IntoFuture for ResourceCall<'a, A, R> {
+    type Output = Result<R, CallError>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    /// # Errors
+    /// As for [`Pool::call`].
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
     }
 }

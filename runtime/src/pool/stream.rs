@@ -9,7 +9,7 @@ use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use sync_wrapper::SyncWrapper;
 use tokio::time::Instant;
 
-use super::call::{check_callable, encode, place, Request, Running};
+use super::call::{check_callable, encode, place, Options, Request, Running};
 use super::driver::Lease;
 use super::handle::{reply_error, CallStream};
 use super::observe::CallOutcome;
@@ -39,8 +39,76 @@ use crate::wire::{self, ReplyHead};
 /// ```
 #[must_use = "a stream does nothing unless polled"]
 pub struct RemoteStream<T> {
-    // Wrapped so that a `RemoteStream` is `Sync`: it is only polled through `&mut self`.
-    items: SyncWrapper<BoxStream<'static, Result<T, CallError>>>,
+    // Both wrapped so that a `RemoteStream` is `Sync`: they are only reached through
+    // `&mut self`.
+    /// Until the first poll: what starts the stream, its options still settable.
+    pending: SyncWrapper<Option<Pending>>,
+    items: SyncWrapper<Option<BoxStream<'static, Result<T, CallError>>>>,
+}
+
+/// Encodes a stream's request with its final options.
+type EncodeRequest = Box<dyn FnOnce(&Shared, Options) -> Result<Request, CallError> + Send>;
+
+/// A stream not yet started.
+struct Pending {
+    shared: Arc<Shared>,
+    job: &'static str,
+    options: Options,
+    /// Encodes the request once the options are final: its head carries the timeout.
+    encode: EncodeRequest,
+}
+
+impl<T: Payload> RemoteStream<T> {
+    /// The deadline for the whole stream, from when it starts to its last item; `None` for
+    /// none. Default: the pool's [`timeout`](crate::PoolBuilder::timeout). Set it before the
+    /// first poll, as the other options.
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        if let Some(pending) = self.pending.get_mut() {
+            pending.options.timeout = timeout.into();
+        }
+        self
+    }
+
+    /// How long the stream may wait for a slot. Default: the pool's
+    /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        if let Some(pending) = self.pending.get_mut() {
+            pending.options.queue_timeout = timeout;
+        }
+        self
+    }
+
+    /// The trace id the runner's log lines for this stream carry. Default: a new one.
+    pub fn trace_id(mut self, id: TraceId) -> Self {
+        if let Some(pending) = self.pending.get_mut() {
+            pending.options.trace_id = Some(id);
+        }
+        self
+    }
+
+    fn start(pending: Pending) -> BoxStream<'static, Result<T, CallError>> {
+        let request = check_callable(&pending.shared, pending.job)
+            .and_then(|()| (pending.encode)(&pending.shared, pending.options));
+        let start = Start {
+            timeout: pending.options.timeout,
+            queue_timeout: pending.options.queue_timeout,
+            shared: pending.shared,
+            job: pending.job,
+            request,
+        };
+        futures_util::stream::unfold(Step::Start(start), |step| async move {
+            let open = match step {
+                Step::Done => return None,
+                Step::Open(open) => open,
+                Step::Start(start) => match start.open().await {
+                    Ok(open) => open,
+                    Err(error) => return Some((Err(error), Step::Done)),
+                },
+            };
+            next_item(open).await
+        })
+        .boxed()
+    }
 }
 
 impl<T> std::fmt::Debug for RemoteStream<T> {
@@ -51,11 +119,21 @@ impl<T> std::fmt::Debug for RemoteStream<T> {
     }
 }
 
-impl<T> Stream for RemoteStream<T> {
+impl<T: Payload> Stream for RemoteStream<T> {
     type Item = Result<T, CallError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.items.get_mut().poll_next_unpin(cx)
+        let this = &mut *self;
+        let items = match this.items.get_mut() {
+            Some(items) => items,
+            None => {
+                let Some(pending) = this.pending.get_mut().take() else {
+                    return Poll::Ready(None);
+                };
+                this.items.get_mut().insert(Self::start(pending))
+            }
+        };
+        items.poll_next_unpin(cx)
     }
 }
 
@@ -92,44 +170,18 @@ pub(super) fn start<A: Payload, T: Payload>(
     args: A,
 ) -> RemoteStream<T> {
     let name = job.name();
-    let request = prepare(&shared, name, &args);
-    let start = Start {
-        timeout: shared.config.call_timeout,
-        queue_timeout: shared.config.queue_timeout,
+    let pending = Pending {
+        options: Options::of(&shared),
         shared,
         job: name,
-        request,
+        encode: Box::new(move |shared, options| {
+            encode(shared, name, options.timeout, options.trace_id(), 0, &args)
+        }),
     };
-    let items = futures_util::stream::unfold(Step::Start(start), |step| async move {
-        let open = match step {
-            Step::Done => return None,
-            Step::Open(open) => open,
-            Step::Start(start) => match start.open().await {
-                Ok(open) => open,
-                Err(error) => return Some((Err(error), Step::Done)),
-            },
-        };
-        next_item(open).await
-    });
     RemoteStream {
-        items: SyncWrapper::new(items.boxed()),
+        pending: SyncWrapper::new(Some(pending)),
+        items: SyncWrapper::new(None),
     }
-}
-
-fn prepare<A: Payload>(
-    shared: &Shared,
-    name: &'static str,
-    args: &A,
-) -> Result<Request, CallError> {
-    check_callable(shared, name)?;
-    encode(
-        shared,
-        name,
-        shared.config.call_timeout,
-        TraceId::next(),
-        0,
-        args,
-    )
 }
 
 impl Start {

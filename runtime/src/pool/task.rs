@@ -16,7 +16,7 @@ use crate::error::CallError;
 /// ```no_run
 /// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
 /// # const TRAIN: firebrand::Job<u32, f64> = firebrand::Job::new("train");
-/// let training = pool.spawn(&TRAIN, 10);
+/// let training = pool.call(&TRAIN, 10).spawn();
 /// // ... other work ...
 /// let loss = training.await?;
 /// # Ok(()) }
