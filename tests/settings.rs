@@ -164,3 +164,36 @@ fn settings_beyond_the_limits_are_refused_by_name() {
         );
     }
 }
+
+/// The README's table of defaults says what `firebrand::defaults` holds.
+#[test]
+fn the_readme_lists_the_defaults_the_builder_uses() {
+    use firebrand::defaults as d;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md beside the workspace");
+    let secs = |t: Duration| format!("{} s", t.as_secs());
+    let mib = |n: u64| format!("{} MiB", n >> 20);
+    let rows = [
+        ("`min` / `max`", format!("{} / {}", d::MIN, d::MAX)),
+        ("`max_concurrency`", d::MAX_CONCURRENCY.to_string()),
+        ("`idle_shutdown_after`", secs(d::IDLE_SHUTDOWN_AFTER)),
+        ("`boot_timeout`", secs(d::BOOT_TIMEOUT)),
+        ("`timeout`", secs(d::TIMEOUT)),
+        ("`queue_timeout`", secs(d::QUEUE_TIMEOUT)),
+        ("`drain_grace`", secs(d::DRAIN_GRACE)),
+        (
+            "`boot_retry_after` / `boot_attempts`",
+            format!("{} / {}", secs(d::BOOT_RETRY_AFTER), d::BOOT_ATTEMPTS),
+        ),
+        (
+            "`peer_timeout` / `keep_alive`",
+            format!("{} / {}", secs(d::PEER_TIMEOUT), secs(d::KEEP_ALIVE)),
+        ),
+        ("`connect_failsafe`", secs(d::CONNECT_FAILSAFE)),
+        ("`max_payload_len`", mib(d::MAX_PAYLOAD_LEN)),
+    ];
+    for (setting, default) in rows {
+        let row = format!("| {setting} | {default} |");
+        assert!(readme.contains(&row), "README.md lacks the row `{row}`");
+    }
+}

@@ -59,9 +59,9 @@ pub use backend::{Backend, LocalBackend};
 pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
 pub use job::{Job, Payload, ResourceJob, StreamJob};
 pub use pool::{
-    Call, CallOutcome, GrowEnd, GrowStart, Limits, MakeResource, Map, Placement, Pool, PoolBuilder,
-    PoolEvent, PoolStats, Progress, RemoteStream, RemoteTask, Resource, ResourceCall, Shrink,
-    MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION,
+    defaults, Call, CallOutcome, GrowEnd, GrowStart, Limits, MakeResource, Map, Placement, Pool,
+    PoolBuilder, PoolEvent, PoolStats, Progress, RemoteStream, RemoteTask, Resource, ResourceCall,
+    Shrink, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION,
 };
 pub use registry::{JobSignature, Manifest, Registry, RegistryError};
 pub use runner::run_if_child;

@@ -22,6 +22,45 @@ pub const MAX_RUNNERS: usize = 100_000;
 /// state for every stream the parent may open at once, so the limit bounds that memory.
 pub const MAX_CONCURRENCY: u32 = 10_000;
 
+/// The pool settings' defaults, each used by [`PoolBuilder`], named in its docs and listed in
+/// the README.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// [`name`](super::PoolBuilder::name): the name in logs and metrics.
+    pub const NAME: &str = "firebrand";
+    /// [`min`](super::PoolBuilder::min): no runner kept up.
+    pub const MIN: usize = 0;
+    /// [`max`](super::PoolBuilder::max): one runner.
+    pub const MAX: usize = 1;
+    /// [`max_concurrency`](super::PoolBuilder::max_concurrency): calls one runner serves at once.
+    pub const MAX_CONCURRENCY: u32 = 100;
+    /// [`idle_shutdown_after`](super::PoolBuilder::idle_shutdown_after), as in FLAME.
+    pub const IDLE_SHUTDOWN_AFTER: Duration = Duration::from_secs(30);
+    /// [`boot_timeout`](super::PoolBuilder::boot_timeout), as in FLAME.
+    pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`timeout`](super::PoolBuilder::timeout): a call's execution deadline, as in FLAME.
+    pub const TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`queue_timeout`](super::PoolBuilder::queue_timeout).
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`drain_grace`](super::PoolBuilder::drain_grace).
+    pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+    /// [`terminate_grace`](super::PoolBuilder::terminate_grace).
+    pub const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+    /// [`boot_retry_after`](super::PoolBuilder::boot_retry_after).
+    pub const BOOT_RETRY_AFTER: Duration = Duration::from_secs(1);
+    /// [`boot_attempts`](super::PoolBuilder::boot_attempts).
+    pub const BOOT_ATTEMPTS: u32 = 3;
+    /// [`peer_timeout`](super::PoolBuilder::peer_timeout).
+    pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+    /// [`keep_alive`](super::PoolBuilder::keep_alive).
+    pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+    /// [`connect_failsafe`](super::PoolBuilder::connect_failsafe).
+    pub const CONNECT_FAILSAFE: Duration = Duration::from_secs(20);
+    /// [`max_payload_len`](super::PoolBuilder::max_payload_len): 128 MiB.
+    pub const MAX_PAYLOAD_LEN: u64 = 128 << 20;
+}
+
 /// A pool's settings, validated.
 #[derive(Debug, Clone)]
 pub(crate) struct PoolConfig {
@@ -179,24 +218,24 @@ impl PoolBuilder {
             manifest,
             backend: None,
             config: PoolConfig {
-                name: "firebrand".into(),
-                min: 0,
-                max: 1,
-                max_concurrency: 100,
-                idle_shutdown_after: Some(Duration::from_secs(30)),
+                name: defaults::NAME.into(),
+                min: defaults::MIN,
+                max: defaults::MAX,
+                max_concurrency: defaults::MAX_CONCURRENCY,
+                idle_shutdown_after: Some(defaults::IDLE_SHUTDOWN_AFTER),
                 min_idle_shutdown_after: None,
-                boot_timeout: Duration::from_secs(30),
-                call_timeout: Some(Duration::from_secs(30)),
-                queue_timeout: Duration::from_secs(30),
+                boot_timeout: defaults::BOOT_TIMEOUT,
+                call_timeout: Some(defaults::TIMEOUT),
+                queue_timeout: defaults::QUEUE_TIMEOUT,
                 single_use: false,
-                drain_grace: Duration::from_secs(30),
-                terminate_grace: Duration::from_secs(5),
-                boot_retry_after: Duration::from_secs(1),
-                boot_attempts: 3,
-                peer_timeout: Duration::from_secs(5),
-                keep_alive: Duration::from_secs(1),
-                connect_failsafe: Duration::from_secs(20),
-                max_payload_len: 128 << 20,
+                drain_grace: defaults::DRAIN_GRACE,
+                terminate_grace: defaults::TERMINATE_GRACE,
+                boot_retry_after: defaults::BOOT_RETRY_AFTER,
+                boot_attempts: defaults::BOOT_ATTEMPTS,
+                peer_timeout: defaults::PEER_TIMEOUT,
+                keep_alive: defaults::KEEP_ALIVE,
+                connect_failsafe: defaults::CONNECT_FAILSAFE,
+                max_payload_len: defaults::MAX_PAYLOAD_LEN,
                 bind: None,
                 max_queued: None,
                 placement: Placement::Spread,
@@ -212,31 +251,31 @@ impl PoolBuilder {
         self
     }
 
-    /// A name for logs. Default: `firebrand`.
+    /// A name for logs and metrics. Default: [`defaults::NAME`].
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.config.name = name.into();
         self
     }
 
-    /// Runners booted at start and kept up: one that dies is replaced. Default: 0.
+    /// Runners booted at start and kept up: one that dies is replaced. Default: [`defaults::MIN`], none.
     pub fn min(mut self, min: usize) -> Self {
         self.config.min = min;
         self
     }
 
-    /// The most runners, booted and booting. Default: 1.
+    /// The most runners, booted and booting. Default: [`defaults::MAX`], one.
     pub fn max(mut self, max: usize) -> Self {
         self.config.max = max;
         self
     }
 
-    /// Calls one runner serves at once. Default: 100.
+    /// Calls one runner serves at once. Default: [`defaults::MAX_CONCURRENCY`], 100.
     pub fn max_concurrency(mut self, n: u32) -> Self {
         self.config.max_concurrency = n;
         self
     }
 
-    /// A runner with no calls for this long stops; `None` never. Default: 30 s.
+    /// A runner with no calls for this long stops; `None` never. Default: [`defaults::IDLE_SHUTDOWN_AFTER`], 30 s.
     pub fn idle_shutdown_after(mut self, after: impl Into<Option<Duration>>) -> Self {
         self.config.idle_shutdown_after = after.into();
         self
@@ -249,20 +288,20 @@ impl PoolBuilder {
     }
 
     /// How long a runner has from the backend's boot request to its accepted hello. A runner
-    /// that misses it is terminated and can no longer connect. Default: 30 s.
+    /// that misses it is terminated and can no longer connect. Default: [`defaults::BOOT_TIMEOUT`], 30 s.
     pub fn boot_timeout(mut self, timeout: Duration) -> Self {
         self.config.boot_timeout = timeout;
         self
     }
 
     /// The execution deadline of a call, enforced on the parent and the runner; `None` for
-    /// none. Default: 30 s. Queue time does not count against it.
+    /// none. Default: [`defaults::TIMEOUT`], 30 s. Queue time does not count against it.
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.call_timeout = timeout.into();
         self
     }
 
-    /// How long a call may wait for a free runner slot. Default: 30 s.
+    /// How long a call may wait for a free runner slot. Default: [`defaults::QUEUE_TIMEOUT`], 30 s.
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.config.queue_timeout = timeout;
         self
@@ -275,53 +314,53 @@ impl PoolBuilder {
     }
 
     /// How long in-flight calls may run on when the pool shuts down, or on a runner that lost its
-    /// parent or got SIGTERM. Default: 30 s.
+    /// parent or got SIGTERM. Default: [`defaults::DRAIN_GRACE`], 30 s.
     pub fn drain_grace(mut self, grace: Duration) -> Self {
         self.config.drain_grace = grace;
         self
     }
 
-    /// How long a released runner has to exit before it is killed. Default: 5 s.
+    /// How long a released runner has to exit before it is killed. Default: [`defaults::TERMINATE_GRACE`], 5 s.
     pub fn terminate_grace(mut self, grace: Duration) -> Self {
         self.config.terminate_grace = grace;
         self
     }
 
     /// The debounce before a failed boot is retried; it doubles with each failure in a row, up
-    /// to 32 times. Default: 1 s.
+    /// to 32 times. Default: [`defaults::BOOT_RETRY_AFTER`], 1 s.
     pub fn boot_retry_after(mut self, after: Duration) -> Self {
         self.config.boot_retry_after = after;
         self
     }
 
     /// Boot failures in a row, with no runner up, after which waiting callers fail with
-    /// [`CallError::BootFailed`](crate::CallError::BootFailed). Default: 3.
+    /// [`CallError::BootFailed`](crate::CallError::BootFailed). Default: [`defaults::BOOT_ATTEMPTS`], 3.
     pub fn boot_attempts(mut self, attempts: u32) -> Self {
         self.config.boot_attempts = attempts;
         self
     }
 
     /// A peer silent for this long is lost (the QUIC idle timeout). It bounds how long a
-    /// runner outlives a parent that died without closing. Default: 5 s.
+    /// runner outlives a parent that died without closing. Default: [`defaults::PEER_TIMEOUT`], 5 s.
     pub fn peer_timeout(mut self, timeout: Duration) -> Self {
         self.config.peer_timeout = timeout;
         self
     }
 
-    /// The QUIC keep-alive interval; below `peer_timeout`. Default: 1 s.
+    /// The QUIC keep-alive interval; below `peer_timeout`. Default: [`defaults::KEEP_ALIVE`], 1 s.
     pub fn keep_alive(mut self, interval: Duration) -> Self {
         self.config.keep_alive = interval;
         self
     }
 
     /// A runner that has not been accepted by its parent this long after starting exits.
-    /// Default: 20 s.
+    /// Default: [`defaults::CONNECT_FAILSAFE`], 20 s.
     pub fn connect_failsafe(mut self, failsafe: Duration) -> Self {
         self.config.connect_failsafe = failsafe;
         self
     }
 
-    /// The largest encoded argument or result, in bytes. Default: 128 MiB.
+    /// The largest encoded argument or result, in bytes. Default: [`defaults::MAX_PAYLOAD_LEN`], 128 MiB.
     pub fn max_payload_len(mut self, len: u64) -> Self {
         self.config.max_payload_len = len;
         self

@@ -21,7 +21,9 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use tokio_util::task::TaskTracker;
 
-pub use builder::{Placement, PoolBuilder, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION};
+pub use builder::{
+    defaults, Placement, PoolBuilder, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION,
+};
 pub use call::Call;
 pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
