@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{within, RUNNER};
 use firebrand::backend::fly::{FlyBackend, FlyBackendBuilder, FlyError};
 use firebrand::backend::BootRequest;
-use firebrand::{Backend, BackendError, CallError, Pool, PoolBuilder, RunnerId};
+use firebrand::{Backend, CallError, Pool, PoolBuilder, RunnerId};
 use firebrand_fly_fake::FakeFly;
 use firebrand_runner::{ENV, PID, SLEEP};
 
@@ -294,7 +294,9 @@ async fn a_gpu_refusal_quotes_fly_and_names_the_alternatives() {
         .unwrap();
     let request = BootRequest::new(RunnerId(uuid::Uuid::new_v4()), Vec::new());
     let error = match backend.boot(request).await {
-        Err(BackendError::Fly(error @ FlyError::GpuRefused(_))) => error.to_string(),
+        Err(error) if matches!(error.provider_error(), Some(FlyError::GpuRefused(_))) => {
+            error.to_string()
+        }
         Err(other) => panic!("expected a GPU refusal, got {other}"),
         Ok(_) => panic!("a refused GPU machine must not look booted"),
     };

@@ -169,11 +169,11 @@ pub enum BackendError {
     /// The backend's configuration is invalid.
     #[error("invalid backend configuration: {0}")]
     Config(String),
-    /// The Fly Machines API refused or failed.
-    #[cfg(feature = "fly")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
-    #[error(transparent)]
-    Fly(crate::backend::fly::FlyError),
+    /// The API the backend drives (Fly's Machines API, a Kubernetes API server) refused or
+    /// failed. [`BackendError::provider_error`] gives the error back as its own type, such as
+    /// [`FlyError`](crate::backend::fly::FlyError).
+    #[error("{0}")]
+    Provider(Box<dyn ProviderError>),
     /// Any other backend failure: what the backend was doing, and the error that stopped it,
     /// if another error says why. Build one with [`BackendError::other`].
     #[error("{message}")]
@@ -206,6 +206,33 @@ impl BackendError {
         }
     }
 
+    /// A [`BackendError::Provider`] holding `error`.
+    pub fn provider(error: impl ProviderError) -> Self {
+        BackendError::Provider(Box::new(error))
+    }
+
+    /// The provider's error as its own type `E`, when it is one.
+    ///
+    /// ```no_run
+    /// # fn f(error: firebrand::BackendError) {
+    /// use firebrand::backend::fly::FlyError;
+    ///
+    /// if let Some(FlyError::NoCapacity { regions, .. }) = error.provider_error::<FlyError>() {
+    ///     eprintln!("no room in {regions:?}");
+    /// }
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn provider_error<E: ProviderError>(&self) -> Option<&E> {
+        match self {
+            BackendError::Provider(error) => {
+                let error: &(dyn std::error::Error + 'static) = &**error;
+                error.downcast_ref::<E>()
+            }
+            _ => None,
+        }
+    }
+
     /// Whether booting again cannot help: the backend's configuration is invalid, or its
     /// provider refused the request as such (on Fly: a GPU refusal, 400, 401, 403, a 422 for
     /// the config). Spawn errors and everything else may pass, and are retried.
@@ -213,11 +240,19 @@ impl BackendError {
     pub fn is_permanent(&self) -> bool {
         match self {
             BackendError::Config(_) => true,
-            #[cfg(feature = "fly")]
-            BackendError::Fly(error) => error.is_permanent(),
+            BackendError::Provider(error) => error.is_permanent(),
             _ => false,
         }
     }
+}
+
+/// An error from the API a backend drives, which says whether booting again can help. The Fly
+/// backend's [`FlyError`](crate::backend::fly::FlyError) is one; a backend of your own can
+/// bring its own.
+pub trait ProviderError: std::error::Error + Send + Sync + 'static {
+    /// Whether booting again cannot help: the provider refused the request as such (a bad
+    /// config, a refused token), rather than failing in a way that may pass.
+    fn is_permanent(&self) -> bool;
 }
 
 /// Why a pool could not start.

@@ -39,7 +39,9 @@
 compile_error!("Firebrand supports Unix-like systems (Linux, macOS) only");
 
 pub mod backend;
+mod backoff;
 mod error;
+mod exit_codes;
 #[cfg(target_os = "linux")]
 mod fork_server;
 mod job;
@@ -56,7 +58,7 @@ pub mod wire;
 #[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
 pub use backend::fly::FlyBackend;
 pub use backend::{Backend, LocalBackend};
-pub use error::{BackendError, BootError, CallError, PoolError, RunnerId};
+pub use error::{BackendError, BootError, CallError, PoolError, ProviderError, RunnerId};
 pub use job::{Job, Payload, ResourceJob, StreamJob};
 pub use pool::{
     defaults, Call, CallOutcome, GrowEnd, GrowStart, Limits, MakeResource, Map, Placement, Pool,

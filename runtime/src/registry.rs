@@ -11,7 +11,6 @@ use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::job::{Job, Payload, ResourceJob, StreamJob};
-use crate::runner::Resources;
 use crate::wire;
 
 /// What a job handler produces: an encoded result frame, or a failure to report.
@@ -25,12 +24,9 @@ pub(crate) type StreamHandler =
 
 /// A value a resource job made, as the runner keeps it.
 pub(crate) type AnyResource = Arc<dyn Any + Send + Sync>;
-/// A resource job: makes its value, keeps it, and returns its id.
+/// A resource job: makes its value, which the runner then keeps.
 pub(crate) type ResourceHandler = Arc<
-    dyn Fn(
-            wire::Message,
-            Arc<Resources>,
-        ) -> Pin<Box<dyn Future<Output = Result<u64, JobFailure>> + Send>>
+    dyn Fn(wire::Message) -> Pin<Box<dyn Future<Output = Result<AnyResource, JobFailure>> + Send>>
         + Send
         + Sync,
 >;
@@ -301,18 +297,17 @@ impl Registry {
     {
         let name = job.name();
         self.check_name(name)?;
-        let handler: ResourceHandler = Arc::new(move |args, resources: Arc<Resources>| match args
-            .decode::<A>()
-        {
-            Ok(args) => {
-                let made = handler(args);
-                Box::pin(async move {
-                    let value = made.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
-                    Ok(resources.insert(Arc::new(value)))
-                })
-            }
-            Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
-        });
+        let handler: ResourceHandler =
+            Arc::new(move |args: wire::Message| match args.decode::<A>() {
+                Ok(args) => {
+                    let made = handler(args);
+                    Box::pin(async move {
+                        let value = made.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                        Ok(Arc::new(value) as AnyResource)
+                    })
+                }
+                Err(e) => Box::pin(std::future::ready(Err(JobFailure::BadArgs(e.to_string())))),
+            });
         self.insert(
             name,
             std::any::type_name::<A>(),

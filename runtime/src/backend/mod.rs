@@ -5,6 +5,7 @@
 pub mod fly;
 pub(crate) mod gpu;
 pub(crate) mod local;
+pub(crate) mod output;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,6 +52,34 @@ pub struct Exit {
     pub code: Option<i32>,
     /// A description: the status, a signal, an OOM kill.
     pub description: String,
+}
+
+impl Exit {
+    /// How a process ended, in the one wording every local backend uses: `exit status: N`, or
+    /// `killed by signal N`.
+    ///
+    /// ```
+    /// use firebrand::backend::Exit;
+    ///
+    /// assert_eq!(Exit::process(Some(1), None).description, "exit status: 1");
+    /// assert_eq!(Exit::process(None, Some(9)).description, "killed by signal 9");
+    /// ```
+    #[must_use]
+    pub fn process(code: Option<i32>, signal: Option<i32>) -> Self {
+        match (code, signal) {
+            (_, Some(signal)) => Exit {
+                code: None,
+                description: format!("killed by signal {signal}"),
+            },
+            (code, None) => Exit {
+                code,
+                description: match code {
+                    Some(code) => format!("exit status: {code}"),
+                    None => "exited".into(),
+                },
+            },
+        }
+    }
 }
 
 /// Boots runner machines for a [`Pool`](crate::Pool).

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{recv, send, socket_pair, Reply, Request, FORK_SERVER_ENV, MAX_MESSAGE, PROTOCOL};
 use crate::backend::gpu::GpuLease;
-use crate::backend::local::{relay_output, OutputTail};
+use crate::backend::output::{relay_output, OutputTail};
 use crate::backend::{Exit, Machine};
 use crate::error::BackendError;
 
@@ -300,24 +300,11 @@ fn handle(
         }
         Reply::Exited { pid, code, signal } => {
             if let Some(exit) = state.runners.remove(&pid) {
-                let _ = exit.send(Some(describe(code, signal)));
+                let _ = exit.send(Some(Exit::process(code, signal)));
             }
         }
     }
     Ok(())
-}
-
-fn describe(code: Option<i32>, signal: Option<i32>) -> Exit {
-    match (code, signal) {
-        (_, Some(signal)) => Exit {
-            code: None,
-            description: format!("killed by signal {signal}"),
-        },
-        (code, None) => Exit {
-            code,
-            description: format!("exit status: {}", code.unwrap_or_default()),
-        },
-    }
 }
 
 fn relay_template_output(mut template: Child) -> (Child, OutputTail) {

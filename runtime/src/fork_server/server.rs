@@ -10,7 +10,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::Duration;
 
 use super::{recv, send, Reply, Request, MAX_MESSAGE, PROTOCOL};
-use crate::runner::exit_code;
+use crate::exit_codes as exit_code;
 use crate::token::{BootToken, PARENT_ENV};
 
 /// Serves fork requests on stdin until the parent closes it, then waits for its runners to

@@ -17,6 +17,7 @@ use super::handle::{CallStream, RunnerHandle};
 use super::observe::CallOutcome;
 use super::task::RemoteTask;
 use super::Shared;
+use crate::backoff::Backoff;
 use crate::error::{CallError, RunnerId};
 use crate::job::{Job, Payload};
 use crate::trace::TraceId;
@@ -82,6 +83,12 @@ impl Options {
     }
 }
 
+/// The wait before a call's first retry; it doubles with each retry after.
+const RETRY_FIRST_WAIT: Duration = Duration::from_millis(100);
+
+/// The longest wait between a call's retries.
+const RETRY_MAX_WAIT: Duration = Duration::from_secs(5);
+
 /// A call's retry settings.
 #[derive(Debug, Clone, Copy)]
 struct Retry {
@@ -102,16 +109,10 @@ impl Retry {
         }
     }
 
-    /// The waits before each retry: exponential from 100 ms, doubling up to 5 s, with jitter.
+    /// The waits before each retry: doubling from [`RETRY_FIRST_WAIT`] up to
+    /// [`RETRY_MAX_WAIT`], with jitter.
     fn delays(&self) -> impl Iterator<Item = Duration> {
-        use backon::BackoffBuilder as _;
-        backon::ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_factor(2.0)
-            .with_jitter()
-            .with_max_times(self.retries as usize)
-            .build()
+        Backoff::jittered(RETRY_FIRST_WAIT, RETRY_MAX_WAIT).delays(self.retries as usize)
     }
 }
 

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::builder::Placement;
 use super::resize::Limits;
 use super::PoolStats;
+use crate::backoff::Backoff;
 use crate::error::{BootError, CallError, RunnerId};
 
 /// How long after a failed boot the next one starts, at most: the delay doubles with each
@@ -396,8 +397,9 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         if permanent || self.closed || self.retry_at.is_some() {
             return;
         }
-        let doublings = (self.boot_failures - 1).min(MAX_BACKOFF_DOUBLINGS);
-        let delay = self.rules.boot_retry_after.saturating_mul(1 << doublings);
+        let first = self.rules.boot_retry_after;
+        let backoff = Backoff::steady(first, first.saturating_mul(1 << MAX_BACKOFF_DOUBLINGS));
+        let delay = backoff.nth(self.boot_failures - 1);
         let at = now.saturating_add(delay);
         self.retry_at = Some(at);
         self.actions.push(Action::WakeAt(at));

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use crate::error::CallError;
 
-/// A job running on a runner in the background, from [`Pool::spawn`](super::Pool::spawn).
+/// A job running on a runner in the background, from [`Call::spawn`](super::Call::spawn).
 ///
 /// Await it for the result, [`abort`](RemoteTask::abort) it, or [`detach`](RemoteTask::detach)
 /// it. While it runs it holds one of its runner's slots, so the runner does not idle down.

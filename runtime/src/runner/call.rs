@@ -10,6 +10,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
+use super::reply::{failure_head, finish, panic_message};
 use super::stats::{Ending, STATS};
 use super::terminator::StreamGuard;
 use crate::registry::{ok_reply, Body, JobFailure, Registry};
@@ -195,7 +196,7 @@ fn start_job<S: Send + 'static>(
                 ))),
             },
             Body::Resource(handler) => {
-                let id = handler(args, Arc::clone(&resources)).await?;
+                let id = resources.insert(handler(args).await?);
                 match ok_reply(&id) {
                     Ok(reply) => Ok(Made {
                         reply,
@@ -244,37 +245,4 @@ fn parse_request(
         )));
     }
     Ok((head, args))
-}
-
-pub(super) fn failure_head(failure: JobFailure) -> ReplyHead {
-    match failure {
-        JobFailure::Failed(message) => ReplyHead::Failed { message },
-        JobFailure::BadArgs(message) => ReplyHead::BadArgs { message },
-        JobFailure::BadResult(message) => ReplyHead::BadResult { message },
-    }
-}
-
-pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
-    }
-}
-
-/// Writes the reply (a head alone, or the handler's `Ok` head and result), then finishes.
-pub(super) async fn finish(
-    send: &mut SendStream,
-    head: &ReplyHead,
-    encoded: Option<wire::Chunks>,
-) -> Result<(), WireError> {
-    let mut chunks = match encoded {
-        Some(encoded) => encoded.into_bytes(),
-        None => smallvec::smallvec![wire::encode_frame(head)?],
-    };
-    send.write_all_chunks(&mut chunks).await?;
-    let _ = send.finish();
-    Ok(())
 }

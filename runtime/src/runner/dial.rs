@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::terminator::after;
 use super::ServeError;
+use crate::backoff::Backoff;
 use crate::registry::Registry;
 use crate::token::BootToken;
 use crate::wire::{self, close, Hello, HelloReply};
@@ -47,7 +48,7 @@ pub(super) async fn connect(
         pid: std::process::id(),
     };
     let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
-    let mut backoff = FIRST_DIAL_BACKOFF;
+    let mut backoffs = Backoff::steady(FIRST_DIAL_BACKOFF, MAX_DIAL_BACKOFF).unbounded();
     let mut last_error = String::from("no address resolved");
     loop {
         for addr in &token.parent_addrs {
@@ -86,6 +87,7 @@ pub(super) async fn connect(
                 }
             }
         }
+        let backoff = backoffs.next().unwrap_or(MAX_DIAL_BACKOFF);
         if after(backoff) >= failsafe {
             return Err(ServeError::Unreachable {
                 failsafe: settings.connect_failsafe,
@@ -93,7 +95,6 @@ pub(super) async fn connect(
             });
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_DIAL_BACKOFF);
     }
 }
 

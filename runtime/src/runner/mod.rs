@@ -18,6 +18,7 @@
 mod call;
 mod dial;
 mod output;
+mod reply;
 mod resources;
 mod stats;
 mod stream;
@@ -43,18 +44,7 @@ use terminator::{Stop, Terminator};
 
 /// Process exit codes of a runner.
 pub mod exit_code {
-    /// The runner stopped cleanly: idle, drained, or released by its parent.
-    pub const CLEAN: i32 = 0;
-    /// The boot token was missing or malformed.
-    pub const BAD_TOKEN: i32 = 2;
-    /// The parent could not be reached before the connect failsafe.
-    pub const UNREACHABLE: i32 = 3;
-    /// The parent refused the runner.
-    pub const REFUSED: i32 = 4;
-    /// The connection to the parent was lost.
-    pub const PARENT_LOST: i32 = 5;
-    /// The runner could not set itself up (socket, TLS configuration).
-    pub const SETUP: i32 = 6;
+    pub use crate::exit_codes::*;
 }
 
 /// Why a runner stopped serving.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::{FutureExt as _, StreamExt as _};
 use quinn::SendStream;
 
-use super::call::{failure_head, finish, panic_message};
+use super::reply::{failure_head, finish, panic_message};
 use super::stats::Ending;
 use crate::registry::{ItemStream, StreamHandler};
 use crate::wire::{self, ReplyHead};

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::error::{ApiError, FlyError};
 use super::token::FlyToken;
+use crate::backoff::Backoff;
 
 /// The longest a `/wait` may block, as Fly caps it.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -27,16 +28,10 @@ pub(crate) struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Exponential with jitter, from backon.
+    /// The waits between attempts: doubling, with jitter.
     pub(crate) fn delays(&self) -> impl Iterator<Item = Duration> {
-        use backon::BackoffBuilder as _;
-        backon::ExponentialBuilder::new()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_factor(2.0)
-            .with_jitter()
-            .with_max_times(self.attempts.saturating_sub(1) as usize)
-            .build()
+        Backoff::jittered(self.min_delay, self.max_delay)
+            .delays(self.attempts.saturating_sub(1) as usize)
     }
 }
 

@@ -42,7 +42,7 @@ pub use token::FlyToken;
 use self::api::MachinesApi;
 use self::builder::{keys, FlyConfig};
 use super::{Backend, BootRequest, Machine};
-use crate::error::{BackendError, RunnerId};
+use crate::error::{BackendError, ProviderError, RunnerId};
 
 /// How long a pool's start waits for the orphan sweep.
 const REAP_AT_START: std::time::Duration = std::time::Duration::from_secs(15);
@@ -278,7 +278,13 @@ impl Backend for FlyBackend {
 
 impl From<FlyError> for BackendError {
     fn from(error: FlyError) -> Self {
-        BackendError::Fly(error)
+        BackendError::provider(error)
+    }
+}
+
+impl ProviderError for FlyError {
+    fn is_permanent(&self) -> bool {
+        FlyError::is_permanent(self)
     }
 }
 
