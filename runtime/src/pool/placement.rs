@@ -507,13 +507,24 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     /// Changes one runner's slot, keeping `free` and the counts in step. A no-op for a runner
     /// that is gone.
     fn update<R>(&mut self, id: RunnerId, change: impl FnOnce(&mut Slot<H>) -> R) -> Option<R> {
+        self.update_listed(id, true, change)
+    }
+
+    /// [`update`](Self::update), for a slot whose key is still in `free` if `listed`, or was
+    /// taken out of it already.
+    fn update_listed<R>(
+        &mut self,
+        id: RunnerId,
+        listed: bool,
+        change: impl FnOnce(&mut Slot<H>) -> R,
+    ) -> Option<R> {
         let (placement, concurrency) = (self.rules.placement, self.limits.max_concurrency);
         let slot = self.runners.get_mut(&id)?;
         let (before, old_key) = (share(slot), free_key(placement, concurrency, id, slot));
         let out = change(slot);
         let (after, new_key) = (share(slot), free_key(placement, concurrency, id, slot));
-        if old_key != new_key {
-            if let Some(key) = old_key {
+        if old_key != new_key || !listed {
+            if let Some(key) = old_key.filter(|_| listed) {
                 self.free.remove(&key);
             }
             if let Some(key) = new_key {
@@ -527,9 +538,10 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     /// Takes a slot on the best free runner, if any.
     fn take_best(&mut self) -> Option<H> {
-        let &(_, _, id) = self.free.first()?;
+        // Popped rather than looked up and removed: the best is always the first.
+        let (_, _, id) = self.free.pop_first()?;
         let single_use = self.rules.single_use;
-        self.update(id, |slot| {
+        self.update_listed(id, false, |slot| {
             slot.in_flight += 1;
             if single_use {
                 slot.draining = true;
