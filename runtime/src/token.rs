@@ -126,8 +126,8 @@ impl BootToken {
     /// Never: every field encodes.
     #[must_use]
     pub fn encode(&self) -> String {
-        let frame = wire::encode_frame(self).expect("a boot token always encodes");
-        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&frame[4..]))
+        let bytes = wire::encode_value(self).expect("a boot token always encodes");
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
     }
 
     /// Parses an encoded token.

@@ -55,10 +55,6 @@ enum Reply {
     },
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
-}
-
 /// A connected `SOCK_SEQPACKET` pair, close-on-exec.
 fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -92,7 +88,7 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Sends one message, with `fds` attached. On a non-blocking socket a full buffer is
 /// [`io::ErrorKind::WouldBlock`].
 fn send(socket: BorrowedFd<'_>, message: &impl Serialize, fds: &[RawFd]) -> io::Result<()> {
-    let bytes = bincode::serde::encode_to_vec(message, config())
+    let bytes = crate::wire::encode_value(message)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
@@ -182,7 +178,8 @@ fn recv<T: serde::de::DeserializeOwned>(
             "fork server message truncated",
         ));
     }
-    let (message, _) = bincode::serde::decode_from_slice(&buffer[..received as usize], config())
+    // Bounded like every decode, and a message with bytes after its value is refused.
+    let message = crate::wire::decode_payload(&buffer[..received as usize])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((message, fds)))
 }

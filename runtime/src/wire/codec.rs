@@ -35,6 +35,12 @@ impl bincode::enc::write::Writer for ChunksWriter<'_> {
     }
 }
 
+/// Encodes `value` into a buffer of its own, unframed: for messages with their own framing (a
+/// fork-server datagram, a boot token).
+pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, WireError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| WireError::Encode(e.to_string()))
+}
+
 /// Decodes a frame body.
 ///
 /// Bincode allocates a string's or byte buffer's announced length before it reads it, so an
