@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,20 +87,20 @@ struct Outgoing {
     fds: Vec<OwnedFd>,
 }
 
-type Spawned = Result<(libc::pid_t, watch::Receiver<Option<Exit>>), String>;
+type Spawned = Result<(i32, watch::Receiver<Option<Exit>>), String>;
 
 #[derive(Default)]
 struct State {
     /// Answers owed, oldest first: the template answers spawns in order.
     spawns: VecDeque<oneshot::Sender<Spawned>>,
-    runners: HashMap<libc::pid_t, watch::Sender<Option<Exit>>>,
+    runners: HashMap<i32, watch::Sender<Option<Exit>>>,
     ended: Option<String>,
 }
 
 impl ForkServer {
     fn start(mut command: Command) -> io::Result<(Arc<Self>, watch::Receiver<bool>)> {
         let (ours, theirs) = socket_pair()?;
-        set_nonblocking(ours.as_raw_fd())?;
+        set_nonblocking(ours.as_fd())?;
         let template = command
             .env(FORK_SERVER_ENV, "1")
             .stdin(Stdio::from(theirs))
@@ -175,7 +175,7 @@ impl ForkServer {
         })
     }
 
-    fn kill(&self, pid: libc::pid_t) {
+    fn kill(&self, pid: i32) {
         let _ = self.requests.send(Outgoing {
             request: Request::Kill { pid },
             fds: Vec::new(),
@@ -249,7 +249,7 @@ async fn exchange(
                 handle(reply, requests, state)?;
             }
             Some(message) = outgoing.recv() => {
-                let fds: Vec<RawFd> = message.fds.iter().map(|fd| fd.as_raw_fd()).collect();
+                let fds: Vec<BorrowedFd<'_>> = message.fds.iter().map(|fd| fd.as_fd()).collect();
                 loop {
                     let mut ready = socket.writable().await?;
                     if let Ok(sent) = ready.try_io(|s| send(s.as_fd(), &message.request, &fds)) {
@@ -321,27 +321,20 @@ fn relay_template_output(mut template: Child) -> (Child, OutputTail) {
     (template, tail)
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL and F_SETFL on a descriptor this process owns.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::io::ioctl_fionbio(fd, true)?)
 }
 
 /// A runner forked by a template. Dropping it kills the runner and gives its GPUs back.
 pub(crate) struct ForkedRunner {
-    pid: libc::pid_t,
+    pid: i32,
     exit: watch::Receiver<Option<Exit>>,
     server: Arc<ForkServer>,
     _gpus: Option<GpuLease>,
 }
 
 impl ForkedRunner {
-    pub(crate) fn pid(&self) -> libc::pid_t {
+    pub(crate) fn pid(&self) -> i32 {
         self.pid
     }
 

@@ -8,12 +8,19 @@
 //! The parent ([`client`]) and the template ([`server`]) talk over a `SOCK_SEQPACKET` socket pair,
 //! the template's stdin: one bincode message per packet, with the runner's stdout and stderr
 //! passed as file descriptors (`SCM_RIGHTS`) alongside a spawn request.
+//!
+//! Every system call goes through rustix, so `unsafe` is left only where no safe API can be:
+//! the `fork` itself (and `_exit` in its child when setting up fails), and tokio's
+//! `AsyncFd::register` for the parent's end of the socket. The template watches its runners
+//! through pidfds (Linux 5.3 or later), polled beside the control socket: a pidfd turns readable
+//! when its runner exits, is reaped with `waitid`, and is the only way the template signals a
+//! runner, so a reused pid is never signalled.
 
 pub(crate) mod client;
 pub(crate) mod server;
 
 use std::io;
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,74 +64,47 @@ enum Reply {
 
 /// A connected `SOCK_SEQPACKET` pair, close-on-exec.
 fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors socketpair writes.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: socketpair succeeded, so both are fresh descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    Ok(socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// A pipe, close-on-exec: (read end, write end).
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both are fresh descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
+
+/// The most descriptors one message carries: a runner's stdout and stderr.
+const MAX_FDS: usize = 2;
 
 /// Sends one message, with `fds` attached. On a non-blocking socket a full buffer is
 /// [`io::ErrorKind::WouldBlock`].
-fn send(socket: BorrowedFd<'_>, message: &impl Serialize, fds: &[RawFd]) -> io::Result<()> {
+fn send(
+    socket: BorrowedFd<'_>,
+    message: &impl Serialize,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let bytes = crate::wire::encode_value(message)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // u64 elements keep the buffer aligned for `cmsghdr`.
-    let mut control = [0u64; 8];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the sendmsg call.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = &mut iov;
-    header.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let data_len = std::mem::size_of_val(fds);
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-        assert!(
-            space <= std::mem::size_of_val(&control),
-            "too many descriptors"
-        );
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = space;
-        // SAFETY: msg_control points at `space` writable, aligned bytes, enough for one
-        // cmsghdr carrying `fds`.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&header);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        }
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors for one message",
+        ));
     }
-    // SAFETY: `header` is fully initialised and points at live buffers.
-    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::net::sendmsg(
+        socket,
+        &[io::IoSlice::new(&bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     Ok(())
 }
 
@@ -134,52 +114,36 @@ fn recv<T: serde::de::DeserializeOwned>(
     socket: BorrowedFd<'_>,
     buffer: &mut [u8],
 ) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
-    let mut iov = libc::iovec {
-        iov_base: buffer.as_mut_ptr().cast(),
-        iov_len: buffer.len(),
-    };
-    let mut control = [0u64; 8];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the recvmsg call.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = &mut iov;
-    header.msg_iovlen = 1;
-    header.msg_control = control.as_mut_ptr().cast();
-    header.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: `header` points at live, writable buffers of the sizes it states.
-    let received =
-        unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
-    if received < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        socket,
+        &mut [io::IoSliceMut::new(buffer)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
     // Take ownership of every descriptor first, so that none leaks whatever happens next.
     let mut fds = Vec::new();
-    // SAFETY: recvmsg filled `header` and its control buffer; the CMSG macros walk it within
-    // msg_controllen.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let count =
-                    ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
         }
     }
-    if received == 0 && fds.is_empty() {
+    if received.bytes == 0 && fds.is_empty() {
         return Ok(None);
     }
-    if header.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+    if received
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "fork server message truncated",
         ));
     }
     // Bounded like every decode, and a message with bytes after its value is refused.
-    let message = crate::wire::decode_payload(&buffer[..received as usize])
+    let message = crate::wire::decode_payload(&buffer[..received.bytes])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((message, fds)))
 }
@@ -198,7 +162,7 @@ mod tests {
             &Request::Spawn {
                 env: vec![("K".into(), "V".into())],
             },
-            &[write_fd.as_raw_fd()],
+            &[write_fd.as_fd()],
         )
         .unwrap();
         drop(write_fd);
@@ -220,9 +184,7 @@ mod tests {
     #[test]
     fn garbage_is_invalid_data() {
         let (a, b) = socket_pair().unwrap();
-        // SAFETY: writes 3 bytes from a live buffer.
-        let n = unsafe { libc::write(a.as_raw_fd(), [0xffu8; 3].as_ptr().cast(), 3) };
-        assert_eq!(n, 3);
+        assert_eq!(rustix::io::write(&a, &[0xff; 3]).unwrap(), 3);
         let mut buffer = vec![0; 64];
         let error = recv::<Request>(b.as_fd(), &mut buffer).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);

@@ -3,9 +3,11 @@
 //! It stays single-threaded, which is what makes `fork` safe here: it runs before any async
 //! runtime starts, and the forked child goes on to build its own.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, OwnedFd};
+
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, WaitOptions};
 
 use std::time::Duration;
 
@@ -40,11 +42,11 @@ pub(crate) fn serve() {
 
 struct Template {
     control: OwnedFd,
-    /// A signalfd that reads SIGCHLD, so that one `poll` waits for requests and exits alike.
-    child_exits: OwnedFd,
-    original_mask: libc::sigset_t,
-    pid: libc::pid_t,
-    runners: HashSet<libc::pid_t>,
+    pid: Pid,
+    /// Each runner not yet reaped, by pid, with its pidfd. The pidfd turns readable when the
+    /// runner exits, so one `poll` waits for requests and exits alike; and it is the only way
+    /// the template signals a runner, so a reused pid is never signalled.
+    runners: HashMap<i32, OwnedFd>,
     /// How long its runners may take to exit by themselves once the parent is gone: the
     /// longest `peer_timeout + drain_grace` among their tokens, plus a margin.
     outlive_parent_for: Duration,
@@ -56,32 +58,9 @@ impl Template {
     fn start() -> io::Result<Self> {
         // The control socket moves off fd 0 so that a forked runner can close it and still
         // have a stdin.
-        // SAFETY: F_DUPFD_CLOEXEC on fd 0 returns a new descriptor that this process owns.
-        let control = check(unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) })?;
-        // SAFETY: fcntl succeeded, so `control` is a fresh descriptor nothing else owns.
-        let control = unsafe { OwnedFd::from_raw_fd(control) };
-        redirect_to_dev_null(0)?;
-
-        // SAFETY: sigset_t is plain data; the calls below initialise it before use.
-        let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
-        let mut original_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: both sets are valid for the calls; this process has one thread.
-        let child_exits = unsafe {
-            libc::sigemptyset(&mut mask);
-            libc::sigaddset(&mut mask, libc::SIGCHLD);
-            check_errno(libc::pthread_sigmask(
-                libc::SIG_BLOCK,
-                &mask,
-                &mut original_mask,
-            ))?;
-            check(libc::signalfd(
-                -1,
-                &mask,
-                libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
-            ))?
-        };
-        // SAFETY: signalfd succeeded, so this is a fresh descriptor nothing else owns.
-        let child_exits = unsafe { OwnedFd::from_raw_fd(child_exits) };
+        let control = rustix::io::fcntl_dupfd_cloexec(std::io::stdin().as_fd(), 3)?;
+        let null = std::fs::File::open("/dev/null")?;
+        rustix::stdio::dup2_stdin(&null)?;
 
         // Paid once here instead of in every runner: ring's CPU feature detection.
         let _ = ring::digest::digest(&ring::digest::SHA256, b"");
@@ -89,11 +68,8 @@ impl Template {
 
         let template = Template {
             control,
-            child_exits,
-            original_mask,
-            // SAFETY: getpid cannot fail.
-            pid: unsafe { libc::getpid() },
-            runners: HashSet::new(),
+            pid: rustix::process::getpid(),
+            runners: HashMap::new(),
             outlive_parent_for: Duration::ZERO,
             _gro_keeper: gro_keeper,
         };
@@ -105,31 +81,14 @@ impl Template {
     fn run(&mut self) {
         let mut buffer = vec![0; MAX_MESSAGE];
         loop {
-            let mut polls = [
-                libc::pollfd {
-                    fd: self.control.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.child_exits.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `polls` is a live array of two pollfds.
-            if unsafe { libc::poll(polls.as_mut_ptr(), 2, -1) } < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                self.shut_down(&format!("poll failed: {error}"));
+            let (control_ready, exited) = match self.wait(true, None) {
+                Ok(ready) => ready,
+                Err(error) => self.shut_down(&format!("poll failed: {error}")),
+            };
+            if !exited.is_empty() {
+                self.reap(&exited, true);
             }
-            if polls[1].revents != 0 {
-                self.drain_child_exits();
-                self.reap(true);
-            }
-            if polls[0].revents == 0 {
+            if !control_ready {
                 continue;
             }
             match recv::<Request>(self.control.as_fd(), &mut buffer) {
@@ -146,6 +105,38 @@ impl Template {
         }
     }
 
+    /// Waits, for at most `timeout`, until runners exit or (with `control`) a request
+    /// arrives: whether the control socket is readable, and the pids of the runners that
+    /// exited. An interrupted wait returns nothing ready.
+    fn wait(&self, control: bool, timeout: Option<Duration>) -> io::Result<(bool, Vec<i32>)> {
+        use rustix::event::{PollFd, PollFlags};
+        let pids: Vec<i32> = self.runners.keys().copied().collect();
+        let mut polls: Vec<PollFd<'_>> = control
+            .then_some(&self.control)
+            .into_iter()
+            .chain(pids.iter().map(|pid| &self.runners[pid]))
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        let timeout = timeout.map(|t| rustix::event::Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        match rustix::event::poll(&mut polls, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok((false, Vec::new())),
+            Err(error) => return Err(error.into()),
+        }
+        let (control_poll, runner_polls) = polls.split_at(usize::from(control));
+        let control_ready = control_poll.iter().any(|poll| !poll.revents().is_empty());
+        let exited = pids
+            .iter()
+            .zip(runner_polls)
+            .filter(|(_, poll)| !poll.revents().is_empty())
+            .map(|(pid, _)| *pid)
+            .collect();
+        Ok((control_ready, exited))
+    }
+
     fn spawn(&mut self, env: Vec<(String, String)>, output: Vec<OwnedFd>) -> Forked {
         if !(output.is_empty() || output.len() == 2) {
             self.reply_or_exit(&Reply::SpawnFailed {
@@ -153,7 +144,8 @@ impl Template {
             });
             return Forked::Template;
         }
-        // SAFETY: this process has one thread, so the child starts in a consistent state.
+        // SAFETY: this process has one thread (checked at start, and nothing here starts
+        // one), so the child starts in a consistent state.
         match unsafe { libc::fork() } {
             -1 => {
                 let error = io::Error::last_os_error();
@@ -165,13 +157,34 @@ impl Template {
             0 => {
                 if let Err(e) = self.become_runner(env, output) {
                     eprintln!("firebrand fork server: cannot set up a forked runner: {e}");
-                    // SAFETY: _exit skips the template's atexit handlers, which are not ours.
+                    // SAFETY: in the child of the fork above: _exit skips the template's
+                    // atexit handlers and its buffered output, which are not the runner's.
                     unsafe { libc::_exit(exit_code::SETUP) };
                 }
                 Forked::Runner
             }
             pid => {
-                self.runners.insert(pid);
+                let pidfd = Pid::from_raw(pid)
+                    .ok_or(rustix::io::Errno::SRCH)
+                    .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()));
+                let pidfd = match pidfd {
+                    Ok(pidfd) => pidfd,
+                    Err(error) => {
+                        // Without its pidfd the runner could be neither watched nor killed
+                        // safely: end it now (it has not been reaped, so the pid is its own).
+                        if let Some(child) = Pid::from_raw(pid) {
+                            let _ = rustix::process::kill_process(child, Signal::KILL);
+                            let _ = rustix::process::waitpid(Some(child), WaitOptions::empty());
+                        }
+                        self.reply_or_exit(&Reply::SpawnFailed {
+                            error: format!(
+                                "pidfd_open failed (Linux 5.3 or later is needed): {error}"
+                            ),
+                        });
+                        return Forked::Template;
+                    }
+                };
+                self.runners.insert(pid, pidfd);
                 if let Some(bound) = drain_bound(&env) {
                     self.outlive_parent_for = self.outlive_parent_for.max(bound);
                 }
@@ -182,23 +195,23 @@ impl Template {
         }
     }
 
-    /// In the forked child: undo what only the template needs and take the runner's
+    /// In the forked child: let go of what only the template needs and take the runner's
     /// environment and output.
-    fn become_runner(&self, env: Vec<(String, String)>, output: Vec<OwnedFd>) -> io::Result<()> {
-        // SAFETY: restores the mask saved at start; this process has one thread.
-        check_errno(unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &self.original_mask, std::ptr::null_mut())
-        })?;
+    fn become_runner(
+        &mut self,
+        env: Vec<(String, String)>,
+        output: Vec<OwnedFd>,
+    ) -> io::Result<()> {
+        // Its siblings' pidfds are the template's, not this runner's.
+        self.runners.clear();
         // A runner must not outlive the template: the template is what the parent can kill.
-        // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
-        check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })?;
-        // SAFETY: getppid cannot fail.
-        if unsafe { libc::getppid() } != self.pid {
+        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+        if rustix::process::getppid() != Some(self.pid) {
             return Err(io::Error::other("the fork server exited during the fork"));
         }
-        for (fd, target) in output.iter().zip([1, 2]) {
-            // SAFETY: dup2 onto stdout or stderr, from a descriptor this process owns.
-            check(unsafe { libc::dup2(fd.as_raw_fd(), target) })?;
+        if let [stdout, stderr] = &output[..] {
+            rustix::stdio::dup2_stdout(stdout)?;
+            rustix::stdio::dup2_stderr(stderr)?;
         }
         drop(output);
         for (name, value) in env {
@@ -207,11 +220,10 @@ impl Template {
         Ok(())
     }
 
-    fn kill(&self, pid: libc::pid_t) {
-        // Only an unreaped runner of this template: its pid cannot have been reused.
-        if self.runners.contains(&pid) {
-            // SAFETY: kill takes a pid and a signal number.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+    fn kill(&self, pid: i32) {
+        // Only through the pidfd of an unreaped runner of this template.
+        if let Some(pidfd) = self.runners.get(&pid) {
+            let _ = rustix::process::pidfd_send_signal(pidfd, Signal::KILL);
         }
     }
 
@@ -230,55 +242,38 @@ impl Template {
             if left.is_zero() {
                 break;
             }
-            let mut poll = libc::pollfd {
-                fd: self.child_exits.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let millis = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-            // SAFETY: `poll` is one live pollfd.
-            if unsafe { libc::poll(&mut poll, 1, millis) } > 0 {
-                self.drain_child_exits();
+            // Not the control socket: at its end, it reads as ready for ever.
+            match self.wait(false, Some(left)) {
                 // Nobody to tell: only forget the runners that ended.
-                self.reap(false);
+                Ok((_, exited)) => self.reap(&exited, false),
+                Err(_) => break,
             }
         }
         self.shut_down("the parent is gone")
     }
 
-    fn drain_child_exits(&self) {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        // SAFETY: reads into a live buffer of its stated size, until the non-blocking
-        // signalfd is empty.
-        while unsafe {
-            libc::read(
-                self.child_exits.as_raw_fd(),
-                info.as_mut_ptr().cast(),
-                info.len(),
-            )
-        } > 0
-        {}
-    }
-
-    /// Reaps every runner that has ended, and reports each to the parent if `report`. Signals
-    /// coalesce, so this reaps until none is left.
-    fn reap(&mut self, report: bool) {
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid writes the status into a live i32.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                return;
-            }
-            if !self.runners.remove(&pid) || !report {
+    /// Reaps the runners in `exited` whose pidfds said so, and reports each to the parent if
+    /// `report`.
+    fn reap(&mut self, exited: &[i32], report: bool) {
+        for &pid in exited {
+            let Some(pidfd) = self.runners.get(&pid) else {
                 continue;
-            }
-            let (code, signal) = if libc::WIFEXITED(status) {
-                (Some(libc::WEXITSTATUS(status)), None)
-            } else {
-                (None, Some(libc::WTERMSIG(status)))
             };
-            self.reply_or_exit(&Reply::Exited { pid, code, signal });
+            let status = rustix::process::waitid(
+                WaitId::PidFd(pidfd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            );
+            let (code, signal) = match status {
+                // Not ended after all (a spurious wake-up): keep watching it.
+                Ok(None) => continue,
+                Ok(Some(status)) => (status.exit_status(), status.terminating_signal()),
+                // Reaped by someone else, or gone: nothing more can be learnt.
+                Err(_) => (None, None),
+            };
+            self.runners.remove(&pid);
+            if report {
+                self.reply_or_exit(&Reply::Exited { pid, code, signal });
+            }
         }
     }
 
@@ -300,14 +295,11 @@ impl Template {
     /// Kills every runner, waits for each, and exits.
     fn shut_down(&mut self, why: &str) -> ! {
         tracing::debug!(why, runners = self.runners.len(), "fork server exiting");
-        for &pid in &self.runners {
-            // SAFETY: as in `kill`: unreaped runners of this template.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        for pidfd in self.runners.values() {
+            let _ = rustix::process::pidfd_send_signal(pidfd, Signal::KILL);
         }
-        for &pid in &self.runners {
-            let mut status = 0;
-            // SAFETY: waitpid writes the status into a live i32.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+        for pidfd in self.runners.values() {
+            let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
         }
         std::process::exit(exit_code::CLEAN);
     }
@@ -350,40 +342,7 @@ enum Forked {
 /// while runners start, so their probes are plain counter updates.
 fn gro_keeper() -> Option<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind("[::]:0").ok()?;
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int from a live local.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    (rc == 0).then_some(socket)
-}
-
-fn redirect_to_dev_null(target: i32) -> io::Result<()> {
-    let null = std::fs::File::open("/dev/null")?;
-    // SAFETY: dup2 from a descriptor this process owns onto a standard one.
-    check(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
-    Ok(())
-}
-
-fn check(rc: i32) -> io::Result<i32> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// For the calls that return an error number instead of setting `errno`.
-fn check_errno(rc: i32) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    // quinn-udp sets `UDP_GRO` on a socket it prepares, as each endpoint's probe does.
+    quinn::udp::UdpSocketState::new((&socket).into()).ok()?;
+    Some(socket)
 }
