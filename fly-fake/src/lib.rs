@@ -151,7 +151,7 @@ impl FakeFly {
         }
     }
 
-    /// The base URL, for [`FlyBackendBuilder::api_base`](super::FlyBackendBuilder::api_base).
+    /// The base URL, for `FlyBackendBuilder::api_base`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
