@@ -105,6 +105,12 @@ pub struct Counts {
     pub rate_limited: usize,
     /// Requests refused for not matching the spec (400) or making no sense (422).
     pub invalid: usize,
+    /// Machines started (from stopped) or resumed (from suspended).
+    pub starts: usize,
+    /// Machines suspended.
+    pub suspends: usize,
+    /// Leases taken or renewed.
+    pub leases: usize,
 }
 
 /// Faults armed for the next requests.

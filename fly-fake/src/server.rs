@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::spec;
-use super::vm::{self, FakeMachine, Stop};
+use super::vm::{self, Control, FakeMachine, Lease, Stop};
 use super::State;
 
 type Shared = Extract<Arc<State>>;
@@ -25,6 +25,15 @@ type Pairs = Query<Vec<(String, String)>>;
 
 /// How long a machine may take to stop after a signal when its config does not say.
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The header a lease's holder sends its nonce in.
+const LEASE_NONCE: &str = "fly-machine-lease-nonce";
+
+/// How long a lease lasts when the request names no `ttl`, in seconds.
+const DEFAULT_LEASE_TTL: u64 = 30;
+
+/// The most memory a machine may have and still be suspended, by Fly's docs.
+const MAX_SUSPEND_MEMORY_MB: u64 = 2048;
 
 pub(crate) fn router(state: Arc<State>) -> Router {
     Router::new()
@@ -34,6 +43,18 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .route(
             "/v1/apps/{app}/machines/{id}/stop",
             axum::routing::post(stop),
+        )
+        .route(
+            "/v1/apps/{app}/machines/{id}/start",
+            axum::routing::post(start),
+        )
+        .route(
+            "/v1/apps/{app}/machines/{id}/suspend",
+            axum::routing::post(suspend),
+        )
+        .route(
+            "/v1/apps/{app}/machines/{id}/lease",
+            axum::routing::post(lease).delete(release),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found", None) })
         .with_state(state)
@@ -416,6 +437,14 @@ async fn stop(
         Err(response) => return response,
     };
     let stopped = lookup(&state, &id, |machine| {
+        leased_by_other(machine, &headers)?;
+        if matches!(machine.current(), "suspended" | "suspending") {
+            // Stopping a suspended machine discards its snapshot.
+            if machine.send_stop(Stop::Kill) {
+                machine.state.send_replace("stopping");
+            }
+            return Ok(());
+        }
         let configured = &machine.config["stop_config"];
         let signal = body["signal"]
             .as_str()
@@ -430,9 +459,208 @@ async fn stop(
         if sent {
             machine.state.send_replace("stopping");
         }
+        Ok(())
     });
-    match stopped {
+    match stopped.and_then(|outcome| outcome) {
         Ok(()) => reply(StatusCode::OK, json!({ "ok": true })),
+        Err(response) => response,
+    }
+}
+
+/// Refuses a change to a machine that someone else holds a lease on: the holder sends its
+/// nonce, anyone else is told the machine is leased.
+fn leased_by_other(machine: &FakeMachine, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(lease) = machine.live_lease() else {
+        return Ok(());
+    };
+    let sent = headers.get(LEASE_NONCE).and_then(|v| v.to_str().ok());
+    if sent == Some(lease.nonce.as_str()) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::CONFLICT,
+            &format!(
+                "machine {} is leased by another: send its lease nonce",
+                machine.id
+            ),
+            None,
+        ))
+    }
+}
+
+/// `start`: runs a stopped machine's process again from its config, or resumes a suspended one
+/// from where it was frozen.
+async fn start(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::START, query);
+    let started = lookup(&state, &id, |machine| {
+        leased_by_other(machine, &headers)?;
+        let previous = machine.current();
+        match previous {
+            "stopped" | "created" => Ok((previous, true)),
+            "suspended" | "suspending" => {
+                machine.send_control(Control::Resume);
+                machine.record("start", "started");
+                machine.state.send_replace("started");
+                Ok((previous, false))
+            }
+            "started" | "starting" => Ok((previous, false)),
+            other => Err(error(
+                StatusCode::PRECONDITION_FAILED,
+                &format!("machine {} is {other}: it cannot be started", machine.id),
+                None,
+            )),
+        }
+    });
+    match started.and_then(|outcome| outcome) {
+        Ok((previous, boot)) => {
+            if boot {
+                vm::boot(&state, &id);
+            }
+            state.count(|c| c.starts += 1);
+            reply(
+                StatusCode::OK,
+                json!({ "ok": true, "previous_state": previous }),
+            )
+        }
+        Err(response) => response,
+    }
+}
+
+/// `suspend`: freezes the machine's process, as Fly snapshots its memory. Refused, as Fly
+/// refuses it, for a machine with more than 2 GB of memory, with swap, or with a GPU.
+async fn suspend(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::SUSPEND, query);
+    let suspended = lookup(&state, &id, |machine| {
+        leased_by_other(machine, &headers)?;
+        let guest = &machine.config["guest"];
+        let memory = guest["memory_mb"].as_u64().unwrap_or(256);
+        let why_not = if memory > MAX_SUSPEND_MEMORY_MB {
+            Some(format!(
+                "{memory} MB of memory is more than {MAX_SUSPEND_MEMORY_MB} MB"
+            ))
+        } else if guest["gpus"].as_u64().unwrap_or(0) > 0 || guest["gpu_kind"].is_string() {
+            Some("a machine with a GPU".into())
+        } else if machine.config["swap_size_mb"].as_u64().unwrap_or(0) > 0 {
+            Some("a machine with swap".into())
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot suspend {why}"),
+                None,
+            ));
+        }
+        if machine.current() != "started" || !machine.send_control(Control::Suspend) {
+            return Err(error(
+                StatusCode::PRECONDITION_FAILED,
+                &format!(
+                    "machine {} is {}: only a started machine suspends",
+                    machine.id,
+                    machine.current()
+                ),
+                None,
+            ));
+        }
+        machine.record("suspend", "suspended");
+        machine.state.send_replace("suspended");
+        Ok(())
+    });
+    match suspended.and_then(|outcome| outcome) {
+        Ok(()) => {
+            state.count(|c| c.suspends += 1);
+            reply(StatusCode::OK, json!({ "ok": true }))
+        }
+        Err(response) => response,
+    }
+}
+
+/// `POST .../lease`: takes the machine's lease, or renews it for its holder; 409 while someone
+/// else holds it.
+async fn lease(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    admit!(state, headers, app, spec::LEASE, query);
+    let body = if body.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        body
+    };
+    let body = match checked_body(&state, &body, "CreateLeaseRequest") {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let leased = lookup(&state, &id, |machine| {
+        leased_by_other(machine, &headers)?;
+        let ttl = body["ttl"].as_u64().unwrap_or(DEFAULT_LEASE_TTL);
+        let lease = Lease {
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            description: body["description"].as_str().unwrap_or_default().to_owned(),
+            expires: Instant::now() + Duration::from_secs(ttl),
+        };
+        let expires_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + ttl;
+        let data = json!({
+            "nonce": lease.nonce,
+            "expires_at": expires_at,
+            "owner": "fake@firebrand.invalid",
+            "description": lease.description,
+            "version": machine.instance_id,
+        });
+        machine.lease = Some(lease);
+        Ok(data)
+    });
+    match leased.and_then(|outcome| outcome) {
+        Ok(data) => {
+            state.count(|c| c.leases += 1);
+            reply(
+                StatusCode::CREATED,
+                json!({ "status": "success", "data": data }),
+            )
+        }
+        Err(response) => response,
+    }
+}
+
+/// `DELETE .../lease`: its holder lets it go.
+async fn release(
+    Extract(state): Shared,
+    Path((app, id)): Path<(String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+) -> Response {
+    admit!(state, headers, app, spec::RELEASE, query);
+    let released = lookup(&state, &id, |machine| {
+        if machine.live_lease().is_none() {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "no lease on this machine",
+                None,
+            ));
+        }
+        leased_by_other(machine, &headers)?;
+        machine.lease = None;
+        Ok(())
+    });
+    match released.and_then(|outcome| outcome) {
+        Ok(()) => reply(StatusCode::OK, json!({ "status": "success" })),
         Err(response) => response,
     }
 }

@@ -22,6 +22,12 @@ pub(crate) const SHOW: (&str, &str) = ("get", "/v1/apps/{app_name}/machines/{mac
 pub(crate) const DELETE: (&str, &str) = ("delete", "/v1/apps/{app_name}/machines/{machine_id}");
 pub(crate) const WAIT: (&str, &str) = ("get", "/v1/apps/{app_name}/machines/{machine_id}/wait");
 pub(crate) const STOP: (&str, &str) = ("post", "/v1/apps/{app_name}/machines/{machine_id}/stop");
+pub(crate) const START: (&str, &str) = ("post", "/v1/apps/{app_name}/machines/{machine_id}/start");
+pub(crate) const SUSPEND: (&str, &str) =
+    ("post", "/v1/apps/{app_name}/machines/{machine_id}/suspend");
+pub(crate) const LEASE: (&str, &str) = ("post", "/v1/apps/{app_name}/machines/{machine_id}/lease");
+pub(crate) const RELEASE: (&str, &str) =
+    ("delete", "/v1/apps/{app_name}/machines/{machine_id}/lease");
 
 impl Spec {
     pub(crate) fn load() -> Self {
@@ -39,9 +45,12 @@ impl Spec {
         let bodies = HashMap::from([
             ("CreateMachineRequest", schema("CreateMachineRequest")),
             ("StopRequest", schema("StopRequest")),
+            ("CreateLeaseRequest", schema("CreateLeaseRequest")),
         ]);
         let mut queries = HashMap::new();
-        for (method, path) in [LIST, CREATE, SHOW, DELETE, WAIT, STOP] {
+        for (method, path) in [
+            LIST, CREATE, SHOW, DELETE, WAIT, STOP, START, SUSPEND, LEASE, RELEASE,
+        ] {
             let parameters = spec["paths"][path][method]["parameters"]
                 .as_array()
                 .cloned()

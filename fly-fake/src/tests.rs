@@ -16,10 +16,24 @@ struct Client {
 
 impl Client {
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.send_leased(method, path, body, None).await
+    }
+
+    /// [`send`](Self::send), with a lease's nonce when given.
+    async fn send_leased(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        nonce: Option<&str>,
+    ) -> (u16, Value) {
         let mut request = self
             .http
             .request(method, format!("{}/v1/apps/fake-app{path}", self.base))
             .header("authorization", format!("FlyV1 {}", self.token));
+        if let Some(nonce) = nonce {
+            request = request.header("fly-machine-lease-nonce", nonce);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -224,4 +238,188 @@ async fn a_wrong_token_is_401() {
         client.send(reqwest::Method::GET, "/machines", None).await.0,
         401
     );
+}
+
+/// The pid of the one process whose environment holds `marker`, once there is one.
+async fn pid_of(marker: &str) -> u32 {
+    let found = async {
+        loop {
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                if String::from_utf8_lossy(&environ).contains(marker) {
+                    return pid;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), found)
+        .await
+        .expect("the machine's process started")
+}
+
+/// Waits until the process is frozen (`T` in `/proc/<pid>/stat`) or not, as `frozen` says.
+async fn frozen(pid: u32, frozen: bool) {
+    let state = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command name in parentheses.
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+    };
+    let reached = async {
+        while (state() == Some('T')) != frozen {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reached)
+        .await
+        .unwrap_or_else(|_| panic!("process {pid} frozen: {frozen}; state {:?}", state()));
+}
+
+#[tokio::test]
+async fn suspend_freezes_the_process_start_resumes_it_and_stop_then_start_runs_it_again() {
+    use reqwest::Method;
+    let (fly, client) = fake().await;
+    let marker = format!("fake-suspend-{}", uuid::Uuid::new_v4().simple());
+    let mut body = machine("exec sleep 3600", false, "no");
+    body["config"]["guest"] = json!({"cpu_kind": "shared", "cpus": 1, "memory_mb": 512});
+    body["config"]["env"] = json!({ "FAKE_TEST_MARKER": marker });
+    let (status, created) = client.send(Method::POST, "/machines", Some(body)).await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let machine_path = format!("/machines/{id}");
+    let pid = pid_of(&marker).await;
+
+    // Suspend: the process is frozen, not ended; start resumes the same process.
+    let (status, _) = client
+        .send(Method::POST, &format!("{machine_path}/suspend"), None)
+        .await;
+    assert_eq!(status, 200);
+    frozen(pid, true).await;
+    let (_, shown) = client.send(Method::GET, &machine_path, None).await;
+    assert_eq!(shown["state"], "suspended");
+    let (status, started) = client
+        .send(Method::POST, &format!("{machine_path}/start"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(started["previous_state"], "suspended");
+    frozen(pid, false).await;
+    assert_eq!(pid_of(&marker).await, pid, "resumed, not restarted");
+
+    // Stop from suspended discards the snapshot: the process ends.
+    client
+        .send(Method::POST, &format!("{machine_path}/suspend"), None)
+        .await;
+    frozen(pid, true).await;
+    let (status, _) = client
+        .send(Method::POST, &format!("{machine_path}/stop"), None)
+        .await;
+    assert_eq!(status, 200);
+    let wait = format!("{machine_path}/wait?state=stopped&timeout=10");
+    assert_eq!(client.send(Method::GET, &wait, None).await.0, 200);
+
+    // Start from stopped runs the process again from the config: a new process.
+    let (status, started) = client
+        .send(Method::POST, &format!("{machine_path}/start"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(started["previous_state"], "stopped");
+    let again = pid_of(&marker).await;
+    assert_ne!(again, pid);
+    let delete = format!("{machine_path}?force=true");
+    assert_eq!(client.send(Method::DELETE, &delete, None).await.0, 200);
+    assert_eq!(fly.counts().starts, 2);
+    assert_eq!(fly.counts().suspends, 2);
+    assert_eq!(fly.counts().invalid, 0);
+}
+
+#[tokio::test]
+async fn a_suspend_fly_would_refuse_is_refused() {
+    use reqwest::Method;
+    let (fly, client) = fake().await;
+    let mut body = machine("exec sleep 3600", false, "no");
+    body["config"]["guest"] = json!({"cpu_kind": "shared", "cpus": 1, "memory_mb": 4096});
+    let (_, created) = client.send(Method::POST, "/machines", Some(body)).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let wait = format!("/machines/{id}/wait?state=started&timeout=10");
+    assert_eq!(client.send(Method::GET, &wait, None).await.0, 200);
+    let (status, refused) = client
+        .send(Method::POST, &format!("/machines/{id}/suspend"), None)
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        refused["error"].as_str().unwrap().contains("4096 MB"),
+        "{refused}"
+    );
+    let delete = format!("/machines/{id}?force=true");
+    assert_eq!(client.send(Method::DELETE, &delete, None).await.0, 200);
+    assert_eq!(fly.counts().suspends, 0);
+}
+
+#[tokio::test]
+async fn a_lease_keeps_a_machine_to_its_holder_until_released() {
+    use reqwest::Method;
+    let (fly, client) = fake().await;
+    let (_, created) = client
+        .send(
+            Method::POST,
+            "/machines",
+            Some(machine("exec sleep 3600", false, "no")),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let lease_path = format!("/machines/{id}/lease");
+    let (status, leased) = client
+        .send(
+            Method::POST,
+            &lease_path,
+            Some(json!({"description": "claim by pool p", "ttl": 30})),
+        )
+        .await;
+    assert_eq!(status, 201, "{leased}");
+    assert_eq!(leased["status"], "success");
+    let nonce = leased["data"]["nonce"].as_str().unwrap().to_owned();
+    // Someone else: no lease, no stop.
+    let (status, _) = client
+        .send(Method::POST, &lease_path, Some(json!({})))
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = client
+        .send(Method::POST, &format!("/machines/{id}/stop"), None)
+        .await;
+    assert_eq!(status, 409);
+    // The holder may.
+    let (status, _) = client
+        .send_leased(
+            Method::POST,
+            &format!("/machines/{id}/stop"),
+            None,
+            Some(&nonce),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = client
+        .send_leased(Method::DELETE, &lease_path, None, Some("not-the-nonce"))
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = client
+        .send_leased(Method::DELETE, &lease_path, None, Some(&nonce))
+        .await;
+    assert_eq!(status, 200);
+    // Released: the next claim gets it.
+    let (status, _) = client
+        .send(Method::POST, &lease_path, Some(json!({"ttl": 5})))
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = client
+        .send(Method::POST, &lease_path, Some(json!({"ttl": "5"})))
+        .await;
+    assert_eq!(status, 400, "a ttl that breaks the spec");
+    let delete = format!("/machines/{id}?force=true");
+    assert_eq!(client.send(Method::DELETE, &delete, None).await.0, 200);
+    assert_eq!(fly.counts().leases, 2);
+    assert_eq!(fly.counts().invalid, 1);
 }

@@ -37,6 +37,25 @@ pub(crate) enum Stop {
     Kill,
 }
 
+/// What the API asks of a machine's running process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Control {
+    /// End it.
+    Stop(Stop),
+    /// Freeze it (SIGSTOP): the fake's stand-in for Fly's memory snapshot.
+    Suspend,
+    /// Let it go on (SIGCONT): a resume from the snapshot.
+    Resume,
+}
+
+/// A lease on a machine: who may change it until when.
+#[derive(Debug, Clone)]
+pub(crate) struct Lease {
+    pub nonce: String,
+    pub description: String,
+    pub expires: tokio::time::Instant,
+}
+
 pub(crate) struct FakeMachine {
     pub id: String,
     pub name: String,
@@ -50,7 +69,9 @@ pub(crate) struct FakeMachine {
     pub exit_code: Option<i32>,
     pub restarts: u32,
     pub destroy_requested: bool,
-    stop: Option<mpsc::UnboundedSender<Stop>>,
+    /// The lease on it, if one was taken (it may have expired).
+    pub lease: Option<Lease>,
+    control: Option<mpsc::UnboundedSender<Control>>,
 }
 
 impl FakeMachine {
@@ -76,7 +97,8 @@ impl FakeMachine {
             exit_code: None,
             restarts: 0,
             destroy_requested: false,
-            stop: None,
+            lease: None,
+            control: None,
         }
     }
 
@@ -94,7 +116,8 @@ impl FakeMachine {
             exit_code: None,
             restarts: 0,
             destroy_requested: false,
-            stop: None,
+            lease: None,
+            control: None,
         };
         machine.event("start", "started", None);
         machine
@@ -142,7 +165,26 @@ impl FakeMachine {
 
     /// Asks the process to end; false when there is none.
     pub(crate) fn send_stop(&self, stop: Stop) -> bool {
-        self.stop.as_ref().is_some_and(|tx| tx.send(stop).is_ok())
+        self.send_control(Control::Stop(stop))
+    }
+
+    /// Sends the process `control`; false when there is none.
+    pub(crate) fn send_control(&self, control: Control) -> bool {
+        self.control
+            .as_ref()
+            .is_some_and(|tx| tx.send(control).is_ok())
+    }
+
+    /// The lease on it that has not expired.
+    pub(crate) fn live_lease(&self) -> Option<&Lease> {
+        self.lease
+            .as_ref()
+            .filter(|lease| lease.expires > tokio::time::Instant::now())
+    }
+
+    /// Records an event of `kind` with `status`, as Fly lists them.
+    pub(crate) fn record(&mut self, kind: &str, status: &str) {
+        self.event(kind, status, None);
     }
 
     fn event(&mut self, kind: &str, status: &str, request: Option<Value>) {
@@ -246,37 +288,53 @@ pub(crate) fn boot(state: &Arc<State>, id: &str) {
             return;
         }
     };
-    let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-    machine.stop = Some(stop_tx);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    machine.control = Some(control_tx);
     machine.event("start", "started", None);
     machine.state.send_replace("started");
-    tokio::spawn(supervise(Arc::clone(state), id.to_owned(), child, stop_rx));
+    tokio::spawn(supervise(
+        Arc::clone(state),
+        id.to_owned(),
+        child,
+        control_rx,
+    ));
 }
 
 async fn supervise(
     state: Arc<State>,
     id: String,
     mut child: tokio::process::Child,
-    mut stop_rx: mpsc::UnboundedReceiver<Stop>,
+    mut control_rx: mpsc::UnboundedReceiver<Control>,
 ) {
-    let mut requested = false;
-    let status = tokio::select! {
-        status = child.wait() => status,
-        Some(stop) = stop_rx.recv() => {
-            requested = true;
-            if let (Stop::Signal(signal, timeout), Some(pid)) = (stop, child.id()) {
-                // SAFETY: kill(2) on our own child's pid has no memory effects.
-                unsafe { libc::kill(pid as libc::pid_t, signal) };
-                if let Ok(status) = tokio::time::timeout(timeout, child.wait()).await {
-                    exited(&state, &id, status.ok(), requested);
-                    return;
-                }
-            }
-            let _ = child.kill().await;
-            child.wait().await
+    let signal = |child: &tokio::process::Child, signal: i32| {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
         }
     };
-    exited(&state, &id, status.ok(), requested);
+    let stop = loop {
+        tokio::select! {
+            status = child.wait() => {
+                exited(&state, &id, status.ok(), false);
+                return;
+            }
+            Some(control) = control_rx.recv() => match control {
+                Control::Suspend => signal(&child, libc::SIGSTOP),
+                Control::Resume => signal(&child, libc::SIGCONT),
+                Control::Stop(stop) => break stop,
+            },
+        }
+    };
+    if let Stop::Signal(number, timeout) = stop {
+        signal(&child, number);
+        if let Ok(status) = tokio::time::timeout(timeout, child.wait()).await {
+            exited(&state, &id, status.ok(), true);
+            return;
+        }
+    }
+    let _ = child.kill().await;
+    let status = child.wait().await;
+    exited(&state, &id, status.ok(), true);
 }
 
 /// What Fly does when a machine's process ends: record the exit, then restart, destroy or stop
@@ -293,7 +351,7 @@ fn exited(
         let Some(machine) = machines.get_mut(id) else {
             return;
         };
-        machine.stop = None;
+        machine.control = None;
         let code = status.and_then(|s| s.code());
         let signal = status.and_then(|s| s.signal());
         machine.exit_code = code;
