@@ -137,6 +137,11 @@ fn rate_limited(state: &State, retry_after: Option<Duration>) -> Response {
 }
 
 /// The body as JSON, checked against the named schema of the spec; a 400 if it is not.
+/// [`checked_body`] for an optional body: an empty one means `{}`.
+fn checked_optional_body(state: &State, body: &[u8], schema: &str) -> Result<Value, Response> {
+    checked_body(state, if body.is_empty() { b"{}" } else { body }, schema)
+}
+
 fn checked_body(state: &State, body: &[u8], schema: &str) -> Result<Value, Response> {
     let body: Value = serde_json::from_slice(body)
         .map_err(|e| invalid(state, StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
@@ -426,18 +431,11 @@ async fn stop(
     body: Bytes,
 ) -> Response {
     admit!(state, headers, app, spec::STOP, query);
-    // The body is optional; an empty one means `{}`.
-    let body = if body.is_empty() {
-        Bytes::from_static(b"{}")
-    } else {
-        body
-    };
-    let body = match checked_body(&state, &body, "StopRequest") {
+    let body = match checked_optional_body(&state, &body, "StopRequest") {
         Ok(body) => body,
         Err(response) => return response,
     };
-    let stopped = lookup(&state, &id, |machine| {
-        leased_by_other(machine, &headers)?;
+    let stopped = lookup_leased(&state, &id, &headers, |machine| {
         if matches!(machine.current(), "suspended" | "suspending") {
             // Stopping a suspended machine discards its snapshot.
             if machine.send_stop(Stop::Kill) {
@@ -461,10 +459,23 @@ async fn stop(
         }
         Ok(())
     });
-    match stopped.and_then(|outcome| outcome) {
+    match stopped {
         Ok(()) => reply(StatusCode::OK, json!({ "ok": true })),
         Err(response) => response,
     }
+}
+
+/// [`lookup`] for a change to the machine: refused while someone else holds its lease.
+fn lookup_leased<T>(
+    state: &State,
+    id: &str,
+    headers: &HeaderMap,
+    change: impl FnOnce(&mut FakeMachine) -> Result<T, Response>,
+) -> Result<T, Response> {
+    lookup(state, id, |machine| {
+        leased_by_other(machine, headers)?;
+        change(machine)
+    })?
 }
 
 /// Refuses a change to a machine that someone else holds a lease on: the holder sends its
@@ -497,8 +508,7 @@ async fn start(
     headers: HeaderMap,
 ) -> Response {
     admit!(state, headers, app, spec::START, query);
-    let started = lookup(&state, &id, |machine| {
-        leased_by_other(machine, &headers)?;
+    let started = lookup_leased(&state, &id, &headers, |machine| {
         let previous = machine.current();
         match previous {
             "stopped" | "created" => Ok((previous, true)),
@@ -516,7 +526,7 @@ async fn start(
             )),
         }
     });
-    match started.and_then(|outcome| outcome) {
+    match started {
         Ok((previous, boot)) => {
             if boot {
                 vm::boot(&state, &id);
@@ -540,8 +550,7 @@ async fn suspend(
     headers: HeaderMap,
 ) -> Response {
     admit!(state, headers, app, spec::SUSPEND, query);
-    let suspended = lookup(&state, &id, |machine| {
-        leased_by_other(machine, &headers)?;
+    let suspended = lookup_leased(&state, &id, &headers, |machine| {
         let guest = &machine.config["guest"];
         let memory = guest["memory_mb"].as_u64().unwrap_or(256);
         let why_not = if memory > MAX_SUSPEND_MEMORY_MB {
@@ -577,7 +586,7 @@ async fn suspend(
         machine.state.send_replace("suspended");
         Ok(())
     });
-    match suspended.and_then(|outcome| outcome) {
+    match suspended {
         Ok(()) => {
             state.count(|c| c.suspends += 1);
             reply(StatusCode::OK, json!({ "ok": true }))
@@ -596,17 +605,11 @@ async fn lease(
     body: Bytes,
 ) -> Response {
     admit!(state, headers, app, spec::LEASE, query);
-    let body = if body.is_empty() {
-        Bytes::from_static(b"{}")
-    } else {
-        body
-    };
-    let body = match checked_body(&state, &body, "CreateLeaseRequest") {
+    let body = match checked_optional_body(&state, &body, "CreateLeaseRequest") {
         Ok(body) => body,
         Err(response) => return response,
     };
-    let leased = lookup(&state, &id, |machine| {
-        leased_by_other(machine, &headers)?;
+    let leased = lookup_leased(&state, &id, &headers, |machine| {
         let ttl = body["ttl"].as_u64().unwrap_or(DEFAULT_LEASE_TTL);
         let lease = Lease {
             nonce: uuid::Uuid::new_v4().simple().to_string(),
@@ -627,7 +630,7 @@ async fn lease(
         machine.lease = Some(lease);
         Ok(data)
     });
-    match leased.and_then(|outcome| outcome) {
+    match leased {
         Ok(data) => {
             state.count(|c| c.leases += 1);
             reply(

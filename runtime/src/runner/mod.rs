@@ -122,10 +122,7 @@ pub fn run_if_child(registry: &Registry) {
     if std::env::var_os(PARENT_ENV).is_none() && std::env::var_os(PARENT_FD_ENV).is_none() {
         return;
     }
-    let token = BootToken::from_env();
-    // The token holds a private key: keep it from processes this one starts.
-    std::env::remove_var(PARENT_ENV);
-    std::env::remove_var(PARENT_FD_ENV);
+    let token = take_token();
     if std::env::var_os(RELAYED_OUTPUT_ENV).is_some() {
         std::env::remove_var(RELAYED_OUTPUT_ENV);
         output::outlive_the_relay();
@@ -210,10 +207,16 @@ pub fn exit_code_of(result: &Result<ServeExit, ServeError>) -> i32 {
 /// [`ServeError::Token`] if the process has no valid boot token; another [`ServeError`] if the
 /// parent is never reached or refuses the runner.
 pub async fn serve(registry: Registry) -> Result<ServeExit, ServeError> {
+    serve_token(take_token()?, registry).await
+}
+
+/// Reads this process's boot token, and removes what names it from the environment: the token
+/// holds a private key, to be kept from the processes this one starts.
+fn take_token() -> Result<BootToken, TokenError> {
     let token = BootToken::from_env();
     std::env::remove_var(PARENT_ENV);
     std::env::remove_var(PARENT_FD_ENV);
-    serve_token(token?, registry).await
+    token
 }
 
 /// [`serve`] with the token already read.

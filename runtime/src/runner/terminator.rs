@@ -26,8 +26,12 @@ const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// The instant `wait` from now, or a century from now if that cannot be represented: a token's
 /// settings are not trusted to keep `Instant + Duration` from overflowing.
 pub(super) fn after(wait: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(wait).unwrap_or_else(|| now + NEVER)
+    later(Instant::now(), wait)
+}
+
+/// `start + wait`, or a century after `start` if that cannot be represented.
+fn later(start: Instant, wait: Duration) -> Instant {
+    start.checked_add(wait).unwrap_or_else(|| start + NEVER)
 }
 
 /// What the serve loop must do next, as the terminator decides.
@@ -87,9 +91,7 @@ impl Terminator {
 
     /// When dialling the parent gives up.
     pub(crate) fn connect_failsafe(&self) -> Instant {
-        self.started
-            .checked_add(self.policy.connect_failsafe)
-            .unwrap_or_else(|| self.started + NEVER)
+        later(self.started, self.policy.connect_failsafe)
     }
 
     /// The stops to come, for the serve loop to await one at a time.
