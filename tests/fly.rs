@@ -6,62 +6,13 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::fly::{backend, fake, pool, shut_down_clean, IMAGE, PARENT, SECOND};
 use common::{within, RUNNER};
 use firebrand::backend::fly::{FlyBackend, FlyBackendBuilder, FlyError};
 use firebrand::backend::BootRequest;
-use firebrand::{Backend, CallError, Pool, PoolBuilder, RunnerId};
-use firebrand_fly_fake::FakeFly;
+use firebrand::{Backend, CallError, RunnerId};
+use firebrand_fly_fake::{FakeFly, Latency};
 use firebrand_runner::{ENV, PID, SLEEP};
-
-const IMAGE: &str = "registry.fly.io/fake-app:deployment-01";
-const PARENT: &str = "148e21ea0d2089";
-const SECOND: Duration = Duration::from_secs(1);
-
-async fn fake() -> FakeFly {
-    common::init_tracing();
-    FakeFly::builder()
-        .image(IMAGE, RUNNER)
-        .start()
-        .await
-        .expect("the fake binds")
-}
-
-/// A backend on the fake, as a parent on Fly would configure it from its env.
-fn backend(fly: &FakeFly) -> FlyBackendBuilder {
-    FlyBackendBuilder::from_vars(|_| None)
-        .api_base(fly.url())
-        .token(fly.token())
-        .app(fly.app())
-        .image(IMAGE)
-        .region("ord")
-        .private_ip("::1")
-        .machine_id(PARENT)
-        .retries(8, Duration::from_millis(50), SECOND)
-}
-
-fn pool(backend: FlyBackend) -> PoolBuilder {
-    Pool::builder(&firebrand_runner::registry())
-        .backend(backend)
-        .boot_timeout(20 * SECOND)
-        .queue_timeout(30 * SECOND)
-        .timeout(20 * SECOND)
-}
-
-/// Shuts the pool down and checks that every machine the fake made was destroyed, and that
-/// no request broke the spec.
-async fn shut_down_clean(pool: Pool, fly: &FakeFly) {
-    pool.shutdown().await;
-    assert!(
-        fly.all_destroyed(20 * SECOND).await,
-        "machines left: {:?}",
-        fly.machines()
-            .iter()
-            .filter(|m| m.state != "destroyed")
-            .map(|m| (&m.id, &m.state))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(fly.invalid_requests(), Vec::<String>::new());
-}
 
 fn boot_failure(error: &CallError) -> String {
     match error {
@@ -367,7 +318,12 @@ async fn tokens_go_with_their_scheme() {
         ("FlyV1 fm2_macaroon", "FlyV1"),
         ("oauth", "Bearer"),
     ] {
-        let fly = FakeFly::builder().token(token).start().await.unwrap();
+        let fly = FakeFly::builder()
+            .token(token)
+            .latency(Latency::NONE)
+            .start()
+            .await
+            .unwrap();
         let backend = backend(&fly).token(token).build().unwrap();
         backend.reap_orphans().await.unwrap();
         assert_eq!(fly.authorization_schemes(), vec![scheme.to_owned()]);
@@ -418,6 +374,7 @@ async fn the_token_never_reaches_a_log_line_an_error_or_debug_output() {
     let fly = FakeFly::builder()
         .token(SECRET)
         .image(IMAGE, RUNNER)
+        .latency(Latency::NONE)
         .start()
         .await
         .unwrap();

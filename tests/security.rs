@@ -198,7 +198,12 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     // The same client with the identity the pool issued is admitted: the refusals above were
     // about the certificates, not about this client.
     let reply = dial(&token, Some(&token.runner_identity())).await.unwrap();
-    assert_eq!(reply, HelloReply::Accepted);
+    assert_eq!(
+        reply,
+        HelloReply::Accepted {
+            idle_override: None
+        }
+    );
     for call in calls {
         call.abort();
     }

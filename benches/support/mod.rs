@@ -330,9 +330,10 @@ impl RawParent {
         let mut version = [0; 2];
         recv.read_exact(&mut version).await.unwrap();
         let _: Hello = wire::read_head(&mut recv).await.unwrap();
-        wire::write_frame(&mut send, &HelloReply::Accepted)
-            .await
-            .unwrap();
+        let reply = HelloReply::Accepted {
+            idle_override: None,
+        };
+        wire::write_frame(&mut send, &reply).await.unwrap();
         Self {
             connection,
             _endpoint: endpoint,

@@ -53,6 +53,42 @@ use tokio::time::Instant;
 
 pub use vm::MachineView;
 
+/// How long the fake takes to bring a machine up, by how: Fly's published figures by default
+/// ([`Latency::FLY`]), so that benchmarks are realistic; tests set small ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latency {
+    /// From a create request to a running machine: an image pull and a cold boot.
+    pub create: Duration,
+    /// From a `start` of a stopped machine to its process running again.
+    pub start: Duration,
+    /// From a `start` of a suspended machine to its process going on.
+    pub resume: Duration,
+}
+
+impl Latency {
+    /// Fly's documented figures: a create about 2 s, a start of a stopped machine about 1 s
+    /// ("well under a second" to a second), a resume from suspend about 300 ms ("a few hundred
+    /// milliseconds").
+    pub const FLY: Latency = Latency {
+        create: Duration::from_secs(2),
+        start: Duration::from_secs(1),
+        resume: Duration::from_millis(300),
+    };
+
+    /// No added latency at all.
+    pub const NONE: Latency = Latency {
+        create: Duration::ZERO,
+        start: Duration::ZERO,
+        resume: Duration::ZERO,
+    };
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::FLY
+    }
+}
+
 /// A running fake Machines API. Dropping it stops the server and kills every machine process.
 pub struct FakeFly {
     addr: SocketAddr,
@@ -78,6 +114,7 @@ pub struct FakeFlyBuilder {
     regions: Vec<String>,
     images: HashMap<String, PathBuf>,
     rate_limits: bool,
+    latency: Latency,
 }
 
 impl std::fmt::Debug for FakeFlyBuilder {
@@ -87,6 +124,7 @@ impl std::fmt::Debug for FakeFlyBuilder {
             .field("regions", &self.regions)
             .field("images", &self.images)
             .field("rate_limits", &self.rate_limits)
+            .field("latency", &self.latency)
             .finish_non_exhaustive()
     }
 }
@@ -124,6 +162,7 @@ pub(crate) struct Faults {
     pub no_capacity: Vec<String>,
     pub crash_boots: Vec<i32>,
     pub stall_boots: u32,
+    pub stall_resumes: u32,
     pub refuse_gpus: bool,
     pub refusals: std::collections::VecDeque<(u16, String, Option<String>)>,
 }
@@ -142,6 +181,7 @@ pub(crate) struct State {
     pub authorization_schemes: Mutex<Vec<String>>,
     pub create_limiter: Option<governor::DefaultDirectRateLimiter>,
     pub next_id: std::sync::atomic::AtomicU64,
+    pub latency: Mutex<Latency>,
 }
 
 impl FakeFly {
@@ -154,6 +194,7 @@ impl FakeFly {
             regions: vec!["ord".into(), "ams".into(), "fra".into()],
             images: HashMap::new(),
             rate_limits: true,
+            latency: Latency::FLY,
         }
     }
 
@@ -269,6 +310,12 @@ impl FakeFly {
         self.state.faults.lock().stall_boots += 1;
     }
 
+    /// The next resume of a suspended machine reports it started but leaves its process
+    /// frozen: a runner that never dials back after a claim.
+    pub fn stall_next_resume(&self) {
+        self.state.faults.lock().stall_resumes += 1;
+    }
+
     /// Creates that ask for a GPU are refused, as Fly refuses them since 2026-08-01.
     pub fn refuse_gpus(&self) {
         self.state.faults.lock().refuse_gpus = true;
@@ -282,6 +329,50 @@ impl FakeFly {
             error.to_owned(),
             fly_status.map(str::to_owned),
         ));
+    }
+
+    /// Changes the latency model from the next request on.
+    pub fn set_latency(&self, latency: Latency) {
+        *self.state.latency.lock() = latency;
+    }
+
+    /// Takes the lease of machine `id` as someone else would (another parent, `flyctl`), for
+    /// `ttl`: until it expires, changes to the machine without its nonce answer 409. Returns
+    /// whether the machine was there to lease.
+    pub fn hold_lease(&self, id: &str, ttl: Duration) -> bool {
+        let mut machines = self.state.machines.lock();
+        let Some(machine) = machines.get_mut(id) else {
+            return false;
+        };
+        machine.lease = Some(vm::Lease {
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            description: "held by a test".into(),
+            expires: Instant::now() + ttl,
+        });
+        true
+    }
+
+    /// Destroys machine `id` behind its owner's back, as `fly machine destroy --force` would,
+    /// and returns once it is destroyed; false when there was no live machine to destroy.
+    pub async fn destroy_behind_the_back(&self, id: &str) -> bool {
+        let mut destroyed = {
+            let mut machines = self.state.machines.lock();
+            let Some(machine) = machines.get_mut(id).filter(|m| m.current() != "destroyed") else {
+                return false;
+            };
+            machine.destroy_requested = true;
+            if !machine.send_stop(vm::Stop::Kill) {
+                machine.state.send_replace("destroyed");
+                drop(machines);
+                self.state.count(|c| c.destroyed += 1);
+                return true;
+            }
+            machine.state.send_replace("destroying");
+            machine.state.subscribe()
+        };
+        // The process's exit marks the machine destroyed.
+        let done = destroyed.wait_for(|s| *s == "destroyed").await.is_ok();
+        done
     }
 
     /// Adds a started machine with no process: a parent, for reaping tests.
@@ -334,6 +425,12 @@ impl FakeFlyBuilder {
         self
     }
 
+    /// How long machines take to come up. Default: [`Latency::FLY`], Fly's published figures.
+    pub fn latency(mut self, latency: Latency) -> Self {
+        self.latency = latency;
+        self
+    }
+
     /// Binds a loopback port and serves.
     ///
     /// # Errors
@@ -358,6 +455,7 @@ impl FakeFlyBuilder {
             authorization_schemes: Mutex::default(),
             create_limiter: self.rate_limits.then(|| RateLimiter::direct(quota)),
             next_id: std::sync::atomic::AtomicU64::new(1),
+            latency: Mutex::new(self.latency),
         });
         let router = server::router(Arc::clone(&state));
         let server = tokio::spawn(async move {

@@ -201,6 +201,9 @@ async fn create(
     let id = machine.id.clone();
     state.machines.lock().insert(id.clone(), machine);
     state.count(|c| c.created += 1);
+    // The image pull and the cold boot.
+    let latency = state.latency.lock().create;
+    tokio::time::sleep(latency).await;
     vm::boot(&state, &id);
     // The machine exists from here on, whether or not the client hears of it.
     if let Some(delay) = delay {
@@ -403,19 +406,19 @@ async fn destroy(
     let Some(machine) = machines.get_mut(&id).filter(|m| m.current() != "destroyed") else {
         return error(StatusCode::NOT_FOUND, "machine not found", None);
     };
-    if matches!(machine.current(), "started" | "stopping" | "destroying") {
-        if !force {
-            return error(
-                StatusCode::PRECONDITION_FAILED,
-                "failed to destroy VM: unable to destroy machine, not currently stopped",
-                None,
-            );
-        }
-        machine.destroy_requested = true;
-        if machine.send_stop(Stop::Kill) {
-            machine.state.send_replace("destroying");
-            return reply(StatusCode::OK, json!({ "ok": true }));
-        }
+    if matches!(machine.current(), "started" | "stopping" | "destroying") && !force {
+        return error(
+            StatusCode::PRECONDITION_FAILED,
+            "failed to destroy VM: unable to destroy machine, not currently stopped",
+            None,
+        );
+    }
+    // A running or frozen (suspended) process is killed; the machine is destroyed once it
+    // has exited.
+    machine.destroy_requested = true;
+    if machine.send_stop(Stop::Kill) {
+        machine.state.send_replace("destroying");
+        return reply(StatusCode::OK, json!({ "ok": true }));
     }
     machine.state.send_replace("destroyed");
     drop(machines);
@@ -473,6 +476,17 @@ fn lookup_leased<T>(
     change: impl FnOnce(&mut FakeMachine) -> Result<T, Response>,
 ) -> Result<T, Response> {
     lookup(state, id, |machine| {
+        match machine.current() {
+            "destroyed" => return Err(error(StatusCode::NOT_FOUND, "machine not found", None)),
+            "destroying" => {
+                return Err(error(
+                    StatusCode::PRECONDITION_FAILED,
+                    &format!("machine {} is being destroyed", machine.id),
+                    None,
+                ))
+            }
+            _ => {}
+        }
         leased_by_other(machine, headers)?;
         change(machine)
     })?
@@ -508,37 +522,54 @@ async fn start(
     headers: HeaderMap,
 ) -> Response {
     admit!(state, headers, app, spec::START, query);
-    let started = lookup_leased(&state, &id, &headers, |machine| {
-        let previous = machine.current();
-        match previous {
-            "stopped" | "created" => Ok((previous, true)),
-            "suspended" | "suspending" => {
-                machine.send_control(Control::Resume);
-                machine.record("start", "started");
-                machine.state.send_replace("started");
-                Ok((previous, false))
-            }
-            "started" | "starting" => Ok((previous, false)),
+    let checked =
+        lookup_leased(&state, &id, &headers, |machine| match machine.current() {
+            previous @ ("stopped" | "created" | "suspended" | "suspending" | "started"
+            | "starting") => Ok(previous),
             other => Err(error(
                 StatusCode::PRECONDITION_FAILED,
                 &format!("machine {} is {other}: it cannot be started", machine.id),
                 None,
             )),
+        });
+    let previous = match checked {
+        Ok(previous) => previous,
+        Err(response) => return response,
+    };
+    let latency = *state.latency.lock();
+    match previous {
+        "stopped" | "created" => {
+            tokio::time::sleep(latency.start).await;
+            vm::boot(&state, &id);
         }
-    });
-    match started {
-        Ok((previous, boot)) => {
-            if boot {
-                vm::boot(&state, &id);
+        "suspended" | "suspending" => {
+            tokio::time::sleep(latency.resume).await;
+            let stall = {
+                let mut faults = state.faults.lock();
+                let stall = faults.stall_resumes > 0;
+                faults.stall_resumes = faults.stall_resumes.saturating_sub(1);
+                stall
+            };
+            let resumed = lookup(&state, &id, |machine| {
+                if matches!(machine.current(), "suspended" | "suspending") {
+                    if !stall {
+                        machine.send_control(Control::Resume);
+                    }
+                    machine.record("start", "started");
+                    machine.state.send_replace("started");
+                }
+            });
+            if let Err(response) = resumed {
+                return response;
             }
-            state.count(|c| c.starts += 1);
-            reply(
-                StatusCode::OK,
-                json!({ "ok": true, "previous_state": previous }),
-            )
         }
-        Err(response) => response,
+        _ => {}
     }
+    state.count(|c| c.starts += 1);
+    reply(
+        StatusCode::OK,
+        json!({ "ok": true, "previous_state": previous }),
+    )
 }
 
 /// `suspend`: freezes the machine's process, as Fly snapshots its memory. Refused, as Fly
@@ -582,8 +613,8 @@ async fn suspend(
                 None,
             ));
         }
-        machine.record("suspend", "suspended");
-        machine.state.send_replace("suspended");
+        // The process freezes, then the machine reads `suspended`.
+        machine.state.send_replace("suspending");
         Ok(())
     });
     match suspended {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::FakeFly;
+use super::{FakeFly, Latency};
 
 const IMAGE: &str = "registry.fly.io/fake-app:1";
 
@@ -50,6 +50,7 @@ async fn fake() -> (FakeFly, Client) {
     let fly = FakeFly::builder()
         .image(IMAGE, "/bin/true")
         .rate_limits(false)
+        .latency(Latency::NONE)
         .start()
         .await
         .unwrap();
@@ -299,8 +300,14 @@ async fn suspend_freezes_the_process_start_resumes_it_and_stop_then_start_runs_i
         .await;
     assert_eq!(status, 200);
     frozen(pid, true).await;
-    let (_, shown) = client.send(Method::GET, &machine_path, None).await;
-    assert_eq!(shown["state"], "suspended");
+    // `suspending` until the snapshot is taken, as on Fly.
+    let wait = format!("{machine_path}/wait?state=suspended&timeout=10");
+    let (status, waited) = client.send(Method::GET, &wait, None).await;
+    assert_eq!(
+        (status, &waited["state"]),
+        (200, &json!("suspended")),
+        "{waited}"
+    );
     let (status, started) = client
         .send(Method::POST, &format!("{machine_path}/start"), None)
         .await;

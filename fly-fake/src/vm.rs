@@ -26,6 +26,8 @@ pub struct MachineView {
     pub config: Value,
     /// The exit code of its process's last run.
     pub exit_code: Option<i32>,
+    /// The pid of its process, while it has one (a frozen one included).
+    pub pid: Option<u32>,
 }
 
 /// How a machine's process is asked to end.
@@ -71,6 +73,7 @@ pub(crate) struct FakeMachine {
     pub destroy_requested: bool,
     /// The lease on it, if one was taken (it may have expired).
     pub lease: Option<Lease>,
+    pub pid: Option<u32>,
     control: Option<mpsc::UnboundedSender<Control>>,
 }
 
@@ -98,6 +101,7 @@ impl FakeMachine {
             restarts: 0,
             destroy_requested: false,
             lease: None,
+            pid: None,
             control: None,
         }
     }
@@ -117,6 +121,7 @@ impl FakeMachine {
             restarts: 0,
             destroy_requested: false,
             lease: None,
+            pid: None,
             control: None,
         };
         machine.event("start", "started", None);
@@ -152,6 +157,7 @@ impl FakeMachine {
             state: self.current().to_owned(),
             config: self.config.clone(),
             exit_code: self.exit_code,
+            pid: self.pid,
         }
     }
 
@@ -290,6 +296,7 @@ pub(crate) fn boot(state: &Arc<State>, id: &str) {
     };
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     machine.control = Some(control_tx);
+    machine.pid = child.id();
     machine.event("start", "started", None);
     machine.state.send_replace("started");
     tokio::spawn(supervise(
@@ -319,7 +326,20 @@ async fn supervise(
                 return;
             }
             Some(control) = control_rx.recv() => match control {
-                Control::Suspend => signal(&child, libc::SIGSTOP),
+                Control::Suspend => {
+                    signal(&child, libc::SIGSTOP);
+                    // Suspended once the snapshot is taken: here, once the process is frozen.
+                    if let Some(pid) = child.id() {
+                        frozen(pid).await;
+                    }
+                    let mut machines = state.machines.lock();
+                    if let Some(machine) = machines.get_mut(&id) {
+                        if machine.current() == "suspending" {
+                            machine.record("suspend", "suspended");
+                            machine.state.send_replace("suspended");
+                        }
+                    }
+                }
                 Control::Resume => signal(&child, libc::SIGCONT),
                 Control::Stop(stop) => break stop,
             },
@@ -337,6 +357,23 @@ async fn supervise(
     exited(&state, &id, status.ok(), true);
 }
 
+/// Waits until process `pid` is stopped, for at most a second: a signal takes effect when
+/// the kernel next schedules its target, and nothing tells its sender when that was.
+async fn frozen(pid: u32) {
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(") ")?.1.starts_with(['T', 't'])))
+            .unwrap_or(true)
+    };
+    for _ in 0..1000 {
+        if stopped() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// What Fly does when a machine's process ends: record the exit, then restart, destroy or stop
 /// the machine as its config says.
 fn exited(
@@ -352,6 +389,7 @@ fn exited(
             return;
         };
         machine.control = None;
+        machine.pid = None;
         let code = status.and_then(|s| s.code());
         let signal = status.and_then(|s| s.signal());
         machine.exit_code = code;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests. Every test uses real `firebrand-runner` processes.
 #![allow(dead_code)]
 
+pub mod fly;
+
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -295,9 +297,10 @@ impl RawParent {
         let mut version = [0; 2];
         recv.read_exact(&mut version).await.unwrap();
         let _: Hello = wire::read_head(&mut recv).await.unwrap();
-        wire::write_frame(&mut send, &HelloReply::Accepted)
-            .await
-            .unwrap();
+        let reply = HelloReply::Accepted {
+            idle_override: None,
+        };
+        wire::write_frame(&mut send, &reply).await.unwrap();
         (connection, send, recv)
     }
 }

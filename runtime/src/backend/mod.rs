@@ -6,6 +6,7 @@ pub mod fly;
 pub(crate) mod gpu;
 pub(crate) mod local;
 pub(crate) mod output;
+mod park;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use futures_util::future::BoxFuture;
 
 pub use gpu::VISIBLE_DEVICES_ENV;
 pub use local::{LocalBackend, LocalBackendBuilder};
+pub use park::{BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, Parking, PoolKey};
 
 use crate::error::{BackendError, RunnerId};
 
@@ -117,6 +119,33 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Starts a machine running a runner with `request.env`.
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>>;
+
+    /// Whether this backend parks the machines of runners that idle out, and how: see
+    /// [`Machine::park`]. The default: it does not, and they are terminated.
+    fn parking(&self) -> Option<Parking> {
+        None
+    }
+
+    /// A machine that `pool` parked, for a boot to claim before it makes a new one; `None` when
+    /// none is left. Called only when [`parking`](Backend::parking) is on. The default: none.
+    fn take_parked(&self, pool: PoolKey) -> Option<Box<dyn ParkedMachine>> {
+        let _ = pool;
+        None
+    }
+
+    /// Destroys every machine `pool` parked, whatever state its claims left it in: the pool
+    /// is shutting down, and no other pool can admit their runners. The default does nothing.
+    fn release_parked(&self, pool: PoolKey) -> BoxFuture<'_, ()> {
+        let _ = pool;
+        Box::pin(std::future::ready(()))
+    }
+
+    /// How many machines `pool` has parked now, for [`PoolStats`](crate::PoolStats). The
+    /// default: none.
+    fn parked(&self, pool: PoolKey) -> usize {
+        let _ = pool;
+        0
+    }
 }
 
 /// One booted machine, owned by the pool's runner handle.
@@ -130,6 +159,23 @@ pub trait Machine: Send + 'static {
     /// Stops the machine, waiting up to `grace` for it to stop by itself first (its runner was
     /// already told to exit), then forcing it.
     fn terminate(self: Box<Self>, grace: Duration) -> BoxFuture<'static, Result<(), BackendError>>;
+
+    /// Parks the machine instead of terminating it: its runner idled out, and the pool closed
+    /// its connection as the backend's [`Parking`] mode asks (to be suspended, the runner stays
+    /// up; to be stopped, it exits within `grace`). The backend keeps `ticket` with the machine
+    /// and hands it back from [`Backend::take_parked`]. The default terminates the machine.
+    ///
+    /// # Errors
+    /// Why the machine could be neither parked nor destroyed.
+    fn park(
+        self: Box<Self>,
+        ticket: ParkTicket,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<Parked, BackendError>> {
+        let _ = ticket;
+        let terminated = self.terminate(grace);
+        Box::pin(async move { terminated.await.map(|()| Parked::Destroyed) })
+    }
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use tracing::Instrument as _;
 
 use super::handle::{supervise, RunnerHandle};
 use super::hooks::{self, GrowEnd, GrowStart};
-use super::listener::Admitted;
+use super::listener::{Admitted, Expecting};
 use super::Shared;
-use crate::backend::{BootRequest, Machine};
+use crate::backend::{BootKind, BootRequest, Machine, ParkTicket, ParkedMachine};
 use crate::error::{BootError, Report, RunnerId};
 use crate::tls::PARENT_SERVER_NAME;
 use crate::token::{BootToken, PARENT_ENV};
@@ -41,17 +41,24 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: RunnerId, min: bool, cancel: Cance
                 () = cancel.cancelled() => Err(BootError::NotNeeded),
             };
             match booted {
-                Ok((handle, machine, control)) => {
-                    let outcome = Ok(started.elapsed());
-                    shared.observer.booted(id, &handle.machine, &outcome);
+                Ok(Booted {
+                    handle,
+                    machine,
+                    control,
+                    kind,
+                }) => {
+                    let boot_time = started.elapsed();
+                    shared
+                        .observer
+                        .booted(id, &handle.machine, &Ok((boot_time, kind)));
                     hooks::call(
                         &hooks.grow_end,
                         GrowEnd {
                             runner: id,
-                            outcome,
+                            outcome: Ok(boot_time),
                         },
                     );
-                    tracing::info!(machine = %handle.machine, "runner ready");
+                    tracing::info!(machine = %handle.machine, kind = kind.as_str(), "runner ready");
                     if shared.runner_ready(&handle) {
                         supervise(shared, handle, machine, control, closing).await;
                     } else {
@@ -62,20 +69,18 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: RunnerId, min: bool, cancel: Cance
                     }
                 }
                 Err(error) => {
-                    shared.listener.abandon(id);
                     if matches!(error, BootError::NotNeeded) {
                         tracing::info!(%error, "runner boot cancelled");
                     } else {
                         tracing::warn!(error = %Report(&error), "runner boot failed");
                     }
                     let error = Arc::new(error);
-                    let outcome = Err(Arc::clone(&error));
-                    shared.observer.booted(id, "", &outcome);
+                    shared.observer.booted(id, "", &Err(Arc::clone(&error)));
                     hooks::call(
                         &hooks.grow_end,
                         GrowEnd {
                             runner: id,
-                            outcome,
+                            outcome: Err(Arc::clone(&error)),
                         },
                     );
                     shared.boot_failed(id, error);
@@ -86,37 +91,135 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: RunnerId, min: bool, cancel: Cance
     );
 }
 
-type Booted = (Arc<RunnerHandle>, Box<dyn Machine>, quinn::RecvStream);
+/// A runner that booted and was admitted.
+struct Booted {
+    handle: Arc<RunnerHandle>,
+    machine: Box<dyn Machine>,
+    control: quinn::RecvStream,
+    kind: BootKind,
+}
 
+/// Boots runner `id`: on a parked machine where the backend has one, else on a new machine.
 async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootError> {
-    let started = Instant::now();
+    let deadline = Instant::now() + shared.config.boot_timeout;
+    if shared.parking.is_some() {
+        while let Some(parked) = shared.backend.take_parked(shared.pool_key) {
+            shared.parked_changed();
+            if let Some(booted) = claim(shared, id, min, parked, deadline).await? {
+                return Ok(booted);
+            }
+        }
+    }
+    create(shared, id, min, deadline).await
+}
+
+/// Boots runner `id` on a new machine.
+async fn create(
+    shared: &Shared,
+    id: RunnerId,
+    min: bool,
+    deadline: Instant,
+) -> Result<Booted, BootError> {
     let config = &shared.config;
-    let deadline = started + config.boot_timeout;
+    // A parked runner dials back with the certificate it was booted with, up to the parking
+    // time-to-live later.
+    let parked_for = shared.parking.map_or(Duration::ZERO, |p| p.ttl);
     let cert = shared
         .ca
-        .issue_runner(id.0, config.boot_timeout + CERT_MARGIN)?;
-    let mut admitted = shared.listener.expect(id, cert.cert.clone());
+        .issue_runner(id.0, config.boot_timeout + CERT_MARGIN + parked_for)?;
     // Resizes apply to runners booted from now on.
     let capacity = shared.state.lock().scheduler.limits().max_concurrency;
+    let ticket = ParkTicket {
+        pool: shared.pool_key,
+        runner: id,
+        cert: cert.cert.clone(),
+        capacity,
+    };
+    let admitted = shared.listener.expect(id, cert.cert.clone(), None);
     let token = BootToken::new(
         shared.parent_addrs.clone(),
         PARENT_SERVER_NAME.into(),
         shared.ca.cert(),
         &cert,
         id.0,
-        shared.config.runner_settings(min, capacity),
+        config.runner_settings(min, capacity),
     );
     let request = BootRequest {
         runner_id: id,
         env: vec![(PARENT_ENV.to_string(), token.encode())],
     };
-    let mut machine = tokio::time::timeout_at(deadline, shared.backend.boot(request))
+    let machine = tokio::time::timeout_at(deadline, shared.backend.boot(request))
         .await
         .map_err(|_| BootError::Timeout(config.boot_timeout))??;
+    admit(
+        shared,
+        id,
+        ticket,
+        machine,
+        BootKind::Create,
+        admitted,
+        deadline,
+    )
+    .await
+}
+
+/// Boots runner `id` on a parked machine: opens the claim its runner is admitted under, then
+/// wakes the machine. `Ok(None)` when the claim failed and the boot should try another.
+async fn claim(
+    shared: &Shared,
+    id: RunnerId,
+    min: bool,
+    parked: Box<dyn ParkedMachine>,
+    deadline: Instant,
+) -> Result<Option<Booted>, BootError> {
+    let ticket = parked.ticket().clone();
+    let described = parked.describe();
+    // The claim: the parked runner is admitted once, with its own certificate, until the
+    // boot's deadline, and idles as the slot it fills would.
+    let idle = shared
+        .config
+        .runner_settings(min, ticket.capacity)
+        .idle_shutdown_after;
+    let admitted = shared
+        .listener
+        .expect(ticket.runner, ticket.cert.clone(), Some(idle));
+    tracing::info!(machine = %described, parked_runner = %ticket.runner, "claiming a parked machine");
+    let claimed = match tokio::time::timeout_at(deadline, parked.claim()).await {
+        Ok(Ok(claimed)) => claimed,
+        Ok(Err(e)) => {
+            tracing::info!(machine = %described, error = %Report(&e), "claim failed; trying the next");
+            return Ok(None);
+        }
+        Err(_) => return Err(BootError::Timeout(shared.config.boot_timeout)),
+    };
+    let booted = admit(
+        shared,
+        id,
+        ticket,
+        claimed.machine,
+        claimed.kind,
+        admitted,
+        deadline,
+    );
+    booted.await.map(Some)
+}
+
+/// Waits until the runner on `machine` is admitted, its machine exits, or `deadline` passes.
+/// A runner that is not admitted has its machine terminated.
+async fn admit(
+    shared: &Shared,
+    id: RunnerId,
+    ticket: ParkTicket,
+    mut machine: Box<dyn Machine>,
+    kind: BootKind,
+    mut expecting: Expecting<'_>,
+    deadline: Instant,
+) -> Result<Booted, BootError> {
+    let config = &shared.config;
     let outcome = tokio::select! {
         // A refusal reaches `admitted` before the refused runner exits: look there first.
         biased;
-        admitted = &mut admitted => admitted.unwrap_or(Err(BootError::PoolClosed)),
+        admitted = expecting.admitted() => admitted,
         exit = machine.exited() => Err(BootError::Exited(exit.description)),
         () = tokio::time::sleep_until(deadline) => Err(BootError::Timeout(config.boot_timeout)),
     };
@@ -126,19 +229,25 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
             control,
             pid,
         }) => {
-            tracing::debug!(pid, elapsed = ?started.elapsed(), "runner admitted");
+            tracing::debug!(pid, kind = kind.as_str(), "runner admitted");
             let handle = RunnerHandle::new(
                 id,
                 connection,
                 machine.describe(),
-                capacity,
+                ticket,
                 usize::try_from(config.max_payload_len).unwrap_or(usize::MAX),
             );
-            Ok((Arc::new(handle), machine, control))
+            Ok(Booted {
+                handle: Arc::new(handle),
+                machine,
+                control,
+                kind,
+            })
         }
         Err(error) => {
-            shared.listener.abandon(id);
-            // It never served a call: nothing to drain.
+            drop(expecting);
+            // It never served a call: nothing to drain. A claimed machine whose runner did not
+            // come back is destroyed, not parked again.
             if let Err(e) = machine.terminate(Duration::ZERO).await {
                 tracing::error!(error = %Report(&e), "terminating a failed boot failed");
             }

@@ -185,6 +185,29 @@ impl Shared {
         }
     }
 
+    /// `stats` with the count of machines the backend has parked for this pool, which the
+    /// scheduler does not know.
+    pub(crate) fn with_parked(&self, mut stats: PoolStats) -> PoolStats {
+        if self.parking.is_some() {
+            stats.parked = self.backend.parked(self.pool_key);
+        }
+        stats
+    }
+
+    /// Destroys every machine this pool parked, at its shutdown: no other pool can admit their
+    /// runners.
+    pub(crate) async fn destroy_parked(&self) {
+        if self.parking.is_some() {
+            self.backend.release_parked(self.pool_key).await;
+            self.parked_changed();
+        }
+    }
+
+    /// Publishes a change of the parked count, which no scheduler event makes.
+    pub(crate) fn parked_changed(&self) {
+        self.publish(&mut self.state.lock());
+    }
+
     /// The pool's clock, as the scheduler reads it: time since the pool started.
     pub(crate) fn now(&self) -> Duration {
         self.clock.elapsed()
@@ -210,12 +233,12 @@ impl Shared {
     /// Publishes the counts that changed. Called under the state lock, so it takes the watch's
     /// lock second; nothing may take them in the other order.
     fn publish(&self, state: &mut State) {
-        let stats = state.scheduler.stats();
+        let stats = self.with_parked(state.scheduler.stats());
         let old = state.published;
         if stats.queued != old.queued {
             self.observer.queue_length(stats.queued);
         }
-        let runners = |s: &PoolStats| (s.ready, s.booting, s.draining);
+        let runners = |s: &PoolStats| (s.ready, s.booting, s.draining, s.parked);
         if runners(&stats) != runners(&old) {
             self.observer.runner_counts(&stats);
             self.runner_counts.send_replace(stats);

@@ -10,7 +10,7 @@ use quinn::{ConnectionError, ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
 
 use super::Shared;
-use crate::backend::Machine;
+use crate::backend::{Machine, Park, ParkTicket, Parked};
 use crate::error::{CallError, Report, RunnerId};
 use crate::wire::{self, close, ControlMessage, ReplyHead, WireError};
 
@@ -21,6 +21,10 @@ pub(crate) struct RunnerHandle {
     pub(crate) machine: String,
     /// The concurrency the runner was booted with: it takes no more at once.
     pub(crate) capacity: u32,
+    /// What the pool needs to admit the runner again, should its machine be parked.
+    pub(crate) ticket: ParkTicket,
+    /// Set when the runner drained for being idle and its backend parks such machines.
+    parks_as: OnceLock<Park>,
     max_payload_len: usize,
     /// How the machine ended, once it has: the best explanation for a lost call.
     exit: OnceLock<String>,
@@ -59,24 +63,31 @@ impl RunnerHandle {
         id: RunnerId,
         connection: quinn::Connection,
         machine: String,
-        capacity: u32,
+        ticket: ParkTicket,
         max_payload_len: usize,
     ) -> Self {
         Self {
             id,
             connection,
             machine,
-            capacity,
+            capacity: ticket.capacity,
+            ticket,
+            parks_as: OnceLock::new(),
             max_payload_len,
             exit: OnceLock::new(),
             released: OnceLock::new(),
         }
     }
 
-    /// Closes the connection: the runner has drained and the parent is done with it.
+    /// Closes the connection: the runner has drained and the parent is done with it. A runner
+    /// whose machine is to be suspended is told so, and stays up for it.
     pub(crate) fn release(&self, why: &'static str) {
         let _ = self.released.set(why);
-        self.connection.close(close::DONE, why.as_bytes());
+        let code = match self.parks_as.get() {
+            Some(Park::Suspend) => close::PARKED,
+            _ => close::DONE,
+        };
+        self.connection.close(code, why.as_bytes());
     }
 
     /// Sends an encoded request and returns the encoded result, within `timeout`.
@@ -242,19 +253,28 @@ pub(crate) async fn supervise(
     let mut control_open = true;
     let mut drained_idle = false;
     let mut lost = false;
+    let mut park = false;
     let ended = loop {
         tokio::select! {
             message = wire::read_head::<ControlMessage>(&mut control), if control_open => match message {
                 Ok(ControlMessage::Draining { reason }) => {
                     tracing::info!(?reason, "runner draining");
                     drained_idle = reason == wire::DrainReason::Idle;
+                    // Before placement hears of the drain: its release closes the connection
+                    // as parking asks.
+                    if let (true, Some(parking)) = (drained_idle, shared.parking) {
+                        let _ = handle.parks_as.set(parking.mode);
+                    }
                     shared.drive(|state| state.scheduler.runner_draining(handle.id));
                 }
                 // The connection is ending; its own branch says why.
                 Err(_) => control_open = false,
             },
             error = handle.connection.closed() => break match handle.released.get() {
-                Some(why) => (*why).to_string(),
+                Some(why) => {
+                    park = handle.parks_as.get().is_some();
+                    (*why).to_string()
+                }
                 None => {
                     shared.drive(|state| state.scheduler.runner_dead(handle.id));
                     lost = true;
@@ -279,6 +299,10 @@ pub(crate) async fn supervise(
     tracing::info!(reason = %ended, "runner ended");
     shared.drive(|state| state.scheduler.runner_gone(handle.id));
     let runner = handle.id;
+    if park {
+        park_machine(&shared, &handle, machine).await;
+        return;
+    }
     if lost {
         shared.observer.runner_lost(runner, &ended);
     } else if drained_idle {
@@ -301,4 +325,42 @@ pub(crate) async fn supervise(
     if let Err(e) = machine.terminate(shared.config.terminate_grace).await {
         tracing::error!(error = %Report(&e), machine = %handle.machine, "terminating the runner failed");
     }
+}
+
+/// Parks the machine of a runner that idled out, as its backend parks them.
+async fn park_machine(shared: &Shared, handle: &RunnerHandle, machine: Box<dyn Machine>) {
+    let ticket = handle.ticket.clone();
+    // From now on its dials are refused, quietly, until a claim expects it again.
+    shared.listener.parked(ticket.runner);
+    let parked = match machine.park(ticket, shared.config.terminate_grace).await {
+        Ok(parked) => parked,
+        Err(e) => {
+            tracing::error!(error = %Report(&e), machine = %handle.machine, "parking the runner failed");
+            Parked::Destroyed
+        }
+    };
+    tracing::info!(?parked, machine = %handle.machine, "runner parked");
+    shared
+        .observer
+        .runner_parked(handle.id, &handle.machine, parked);
+    shared.parked_changed();
+    if let (Parked::As(_), Some(parking)) = (parked, shared.parking) {
+        // The backend destroys the machine at its time-to-live unless a boot claims it first;
+        // either way the count changes without a pool event. Not a pool task: shutdown does
+        // not wait for it.
+        let shared = shared.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(parking.ttl).await;
+            if let Some(shared) = shared.upgrade() {
+                shared.parked_changed();
+            }
+        });
+    }
+    super::hooks::call(
+        &shared.config.hooks.shrink,
+        super::Shrink {
+            runner: handle.id,
+            reason: "parked".into(),
+        },
+    );
 }

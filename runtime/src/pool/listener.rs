@@ -29,12 +29,15 @@ type AdmitSender = oneshot::Sender<Result<Admitted, BootError>>;
 struct Expected {
     cert: CertificateDer<'static>,
     admit: AdmitSender,
+    idle_override: Option<Option<Duration>>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Retired {
     Admitted,
     Abandoned,
+    /// Parked, with no claim open: it dials now and then to find out whether it was resumed.
+    Parked,
 }
 
 #[derive(Default)]
@@ -49,6 +52,30 @@ impl Table {
             self.retired.pop_front();
         }
         self.retired.push_back((id, how));
+    }
+}
+
+/// A runner the listener expects; dropped, the listener stops expecting it, and refuses it
+/// if it dials later.
+pub(crate) struct Expecting<'a> {
+    listener: &'a Listener,
+    id: RunnerId,
+    admitted: oneshot::Receiver<Result<Admitted, BootError>>,
+}
+
+impl Expecting<'_> {
+    /// Resolves when the runner is admitted or refused. Cancel-safe.
+    pub(crate) async fn admitted(&mut self) -> Result<Admitted, BootError> {
+        (&mut self.admitted)
+            .await
+            .unwrap_or(Err(BootError::PoolClosed))
+    }
+}
+
+impl Drop for Expecting<'_> {
+    fn drop(&mut self) {
+        // A no-op once the runner was admitted: it is expected no longer.
+        self.listener.abandon(self.id);
     }
 }
 
@@ -88,18 +115,35 @@ impl Listener {
         self.endpoint.local_addr()
     }
 
-    /// Expects runner `id` presenting `cert`; the receiver resolves when it is admitted or refused.
+    /// Expects runner `id` presenting `cert`, once, until the returned expectation is dropped;
+    /// it resolves when the runner is admitted or refused. A claim of a parked runner passes
+    /// the idle setting the runner is to use.
     pub(crate) fn expect(
         &self,
         id: RunnerId,
         cert: CertificateDer<'static>,
-    ) -> oneshot::Receiver<Result<Admitted, BootError>> {
+        idle_override: Option<Option<Duration>>,
+    ) -> Expecting<'_> {
         let (admit, admitted) = oneshot::channel();
-        self.table
-            .lock()
-            .expected
-            .insert(id, Expected { cert, admit });
-        admitted
+        self.table.lock().expected.insert(
+            id,
+            Expected {
+                cert,
+                admit,
+                idle_override,
+            },
+        );
+        Expecting {
+            listener: self,
+            id,
+            admitted,
+        }
+    }
+
+    /// Notes that runner `id` is parked: until a claim expects it again, its dials are refused
+    /// as those of a parked runner, quietly, since it makes them on purpose.
+    pub(crate) fn parked(&self, id: RunnerId) {
+        self.table.lock().retire(id, Retired::Parked);
     }
 
     /// Stops expecting runner `id`: a later dial with its certificate is refused.
@@ -169,14 +213,23 @@ async fn admit(
                 table.expected.remove(&id)
             }
             None => {
-                let why = match table.retired.iter().rev().find(|(r, _)| *r == id) {
-                    Some((_, Retired::Admitted)) => format!("runner {id} has already connected"),
-                    Some((_, Retired::Abandoned)) => {
+                let retired = table.retired.iter().rev().find(|(r, _)| *r == id);
+                let retired = retired.map(|(_, how)| *how);
+                drop(table);
+                let why = match retired {
+                    Some(Retired::Admitted) => format!("runner {id} has already connected"),
+                    Some(Retired::Abandoned) => {
                         format!("runner {id} was given up on (its boot timed out or failed)")
+                    }
+                    Some(Retired::Parked) => {
+                        format!("runner {id} is parked and no claim for it is open")
                     }
                     None => format!("unknown runner id {id}"),
                 };
-                drop(table);
+                if retired == Some(Retired::Parked) {
+                    tracing::debug!(reason = %why, "parked runner refused");
+                    return Err(close_refused(&connection, why));
+                }
                 return Err(refuse(&connection, why));
             }
         }
@@ -196,7 +249,10 @@ async fn admit(
         return Err(refuse(&connection, why));
     }
     let mut control_send = control_send;
-    wire::write_frame(&mut control_send, &HelloReply::Accepted).await?;
+    let reply = HelloReply::Accepted {
+        idle_override: expected.idle_override,
+    };
+    wire::write_frame(&mut control_send, &reply).await?;
     // Nothing more goes from the parent to the runner on the control stream.
     let _ = control_send.finish();
     let admitted = Admitted {
@@ -222,6 +278,10 @@ fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'st
 
 fn refuse(connection: &quinn::Connection, why: String) -> AdmitError {
     tracing::warn!(reason = %why, remote = %connection.remote_address(), "runner refused");
+    close_refused(connection, why)
+}
+
+fn close_refused(connection: &quinn::Connection, why: String) -> AdmitError {
     // QUIC caps the close reason to what fits in one packet.
     let mut reason = why.clone().into_bytes();
     reason.truncate(1000);

@@ -33,7 +33,7 @@ pub use resource::{MakeResource, Resource, ResourceCall};
 pub use stream::RemoteStream;
 pub use task::RemoteTask;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Parking, PoolKey};
 use crate::error::{BootError, PoolError};
 use crate::job::{Job, Payload, StreamJob};
 use crate::registry::{Manifest, Registry};
@@ -58,6 +58,9 @@ pub struct PoolStats {
     pub in_flight: usize,
     /// Calls waiting for a slot.
     pub queued: usize,
+    /// Idle runners' machines parked by the backend, to be claimed by later boots: see
+    /// [`Backend::parking`](crate::Backend::parking).
+    pub parked: usize,
 }
 
 /// A pool of runners that execute jobs.
@@ -121,6 +124,10 @@ pub(crate) struct Shared {
     me: std::sync::Weak<Shared>,
     /// The start of the pool's clock, which placement reads as time since then.
     clock: tokio::time::Instant,
+    /// This pool among those that park machines on one backend.
+    pool_key: PoolKey,
+    /// How the backend parks idle runners' machines, if it does.
+    parking: Option<Parking>,
 }
 
 impl Pool {
@@ -160,6 +167,7 @@ impl Pool {
             backend.max_runners(),
         )?;
         let observer = observe::Observer::new(&config.name);
+        let parking = backend.parking();
         let rules = Rules {
             placement: config.placement,
             single_use: config.single_use,
@@ -184,6 +192,8 @@ impl Pool {
             closed: std::sync::atomic::AtomicBool::new(false),
             me: me.clone(),
             clock: tokio::time::Instant::now(),
+            pool_key: PoolKey(uuid::Uuid::new_v4().as_u128()),
+            parking,
         });
         let pool = Pool {
             inner: Arc::new(PoolInner {
@@ -307,7 +317,9 @@ impl Pool {
     /// The pool's runners and calls now.
     #[must_use]
     pub fn stats(&self) -> PoolStats {
-        self.inner.shared.state.lock().scheduler.stats()
+        let shared = &self.inner.shared;
+        let stats = shared.state.lock().scheduler.stats();
+        shared.with_parked(stats)
     }
 
     /// A receiver that sees the runner counts of [`PoolStats`] change: runners booting, ready
@@ -335,6 +347,7 @@ impl Pool {
         self.inner.closing.send_replace(true);
         shared.tasks.close();
         shared.tasks.wait().await;
+        shared.destroy_parked().await;
         shared.backend.shutdown().await;
         shared.listener.close();
     }
@@ -355,6 +368,12 @@ impl Drop for PoolInner {
             .collect();
         for handle in handles {
             handle.connection.close(wire::close::DONE, b"pool dropped");
+        }
+        // No shutdown to wait for them: the parked machines are destroyed in the background.
+        if let (Some(_), Ok(runtime)) = (self.shared.parking, tokio::runtime::Handle::try_current())
+        {
+            let (backend, pool) = (Arc::clone(&self.shared.backend), self.shared.pool_key);
+            runtime.spawn(async move { backend.release_parked(pool).await });
         }
         self.closing.send_replace(true);
     }

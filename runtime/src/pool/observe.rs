@@ -3,14 +3,15 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `firebrand_runners` | gauge | `state`: `booting`, `ready`, `draining` |
+//! | `firebrand_runners` | gauge | `state`: `booting`, `ready`, `draining`, `parked` |
 //! | `firebrand_calls_in_flight` | gauge | |
 //! | `firebrand_calls_queued` | gauge | |
-//! | `firebrand_boot_seconds` | histogram | `outcome`: `ok`, `failed` |
+//! | `firebrand_boot_seconds` | histogram | `outcome`: `create`, `start`, `resume` |
 //! | `firebrand_queue_wait_seconds` | histogram | `job` |
 //! | `firebrand_call_seconds` | histogram | `job` |
 //! | `firebrand_calls_total` | counter | `job`, `outcome` |
-//! | `firebrand_boots_total` | counter | `outcome` |
+//! | `firebrand_boots_total` | counter | `outcome`: `create`, `start`, `resume`, `failed`, `cancelled` |
+//! | `firebrand_parks_total` | counter | `outcome`: `suspend`, `stop`, `destroyed` |
 //! | `firebrand_runners_lost_total` | counter | |
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +22,7 @@ use futures_util::stream::BoxStream;
 use tokio::sync::broadcast;
 
 use super::PoolStats;
+use crate::backend::{BootKind, Park, Parked};
 use crate::error::{BootError, CallError, RunnerId};
 
 /// How many events a slow listener may fall behind before it misses some.
@@ -43,6 +45,8 @@ pub enum PoolEvent {
         machine: String,
         /// From the boot request to the accepted hello.
         boot_time: Duration,
+        /// Whether its machine was made for it, or a parked one was started or resumed.
+        kind: BootKind,
     },
     /// A runner failed to boot.
     RunnerBootFailed {
@@ -55,6 +59,15 @@ pub enum PoolEvent {
     RunnerIdleStopped {
         /// The runner.
         runner: RunnerId,
+    },
+    /// A runner idled out and its machine was parked, for a later boot to claim.
+    RunnerParked {
+        /// The runner.
+        runner: RunnerId,
+        /// Its machine.
+        machine: String,
+        /// Suspended or stopped.
+        mode: Park,
     },
     /// A runner was lost: its connection dropped or its machine stopped unasked.
     RunnerLost {
@@ -203,6 +216,8 @@ impl Observer {
             .set(stats.ready as f64);
         metrics::gauge!("firebrand_runners", "pool" => self.pool.clone(), "state" => "draining")
             .set(stats.draining as f64);
+        metrics::gauge!("firebrand_runners", "pool" => self.pool.clone(), "state" => "parked")
+            .set(stats.parked as f64);
     }
 
     pub(crate) fn queue_length(&self, queued: usize) {
@@ -213,17 +228,19 @@ impl Observer {
         &self,
         runner: RunnerId,
         machine: &str,
-        outcome: &Result<Duration, Arc<BootError>>,
+        outcome: &Result<(Duration, BootKind), Arc<BootError>>,
     ) {
         match outcome {
-            Ok(boot_time) => {
-                metrics::histogram!("firebrand_boot_seconds", "pool" => self.pool.clone(), "outcome" => "ok")
+            Ok((boot_time, kind)) => {
+                let label = kind.as_str();
+                metrics::histogram!("firebrand_boot_seconds", "pool" => self.pool.clone(), "outcome" => label)
                     .record(boot_time.as_secs_f64());
-                metrics::counter!("firebrand_boots_total", "pool" => self.pool.clone(), "outcome" => "ok").increment(1);
+                metrics::counter!("firebrand_boots_total", "pool" => self.pool.clone(), "outcome" => label).increment(1);
                 self.emit(|| PoolEvent::RunnerUp {
                     runner,
                     machine: machine.to_owned(),
                     boot_time: *boot_time,
+                    kind: *kind,
                 });
             }
             Err(error) => {
@@ -237,6 +254,24 @@ impl Observer {
                     error: Arc::clone(error),
                 });
             }
+        }
+    }
+
+    /// A runner idled out, and its machine was parked or, when the backend would not keep it,
+    /// destroyed.
+    pub(crate) fn runner_parked(&self, runner: RunnerId, machine: &str, parked: Parked) {
+        let outcome = match parked {
+            Parked::As(mode) => mode.as_str(),
+            Parked::Destroyed => "destroyed",
+        };
+        metrics::counter!("firebrand_parks_total", "pool" => self.pool.clone(), "outcome" => outcome).increment(1);
+        match parked {
+            Parked::As(mode) => self.emit(|| PoolEvent::RunnerParked {
+                runner,
+                machine: machine.to_owned(),
+                mode,
+            }),
+            Parked::Destroyed => self.emit(|| PoolEvent::RunnerIdleStopped { runner }),
         }
     }
 

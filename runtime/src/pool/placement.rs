@@ -215,6 +215,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             draining: self.runners.len() - self.live,
             in_flight: self.in_flight,
             queued: self.waiters.len(),
+            parked: 0,
         }
     }
 

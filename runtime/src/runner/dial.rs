@@ -22,7 +22,15 @@ const FIRST_DIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between rounds: a parent that comes up late is found within a second.
 const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(1);
 
-pub(super) type Connected = (quinn::Endpoint, quinn::Connection, quinn::SendStream);
+/// A runner the parent admitted.
+pub(super) struct Connected {
+    pub(super) endpoint: quinn::Endpoint,
+    pub(super) connection: quinn::Connection,
+    /// The runner's side of the control stream, on which it announces that it drains.
+    pub(super) control: quinn::SendStream,
+    /// The idle setting the parent wants for this connection, when not the token's.
+    pub(super) idle_override: Option<Option<Duration>>,
+}
 
 /// Dials the parent's addresses in turn until one accepts the runner, or `failsafe` passes.
 pub(super) async fn connect(
@@ -75,7 +83,14 @@ pub(super) async fn connect(
                 tracing::debug!(%target, "endpoint ready; connecting");
                 let attempt = handshake(&endpoint, target, &token.server_name, &hello);
                 match tokio::time::timeout_at(failsafe, attempt).await {
-                    Ok(Ok((connection, control))) => return Ok((endpoint, connection, control)),
+                    Ok(Ok((connection, control, idle_override))) => {
+                        return Ok(Connected {
+                            endpoint,
+                            connection,
+                            control,
+                            idle_override,
+                        })
+                    }
                     Ok(Err(Attempt::Refused(reason))) => return Err(ServeError::Refused(reason)),
                     Ok(Err(Attempt::Failed(e))) => {
                         tracing::debug!(%target, error = %e, "parent not reached");
@@ -117,7 +132,14 @@ async fn handshake(
     target: SocketAddr,
     server_name: &str,
     hello: &Hello,
-) -> Result<(quinn::Connection, quinn::SendStream), Attempt> {
+) -> Result<
+    (
+        quinn::Connection,
+        quinn::SendStream,
+        Option<Option<Duration>>,
+    ),
+    Attempt,
+> {
     let connection = endpoint
         .connect(target, server_name)
         .map_err(|e| Attempt::Failed(e.to_string()))?
@@ -134,7 +156,7 @@ async fn handshake(
         Ok::<_, wire::WireError>((reply, send))
     };
     match exchange.await {
-        Ok((HelloReply::Accepted, send)) => Ok((connection, send)),
+        Ok((HelloReply::Accepted { idle_override }, send)) => Ok((connection, send, idle_override)),
         Err(e) => Err(match connection.close_reason() {
             Some(reason) => classify(&reason),
             None => Attempt::Failed(e.to_string()),

@@ -18,6 +18,7 @@
 mod call;
 mod dial;
 mod output;
+mod park;
 mod reply;
 mod resources;
 mod stats;
@@ -265,18 +266,55 @@ async fn serve_in_span(
     registry: Registry,
     jobs: tokio::runtime::Handle,
 ) -> Result<ServeExit, ServeError> {
-    let settings = token.settings.clone();
-    let terminator = Arc::new(Terminator::new(&settings));
-    let (endpoint, connection, mut control) =
-        dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
-    tracing::info!("connected to parent");
+    let mut terminator = Terminator::new(&token.settings);
+    let mut connected = dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
+    loop {
+        tracing::info!("connected to parent");
+        if let Some(idle) = connected.idle_override {
+            terminator.override_idle(idle);
+        }
+        let end = serve_connection(&token, &registry, &jobs, Arc::new(terminator), connected);
+        match end.await {
+            Session::Ended(exit) => return Ok(exit),
+            Session::Parked => tracing::info!("parked: waiting to be suspended"),
+        }
+        match wait_parked(&token, &registry).await {
+            Some((resumed, again)) => (terminator, connected) = (resumed, again),
+            None => return Ok(ServeExit::Released),
+        }
+    }
+}
 
+/// How one connection to the parent ended.
+enum Session {
+    /// The runner is done: exit.
+    Ended(ServeExit),
+    /// The parent parked the runner, to be suspended.
+    Parked,
+}
+
+/// Serves calls on `connected` until the parent releases, parks or loses the runner, or the
+/// terminator stops it.
+async fn serve_connection(
+    token: &BootToken,
+    registry: &Registry,
+    jobs: &tokio::runtime::Handle,
+    terminator: Arc<Terminator>,
+    connected: dial::Connected,
+) -> Session {
+    let dial::Connected {
+        endpoint,
+        connection,
+        mut control,
+        ..
+    } = connected;
+    let settings = &token.settings;
     let cx = Arc::new(CallContext {
         resources: Arc::new(Resources::new(Arc::clone(&terminator))),
-        registry,
+        registry: registry.clone(),
         slots: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
-        jobs,
+        jobs: jobs.clone(),
     });
     let mut stops = terminator.stops();
     let exit = loop {
@@ -291,6 +329,11 @@ async fn serve_in_span(
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE => {
                     break ServeExit::Released;
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::PARKED => {
+                    // The parent parks only a runner that drained: no call is left.
+                    cx.resources.clear();
+                    return Session::Parked;
                 }
                 Err(e) => break ServeExit::ParentLost(e.to_string()),
             },
@@ -310,7 +353,41 @@ async fn serve_in_span(
     connection.close(close::RUNNER_EXIT, b"runner exiting");
     // Give the close frame a moment to leave; the parent also sees the process exit.
     let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
-    Ok(exit)
+    Session::Ended(exit)
+}
+
+/// Waits, parked, until the runner is resumed and its parent admits it again: the new
+/// connection, under a new terminator. `None` when the runner should exit instead.
+async fn wait_parked(
+    token: &BootToken,
+    registry: &Registry,
+) -> Option<(Terminator, dial::Connected)> {
+    let mut sigterm = terminator::sigterm();
+    let mut deadline = terminator::after(token.settings.connect_failsafe);
+    loop {
+        // A backstop dial is one quick try; a resume gets the whole failsafe.
+        let failsafe = match park::wait(deadline, &mut sigterm).await {
+            park::Wake::Resumed => {
+                deadline = terminator::after(token.settings.connect_failsafe);
+                deadline
+            }
+            park::Wake::Backstop => terminator::after(park::UNNOTICED_RESUME_DIAL),
+            park::Wake::NeverFrozen => {
+                tracing::warn!("parked but never suspended: exiting");
+                return None;
+            }
+            park::Wake::Terminated => {
+                tracing::info!("SIGTERM while parked: exiting");
+                return None;
+            }
+        };
+        let terminator = Terminator::new(&token.settings);
+        match dial::connect(token, registry, failsafe.min(terminator.connect_failsafe())).await {
+            Ok(connected) => return Some((terminator, connected)),
+            // Not claimed yet, or no longer: keep waiting, within the deadline.
+            Err(e) => tracing::debug!(error = %e, "not admitted while parked"),
+        }
+    }
 }
 
 async fn announce_drain(control: &mut quinn::SendStream, reason: DrainReason) {

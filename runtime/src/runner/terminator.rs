@@ -6,7 +6,10 @@
 //! - **SIGTERM:** drain, then exit after `drain_grace`;
 //! - **parent lost:** the serve loop sees the connection end; the terminator then lets running
 //!   calls finish for at most `drain_grace`;
-//! - **never connected:** dialling gives up at the `connect_failsafe`.
+//! - **never connected:** dialling gives up at the `connect_failsafe`;
+//! - **parked:** the parent parked the runner to be suspended (`park.rs`): it waits to be
+//!   frozen and dials again once resumed, under a new terminator; it exits on SIGTERM, or if it
+//!   is neither frozen nor claimed within the `connect_failsafe`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -92,6 +95,11 @@ impl Terminator {
     /// When dialling the parent gives up.
     pub(crate) fn connect_failsafe(&self) -> Instant {
         later(self.started, self.policy.connect_failsafe)
+    }
+
+    /// Idles as the parent asked at admission, instead of as the token says.
+    pub(crate) fn override_idle(&mut self, idle_shutdown_after: Option<Duration>) {
+        self.policy.idle_shutdown_after = idle_shutdown_after;
     }
 
     /// The stops to come, for the serve loop to await one at a time.
@@ -210,7 +218,7 @@ impl Stops<'_> {
 }
 
 /// SIGTERM, or nothing if it cannot be watched.
-fn sigterm() -> Sigterm {
+pub(super) fn sigterm() -> Sigterm {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(signal) => Sigterm(Some(signal)),
         Err(e) => {
@@ -220,10 +228,10 @@ fn sigterm() -> Sigterm {
     }
 }
 
-struct Sigterm(Option<tokio::signal::unix::Signal>);
+pub(super) struct Sigterm(Option<tokio::signal::unix::Signal>);
 
 impl Sigterm {
-    async fn recv(&mut self) {
+    pub(super) async fn recv(&mut self) {
         if let Some(signal) = &mut self.0 {
             if signal.recv().await.is_some() {
                 return;

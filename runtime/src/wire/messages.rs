@@ -24,7 +24,12 @@ pub struct Hello {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum HelloReply {
     /// The runner is registered and may report ready.
-    Accepted,
+    Accepted {
+        /// When set, replaces the token's `idle_shutdown_after` for this connection: a parked
+        /// runner claimed for a `min` slot idles as a `min` runner does, whatever its token
+        /// says. `None` keeps the token's setting.
+        idle_override: Option<Option<std::time::Duration>>,
+    },
 }
 
 /// Messages from the runner on the control stream, after the hello.

@@ -34,7 +34,7 @@ pub(crate) use messages::{encode_request, encode_small_request, CallHeadRef};
 pub use messages::{CallHead, ControlMessage, DrainReason, Hello, HelloReply, ReplyHead};
 
 /// The protocol version, sent as the first two bytes of the control stream.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The TLS application protocol name. It carries no version: a version mismatch must reach the
 /// parent, which refuses it with an error that names both versions.
@@ -60,6 +60,9 @@ pub mod close {
     pub const PROTOCOL: VarInt = VarInt::from_u32(2);
     /// The runner is exiting.
     pub const RUNNER_EXIT: VarInt = VarInt::from_u32(3);
+    /// The parent is done with the runner for now and parks its machine suspended: the runner
+    /// stays up to be frozen, and dials its parent again once it is resumed.
+    pub const PARKED: VarInt = VarInt::from_u32(4);
 }
 
 /// QUIC stream error codes.

@@ -1,4 +1,5 @@
-//! A small client for the Machines API calls a pool needs: create, get, list, wait and destroy.
+//! A small client for the Machines API calls a pool needs: create, get, list, wait, destroy,
+//! and for parking, suspend, stop, start and leases.
 //! Each method sends one request; [`MachinesApi::retrying`] repeats the safe ones.
 
 use std::collections::BTreeMap;
@@ -15,6 +16,8 @@ use crate::backoff::Backoff;
 
 /// The longest a `/wait` may block, as Fly caps it.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
+/// The header that proves a request comes from the holder of the machine's lease.
+const LEASE_NONCE: &str = "fly-machine-lease-nonce";
 /// How long a request may take beyond what the server is asked to block for.
 const REQUEST_SLACK: Duration = Duration::from_secs(15);
 
@@ -55,6 +58,8 @@ pub(crate) struct MachineInfo {
 pub(crate) struct ConfigInfo {
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub image: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +71,11 @@ pub(crate) struct EventInfo {
 }
 
 impl MachineInfo {
+    /// The image the machine runs.
+    pub(crate) fn image(&self) -> &str {
+        self.config.as_ref().map_or("", |c| c.image.as_str())
+    }
+
     pub(crate) fn metadata(&self, key: &str) -> Option<&str> {
         self.config.as_ref()?.metadata.get(key).map(String::as_str)
     }
@@ -180,7 +190,14 @@ impl MachinesApi {
         }
         query.push(("timeout".into(), timeout.as_secs().to_string()));
         match self
-            .send(Method::GET, &path, &query, None, timeout + REQUEST_SLACK)
+            .send(
+                Method::GET,
+                &path,
+                &query,
+                None,
+                None,
+                timeout + REQUEST_SLACK,
+            )
             .await
         {
             Ok(_) => Ok(true),
@@ -194,13 +211,81 @@ impl MachinesApi {
         let path = format!("/v1/apps/{}/machines/{id}", self.app);
         let query = [("force".to_owned(), "true".to_owned())];
         match self
-            .send(Method::DELETE, &path, &query, None, REQUEST_SLACK)
+            .send(Method::DELETE, &path, &query, None, None, REQUEST_SLACK)
             .await
         {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// `POST .../lease`: takes the machine's lease for `ttl`, and returns its nonce. A 409 means
+    /// someone else holds it.
+    pub(crate) async fn lease(&self, id: &str, ttl: Duration) -> Result<String, FlyError> {
+        #[derive(Deserialize)]
+        struct Lease {
+            nonce: Option<String>,
+            data: Option<Box<Lease>>,
+        }
+        let path = format!("/v1/apps/{}/machines/{id}/lease", self.app);
+        let body = serde_json::json!({
+            "description": "firebrand: claiming a parked runner",
+            "ttl": ttl.as_secs().max(1),
+        });
+        let reply = self
+            .send(Method::POST, &path, &[], Some(&body), None, REQUEST_SLACK)
+            .await?;
+        // Fly documents the lease itself; it answers with it wrapped in `data`.
+        let lease: Lease = serde_json::from_slice(&reply).map_err(|e| FlyError::Reply {
+            method: "POST",
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        lease
+            .nonce
+            .or_else(|| lease.data.and_then(|d| d.nonce))
+            .ok_or_else(|| FlyError::Reply {
+                method: "POST",
+                path,
+                reason: "the lease has no nonce".into(),
+            })
+    }
+
+    /// `DELETE .../lease`, as the holder of `nonce`.
+    pub(crate) async fn release_lease(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}/lease", self.app);
+        self.send(Method::DELETE, &path, &[], None, Some(nonce), REQUEST_SLACK)
+            .await
+            .map(drop)
+    }
+
+    /// `POST .../start`: starts a stopped machine, or resumes a suspended one.
+    pub(crate) async fn start(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}/start", self.app);
+        self.send(Method::POST, &path, &[], None, Some(nonce), REQUEST_SLACK)
+            .await
+            .map(drop)
+    }
+
+    /// `POST .../suspend`.
+    pub(crate) async fn suspend(&self, id: &str) -> Result<(), FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}/suspend", self.app);
+        self.send(Method::POST, &path, &[], None, None, REQUEST_SLACK)
+            .await
+            .map(drop)
+    }
+
+    /// `POST .../stop` with SIGTERM, killed after `timeout`.
+    pub(crate) async fn stop(&self, id: &str, timeout: Duration) -> Result<(), FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}/stop", self.app);
+        let body = serde_json::json!({
+            "signal": "SIGTERM",
+            "timeout": format!("{}s", timeout.as_secs().max(1)),
+        });
+        self.send(Method::POST, &path, &[], Some(&body), None, REQUEST_SLACK)
+            .await
+            .map(drop)
     }
 
     /// Repeats `request` while it fails in a transient way, backing off with jitter and
@@ -240,7 +325,7 @@ impl MachinesApi {
         timeout: Duration,
     ) -> Result<T, FlyError> {
         let method_name = method_name(&method);
-        let bytes = self.send(method, path, query, body, timeout).await?;
+        let bytes = self.send(method, path, query, body, None, timeout).await?;
         serde_json::from_slice(&bytes).map_err(|e| FlyError::Reply {
             method: method_name,
             path: path.to_owned(),
@@ -254,6 +339,7 @@ impl MachinesApi {
         path: &str,
         query: &[(String, String)],
         body: Option<&serde_json::Value>,
+        lease_nonce: Option<&str>,
         timeout: Duration,
     ) -> Result<bytes::Bytes, FlyError> {
         let method_name = method_name(&method);
@@ -270,6 +356,9 @@ impl MachinesApi {
             .timeout(timeout);
         if let Some(body) = body {
             request = request.json(body);
+        }
+        if let Some(nonce) = lease_nonce {
+            request = request.header(LEASE_NONCE, nonce);
         }
         let response = request.send().await.map_err(connection)?;
         let status = response.status();

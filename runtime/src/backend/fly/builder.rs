@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::api::RetryPolicy;
 use super::{FlyBackend, FlyError, FlyToken};
+use crate::backend::Park;
 use crate::token::PARENT_ENV;
 
 /// Metadata keys Firebrand sets on every machine it creates.
@@ -15,6 +16,17 @@ pub(crate) mod keys {
     pub(crate) const INCARNATION: &str = "firebrand_parent_incarnation";
     pub(crate) const LAUNCH: &str = "firebrand_launch";
 }
+
+/// How many idle runners' machines a backend keeps parked at most, by default.
+pub const DEFAULT_MAX_PARKED: usize = 8;
+
+/// How long a machine stays parked at most, by default: an hour, long enough to carry a
+/// service through the lulls between bursts, short enough that parked machines (billed for
+/// storage) do not pile up.
+pub const DEFAULT_PARK_TTL: Duration = Duration::from_secs(3600);
+
+/// The most memory a Fly machine can be suspended with.
+pub const MAX_SUSPEND_MEMORY_MB: u32 = 2048;
 
 /// The default API: Fly's public endpoint. Inside Fly, `http://_api.internal:4280` works too.
 pub const DEFAULT_API_BASE: &str = "https://api.machines.dev";
@@ -95,6 +107,9 @@ pub(crate) struct FlyConfig {
     pub create_timeout: Duration,
     pub capacity_attempts: u32,
     pub retry: RetryPolicy,
+    pub park: Option<Park>,
+    pub max_parked: usize,
+    pub park_ttl: Duration,
 }
 
 /// Builds a [`FlyBackend`]. [`FlyBackend::builder`] starts from the `FLY_*` variables that Fly
@@ -141,6 +156,9 @@ pub struct FlyBackendBuilder {
     create_timeout: Duration,
     capacity_attempts: u32,
     retry: RetryPolicy,
+    park: Option<Park>,
+    max_parked: usize,
+    park_ttl: Duration,
     lookup: Lookup,
 }
 
@@ -153,6 +171,7 @@ impl std::fmt::Debug for FlyBackendBuilder {
             .field("region", &self.region)
             .field("api_base", &self.api_base)
             .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("park", &self.park)
             .finish_non_exhaustive()
     }
 }
@@ -194,6 +213,9 @@ impl FlyBackendBuilder {
                 min_delay: Duration::from_millis(250),
                 max_delay: Duration::from_secs(8),
             },
+            park: None,
+            max_parked: DEFAULT_MAX_PARKED,
+            park_ttl: DEFAULT_PARK_TTL,
             lookup: Box::new(lookup),
         }
     }
@@ -378,6 +400,51 @@ impl FlyBackendBuilder {
         self
     }
 
+    /// Parks the machines of runners that idle out instead of destroying them, and boots later
+    /// runners by claiming a parked machine (a lease, then `start`) before creating one. With
+    /// [`Park::Suspend`] a claim resumes the runner from a memory snapshot (a few hundred ms
+    /// on Fly); with [`Park::Stop`] it starts the machine again (about a second), and the
+    /// runner process starts afresh. A machine whose runner was lost, failed or timed out is
+    /// never parked. Parked machines are billed for storage only; see `docs/fly.md` to choose.
+    ///
+    /// Fly suspends only machines with at most 2 GB of memory
+    /// ([`MAX_SUSPEND_MEMORY_MB`]), no swap and no GPU: [`build`](Self::build) refuses
+    /// `Park::Suspend` for any other machine. Default: off, every idle machine is destroyed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use firebrand::backend::fly::{FlyBackendBuilder, Park};
+    ///
+    /// let backend = FlyBackendBuilder::from_vars(|_| None)
+    ///     .token("fm2_x")
+    ///     .app("app")
+    ///     .image("registry.fly.io/app:v1")
+    ///     .machine_id("148e21ea0d2089")
+    ///     .park(Park::Suspend)
+    ///     .max_parked(4)
+    ///     .park_ttl(Duration::from_secs(600))
+    ///     .build()?;
+    /// # Ok::<(), firebrand::backend::fly::FlyError>(())
+    /// ```
+    pub fn park(mut self, mode: Park) -> Self {
+        self.park = Some(mode);
+        self
+    }
+
+    /// The most machines kept parked; an idle runner's machine past that is destroyed.
+    /// Default: [`DEFAULT_MAX_PARKED`], 8.
+    pub fn max_parked(mut self, max: usize) -> Self {
+        self.max_parked = max;
+        self
+    }
+
+    /// How long a machine stays parked before it is destroyed. Default: [`DEFAULT_PARK_TTL`],
+    /// an hour.
+    pub fn park_ttl(mut self, ttl: Duration) -> Self {
+        self.park_ttl = ttl;
+        self
+    }
+
     /// Checks the settings and builds the backend. Sends no request.
     ///
     /// # Errors
@@ -443,6 +510,36 @@ impl FlyBackendBuilder {
         if self.capacity_attempts == 0 || self.retry.attempts == 0 {
             return Err(config("attempts must be at least 1"));
         }
+        if self.park.is_some() && (self.max_parked == 0 || self.park_ttl.is_zero()) {
+            return Err(config(
+                "parking needs max_parked and park_ttl above zero; to park nothing, leave park unset",
+            ));
+        }
+        if self.park_ttl > crate::MAX_SETTING_DURATION {
+            return Err(config(format!(
+                "park_ttl {:?} is more than the {:?} any setting may be",
+                self.park_ttl,
+                crate::MAX_SETTING_DURATION
+            )));
+        }
+        if self.park == Some(Park::Suspend) {
+            let why_not = if guest.memory_mb > MAX_SUSPEND_MEMORY_MB {
+                Some(format!(
+                    "{} MB of memory (Fly suspends at most {MAX_SUSPEND_MEMORY_MB} MB)",
+                    guest.memory_mb
+                ))
+            } else if guest.gpu_kind.is_some() {
+                Some("a GPU".to_owned())
+            } else {
+                None
+            };
+            if let Some(why) = why_not {
+                return Err(config(format!(
+                    "Fly cannot suspend a machine with {why}: park with Park::Stop, or make \
+                     the machines suspendable"
+                )));
+            }
+        }
         let mut env = self.env;
         for name in &self.forward {
             if let Some(value) = (self.lookup)(name) {
@@ -471,6 +568,9 @@ impl FlyBackendBuilder {
             create_timeout: self.create_timeout,
             capacity_attempts: self.capacity_attempts,
             retry: self.retry,
+            park: self.park,
+            max_parked: self.max_parked,
+            park_ttl: self.park_ttl,
         })
     }
 }

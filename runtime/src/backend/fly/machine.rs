@@ -7,14 +7,15 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::api::{MachineInfo, MachinesApi, MAX_WAIT};
-use crate::backend::{Exit, Machine};
+use super::park::{MachineRef, ParkedSet};
+use crate::backend::{Exit, Machine, ParkTicket, Parked};
 use crate::error::BackendError;
 
 /// How long after a create a 404 means "not visible yet" rather than "gone".
 const NOT_FOUND_GRACE: Duration = Duration::from_secs(30);
 const NOT_FOUND_POLL: Duration = Duration::from_millis(250);
 /// The states in which a machine's process is no longer running.
-const ENDED: [&str; 3] = ["stopped", "failed", "destroyed"];
+pub(crate) const ENDED: [&str; 3] = ["stopped", "failed", "destroyed"];
 
 pub(crate) struct FlyMachine {
     api: Arc<MachinesApi>,
@@ -22,18 +23,39 @@ pub(crate) struct FlyMachine {
     version: String,
     region: String,
     created: Instant,
-    /// Until `terminate` takes over, dropping this destroys the machine.
+    /// Where the machine goes when its runner idles out, if its backend parks machines.
+    parked_set: Option<Arc<ParkedSet>>,
+    /// Until `terminate` or `park` takes over, dropping this destroys the machine.
     armed: bool,
 }
 
 impl FlyMachine {
-    pub(crate) fn new(api: Arc<MachinesApi>, info: MachineInfo) -> Self {
-        Self {
-            api,
+    pub(crate) fn new(
+        api: Arc<MachinesApi>,
+        info: MachineInfo,
+        parked_set: Option<Arc<ParkedSet>>,
+    ) -> Self {
+        let machine = MachineRef {
             id: info.id,
             version: info.instance_id,
             region: info.region,
+        };
+        Self::claimed(api, machine, parked_set)
+    }
+
+    /// A parked machine, started again.
+    pub(crate) fn claimed(
+        api: Arc<MachinesApi>,
+        machine: MachineRef,
+        parked_set: Option<Arc<ParkedSet>>,
+    ) -> Self {
+        Self {
+            api,
+            id: machine.id,
+            version: machine.version,
+            region: machine.region,
             created: Instant::now(),
+            parked_set,
             armed: true,
         }
     }
@@ -63,6 +85,24 @@ impl Machine for FlyMachine {
             tracing::debug!(machine = %id, "destroyed");
             Ok(())
         })
+    }
+
+    fn park(
+        mut self: Box<Self>,
+        ticket: ParkTicket,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<Parked, BackendError>> {
+        let Some(set) = self.parked_set.clone() else {
+            let terminated = self.terminate(grace);
+            return Box::pin(async move { terminated.await.map(|()| Parked::Destroyed) });
+        };
+        self.armed = false;
+        let machine = MachineRef {
+            id: self.id.clone(),
+            version: self.version.clone(),
+            region: self.region.clone(),
+        };
+        Box::pin(set.park(machine, ticket, grace))
     }
 }
 

@@ -26,6 +26,7 @@ mod builder;
 mod error;
 mod launch;
 mod machine;
+mod park;
 mod token;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -34,14 +35,18 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 
-pub use builder::{CpuKind, FlyBackendBuilder, DEFAULT_API_BASE};
+pub use crate::backend::Park;
+pub use builder::{
+    CpuKind, FlyBackendBuilder, DEFAULT_API_BASE, DEFAULT_MAX_PARKED, DEFAULT_PARK_TTL,
+    MAX_SUSPEND_MEMORY_MB,
+};
 pub use error::{ApiError, FlyError};
 pub use launch::FULL_REGION_COOLDOWN;
 pub use token::FlyToken;
 
 use self::api::MachinesApi;
 use self::builder::{keys, FlyConfig};
-use super::{Backend, BootRequest, Machine};
+use super::{Backend, BootRequest, Machine, ParkedMachine, Parking, PoolKey};
 use crate::error::{BackendError, ProviderError, RunnerId};
 
 /// How long a pool's start waits for the orphan sweep.
@@ -59,6 +64,8 @@ struct Inner {
     pacer: launch::Pacer,
     /// Regions that refused for capacity lately, which later boots try last.
     full_regions: launch::FullRegions,
+    /// The idle runners' machines parked for later boots, when parking is on.
+    parked: Option<Arc<park::ParkedSet>>,
 }
 
 impl std::fmt::Debug for FlyBackend {
@@ -92,19 +99,34 @@ impl FlyBackend {
     fn new(config: FlyConfig, token: FlyToken) -> Result<Self, FlyError> {
         let api = MachinesApi::new(&config.api_base, &config.app, token, config.retry)?;
         let pacer = launch::Pacer::new(config.create_interval, config.create_burst);
+        let api = Arc::new(api);
+        let parked = config.park.map(|mode| {
+            Arc::new(park::ParkedSet::new(
+                Arc::clone(&api),
+                mode,
+                config.max_parked,
+                config.park_ttl,
+            ))
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                api: Arc::new(api),
+                api,
                 pacer,
                 full_regions: launch::FullRegions::default(),
+                parked,
             }),
         })
     }
 
     /// Destroys this pool's machines whose parent is gone, or that this parent left in an
-    /// earlier run (another incarnation). Runs when a pool starts; call it again at will.
-    /// Returns the ids of the machines destroyed.
+    /// earlier run (another incarnation), and parked machines of an image that is not this
+    /// backend's (a deploy happened). Runs when a pool starts; call it again at will. Returns
+    /// the ids of the machines destroyed.
+    ///
+    /// Parked machines of a gone parent are destroyed, not adopted: their runners' credentials
+    /// chain to that parent's certificate authority, which lived in its memory only, and they
+    /// would dial the old parent's address.
     ///
     /// # Errors
     /// The API error that stopped the sweep; machines destroyed before it stay destroyed.
@@ -117,7 +139,10 @@ impl FlyBackend {
         let mut reaped = Vec::new();
         for machine in ours.iter().filter(|m| !is_gone(&m.state)) {
             let parent = machine.metadata(keys::PARENT).unwrap_or_default();
-            let orphan = if parent == config.parent_id() {
+            let stale_parked = is_parked(&machine.state) && machine.image() != config.image;
+            let orphan = if stale_parked {
+                true
+            } else if parent == config.parent_id() {
                 machine.metadata(keys::INCARNATION) != Some(&config.incarnation)
             } else {
                 if live_parents.is_none() {
@@ -145,6 +170,11 @@ impl FlyBackend {
 
 fn is_gone(state: &str) -> bool {
     matches!(state, "destroyed" | "destroying")
+}
+
+/// The states of a parked machine.
+fn is_parked(state: &str) -> bool {
+    matches!(state, "stopped" | "suspended" | "suspending")
 }
 
 impl FlyConfig {
@@ -201,7 +231,9 @@ impl FlyConfig {
             "image": self.image,
             "env": env,
             "guest": guest,
-            "auto_destroy": true,
+            // A parked machine's runner exits, or is stopped, and the machine must stay; every
+            // machine is destroyed by the parent when it is done with it in any case.
+            "auto_destroy": self.park.is_none(),
             "restart": { "policy": "no" },
             "metadata": metadata,
         });
@@ -270,9 +302,34 @@ impl Backend for FlyBackend {
         Box::pin(async move {
             let info = launch::launch(&self.inner, request.runner_id, &request.env).await?;
             tracing::info!(machine = %info.id, region = %info.region, "created a runner machine");
-            let machine = machine::FlyMachine::new(Arc::clone(&self.inner.api), info);
+            let machine = machine::FlyMachine::new(
+                Arc::clone(&self.inner.api),
+                info,
+                self.inner.parked.clone(),
+            );
             Ok(Box::new(machine) as Box<dyn Machine>)
         })
+    }
+
+    fn parking(&self) -> Option<Parking> {
+        let set = self.inner.parked.as_ref()?;
+        Some(Parking::new(set.mode, set.ttl))
+    }
+
+    fn take_parked(&self, pool: PoolKey) -> Option<Box<dyn ParkedMachine>> {
+        self.inner.parked.as_ref()?.take(pool)
+    }
+
+    fn release_parked(&self, pool: PoolKey) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(set) = &self.inner.parked {
+                set.release(pool).await;
+            }
+        })
+    }
+
+    fn parked(&self, pool: PoolKey) -> usize {
+        self.inner.parked.as_ref().map_or(0, |set| set.count(pool))
     }
 }
 
