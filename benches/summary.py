@@ -145,6 +145,23 @@ if one and many:
     row("placement alone: stats() with 10,000 runners, 100,000 waiters", f"{many * 1e9:.1f} ns",
         f"1 waiter {one * 1e9:.1f} ns", f"{many / one:.2f}× one", "", None)
 
+warm = load("warm")
+if warm:
+    resume = warm["latency_ms"]["resume"]
+    create1 = warm["create_1"]["all_ms"]
+    for name, how in [("suspend", "a suspended"), ("stop", "a stopped")]:
+        one, eight = warm[f"{name}_1"]["all_ms"], warm[f"{name}_8"]["all_ms"]
+        if name == "suspend":
+            row(f"Fly fake: first result from {how} machine", f"{one:.0f} ms", f"resume latency {resume:.0f} ms",
+                f"resume + {one - resume:.0f} ms", "≤ resume + 50 ms", one - resume <= 50)
+        row(f"Fly fake: first result from {how} machine vs a create", f"{one:.0f} ms", f"create {create1:.0f} ms",
+            f"{create1 / one:.1f}× faster", "≥ 5× faster" if name == "suspend" else "",
+            (create1 / one >= 5) if name == "suspend" else None)
+        row(f"Fly fake: 8 claims at once ({name})", f"{eight:.0f} ms", f"1 claim {one:.0f} ms", f"{eight / one:.2f}× one",
+            "≤ 1.5× one" if name == "suspend" else "", (eight / one <= 1.5) if name == "suspend" else None)
+    row("Fly fake: 8 creates at once (paced 1/s, bursts of 3)", f'{warm["create_8"]["all_ms"]:.0f} ms',
+        f"1 create {create1:.0f} ms", f'{warm["create_8"]["all_ms"] / create1:.2f}× one', "", None)
+
 if not rows:
     sys.exit(f"no results under {target}: run `cargo bench` first")
 header = ("benchmark", "Firebrand", "baseline", "ratio", "target", "verdict")

@@ -165,6 +165,48 @@ async fn idle_runners_park_stopped_and_the_next_calls_start_them_afresh() {
 }
 
 #[tokio::test]
+async fn a_refused_suspend_parks_the_machine_stopped() {
+    let fly = fake().await;
+    let pool = parking_pool(parking_backend(&fly, Park::Suspend), 1).await;
+    let mut events = pool.events();
+    fly.refuse_next_suspend();
+    let first = pids_of(&pool, &fly, 1).await;
+    let parked_as = next_matching(&mut events, |e| matches!(e, PoolEvent::RunnerParked { .. }));
+    assert!(
+        matches!(
+            parked_as.await,
+            PoolEvent::RunnerParked {
+                mode: Park::Stop,
+                ..
+            }
+        ),
+        "a refused suspend falls back to a stop"
+    );
+    parked(&pool, 1).await;
+    let machine = live_machines(&fly).remove(0);
+    assert_eq!(machine.state, "stopped");
+    assert_eq!(
+        machine.exit_code,
+        Some(0),
+        "the parked runner exited at the stop's SIGTERM"
+    );
+    // Claimed, it starts afresh.
+    let again = pids_of(&pool, &fly, 1).await;
+    assert_ne!(again, first);
+    next_matching(&mut events, |e| {
+        matches!(
+            e,
+            PoolEvent::RunnerUp {
+                kind: BootKind::Start,
+                ..
+            }
+        )
+    })
+    .await;
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
 async fn a_parked_machine_destroyed_behind_the_pool_s_back_is_replaced_by_a_create() {
     let fly = fake().await;
     let pool = parking_pool(parking_backend(&fly, Park::Suspend), 1).await;

@@ -163,6 +163,7 @@ pub(crate) struct Faults {
     pub crash_boots: Vec<i32>,
     pub stall_boots: u32,
     pub stall_resumes: u32,
+    pub refuse_suspends: u32,
     pub refuse_gpus: bool,
     pub refusals: std::collections::VecDeque<(u16, String, Option<String>)>,
 }
@@ -314,6 +315,11 @@ impl FakeFly {
     /// frozen: a runner that never dials back after a claim.
     pub fn stall_next_resume(&self) {
         self.state.faults.lock().stall_resumes += 1;
+    }
+
+    /// The next suspend is refused with 400, as Fly refuses one it cannot snapshot.
+    pub fn refuse_next_suspend(&self) {
+        self.state.faults.lock().refuse_suspends += 1;
     }
 
     /// Creates that ask for a GPU are refused, as Fly refuses them since 2026-08-01.

@@ -584,7 +584,15 @@ async fn suspend(
     let suspended = lookup_leased(&state, &id, &headers, |machine| {
         let guest = &machine.config["guest"];
         let memory = guest["memory_mb"].as_u64().unwrap_or(256);
-        let why_not = if memory > MAX_SUSPEND_MEMORY_MB {
+        let refused = {
+            let mut faults = state.faults.lock();
+            let refused = faults.refuse_suspends > 0;
+            faults.refuse_suspends = faults.refuse_suspends.saturating_sub(1);
+            refused
+        };
+        let why_not = if refused {
+            Some("this machine: its snapshot failed".to_owned())
+        } else if memory > MAX_SUSPEND_MEMORY_MB {
             Some(format!(
                 "{memory} MB of memory is more than {MAX_SUSPEND_MEMORY_MB} MB"
             ))

@@ -267,6 +267,7 @@ async fn serve_in_span(
     jobs: tokio::runtime::Handle,
 ) -> Result<ServeExit, ServeError> {
     let mut terminator = Terminator::new(&token.settings);
+    let mut continued = park::Continued::watch();
     let mut connected = dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
     loop {
         tracing::info!("connected to parent");
@@ -278,7 +279,7 @@ async fn serve_in_span(
             Session::Ended(exit) => return Ok(exit),
             Session::Parked => tracing::info!("parked: waiting to be suspended"),
         }
-        match wait_parked(&token, &registry).await {
+        match wait_parked(&token, &registry, &mut continued).await {
             Some((resumed, again)) => (terminator, connected) = (resumed, again),
             None => return Ok(ServeExit::Released),
         }
@@ -361,12 +362,13 @@ async fn serve_connection(
 async fn wait_parked(
     token: &BootToken,
     registry: &Registry,
+    continued: &mut park::Continued,
 ) -> Option<(Terminator, dial::Connected)> {
     let mut sigterm = terminator::sigterm();
     let mut deadline = terminator::after(token.settings.connect_failsafe);
     loop {
         // A backstop dial is one quick try; a resume gets the whole failsafe.
-        let failsafe = match park::wait(deadline, &mut sigterm).await {
+        let failsafe = match park::wait(deadline, &mut sigterm, continued).await {
             park::Wake::Resumed => {
                 deadline = terminator::after(token.settings.connect_failsafe);
                 deadline

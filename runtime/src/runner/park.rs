@@ -31,6 +31,27 @@ const FROZEN_GAP: Duration = Duration::from_millis(500);
 /// one refused handshake.
 pub(super) const UNNOTICED_RESUME_DIAL: Duration = Duration::from_secs(1);
 
+/// SIGCONT, watched from the start: a runner frozen before it saw its parent park it (the
+/// parent suspends at once) gets the signal before it waits, and must still see it then.
+pub(super) struct Continued(Option<tokio::signal::unix::Signal>);
+
+impl Continued {
+    /// Starts watching; a runner that cannot, relies on its clocks and the backstop dial.
+    pub(super) fn watch() -> Self {
+        let kind = tokio::signal::unix::SignalKind::from_raw(libc::SIGCONT);
+        Self(tokio::signal::unix::signal(kind).ok())
+    }
+
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Why a parked runner woke up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Wake {
@@ -47,25 +68,18 @@ pub(super) enum Wake {
 
 /// Waits for the next reason to dial again or to exit: a resume, the next backstop dial, or
 /// `deadline` passing without either.
-pub(super) async fn wait(deadline: Instant, sigterm: &mut super::terminator::Sigterm) -> Wake {
+pub(super) async fn wait(
+    deadline: Instant,
+    sigterm: &mut super::terminator::Sigterm,
+    continued: &mut Continued,
+) -> Wake {
     let backstop = after(UNNOTICED_RESUME_DIAL);
-    let mut sigcont =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGCONT)).ok();
-    let continued = async {
-        match &mut sigcont {
-            Some(signal) => {
-                signal.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(continued);
     loop {
         let (asked, wall) = (Instant::now(), SystemTime::now());
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             () = sigterm.recv() => return Wake::Terminated,
-            () = &mut continued => {
+            () = continued.recv() => {
                 tracing::info!("continued (SIGCONT): dialing the parent");
                 return Wake::Resumed;
             }
