@@ -165,6 +165,32 @@ async fn idle_runners_park_stopped_and_the_next_calls_start_them_afresh() {
 }
 
 #[tokio::test]
+async fn a_min_runner_draws_on_a_parked_machine_and_idles_as_a_min_runner() {
+    let fly = fake().await;
+    let pool = parking_pool(parking_backend(&fly, Park::Suspend), 2).await;
+    let mut events = pool.events();
+    pids_of(&pool, &fly, 1).await;
+    parked(&pool, 1).await;
+    pool.resize(firebrand::Limits::new(1, 2, 1)).unwrap();
+    next_matching(&mut events, |e| {
+        matches!(
+            e,
+            PoolEvent::RunnerUp {
+                kind: BootKind::Resume,
+                ..
+            }
+        )
+    })
+    .await;
+    assert_eq!(fly.created(), 1, "the min runner was the parked one");
+    // Its token says it idles out; the claim told it not to, as a min runner does not.
+    tokio::time::sleep(4 * IDLE).await;
+    let stats = pool.stats();
+    assert_eq!((stats.ready, stats.parked), (1, 0), "{stats:?}");
+    shut_down_clean(pool, &fly).await;
+}
+
+#[tokio::test]
 async fn a_refused_suspend_parks_the_machine_stopped() {
     let fly = fake().await;
     let pool = parking_pool(parking_backend(&fly, Park::Suspend), 1).await;
