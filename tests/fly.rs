@@ -623,3 +623,81 @@ async fn a_boot_no_call_needs_any_more_is_cancelled_and_its_machine_destroyed() 
     assert_eq!(pool.stats().booting, 0);
     shut_down_clean(pool, &fly).await;
 }
+
+#[tokio::test]
+async fn every_machines_api_request_is_traced_and_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder in this test binary");
+    let (logs, _guard) = common::CapturedLogs::install_at(tracing::Level::DEBUG);
+    let fly = fake().await;
+    // The start-up sweep's first request is refused once: its retry is attempt 2.
+    fly.rate_limit_burst(1, None);
+    let pool = pool(backend(&fly).build().unwrap()).build().await.unwrap();
+    pool.call(&PID, ()).await.unwrap();
+    let create = logs
+        .line(|l| l.contains(r#"fly_request{op="create""#) && l.contains("request done"))
+        .await;
+    for field in [
+        r#"path="/v1/apps/{app_name}/machines""#,
+        "attempt=1",
+        r#"status="200""#,
+        "duration_ms=",
+        "fly_request_id=",
+    ] {
+        assert!(create.contains(field), "{field} in {create}");
+    }
+    let retried = logs
+        .line(|l| {
+            l.contains(r#"fly_request{op="list""#)
+                && l.contains("attempt=2")
+                && l.contains("request done")
+        })
+        .await;
+    assert!(retried.contains(r#"status="200""#), "{retried}");
+    logs.line(|l| l.contains("wait started")).await;
+    shut_down_clean(pool, &fly).await;
+    // The path is a template: no machine id in any request's span.
+    let id = &fly.machines()[0].id;
+    let text = logs.text();
+    let with_id = text.lines().find(|l| {
+        l.contains("fly_request{")
+            && l.split("fly_request{").nth(1).is_some_and(|span| {
+                span.split('}')
+                    .next()
+                    .is_some_and(|fields| fields.contains(id.as_str()))
+            })
+    });
+    assert_eq!(with_id, None, "a machine id in a request span's fields");
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let count = |op: &str, status: &str| {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| {
+                let key = key.key();
+                key.name() == "firebrand_fly_requests_total"
+                    && key.labels().any(|l| l.key() == "op" && l.value() == op)
+                    && key
+                        .labels()
+                        .any(|l| l.key() == "status" && l.value() == status)
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    assert!(count("create", "200") >= 1);
+    assert!(count("list", "429") >= 1);
+    // A machine that auto-destroyed as its runner exited answers its DELETE 404.
+    assert!(count("destroy", "200") + count("destroy", "404") >= 1);
+    assert!(snapshot.iter().any(|(key, ..)| {
+        let key = key.key();
+        key.name() == "firebrand_fly_request_seconds"
+            && key.labels().any(|l| l.key() == "op" && l.value() == "wait")
+    }));
+}

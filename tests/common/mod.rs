@@ -441,14 +441,24 @@ pub struct CapturedLogs {
 impl CapturedLogs {
     /// Captures INFO and above, without colours, on this thread until the guard drops.
     pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        Self::install_at(tracing::Level::INFO)
+    }
+
+    /// [`install`](Self::install) at `level` and above.
+    pub fn install_at(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
         let captured = Self::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
+            .with_max_level(level)
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
         (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        self.text.lock().clone()
     }
 
     /// Waits up to 10 s for a line that `matches` accepts, and returns it.

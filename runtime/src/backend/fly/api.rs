@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
 use reqwest::Method;
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use super::error::{ApiError, FlyError};
 use super::token::FlyToken;
@@ -146,14 +147,12 @@ impl MachinesApi {
         timeout: Duration,
     ) -> Result<MachineInfo, FlyError> {
         let path = format!("/v1/apps/{}/machines", self.app);
-        self.json(Method::POST, &path, &[], Some(body), timeout)
-            .await
+        self.json(Op::Create, &path, &[], Some(body), timeout).await
     }
 
     pub(crate) async fn get(&self, id: &str) -> Result<MachineInfo, FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}", self.app);
-        self.json(Method::GET, &path, &[], None, REQUEST_SLACK)
-            .await
+        self.json(Op::Get, &path, &[], None, REQUEST_SLACK).await
     }
 
     /// The app's machines, or those whose metadata has `key` set to `value`.
@@ -166,7 +165,7 @@ impl MachinesApi {
             .iter()
             .map(|(k, v)| (format!("metadata.{k}"), (*v).to_owned()))
             .collect();
-        self.json(Method::GET, &path, &query, None, REQUEST_SLACK)
+        self.json(Op::List, &path, &query, None, REQUEST_SLACK)
             .await
     }
 
@@ -189,19 +188,19 @@ impl MachinesApi {
             query.push(("version".into(), version.to_owned()));
         }
         query.push(("timeout".into(), timeout.as_secs().to_string()));
+        tracing::debug!(machine = id, ?states, ?timeout, "wait started");
         match self
-            .send(
-                Method::GET,
-                &path,
-                &query,
-                None,
-                None,
-                timeout + REQUEST_SLACK,
-            )
+            .send(Op::Wait, &path, &query, None, None, timeout + REQUEST_SLACK)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(FlyError::Api(api)) if api.status == 408 => Ok(false),
+            Ok(_) => {
+                tracing::debug!(machine = id, ?states, "wait ended: state reached");
+                Ok(true)
+            }
+            Err(FlyError::Api(api)) if api.status == 408 => {
+                tracing::debug!(machine = id, ?states, ?timeout, "wait timed out");
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -211,7 +210,7 @@ impl MachinesApi {
         let path = format!("/v1/apps/{}/machines/{id}", self.app);
         let query = [("force".to_owned(), "true".to_owned())];
         match self
-            .send(Method::DELETE, &path, &query, None, None, REQUEST_SLACK)
+            .send(Op::Destroy, &path, &query, None, None, REQUEST_SLACK)
             .await
         {
             Ok(_) => Ok(()),
@@ -234,7 +233,7 @@ impl MachinesApi {
             "ttl": ttl.as_secs().max(1),
         });
         let reply = self
-            .send(Method::POST, &path, &[], Some(&body), None, REQUEST_SLACK)
+            .send(Op::Lease, &path, &[], Some(&body), None, REQUEST_SLACK)
             .await?;
         // Fly documents the lease itself; it answers with it wrapped in `data`.
         let lease: Lease = serde_json::from_slice(&reply).map_err(|e| FlyError::Reply {
@@ -255,15 +254,22 @@ impl MachinesApi {
     /// `DELETE .../lease`, as the holder of `nonce`.
     pub(crate) async fn release_lease(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/lease", self.app);
-        self.send(Method::DELETE, &path, &[], None, Some(nonce), REQUEST_SLACK)
-            .await
-            .map(drop)
+        self.send(
+            Op::ReleaseLease,
+            &path,
+            &[],
+            None,
+            Some(nonce),
+            REQUEST_SLACK,
+        )
+        .await
+        .map(drop)
     }
 
     /// `POST .../start`: starts a stopped machine, or resumes a suspended one.
     pub(crate) async fn start(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/start", self.app);
-        self.send(Method::POST, &path, &[], None, Some(nonce), REQUEST_SLACK)
+        self.send(Op::Start, &path, &[], None, Some(nonce), REQUEST_SLACK)
             .await
             .map(drop)
     }
@@ -271,7 +277,7 @@ impl MachinesApi {
     /// `POST .../suspend`.
     pub(crate) async fn suspend(&self, id: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/suspend", self.app);
-        self.send(Method::POST, &path, &[], None, None, REQUEST_SLACK)
+        self.send(Op::Suspend, &path, &[], None, None, REQUEST_SLACK)
             .await
             .map(drop)
     }
@@ -283,7 +289,7 @@ impl MachinesApi {
             "signal": "SIGTERM",
             "timeout": format!("{}s", timeout.as_secs().max(1)),
         });
-        self.send(Method::POST, &path, &[], Some(&body), None, REQUEST_SLACK)
+        self.send(Op::Stop, &path, &[], Some(&body), None, REQUEST_SLACK)
             .await
             .map(drop)
     }
@@ -299,7 +305,7 @@ impl MachinesApi {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let error = match request().await {
+            let error = match ATTEMPT.scope(attempts, request()).await {
                 Ok(value) => return Ok(value),
                 Err(error) if !error.is_transient() => return Err(error),
                 Err(error) => error,
@@ -318,31 +324,76 @@ impl MachinesApi {
 
     async fn json<T: serde::de::DeserializeOwned>(
         &self,
-        method: Method,
+        op: Op,
         path: &str,
         query: &[(String, String)],
         body: Option<&serde_json::Value>,
         timeout: Duration,
     ) -> Result<T, FlyError> {
-        let method_name = method_name(&method);
-        let bytes = self.send(method, path, query, body, None, timeout).await?;
+        let bytes = self.send(op, path, query, body, None, timeout).await?;
         serde_json::from_slice(&bytes).map_err(|e| FlyError::Reply {
-            method: method_name,
+            method: op.method_name(),
             path: path.to_owned(),
             reason: e.to_string(),
         })
     }
 
+    /// Sends one request, in a span of its own (`fly_request`: the operation, its path
+    /// template, the attempt, the status, the duration and `fly-request-id`), and counts it in
+    /// `firebrand_fly_requests_total{op,status}` and `firebrand_fly_request_seconds{op}`.
     async fn send(
         &self,
-        method: Method,
+        op: Op,
         path: &str,
         query: &[(String, String)],
         body: Option<&serde_json::Value>,
         lease_nonce: Option<&str>,
         timeout: Duration,
     ) -> Result<bytes::Bytes, FlyError> {
-        let method_name = method_name(&method);
+        let span = tracing::debug_span!(
+            "fly_request",
+            op = op.name(),
+            path = op.template(),
+            attempt = ATTEMPT.try_with(|a| *a).unwrap_or(1),
+            status = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+            fly_request_id = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self
+            .send_once(op, path, query, body, lease_nonce, timeout)
+            .instrument(span.clone())
+            .await;
+        let elapsed = started.elapsed();
+        let (status, request_id) = match &result {
+            Ok((status, id, _)) => (status.to_string(), id.as_deref()),
+            Err(FlyError::Api(api)) => (api.status.to_string(), api.request_id.as_deref()),
+            Err(_) => ("error".to_owned(), None),
+        };
+        span.record("status", status.as_str());
+        span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
+        if let Some(id) = request_id {
+            span.record("fly_request_id", id);
+        }
+        span.in_scope(|| tracing::debug!(status = %status, "Fly API request done"));
+        metrics::counter!("firebrand_fly_requests_total", "op" => op.name(), "status" => status)
+            .increment(1);
+        metrics::histogram!("firebrand_fly_request_seconds", "op" => op.name())
+            .record(elapsed.as_secs_f64());
+        result.map(|(_, _, bytes)| bytes)
+    }
+
+    /// [`send`](Self::send) without the telemetry: a success's status, request id and body.
+    async fn send_once(
+        &self,
+        op: Op,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&serde_json::Value>,
+        lease_nonce: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), FlyError> {
+        let method_name = op.method_name();
         let connection = |e: reqwest::Error| FlyError::Connection {
             method: method_name,
             path: path.to_owned(),
@@ -350,7 +401,7 @@ impl MachinesApi {
         };
         let mut request = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(op.method(), format!("{}{path}", self.base))
             .header(AUTHORIZATION, self.token.header())
             .query(query)
             .timeout(timeout);
@@ -365,7 +416,11 @@ impl MachinesApi {
         let headers = response.headers().clone();
         let bytes = response.bytes().await.map_err(connection)?;
         if status.is_success() {
-            return Ok(bytes);
+            let request_id = headers
+                .get("fly-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            return Ok((status.as_u16(), request_id, bytes));
         }
         let error = api_error(method_name, path, status.as_u16(), &headers, &bytes);
         tracing::debug!(
@@ -375,6 +430,72 @@ impl MachinesApi {
             "Fly API request failed"
         );
         Err(FlyError::Api(Box::new(error)))
+    }
+}
+
+tokio::task_local! {
+    /// The attempt a request is, within [`MachinesApi::retrying`]: 1 outside it.
+    static ATTEMPT: u32;
+}
+
+/// One kind of Machines API request: its name in metrics and spans, its method, and its path
+/// template (ids left out, so that spans and metrics do not grow a series per machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Create,
+    Get,
+    List,
+    Wait,
+    Destroy,
+    Lease,
+    ReleaseLease,
+    Start,
+    Suspend,
+    Stop,
+}
+
+impl Op {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Get => "get",
+            Op::List => "list",
+            Op::Wait => "wait",
+            Op::Destroy => "destroy",
+            Op::Lease => "lease",
+            Op::ReleaseLease => "release_lease",
+            Op::Start => "start",
+            Op::Suspend => "suspend",
+            Op::Stop => "stop",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Op::Get | Op::List | Op::Wait => Method::GET,
+            Op::Destroy | Op::ReleaseLease => Method::DELETE,
+            Op::Create | Op::Lease | Op::Start | Op::Suspend | Op::Stop => Method::POST,
+        }
+    }
+
+    fn method_name(self) -> &'static str {
+        match self.method() {
+            Method::GET => "GET",
+            Method::DELETE => "DELETE",
+            _ => "POST",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            Op::Create | Op::List => "/v1/apps/{app_name}/machines",
+            Op::Get | Op::Destroy => "/v1/apps/{app_name}/machines/{machine_id}",
+            Op::Wait => "/v1/apps/{app_name}/machines/{machine_id}/wait",
+            Op::Lease | Op::ReleaseLease => "/v1/apps/{app_name}/machines/{machine_id}/lease",
+            Op::Start => "/v1/apps/{app_name}/machines/{machine_id}/start",
+            Op::Suspend => "/v1/apps/{app_name}/machines/{machine_id}/suspend",
+            Op::Stop => "/v1/apps/{app_name}/machines/{machine_id}/stop",
+        }
     }
 }
 
@@ -422,15 +543,6 @@ fn api_error(
         retry_after: header(RETRY_AFTER.as_str())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs),
-    }
-}
-
-fn method_name(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        _ => "request",
     }
 }
 

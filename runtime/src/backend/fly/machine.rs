@@ -127,9 +127,14 @@ impl Drop for FlyMachine {
 /// Long-polls `/wait` until the machine's process has ended, then reads why from its events.
 async fn watch_exit(api: &MachinesApi, id: &str, version: &str, created: Instant) -> Exit {
     let mut delays = api.retry.delays();
+    let mut waits = 0_u32;
     loop {
+        waits += 1;
         match api.wait(id, version, &ENDED, MAX_WAIT).await {
-            Ok(true) => break,
+            Ok(true) => {
+                tracing::debug!(machine = id, waits, "the machine stopped");
+                break;
+            }
             Ok(false) => {}
             Err(error) if error.is_not_found() && created.elapsed() < NOT_FOUND_GRACE => {
                 tokio::time::sleep(NOT_FOUND_POLL).await;
