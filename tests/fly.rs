@@ -344,7 +344,200 @@ async fn api_errors_carry_fly_s_status_and_request_id() {
     }
     let wrong_token = backend(&fly).token("fm2_wrong").build().unwrap();
     let error = wrong_token.reap_orphans().await.unwrap_err();
-    assert!(error.to_string().contains("answered 401"), "{error}");
+    // Refused, resolved again (to the same token), refused again: the error says where the
+    // token came from and what to do.
+    match &error {
+        FlyError::Unauthorized { origin, last } => {
+            assert_eq!(origin, "from .token()");
+            assert_eq!(last.status, 401);
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    let text = error.to_string();
+    assert!(
+        text.contains("from .token()") && text.contains("fly tokens create deploy"),
+        "{text}"
+    );
+    assert!(error.is_permanent());
+    assert_eq!(
+        fly.counts().unauthorized,
+        2,
+        "one retry after resolving again"
+    );
+}
+
+/// A temporary `$HOME` with flyctl's `config.yml` holding `token`.
+struct FlyctlHome(std::path::PathBuf);
+
+impl FlyctlHome {
+    fn new(token: &str) -> Self {
+        let home = std::env::temp_dir().join(format!("firebrand-home-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(home.join(".fly")).unwrap();
+        std::fs::write(
+            home.join(".fly/config.yml"),
+            format!("access_token: {token}\nlast_login: 2026-12-01T00:00:00Z\n"),
+        )
+        .unwrap();
+        Self(home)
+    }
+}
+
+impl Drop for FlyctlHome {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A backend whose settings come from `vars` alone, as from a parent's environment.
+fn backend_from(fly: &FakeFly, vars: Vec<(&'static str, String)>) -> FlyBackendBuilder {
+    let url = fly.url();
+    FlyBackendBuilder::from_vars(move |name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    })
+    .api_base(url)
+    .app(fly.app())
+    .image(IMAGE)
+    .region("ord")
+    .private_ip("::1")
+    .machine_id(PARENT)
+}
+
+#[tokio::test]
+async fn the_token_is_found_where_flyctl_finds_it_and_its_source_is_logged() {
+    let (logs, _guard) = common::CapturedLogs::install();
+    let fly = fake().await;
+    let good = fly.token();
+    let home = FlyctlHome::new(&good);
+    let home_var = ("HOME", home.0.display().to_string());
+
+    // flyctl's config file, when the environment has no token.
+    let from_file = backend_from(&fly, vec![home_var.clone()]).build().unwrap();
+    from_file.reap_orphans().await.unwrap();
+    let line = logs.line(|l| l.contains("Fly API token resolved")).await;
+    assert!(
+        line.contains(&format!(
+            "from {}",
+            home.0.join(".fly/config.yml").display()
+        )),
+        "{line}"
+    );
+
+    // FLY_API_TOKEN over the file, FLY_ACCESS_TOKEN over both.
+    let stale = FlyctlHome::new("fm2_stale");
+    let vars = |extra: Vec<(&'static str, String)>| {
+        let mut vars = vec![("HOME", stale.0.display().to_string())];
+        vars.extend(extra);
+        vars
+    };
+    backend_from(&fly, vars(vec![("FLY_API_TOKEN", good.clone())]))
+        .build()
+        .unwrap()
+        .reap_orphans()
+        .await
+        .unwrap();
+    backend_from(
+        &fly,
+        vars(vec![
+            ("FLY_ACCESS_TOKEN", good.clone()),
+            ("FLY_API_TOKEN", "fm2_stale".into()),
+        ]),
+    )
+    .build()
+    .unwrap()
+    .reap_orphans()
+    .await
+    .unwrap();
+    logs.line(|l| l.contains("Fly API token resolved") && l.contains("from FLY_ACCESS_TOKEN"))
+        .await;
+    assert_eq!(fly.counts().unauthorized, 0);
+    assert!(!logs.text().contains(&good), "a token in the log");
+
+    // None anywhere: a build error that says where tokens are looked for.
+    let error = backend_from(&fly, vec![]).build().unwrap_err().to_string();
+    assert!(
+        error.contains("FLY_API_TOKEN") && error.contains("fly auth login"),
+        "{error}"
+    );
+}
+
+/// A token source that hands out `fm2_rotated-1`, `fm2_rotated-2`, ...: a new one per fetch.
+#[derive(Debug, Default, Clone)]
+struct Rotating {
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl firebrand::backend::fly::TokenSource for Rotating {
+    fn name(&self) -> String {
+        "the rotating test vault".into()
+    }
+
+    fn fetch(
+        &self,
+    ) -> futures_util::future::BoxFuture<'_, Result<String, Box<dyn std::error::Error + Send + Sync>>>
+    {
+        let n = self
+            .fetches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        Box::pin(async move { Ok(format!("fm2_rotated-{n}")) })
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_token_is_resolved_once_for_twenty_concurrent_boots() {
+    const BOOTS: usize = 20;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fly = FakeFly::builder()
+        .token("fm2_rotated-1")
+        .image(IMAGE, RUNNER)
+        .latency(Latency::NONE)
+        .rate_limits(false)
+        .start()
+        .await
+        .unwrap();
+    let source = Rotating::default();
+    let backend = backend_from(&fly, vec![])
+        .token_source(source.clone())
+        .create_pacing(Duration::from_millis(1), BOOTS as u32)
+        .build()
+        .unwrap();
+    let pool = pool(backend)
+        .max(BOOTS)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The token is rotated: the old one is refused from now on.
+    fly.set_token("fm2_rotated-2");
+    let calls = (0..BOOTS).map(|_| pool.call(&SLEEP, 1500));
+    for result in futures_util::future::join_all(calls).await {
+        result.unwrap();
+    }
+    assert_eq!(fly.created(), BOOTS, "every call had a runner of its own");
+    assert_eq!(
+        source.fetches.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one refresh for every boot that met the 401"
+    );
+    let refused = fly.counts().unauthorized;
+    println!("requests refused with the old token: {refused}");
+    assert!(refused >= 2, "the boots met the 401 together: {refused}");
+    shut_down_clean(pool, &fly).await;
+    let logs = String::from_utf8_lossy(&captured.0.lock()).into_owned();
+    assert!(
+        logs.contains("from the rotating test vault"),
+        "the source is logged"
+    );
+    assert!(!logs.contains("fm2_rotated"), "a token in a TRACE log line");
 }
 
 /// Captures every log line, at every level, of everything on this thread.

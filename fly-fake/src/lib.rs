@@ -149,6 +149,8 @@ pub struct Counts {
     pub suspends: usize,
     /// Leases taken or renewed.
     pub leases: usize,
+    /// Requests answered 401: no token, or not the one accepted.
+    pub unauthorized: usize,
 }
 
 /// Faults armed for the next requests.
@@ -170,7 +172,7 @@ pub(crate) struct Faults {
 
 pub(crate) struct State {
     pub app: String,
-    pub token: String,
+    pub token: Mutex<String>,
     pub regions: Vec<String>,
     pub images: HashMap<String, PathBuf>,
     pub spec: spec::Spec,
@@ -210,8 +212,13 @@ impl FakeFly {
     }
 
     /// The token the fake accepts.
-    pub fn token(&self) -> &str {
-        &self.state.token
+    pub fn token(&self) -> String {
+        self.state.token.lock().clone()
+    }
+
+    /// Accepts `token` from now on, and answers 401 to the one before: a rotated token.
+    pub fn set_token(&self, token: impl Into<String>) {
+        *self.state.token.lock() = token.into();
     }
 
     /// The tallies so far.
@@ -449,7 +456,7 @@ impl FakeFlyBuilder {
             .allow_burst(std::num::NonZeroU32::new(3).expect("not zero"));
         let state = Arc::new(State {
             app: self.app,
-            token: self.token,
+            token: Mutex::new(self.token),
             regions: self.regions,
             images: self.images,
             spec: spec::Spec::load(),

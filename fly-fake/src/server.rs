@@ -99,12 +99,17 @@ fn admit(
         .unwrap_or_default();
     let (scheme, token) = authorization.split_once(' ').unwrap_or(("", ""));
     state.authorization_schemes.lock().push(scheme.to_owned());
-    let expected = state
-        .token
+    let accepted = state.token.lock().clone();
+    let expected = accepted
         .split_once(' ')
-        .map_or(state.token.as_str(), |(_, t)| t);
+        .map_or(accepted.as_str(), |(_, t)| t);
     if !matches!(scheme, "Bearer" | "FlyV1") || token != expected {
-        return Err(error(StatusCode::UNAUTHORIZED, "unauthorized", None));
+        state.count(|c| c.unauthorized += 1);
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "Authenticate: token validation error",
+            None,
+        ));
     }
     if app != state.app {
         return Err(error(StatusCode::NOT_FOUND, "app not found", None));

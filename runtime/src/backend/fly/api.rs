@@ -11,8 +11,8 @@ use reqwest::Method;
 use serde::Deserialize;
 use tracing::Instrument as _;
 
+use super::credentials::{Credentials, Lent};
 use super::error::{ApiError, FlyError};
-use super::token::FlyToken;
 use crate::backoff::Backoff;
 
 /// The longest a `/wait` may block, as Fly caps it.
@@ -116,7 +116,7 @@ pub(crate) struct MachinesApi {
     http: reqwest::Client,
     base: String,
     app: String,
-    token: FlyToken,
+    credentials: Credentials,
     pub(crate) retry: RetryPolicy,
 }
 
@@ -124,7 +124,7 @@ impl MachinesApi {
     pub(crate) fn new(
         base: &str,
         app: &str,
-        token: FlyToken,
+        credentials: Credentials,
         retry: RetryPolicy,
     ) -> Result<Self, FlyError> {
         let http = reqwest::Client::builder()
@@ -136,7 +136,7 @@ impl MachinesApi {
             http,
             base: base.trim_end_matches('/').to_owned(),
             app: app.to_owned(),
-            token,
+            credentials,
             retry,
         })
     }
@@ -361,7 +361,7 @@ impl MachinesApi {
         );
         let started = std::time::Instant::now();
         let result = self
-            .send_once(op, path, query, body, lease_nonce, timeout)
+            .send_authorized(op, path, query, body, lease_nonce, timeout)
             .instrument(span.clone())
             .await;
         let elapsed = started.elapsed();
@@ -384,8 +384,43 @@ impl MachinesApi {
     }
 
     /// [`send`](Self::send) without the telemetry: a success's status, request id and body.
+    /// A 401 resolves the token again (once for all the requests it refused) and repeats the
+    /// request once; a second 401 is [`FlyError::Unauthorized`].
+    async fn send_authorized(
+        &self,
+        op: Op,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&serde_json::Value>,
+        lease_nonce: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), FlyError> {
+        let token = self.credentials.token().await?;
+        match self
+            .send_once(&token, op, path, query, body, lease_nonce, timeout)
+            .await
+        {
+            Err(FlyError::Api(api)) if api.status == 401 => {}
+            done => return done,
+        }
+        tracing::warn!(source = %token.origin(), "the Fly API refused the token (401): resolving it again");
+        let token = self.credentials.refresh(&token).await?;
+        match self
+            .send_once(&token, op, path, query, body, lease_nonce, timeout)
+            .await
+        {
+            Err(FlyError::Api(api)) if api.status == 401 => Err(FlyError::Unauthorized {
+                origin: token.origin().to_string(),
+                last: api,
+            }),
+            done => done,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn send_once(
         &self,
+        token: &Lent,
         op: Op,
         path: &str,
         query: &[(String, String)],
@@ -402,7 +437,7 @@ impl MachinesApi {
         let mut request = self
             .http
             .request(op.method(), format!("{}{path}", self.base))
-            .header(AUTHORIZATION, self.token.header())
+            .header(AUTHORIZATION, token.token().header())
             .query(query)
             .timeout(timeout);
         if let Some(body) = body {

@@ -5,7 +5,7 @@ use std::net::Ipv6Addr;
 use std::time::Duration;
 
 use super::api::RetryPolicy;
-use super::{FlyBackend, FlyError, FlyToken};
+use super::{FlyBackend, FlyError};
 use crate::backend::Park;
 use crate::token::PARENT_ENV;
 
@@ -81,7 +81,7 @@ pub(crate) struct Guest {
 }
 
 /// Where settings come from: the process environment, or a test's map.
-type Lookup = Box<dyn Fn(&str) -> Option<String> + Send>;
+type Lookup = super::credentials::Lookup;
 
 /// Everything a built [`FlyBackend`] needs; checked once, in [`FlyBackendBuilder::build`].
 #[derive(Debug, Clone)]
@@ -130,6 +130,7 @@ pub(crate) struct FlyConfig {
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct FlyBackendBuilder {
     token: Option<String>,
+    token_source: Option<std::sync::Arc<dyn super::TokenSource>>,
     app: Option<String>,
     image: Option<String>,
     region: Option<String>,
@@ -179,10 +180,11 @@ impl std::fmt::Debug for FlyBackendBuilder {
 impl FlyBackendBuilder {
     /// A builder that reads `FLY_*` settings and forwarded variables through `lookup` instead
     /// of the process environment: for tests, and for configuration from elsewhere.
-    pub fn from_vars(lookup: impl Fn(&str) -> Option<String> + Send + 'static) -> Self {
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
         let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         Self {
-            token: var("FLY_API_TOKEN"),
+            token: None,
+            token_source: None,
             app: var("FLY_APP_NAME"),
             image: var("FLY_IMAGE_REF"),
             region: var("FLY_REGION"),
@@ -216,12 +218,16 @@ impl FlyBackendBuilder {
             park: None,
             max_parked: DEFAULT_MAX_PARKED,
             park_ttl: DEFAULT_PARK_TTL,
-            lookup: Box::new(lookup),
+            lookup: std::sync::Arc::new(lookup),
         }
     }
 
-    /// The API token. Default: `FLY_API_TOKEN`. Macaroons (`fm1r_`, `fm1a_`, `fm2_`) are sent
-    /// as `FlyV1`, other tokens as `Bearer`; a scheme already in the string is accepted.
+    /// The API token, used before any other source. Without it, the token is looked for as
+    /// flyctl looks: `FLY_ACCESS_TOKEN`, then `FLY_API_TOKEN`, then the `access_token` of
+    /// `~/.fly/config.yml` (written by `fly auth login`), then the
+    /// [`token_source`](Self::token_source). Macaroons (`fm1r_`, `fm1a_`, `fm2_`) are sent as
+    /// `FlyV1`, other tokens as `Bearer`; a scheme already in the string is accepted. After a
+    /// 401 the token is looked for again, once, and the request repeated.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
@@ -445,16 +451,34 @@ impl FlyBackendBuilder {
         self
     }
 
+    /// A source of tokens of the app's own (a vault, a database), asked when no other place
+    /// holds a token, and again after Fly answers 401. Firebrand never runs `flyctl` itself.
+    pub fn token_source(mut self, source: impl super::TokenSource) -> Self {
+        self.token_source = Some(std::sync::Arc::new(source));
+        self
+    }
+
     /// Checks the settings and builds the backend. Sends no request.
     ///
     /// # Errors
     /// [`FlyError::Config`] naming the first missing or contradictory setting.
     pub fn build(self) -> Result<FlyBackend, FlyError> {
-        let token = FlyToken::new(self.token.as_deref().ok_or_else(|| {
-            config("no Fly API token: set FLY_API_TOKEN (`fly tokens deploy`) or call .token()")
-        })?)?;
+        let chain = super::credentials::TokenChain {
+            explicit: self.token.clone(),
+            lookup: std::sync::Arc::clone(&self.lookup),
+            source: self.token_source.clone(),
+        };
+        // Looked for now, so that a parent without any token fails at build; a source may
+        // still supply one when the first request needs it.
+        let resolved = chain.resolve_local()?;
+        if resolved.is_none() && chain.source.is_none() {
+            return Err(config(super::credentials::NO_TOKEN));
+        }
         let config = self.into_config()?;
-        FlyBackend::new(config, token)
+        FlyBackend::new(
+            config,
+            super::credentials::Credentials::new(chain, resolved),
+        )
     }
 
     fn into_config(self) -> Result<FlyConfig, FlyError> {

@@ -116,6 +116,26 @@ pub enum FlyError {
         /// The last refusal.
         last: Box<ApiError>,
     },
+    /// Fly refused the token (401) and again once it was resolved anew.
+    #[error(
+        "the Fly API refused the token {origin}, also after resolving it again ({last}). Mint \
+         one with `fly tokens create deploy` and give it to the parent with \
+         `fly secrets set FLY_API_TOKEN=...`, or log in again with `fly auth login`"
+    )]
+    Unauthorized {
+        /// Where the token came from: `from FLY_API_TOKEN`, `from ~/.fly/config.yml`.
+        origin: String,
+        /// Fly's last answer.
+        last: Box<ApiError>,
+    },
+    /// The app's [`TokenSource`](super::TokenSource) failed.
+    #[error("cannot get a Fly API token {origin}: {reason}")]
+    Token {
+        /// The source, named.
+        origin: String,
+        /// Its error.
+        reason: String,
+    },
     /// A transient error persisted through every retry.
     #[error("gave up after {attempts} attempts; last error: {last}")]
     RetriesExhausted {
@@ -133,7 +153,7 @@ impl FlyError {
     #[must_use]
     pub fn is_permanent(&self) -> bool {
         match self {
-            FlyError::Config(_) | FlyError::GpuRefused(_) => true,
+            FlyError::Config(_) | FlyError::GpuRefused(_) | FlyError::Unauthorized { .. } => true,
             FlyError::Api(api) => api.is_permanent(),
             _ => false,
         }
@@ -159,7 +179,7 @@ impl FlyError {
 
     pub(crate) fn api(&self) -> Option<&ApiError> {
         match self {
-            FlyError::Api(api) => Some(api),
+            FlyError::Api(api) | FlyError::Unauthorized { last: api, .. } => Some(api),
             _ => None,
         }
     }

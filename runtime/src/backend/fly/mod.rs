@@ -23,6 +23,7 @@
 
 mod api;
 mod builder;
+mod credentials;
 mod error;
 mod launch;
 mod machine;
@@ -40,6 +41,7 @@ pub use builder::{
     CpuKind, FlyBackendBuilder, DEFAULT_API_BASE, DEFAULT_MAX_PARKED, DEFAULT_PARK_TTL,
     MAX_SUSPEND_MEMORY_MB,
 };
+pub use credentials::TokenSource;
 pub use error::{ApiError, FlyError};
 pub use launch::FULL_REGION_COOLDOWN;
 pub use token::FlyToken;
@@ -96,8 +98,8 @@ impl FlyBackend {
         Self::builder().build()
     }
 
-    fn new(config: FlyConfig, token: FlyToken) -> Result<Self, FlyError> {
-        let api = MachinesApi::new(&config.api_base, &config.app, token, config.retry)?;
+    fn new(config: FlyConfig, credentials: credentials::Credentials) -> Result<Self, FlyError> {
+        let api = MachinesApi::new(&config.api_base, &config.app, credentials, config.retry)?;
         let pacer = launch::Pacer::new(config.create_interval, config.create_burst);
         let api = Arc::new(api);
         let parked = config.park.map(|mode| {
