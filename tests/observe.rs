@@ -241,8 +241,9 @@ async fn runner_log_lines_reach_the_parent_with_the_runner_id_and_the_call_s_tra
     let line = captured
         .line(|l| l.contains("boom-for-tracing") && l.contains(&trace.to_string()))
         .await;
-    assert!(line.contains("firebrand::runner_output"), "{line}");
+    // Sent over the runner's connection as a `tracing` event, and logged again by the parent.
+    assert!(line.contains("firebrand::runner:"), "{line}");
     assert!(line.contains("runner="), "{line}");
-    assert!(line.contains("stream=\"stderr\""), "{line}");
+    assert!(line.contains(r#"job="firebrand.panic""#), "{line}");
     pool.shutdown().await;
 }

@@ -355,6 +355,8 @@ async fn a_runner_that_never_reaches_its_parent_exits_at_the_failsafe() {
             max_payload_len: 1 << 20,
             peer_timeout: Duration::from_secs(1),
             keep_alive: Duration::from_millis(300),
+            log_level: 0,
+            forward_output: false,
         },
     );
     let started = std::time::Instant::now();

@@ -88,6 +88,9 @@ fn test_parent() -> (quinn::Endpoint, BootToken) {
             max_payload_len: 1 << 30,
             peer_timeout: PEER_TIMEOUT,
             keep_alive: KEEP_ALIVE,
+            // The raw parent reads no control stream.
+            log_level: 0,
+            forward_output: false,
         },
     );
     (endpoint, token)

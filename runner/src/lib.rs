@@ -35,6 +35,9 @@ pub const SPIN_BLOCKING: Job<u64, u64> = Job::new("firebrand.spin_blocking");
 pub const PRINT: Job<ByteBuf, ()> = Job::new("firebrand.print");
 /// The runner's process id.
 pub const PID: Job<(), u32> = Job::new("firebrand.pid");
+/// Logs `count` lines at INFO with `tracing`, each with the fields `line` (its number) and
+/// `answer = 42`, the message `text`.
+pub const LOG: Job<(String, u64), ()> = Job::new("firebrand.log");
 /// The runner's value of an environment variable.
 pub const ENV: Job<String, Option<String>> = Job::new("firebrand.env");
 /// What the runner has served so far.
@@ -139,6 +142,14 @@ pub fn registry() -> Registry {
             })
         })
         .and_then(|r| r.register(&PID, |()| async { ok(std::process::id()) }))
+        .and_then(|r| {
+            r.register(&LOG, |(text, count): (String, u64)| async move {
+                for line in 0..count {
+                    tracing::info!(line, answer = 42, "{text}");
+                }
+                ok(())
+            })
+        })
         .and_then(|r| {
             r.register(
                 &ENV,

@@ -3,8 +3,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    firebrand_runner::init_logging();
+    // First: started by a pool, the runner sends its logs to the parent, and installs that
+    // itself when no subscriber is set.
     firebrand::run_if_child(&firebrand_runner::registry());
+    firebrand_runner::init_logging();
     eprintln!(
         "firebrand-runner serves jobs for a Firebrand pool, which starts it with {} set.\n\
          Point a pool at it with `LocalBackend::builder().command(\"{}\")`.",

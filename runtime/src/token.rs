@@ -44,6 +44,12 @@ pub struct RunnerSettings {
     pub peer_timeout: Duration,
     /// The QUIC keep-alive interval.
     pub keep_alive: Duration,
+    /// The most verbose log level the runner sends its parent: 1 (ERROR) to 5 (TRACE), 0 for
+    /// nothing.
+    pub log_level: u8,
+    /// Whether the runner sends its stdout and stderr lines to its parent too: on backends
+    /// that do not bring them there themselves.
+    pub forward_output: bool,
 }
 
 /// A runner's ticket home: the parent's addresses and server name, the pool CA, the runner's own
@@ -230,6 +236,8 @@ mod tests {
             max_payload_len: 1 << 20,
             peer_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(1),
+            log_level: 0,
+            forward_output: false,
         }
     }
 

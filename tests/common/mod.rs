@@ -175,6 +175,10 @@ impl Backend for Recording {
         self.inner.parent_addrs(bound)
     }
 
+    fn brings_output(&self) -> bool {
+        self.inner.brings_output()
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.inner.shutdown()
     }
@@ -240,6 +244,8 @@ pub fn raw_settings() -> firebrand::internals::token::RunnerSettings {
         max_payload_len: 1 << 20,
         peer_timeout: Duration::from_secs(10),
         keep_alive: Duration::from_secs(1),
+        log_level: 0,
+        forward_output: false,
     }
 }
 

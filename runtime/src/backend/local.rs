@@ -255,6 +255,11 @@ impl LocalBackendBuilder {
 }
 
 impl Backend for LocalBackend {
+    // Its pipes are relayed, or its output inherited: the parent has it either way.
+    fn brings_output(&self) -> bool {
+        true
+    }
+
     fn bind_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 0))
     }

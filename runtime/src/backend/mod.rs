@@ -120,6 +120,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a machine running a runner with `request.env`.
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>>;
 
+    /// Whether this backend brings each runner's stdout and stderr to the parent itself (the
+    /// local backend relays its pipes). When not, the runner sends its output lines over its
+    /// connection, and the parent logs them. The default: it does not.
+    fn brings_output(&self) -> bool {
+        false
+    }
+
     /// Whether this backend parks the machines of runners that idle out, and how: see
     /// [`Machine::park`]. The default: it does not, and they are terminated.
     fn parking(&self) -> Option<Parking> {

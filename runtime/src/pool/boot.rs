@@ -136,13 +136,15 @@ async fn create(
         capacity,
     };
     let admitted = shared.listener.expect(id, cert.cert.clone(), None);
+    let mut settings = config.runner_settings(min, capacity);
+    settings.forward_output = !shared.backend.brings_output();
     let token = BootToken::new(
         shared.parent_addrs.clone(),
         PARENT_SERVER_NAME.into(),
         shared.ca.cert(),
         &cert,
         id.0,
-        config.runner_settings(min, capacity),
+        settings,
     );
     let request = BootRequest {
         runner_id: id,

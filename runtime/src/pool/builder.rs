@@ -59,6 +59,9 @@ pub mod defaults {
     pub const CONNECT_FAILSAFE: Duration = Duration::from_secs(20);
     /// [`max_payload_len`](super::PoolBuilder::max_payload_len): 128 MiB.
     pub const MAX_PAYLOAD_LEN: u64 = 128 << 20;
+    /// [`runner_log_level`](super::PoolBuilder::runner_log_level).
+    pub const RUNNER_LOG_LEVEL: tracing::level_filters::LevelFilter =
+        tracing::level_filters::LevelFilter::INFO;
 }
 
 /// A pool's settings, validated.
@@ -71,6 +74,7 @@ pub(crate) struct PoolConfig {
     pub(crate) idle_shutdown_after: Option<Duration>,
     pub(crate) min_idle_shutdown_after: Option<Duration>,
     pub(crate) boot_timeout: Duration,
+    pub(crate) runner_log_level: tracing::level_filters::LevelFilter,
     pub(crate) call_timeout: Option<Duration>,
     pub(crate) queue_timeout: Duration,
     pub(crate) single_use: bool,
@@ -115,6 +119,11 @@ impl PoolConfig {
             max_payload_len: self.max_payload_len,
             peer_timeout: self.peer_timeout,
             keep_alive: self.keep_alive,
+            log_level: self
+                .runner_log_level
+                .into_level()
+                .map_or(0, crate::runner::log_level_number),
+            forward_output: false,
         }
     }
 
@@ -234,6 +243,7 @@ impl PoolBuilder {
                 boot_attempts: defaults::BOOT_ATTEMPTS,
                 peer_timeout: defaults::PEER_TIMEOUT,
                 keep_alive: defaults::KEEP_ALIVE,
+                runner_log_level: defaults::RUNNER_LOG_LEVEL,
                 connect_failsafe: defaults::CONNECT_FAILSAFE,
                 max_payload_len: defaults::MAX_PAYLOAD_LEN,
                 bind: None,
@@ -344,6 +354,15 @@ impl PoolBuilder {
     /// runner outlives a parent that died without closing. Default: [`defaults::PEER_TIMEOUT`], 5 s.
     pub fn peer_timeout(mut self, timeout: Duration) -> Self {
         self.config.peer_timeout = timeout;
+        self
+    }
+
+    /// The most verbose of its `tracing` events a runner sends to the parent, which logs them
+    /// again with target `firebrand::runner`, the runner's id and machine, and the call's job
+    /// and trace id. `LevelFilter::OFF` sends none. Default: [`defaults::RUNNER_LOG_LEVEL`],
+    /// INFO.
+    pub fn runner_log_level(mut self, level: tracing::level_filters::LevelFilter) -> Self {
+        self.config.runner_log_level = level;
         self
     }
 

@@ -267,6 +267,10 @@ pub(crate) async fn supervise(
                     }
                     shared.drive(|state| state.scheduler.runner_draining(handle.id));
                 }
+                Ok(ControlMessage::Log(line)) => shared.observer.runner_log(handle.id, &handle.machine, &line),
+                Ok(ControlMessage::LogsDropped { count }) => {
+                    shared.observer.runner_logs_dropped(handle.id, &handle.machine, count);
+                }
                 // The connection is ending; its own branch says why.
                 Err(_) => control_open = false,
             },

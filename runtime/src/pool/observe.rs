@@ -13,6 +13,7 @@
 //! | `firebrand_boots_total` | counter | `outcome`: `create`, `start`, `resume`, `failed`, `cancelled` |
 //! | `firebrand_parks_total` | counter | `outcome`: `suspend`, `stop`, `destroyed` |
 //! | `firebrand_runners_lost_total` | counter | |
+//! | `firebrand_runner_log_dropped_total` | counter | |
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -273,6 +274,45 @@ impl Observer {
             }),
             Parked::Destroyed => self.emit(|| PoolEvent::RunnerIdleStopped { runner }),
         }
+    }
+
+    /// Logs a line of a runner's log again, in the parent, with target `firebrand::runner`.
+    pub(crate) fn runner_log(&self, runner: RunnerId, machine: &str, line: &crate::wire::LogLine) {
+        macro_rules! emit {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "firebrand::runner",
+                    $level,
+                    %runner,
+                    machine,
+                    job = line.job.as_deref(),
+                    trace_id = line.trace_id.as_deref(),
+                    runner_target = %line.target,
+                    "{}",
+                    line.message
+                )
+            };
+        }
+        match line.level {
+            1 => emit!(tracing::Level::ERROR),
+            2 => emit!(tracing::Level::WARN),
+            3 => emit!(tracing::Level::INFO),
+            4 => emit!(tracing::Level::DEBUG),
+            _ => emit!(tracing::Level::TRACE),
+        }
+    }
+
+    /// A runner dropped `count` lines of its log: they came faster than it could send them.
+    pub(crate) fn runner_logs_dropped(&self, runner: RunnerId, machine: &str, count: u64) {
+        metrics::counter!("firebrand_runner_log_dropped_total", "pool" => self.pool.clone())
+            .increment(count);
+        tracing::warn!(
+            target: "firebrand::runner",
+            %runner,
+            machine,
+            dropped = count,
+            "the runner dropped {count} log lines: it logged faster than its connection took them"
+        );
     }
 
     pub(crate) fn runner_lost(&self, runner: RunnerId, reason: &str) {

@@ -125,7 +125,7 @@ pub(crate) async fn serve_call(
             Some(Ok(Err(failure))) => (failure_head(failure), None, Ending::Failed),
             Some(Err(panic)) => {
                 let message = panic_message(panic.as_ref());
-                tracing::error!(%message, "job panicked");
+                tracing::error!(panic = %message, "job panicked");
                 (ReplyHead::Panicked { message }, None, Ending::Panicked)
             }
         };

@@ -17,6 +17,7 @@
 
 mod call;
 mod dial;
+mod logs;
 mod output;
 mod park;
 mod reply;
@@ -32,6 +33,8 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
+pub(crate) use logs::level_number as log_level_number;
+pub use logs::{log_layer, LogLayer};
 pub use stats::RunnerStats;
 
 use crate::registry::Registry;
@@ -127,6 +130,15 @@ pub fn run_if_child(registry: &Registry) {
     if std::env::var_os(RELAYED_OUTPUT_ENV).is_some() {
         std::env::remove_var(RELAYED_OUTPUT_ENV);
         output::outlive_the_relay();
+    }
+    if !tracing::dispatcher::has_been_set() {
+        // No subscriber of the app's own: the runner's events go to its parent.
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let subscriber = tracing_subscriber::registry().with(log_layer());
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+    if token.as_ref().is_ok_and(|t| t.settings.forward_output) {
+        logs::capture_output();
     }
     let code = match token {
         Err(e) => {
@@ -266,6 +278,7 @@ async fn serve_in_span(
     registry: Registry,
     jobs: tokio::runtime::Handle,
 ) -> Result<ServeExit, ServeError> {
+    logs::set_level(token.settings.log_level);
     let mut terminator = Terminator::new(&token.settings);
     let mut continued = park::Continued::watch();
     let mut connected = dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
@@ -306,9 +319,12 @@ async fn serve_connection(
     let dial::Connected {
         endpoint,
         connection,
-        mut control,
+        control,
         ..
     } = connected;
+    // One writer for the control stream: drain notices first, then log lines.
+    let (drains, drain_notices) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_control(control, drain_notices));
     let settings = &token.settings;
     let cx = Arc::new(CallContext {
         resources: Arc::new(Resources::new(Arc::clone(&terminator))),
@@ -334,16 +350,22 @@ async fn serve_connection(
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::PARKED => {
                     // The parent parks only a runner that drained: no call is left.
                     cx.resources.clear();
+                    drop(drains);
+                    let _ = writer.await;
                     return Session::Parked;
                 }
                 Err(e) => break ServeExit::ParentLost(e.to_string()),
             },
             stop = stops.next() => match stop {
-                Stop::Drain(reason) => announce_drain(&mut control, reason).await,
+                Stop::Drain(reason) => {
+                    let _ = drains.send(reason);
+                }
                 Stop::Exit => break ServeExit::Released,
             },
         }
     };
+    drop(drains);
+    let _ = writer.await;
     match &exit {
         ServeExit::Released => tracing::info!("released by parent"),
         ServeExit::ParentLost(why) => tracing::warn!(reason = %why, "parent lost: draining"),
@@ -392,8 +414,44 @@ async fn wait_parked(
     }
 }
 
-async fn announce_drain(control: &mut quinn::SendStream, reason: DrainReason) {
-    if let Err(e) = wire::write_frame(control, &ControlMessage::Draining { reason }).await {
-        tracing::debug!(error = %e, "could not announce drain");
+/// Writes the control stream: each drain notice from `drain_notices`, first, and the log lines
+/// queued for the parent. Ends when the notices' sender is dropped or the stream fails, and
+/// gives the log queue back for the next connection.
+async fn write_control(
+    mut control: quinn::SendStream,
+    mut drain_notices: tokio::sync::mpsc::UnboundedReceiver<DrainReason>,
+) {
+    let mut lines = logs::take_receiver();
+    loop {
+        let next_line = async {
+            match &mut lines {
+                Some(lines) => lines.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let message = tokio::select! {
+            biased;
+            notice = drain_notices.recv() => match notice {
+                Some(reason) => ControlMessage::Draining { reason },
+                None => break,
+            },
+            Some(line) = next_line => {
+                let count = logs::take_dropped();
+                if count > 0 {
+                    let dropped = ControlMessage::LogsDropped { count };
+                    if wire::write_frame(&mut control, &dropped).await.is_err() {
+                        break;
+                    }
+                }
+                ControlMessage::Log(line)
+            }
+        };
+        if let Err(e) = wire::write_frame(&mut control, &message).await {
+            tracing::debug!(error = %e, "the control stream is closed");
+            break;
+        }
+    }
+    if let Some(lines) = lines {
+        logs::give_back(lines);
     }
 }

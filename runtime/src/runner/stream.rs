@@ -80,7 +80,7 @@ async fn pump(mut items: ItemStream, send: &mut SendStream) -> Ending {
 
 /// Reports a panic in the job as the stream's end.
 async fn panicked(send: &mut SendStream, message: String) -> Ending {
-    tracing::error!(%message, "job panicked");
+    tracing::error!(panic = %message, "job panicked");
     let _ = finish(send, &ReplyHead::Panicked { message }, None).await;
     Ending::Panicked
 }

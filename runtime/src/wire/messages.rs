@@ -41,6 +41,29 @@ pub enum ControlMessage {
         /// Why the runner is stopping.
         reason: DrainReason,
     },
+    /// A line of the runner's log.
+    Log(LogLine),
+    /// The runner dropped this many lines of its log since it last said so, because they came
+    /// faster than the connection took them.
+    LogsDropped {
+        /// How many.
+        count: u64,
+    },
+}
+
+/// One line of a runner's log, for its parent to log again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogLine {
+    /// 1 (ERROR) to 5 (TRACE).
+    pub level: u8,
+    /// The event's target on the runner, or `stdout` or `stderr` for an output line.
+    pub target: String,
+    /// The message and its fields, as one line.
+    pub message: String,
+    /// The job of the call the event happened in.
+    pub job: Option<String>,
+    /// That call's trace id.
+    pub trace_id: Option<String>,
 }
 
 /// Why a runner drains.

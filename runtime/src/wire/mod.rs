@@ -31,7 +31,7 @@ pub use codec::decode_payload;
 pub(crate) use codec::encode_value;
 pub use framing::{encode_frame, message_limit, read_frame, read_head, read_message, write_frame};
 pub(crate) use messages::{encode_request, encode_small_request, CallHeadRef};
-pub use messages::{CallHead, ControlMessage, DrainReason, Hello, HelloReply, ReplyHead};
+pub use messages::{CallHead, ControlMessage, DrainReason, Hello, HelloReply, LogLine, ReplyHead};
 
 /// The protocol version, sent as the first two bytes of the control stream.
 pub const PROTOCOL_VERSION: u16 = 4;

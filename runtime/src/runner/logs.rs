@@ -1,0 +1,290 @@
+//! A runner's logs, sent to its parent over its own connection: its `tracing` events (through
+//! [`log_layer`]) and, where the backend does not bring them to the parent already, the lines
+//! of its stdout and stderr. The parent logs each again, with the runner's id and machine, and
+//! the job and trace id of the call that caused it.
+//!
+//! Bounded: records wait in a queue of [`QUEUE_LEN`]; when the parent reads slowly and the queue
+//! is full, a record is dropped and counted, never waited for, and the next record sent says
+//! how many were dropped. A job's latency does not depend on how fast its logs leave.
+
+use std::io::{BufRead as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::wire::LogLine;
+
+/// Records that may wait to be sent; past that, new ones are dropped and counted.
+pub(crate) const QUEUE_LEN: usize = 4096;
+
+/// The longest message forwarded; a longer one is cut there, and says so.
+pub(crate) const MAX_LOG_LINE: usize = 16 << 10;
+
+/// The queue, made on first use by whichever of the layer, the output capture and the sender
+/// comes first.
+struct Queue {
+    tx: tokio::sync::mpsc::Sender<LogLine>,
+    rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<LogLine>>>,
+    dropped: AtomicU64,
+    /// The most verbose level forwarded, as [`level_number`] numbers it; 0 forwards nothing.
+    level: AtomicU8,
+}
+
+static QUEUE: OnceLock<Queue> = OnceLock::new();
+
+fn queue() -> &'static Queue {
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_LEN);
+        Queue {
+            tx,
+            rx: parking_lot::Mutex::new(Some(rx)),
+            dropped: AtomicU64::new(0),
+            level: AtomicU8::new(level_number(Level::INFO)),
+        }
+    })
+}
+
+/// A level as a number: 1 for ERROR up to 5 for TRACE.
+pub(crate) fn level_number(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 1,
+        Level::WARN => 2,
+        Level::INFO => 3,
+        Level::DEBUG => 4,
+        Level::TRACE => 5,
+    }
+}
+
+/// Forwards records up to `level` (a [`level_number`]; 0 for none), as the pool asked.
+pub(crate) fn set_level(level: u8) {
+    queue().level.store(level, Ordering::Relaxed);
+}
+
+/// Queues `line` without waiting; a full queue drops it and counts it.
+fn push(line: LogLine) {
+    let queue = queue();
+    if queue.tx.try_send(line).is_err() {
+        queue.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The records queued for the parent, and the count of those dropped since the last call. The
+/// serve loop takes the receiver for a connection and gives it back when it ends.
+pub(crate) fn take_receiver() -> Option<tokio::sync::mpsc::Receiver<LogLine>> {
+    queue().rx.lock().take()
+}
+
+pub(crate) fn give_back(rx: tokio::sync::mpsc::Receiver<LogLine>) {
+    *queue().rx.lock() = Some(rx);
+}
+
+/// How many records were dropped since the last call.
+pub(crate) fn take_dropped() -> u64 {
+    queue().dropped.swap(0, Ordering::Relaxed)
+}
+
+/// A [`tracing_subscriber::Layer`] that sends a runner's `tracing` events to its parent, which
+/// logs them again with the runner's id and machine and the call's job and trace id.
+/// [`run_if_child`](crate::run_if_child) installs it when the app has no subscriber of its own;
+/// an app that has one adds this layer to it.
+///
+/// Events of the QUIC and TLS stacks (`quinn`, `rustls`) are never sent: sending them would
+/// make more of them.
+///
+/// ```no_run
+/// use tracing_subscriber::layer::SubscriberExt as _;
+///
+/// let subscriber = tracing_subscriber::registry()
+///     .with(firebrand::runner::log_layer())
+///     .with(tracing_subscriber::fmt::layer());
+/// tracing::subscriber::set_global_default(subscriber).unwrap();
+/// ```
+#[must_use]
+pub fn log_layer() -> LogLayer {
+    let _ = queue();
+    LogLayer { _private: () }
+}
+
+/// The layer [`log_layer`] makes.
+#[derive(Debug)]
+pub struct LogLayer {
+    _private: (),
+}
+
+/// The job and trace id of a call, kept with its span.
+#[derive(Default)]
+struct CallFields {
+    job: Option<String>,
+    trace_id: Option<String>,
+}
+
+impl Visit for CallFields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "job" => self.job = Some(format!("{value:?}")),
+            "trace_id" => self.trace_id = Some(format!("{value:?}")),
+            _ => {}
+        }
+    }
+}
+
+/// An event's message and fields, as one line: `message key=value ...`.
+#[derive(Default)]
+struct Message {
+    message: Option<String>,
+    fields: String,
+}
+
+impl Message {
+    fn line(self) -> String {
+        let mut line = self.message.unwrap_or_default();
+        line.push_str(&self.fields);
+        line
+    }
+}
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        if field.name() == "message" && self.message.is_none() {
+            self.message = Some(format!("{value:?}"));
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for LogLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "call" {
+            return;
+        }
+        let mut fields = CallFields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let metadata = event.metadata();
+        let level = level_number(*metadata.level());
+        if level > queue().level.load(Ordering::Relaxed) {
+            return;
+        }
+        let target = metadata.target();
+        if target.starts_with("quinn") || target.starts_with("rustls") {
+            return;
+        }
+        let mut message = Message::default();
+        event.record(&mut message);
+        let (mut job, mut trace_id) = (None, None);
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope {
+                if let Some(call) = span.extensions().get::<CallFields>() {
+                    job.clone_from(&call.job);
+                    trace_id.clone_from(&call.trace_id);
+                    break;
+                }
+            }
+        }
+        push(LogLine {
+            level,
+            target: target.to_owned(),
+            message: bounded(message.line()),
+            job,
+            trace_id,
+        });
+    }
+}
+
+/// `text` cut at [`MAX_LOG_LINE`] bytes, on a character boundary, saying that it was.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_LOG_LINE {
+        let mut end = MAX_LOG_LINE;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [cut]");
+    }
+    text
+}
+
+/// Sends this process's stdout and stderr lines to the parent too, for a backend that does not
+/// bring them there: each descriptor becomes a pipe that a thread reads, writing every line on
+/// to where the descriptor pointed before (the machine's own log) and queueing it. Lines that
+/// are not UTF-8 are sent lossily.
+pub(crate) fn capture_output() {
+    for (fd, stream) in [
+        (libc::STDOUT_FILENO, "stdout"),
+        (libc::STDERR_FILENO, "stderr"),
+    ] {
+        if let Err(e) = capture(fd, stream) {
+            tracing::warn!(stream, error = %e, "cannot forward the runner's output");
+        }
+    }
+}
+
+fn capture(fd: i32, stream: &'static str) -> std::io::Result<()> {
+    let (read, write) = rustix::pipe::pipe()?;
+    // SAFETY: dup(2) of one of this process's standard descriptors; the new descriptor is
+    // owned by `original` alone.
+    let original = unsafe { libc::dup(fd) };
+    if original < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `original` was just returned by dup(2) and nothing else owns it.
+    let original = unsafe { OwnedFd::from_raw_fd(original) };
+    // SAFETY: dup2 points `fd` at the pipe's write end, which this process owns; a write
+    // racing with it goes to one or the other, both valid.
+    if unsafe { libc::dup2(write.as_raw_fd(), fd) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(write);
+    std::thread::Builder::new()
+        .name(format!("firebrand-{stream}"))
+        .spawn(move || forward_lines(std::fs::File::from(read), original, stream))?;
+    Ok(())
+}
+
+fn forward_lines(read: std::fs::File, original: OwnedFd, stream: &'static str) {
+    let mut original = std::fs::File::from(original);
+    let mut reader = std::io::BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Bounded: a line longer than the limit is sent in pieces.
+        match (&mut reader)
+            .take(MAX_LOG_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let _ = original.write_all(&line);
+        let text = String::from_utf8_lossy(&line);
+        push(LogLine {
+            level: level_number(Level::INFO),
+            target: stream.to_owned(),
+            message: text.trim_end_matches(['\n', '\r']).to_owned(),
+            job: None,
+            trace_id: None,
+        });
+    }
+}
+
+use std::io::Read as _;
