@@ -84,8 +84,9 @@ impl std::fmt::Debug for FlyBackend {
 }
 
 impl FlyBackend {
-    /// A builder seeded from the `FLY_*` variables Fly sets in every machine, and
-    /// `FLY_API_TOKEN`, which the app gets as a secret.
+    /// A builder seeded from the `FLY_*` variables Fly sets in every machine; the token is
+    /// found as flyctl finds it (see [`FlyBackendBuilder::token`]), usually `FLY_API_TOKEN`,
+    /// which the app gets as a secret.
     pub fn builder() -> FlyBackendBuilder {
         FlyBackendBuilder::from_vars(|name| std::env::var(name).ok())
     }
