@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use firebrand_runner::{ByteBuf, ECHO_BYTES, SPIN_BLOCKING};
+use firebrand_runner::{ByteBuf, ECHO_BYTES, LOG, SPIN_BLOCKING};
 use support::{run_in_flight, warm_pool, Latencies, QuicEcho, TcpEcho};
 
 fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
@@ -240,27 +240,30 @@ fn cpu_per_call(rt: &tokio::runtime::Runtime) {
     support::write_results("cpu", &results);
 }
 
+/// The median time of `calls` 64-byte echo calls, one at a time, in µs.
+fn echo_p50(rt: &tokio::runtime::Runtime, pool: &firebrand::Pool, calls: usize) -> f64 {
+    let payload = vec![7u8; 64];
+    rt.block_on(async {
+        let mut nanos = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let started = Instant::now();
+            let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
+            nanos.push(started.elapsed().as_nanos() as u64);
+            assert_eq!(reply.unwrap().len(), 64);
+        }
+        nanos.sort_unstable();
+        nanos[nanos.len() / 2] as f64 / 1e3
+    })
+}
+
 /// Warm-call latency on a runner whose every core is busy with CPU-bound (`register_blocking`)
 /// jobs, against the same call on the same runner idle, in the same run.
 fn busy_runner(rt: &tokio::runtime::Runtime) {
     const CALLS: usize = 1_000;
     const SPIN_MS: u64 = 4_000;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let payload = vec![7u8; 64];
     let pool = rt.block_on(warm_pool(1));
-    let sample = |pool: &firebrand::Pool| {
-        rt.block_on(async {
-            let mut nanos = Vec::with_capacity(CALLS);
-            for _ in 0..CALLS {
-                let started = Instant::now();
-                let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
-                nanos.push(started.elapsed().as_nanos() as u64);
-                assert_eq!(reply.unwrap().len(), 64);
-            }
-            nanos.sort_unstable();
-            nanos[nanos.len() / 2] as f64 / 1e3
-        })
-    };
+    let sample = |pool: &firebrand::Pool| echo_p50(rt, pool, CALLS);
     sample(&pool);
     let idle = sample(&pool);
     let spins: Vec<_> = (0..cores)
@@ -288,6 +291,44 @@ fn busy_runner(rt: &tokio::runtime::Runtime) {
     );
 }
 
+/// Warm-call latency on a runner that logs as fast as it can (a job emitting a million
+/// `tracing` events, each sent to the parent over the same connection), against the same
+/// call on the same runner idle, in the same run. The parent here has no subscriber, so it
+/// takes the lines as fast as they come: the most log traffic the connection can carry.
+fn logging_runner(rt: &tokio::runtime::Runtime) {
+    const CALLS: usize = 1_000;
+    const LINES: u64 = 1_000_000;
+    let pool = rt.block_on(warm_pool(1));
+    let sample = |pool: &firebrand::Pool| echo_p50(rt, pool, CALLS);
+    sample(&pool);
+    let idle = sample(&pool);
+    let flood = rt.spawn(
+        pool.call(
+            &LOG,
+            ("a line of the flood, as a job might log it".into(), LINES),
+        )
+        .timeout(None),
+    );
+    rt.block_on(async {
+        while pool.stats().in_flight < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let logging = sample(&pool);
+    let still_logging = !flood.is_finished();
+    rt.block_on(flood).unwrap().unwrap();
+    rt.block_on(pool.shutdown());
+    let ratio = logging / idle;
+    println!("logging runner: warm call p50 {logging:.1} µs while it logs, {idle:.1} µs idle: {ratio:.2}x (logging throughout: {still_logging})");
+    support::write_results(
+        "logging",
+        &serde_json::json!({
+            "idle_p50_us": idle, "logging_p50_us": logging, "ratio": ratio,
+            "logging_throughout": still_logging,
+        }),
+    );
+}
+
 fn main() {
     support::run_peer_if_asked();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -300,5 +341,6 @@ fn main() {
     if !std::env::args().any(|a| a == "--list" || a == "--test") {
         cpu_per_call(&rt);
         busy_runner(&rt);
+        logging_runner(&rt);
     }
 }

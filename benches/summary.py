@@ -89,6 +89,11 @@ if busy:
     row(f'warm call p50, all {busy["cores"]} runner cores busy (register_blocking)', f'{busy["busy_p50_us"]:.1f} µs',
         f'idle runner {busy["idle_p50_us"]:.1f} µs', f'{busy["ratio"]:.2f}× idle', "≤ 3× idle", busy["ratio"] <= 3)
 
+logging = load("logging")
+if logging:
+    row("warm call p50 while the runner logs a million lines", f'{logging["logging_p50_us"]:.1f} µs',
+        f'idle runner {logging["idle_p50_us"]:.1f} µs', f'{logging["ratio"]:.2f}× idle', "", None)
+
 for mib in (1, 16, 64):
     base, units = estimate("payload", "baseline_quic", str(mib))
     t, u = estimate("payload", "firebrand", str(mib))

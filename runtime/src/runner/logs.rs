@@ -7,7 +7,7 @@
 //! is full, a record is dropped and counted, never waited for, and the next record sent says
 //! how many were dropped. A job's latency does not depend on how fast its logs leave.
 
-use std::io::{BufRead as _, Write as _};
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -19,11 +19,12 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::wire::LogLine;
 
-/// Records that may wait to be sent; past that, new ones are dropped and counted.
-pub(crate) const QUEUE_LEN: usize = 4096;
+/// Records that may wait to be sent; past that, new ones are dropped and counted. With
+/// [`MAX_LOG_LINE`] it bounds the queue at 8 MiB, and a few hundred KiB for usual lines.
+pub(crate) const QUEUE_LEN: usize = 1024;
 
 /// The longest message forwarded; a longer one is cut there, and says so.
-pub(crate) const MAX_LOG_LINE: usize = 16 << 10;
+pub(crate) const MAX_LOG_LINE: usize = 8 << 10;
 
 /// The queue, made on first use by whichever of the layer, the output capture and the sender
 /// comes first.
@@ -32,6 +33,7 @@ struct Queue {
     rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<LogLine>>>,
     dropped: AtomicU64,
     /// The most verbose level forwarded, as [`level_number`] numbers it; 0 forwards nothing.
+    /// Output lines are forwarded unless it is 0.
     level: AtomicU8,
 }
 
@@ -44,7 +46,9 @@ fn queue() -> &'static Queue {
             tx,
             rx: parking_lot::Mutex::new(Some(rx)),
             dropped: AtomicU64::new(0),
-            level: AtomicU8::new(level_number(Level::INFO)),
+            // Nothing is queued until a runner serves and sets the pool's level: an app that
+            // adds the layer in a process that never serves keeps nothing.
+            level: AtomicU8::new(0),
         }
     })
 }
@@ -276,6 +280,9 @@ fn forward_lines(read: std::fs::File, original: OwnedFd, stream: &'static str) {
             Ok(_) => {}
         }
         let _ = original.write_all(&line);
+        if queue().level.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
         let text = String::from_utf8_lossy(&line);
         push(LogLine {
             level: level_number(Level::INFO),
@@ -286,5 +293,3 @@ fn forward_lines(read: std::fs::File, original: OwnedFd, stream: &'static str) {
         });
     }
 }
-
-use std::io::Read as _;

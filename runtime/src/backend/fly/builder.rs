@@ -167,6 +167,10 @@ impl std::fmt::Debug for FlyBackendBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FlyBackendBuilder")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "token_source",
+                &self.token_source.as_ref().map(|s| s.name()),
+            )
             .field("app", &self.app)
             .field("image", &self.image)
             .field("region", &self.region)
