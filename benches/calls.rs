@@ -291,13 +291,13 @@ fn busy_runner(rt: &tokio::runtime::Runtime) {
     );
 }
 
-/// Warm-call latency on a runner that logs as fast as it can (a job emitting a million
+/// Warm-call latency on a runner that logs as fast as it can (a job emitting five million
 /// `tracing` events, each sent to the parent over the same connection), against the same
 /// call on the same runner idle, in the same run. The parent here has no subscriber, so it
 /// takes the lines as fast as they come: the most log traffic the connection can carry.
 fn logging_runner(rt: &tokio::runtime::Runtime) {
     const CALLS: usize = 1_000;
-    const LINES: u64 = 1_000_000;
+    const LINES: u64 = 5_000_000;
     let pool = rt.block_on(warm_pool(1));
     let sample = |pool: &firebrand::Pool| echo_p50(rt, pool, CALLS);
     sample(&pool);

@@ -108,17 +108,30 @@ pub(crate) fn take_dropped() -> u64 {
 ///     .with(tracing_subscriber::fmt::layer());
 /// tracing::subscriber::set_global_default(subscriber).unwrap();
 /// ```
+///
+/// The layer filters for itself (a per-layer filter): what it does not send costs an atomic
+/// load, and it does not enable anything for the subscriber's other layers.
 #[must_use]
-pub fn log_layer() -> LogLayer {
+pub fn log_layer<S>() -> impl tracing_subscriber::Layer<S> + Send + Sync + 'static
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
     let _ = queue();
-    LogLayer { _private: () }
+    LogLayer.with_filter(tracing_subscriber::filter::filter_fn(forwarded))
 }
 
-/// The layer [`log_layer`] makes.
-#[derive(Debug)]
-pub struct LogLayer {
-    _private: (),
+/// Whether events and spans of `metadata` are sent: up to the pool's level, and never those
+/// of the QUIC and TLS stacks, whose sending would make more of them.
+fn forwarded(metadata: &tracing::Metadata<'_>) -> bool {
+    let target = metadata.target();
+    level_number(*metadata.level()) <= queue().level.load(Ordering::Relaxed)
+        && !target.starts_with("quinn")
+        && !target.starts_with("rustls")
 }
+
+/// The layer [`log_layer`] filters.
+struct LogLayer;
 
 /// The job and trace id of a call, kept with its span.
 #[derive(Default)]
@@ -186,13 +199,7 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let metadata = event.metadata();
         let level = level_number(*metadata.level());
-        if level > queue().level.load(Ordering::Relaxed) {
-            return;
-        }
         let target = metadata.target();
-        if target.starts_with("quinn") || target.starts_with("rustls") {
-            return;
-        }
         let mut message = Message::default();
         event.record(&mut message);
         let (mut job, mut trace_id) = (None, None);

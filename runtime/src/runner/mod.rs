@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 
 pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
 pub(crate) use logs::level_number as log_level_number;
-pub use logs::{log_layer, LogLayer};
+pub use logs::log_layer;
 pub use stats::RunnerStats;
 
 use crate::registry::Registry;
