@@ -23,6 +23,14 @@ use crate::wire::LogLine;
 /// [`MAX_LOG_LINE`] it bounds the queue at 8 MiB, and a few hundred KiB for usual lines.
 pub(crate) const QUEUE_LEN: usize = 1024;
 
+/// The most lines a runner sends its parent a second, with bursts of [`LOG_BURST`]; past it,
+/// lines are dropped and counted. Logs then take a bounded share of the connection and of both
+/// ends' CPU, and calls keep their latency while a job logs in a tight loop.
+pub const MAX_LOG_LINES_PER_SECOND: u32 = 10_000;
+
+/// How many lines may go at once beyond the steady rate.
+pub const LOG_BURST: u32 = 2_000;
+
 /// The longest message forwarded; a longer one is cut there, and says so.
 pub(crate) const MAX_LOG_LINE: usize = 8 << 10;
 
@@ -90,6 +98,19 @@ pub(crate) fn give_back(rx: tokio::sync::mpsc::Receiver<LogLine>) {
 /// How many records were dropped since the last call.
 pub(crate) fn take_dropped() -> u64 {
     queue().dropped.swap(0, Ordering::Relaxed)
+}
+
+/// Counts a record dropped after it left the queue: past the sending rate.
+pub(crate) fn count_dropped() {
+    queue().dropped.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The pace of sending: [`MAX_LOG_LINES_PER_SECOND`], bursts of [`LOG_BURST`].
+pub(crate) fn pace() -> governor::DefaultDirectRateLimiter {
+    let per_second =
+        std::num::NonZeroU32::new(MAX_LOG_LINES_PER_SECOND).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(LOG_BURST).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::RateLimiter::direct(governor::Quota::per_second(per_second).allow_burst(burst))
 }
 
 /// A [`tracing_subscriber::Layer`] that sends a runner's `tracing` events to its parent, which

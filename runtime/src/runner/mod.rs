@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 
 pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
 pub(crate) use logs::level_number as log_level_number;
-pub use logs::log_layer;
+pub use logs::{log_layer, LOG_BURST, MAX_LOG_LINES_PER_SECOND};
 pub use stats::RunnerStats;
 
 use crate::registry::Registry;
@@ -422,6 +422,9 @@ async fn write_control(
     mut drain_notices: tokio::sync::mpsc::UnboundedReceiver<DrainReason>,
 ) {
     let mut lines = logs::take_receiver();
+    // Call replies go before log lines when both wait to be sent.
+    let _ = control.set_priority(-1);
+    let pace = logs::pace();
     loop {
         let next_line = async {
             match &mut lines {
@@ -436,6 +439,10 @@ async fn write_control(
                 None => break,
             },
             Some(line) = next_line => {
+                if pace.check().is_err() {
+                    logs::count_dropped();
+                    continue;
+                }
                 let count = logs::take_dropped();
                 if count > 0 {
                     let dropped = ControlMessage::LogsDropped { count };
