@@ -259,38 +259,80 @@ fn bounded(mut text: String) -> String {
 /// Sends this process's stdout and stderr lines to the parent too, for a backend that does not
 /// bring them there: each descriptor becomes a pipe that a thread reads, writing every line on
 /// to where the descriptor pointed before (the machine's own log) and queueing it. Lines that
-/// are not UTF-8 are sent lossily.
-pub(crate) fn capture_output() {
-    for (fd, stream) in [
-        (libc::STDOUT_FILENO, "stdout"),
-        (libc::STDERR_FILENO, "stderr"),
-    ] {
-        if let Err(e) = capture(fd, stream) {
-            tracing::warn!(stream, error = %e, "cannot forward the runner's output");
+/// are not UTF-8 are sent lossily. [`OutputCapture::finish`] puts the descriptors back and waits
+/// for the last lines, so that nothing written before the process exits is lost.
+pub(crate) fn capture_output() -> OutputCapture {
+    let mut captured = Vec::new();
+    for (fd, stream) in [(libc::STDOUT_FILENO, "stdout"), (libc::STDERR_FILENO, "stderr")] {
+        match capture(fd, stream) {
+            Ok(one) => captured.push(one),
+            Err(e) => tracing::warn!(stream, error = %e, "cannot forward the runner's output"),
+        }
+    }
+    OutputCapture(captured)
+}
+
+/// The captured descriptors, and the threads that read them.
+pub(crate) struct OutputCapture(Vec<Captured>);
+
+struct Captured {
+    fd: i32,
+    /// A copy of where `fd` pointed before, to point it back.
+    original: OwnedFd,
+    reader: std::thread::JoinHandle<()>,
+}
+
+/// How long the exit waits for the readers to write the last lines on.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl OutputCapture {
+    /// Points stdout and stderr back where they were, which closes the pipes' last write
+    /// ends, and waits (at most [`FLUSH_WAIT`]) until the readers have written every line on.
+    pub(crate) fn finish(self) {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let deadline = std::time::Instant::now() + FLUSH_WAIT;
+        for captured in self.0 {
+            // SAFETY: dup2 points `fd` back at the original descriptor, which this process
+            // owns; the pipe's write end that `fd` was is closed by it.
+            unsafe { libc::dup2(captured.original.as_raw_fd(), captured.fd) };
+            while !captured.reader.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
 }
 
-fn capture(fd: i32, stream: &'static str) -> std::io::Result<()> {
+fn capture(fd: i32, stream: &'static str) -> std::io::Result<Captured> {
     let (read, write) = rustix::pipe::pipe()?;
-    // SAFETY: dup(2) of one of this process's standard descriptors; the new descriptor is
-    // owned by `original` alone.
-    let original = unsafe { libc::dup(fd) };
-    if original < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `original` was just returned by dup(2) and nothing else owns it.
-    let original = unsafe { OwnedFd::from_raw_fd(original) };
+    let original = dup(fd)?;
+    let tee = dup(fd)?;
     // SAFETY: dup2 points `fd` at the pipe's write end, which this process owns; a write
     // racing with it goes to one or the other, both valid.
     if unsafe { libc::dup2(write.as_raw_fd(), fd) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     drop(write);
-    std::thread::Builder::new()
+    let reader = std::thread::Builder::new()
         .name(format!("firebrand-{stream}"))
-        .spawn(move || forward_lines(std::fs::File::from(read), original, stream))?;
-    Ok(())
+        .spawn(move || forward_lines(std::fs::File::from(read), tee, stream))?;
+    Ok(Captured {
+        fd,
+        original,
+        reader,
+    })
+}
+
+/// A new descriptor for what `fd` points at.
+fn dup(fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: dup(2) of an open descriptor of this process; the new one is owned by the
+    // returned value alone.
+    let copy = unsafe { libc::dup(fd) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `copy` was just returned by dup(2) and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
 fn forward_lines(read: std::fs::File, original: OwnedFd, stream: &'static str) {

@@ -137,9 +137,10 @@ pub fn run_if_child(registry: &Registry) {
         let subscriber = tracing_subscriber::registry().with(log_layer());
         let _ = tracing::subscriber::set_global_default(subscriber);
     }
-    if token.as_ref().is_ok_and(|t| t.settings.forward_output) {
-        logs::capture_output();
-    }
+    let captured = token
+        .as_ref()
+        .is_ok_and(|t| t.settings.forward_output)
+        .then(logs::capture_output);
     let code = match token {
         Err(e) => {
             eprintln!("firebrand runner: {e}");
@@ -168,6 +169,10 @@ pub fn run_if_child(registry: &Registry) {
             }
         }
     };
+    // The last lines (the error that ends a runner, say) must reach the machine's log.
+    if let Some(captured) = captured {
+        captured.finish();
+    }
     std::process::exit(code)
 }
 

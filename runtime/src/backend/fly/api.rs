@@ -147,12 +147,13 @@ impl MachinesApi {
         timeout: Duration,
     ) -> Result<MachineInfo, FlyError> {
         let path = format!("/v1/apps/{}/machines", self.app);
-        self.json(Op::Create, &path, &[], Some(body), timeout).await
+        self.json(Request::new(Op::Create, &path, timeout).body(body))
+            .await
     }
 
     pub(crate) async fn get(&self, id: &str) -> Result<MachineInfo, FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}", self.app);
-        self.json(Op::Get, &path, &[], None, REQUEST_SLACK).await
+        self.json(Request::new(Op::Get, &path, REQUEST_SLACK)).await
     }
 
     /// The app's machines, or those whose metadata has `key` set to `value`.
@@ -165,7 +166,7 @@ impl MachinesApi {
             .iter()
             .map(|(k, v)| (format!("metadata.{k}"), (*v).to_owned()))
             .collect();
-        self.json(Op::List, &path, &query, None, REQUEST_SLACK)
+        self.json(Request::new(Op::List, &path, REQUEST_SLACK).query(&query))
             .await
     }
 
@@ -190,7 +191,7 @@ impl MachinesApi {
         query.push(("timeout".into(), timeout.as_secs().to_string()));
         tracing::debug!(machine = id, ?states, ?timeout, "wait started");
         match self
-            .send(Op::Wait, &path, &query, None, None, timeout + REQUEST_SLACK)
+            .send(Request::new(Op::Wait, &path, timeout + REQUEST_SLACK).query(&query))
             .await
         {
             Ok(_) => {
@@ -210,7 +211,7 @@ impl MachinesApi {
         let path = format!("/v1/apps/{}/machines/{id}", self.app);
         let query = [("force".to_owned(), "true".to_owned())];
         match self
-            .send(Op::Destroy, &path, &query, None, None, REQUEST_SLACK)
+            .send(Request::new(Op::Destroy, &path, REQUEST_SLACK).query(&query))
             .await
         {
             Ok(_) => Ok(()),
@@ -233,7 +234,7 @@ impl MachinesApi {
             "ttl": ttl.as_secs().max(1),
         });
         let reply = self
-            .send(Op::Lease, &path, &[], Some(&body), None, REQUEST_SLACK)
+            .send(Request::new(Op::Lease, &path, REQUEST_SLACK).body(&body))
             .await?;
         // Fly documents the lease itself; it answers with it wrapped in `data`.
         let lease: Lease = serde_json::from_slice(&reply).map_err(|e| FlyError::Reply {
@@ -254,32 +255,22 @@ impl MachinesApi {
     /// `DELETE .../lease`, as the holder of `nonce`.
     pub(crate) async fn release_lease(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/lease", self.app);
-        self.send(
-            Op::ReleaseLease,
-            &path,
-            &[],
-            None,
-            Some(nonce),
-            REQUEST_SLACK,
-        )
-        .await
-        .map(drop)
+        let request = Request::new(Op::ReleaseLease, &path, REQUEST_SLACK).lease(nonce);
+        self.send(request).await.map(drop)
     }
 
     /// `POST .../start`: starts a stopped machine, or resumes a suspended one.
     pub(crate) async fn start(&self, id: &str, nonce: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/start", self.app);
-        self.send(Op::Start, &path, &[], None, Some(nonce), REQUEST_SLACK)
-            .await
-            .map(drop)
+        let request = Request::new(Op::Start, &path, REQUEST_SLACK).lease(nonce);
+        self.send(request).await.map(drop)
     }
 
     /// `POST .../suspend`.
     pub(crate) async fn suspend(&self, id: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/suspend", self.app);
-        self.send(Op::Suspend, &path, &[], None, None, REQUEST_SLACK)
-            .await
-            .map(drop)
+        let request = Request::new(Op::Suspend, &path, REQUEST_SLACK);
+        self.send(request).await.map(drop)
     }
 
     /// `POST .../stop` with SIGTERM, killed after `timeout`.
@@ -289,9 +280,8 @@ impl MachinesApi {
             "signal": "SIGTERM",
             "timeout": format!("{}s", timeout.as_secs().max(1)),
         });
-        self.send(Op::Stop, &path, &[], Some(&body), None, REQUEST_SLACK)
-            .await
-            .map(drop)
+        let request = Request::new(Op::Stop, &path, REQUEST_SLACK).body(&body);
+        self.send(request).await.map(drop)
     }
 
     /// Repeats `request` while it fails in a transient way, backing off with jitter and
@@ -324,15 +314,12 @@ impl MachinesApi {
 
     async fn json<T: serde::de::DeserializeOwned>(
         &self,
-        op: Op,
-        path: &str,
-        query: &[(String, String)],
-        body: Option<&serde_json::Value>,
-        timeout: Duration,
+        request: Request<'_>,
     ) -> Result<T, FlyError> {
-        let bytes = self.send(op, path, query, body, None, timeout).await?;
+        let (method, path) = (request.op.method_name(), request.path);
+        let bytes = self.send(request).await?;
         serde_json::from_slice(&bytes).map_err(|e| FlyError::Reply {
-            method: op.method_name(),
+            method,
             path: path.to_owned(),
             reason: e.to_string(),
         })
@@ -341,15 +328,8 @@ impl MachinesApi {
     /// Sends one request, in a span of its own (`fly_request`: the operation, its path
     /// template, the attempt, the status, the duration and `fly-request-id`), and counts it in
     /// `firebrand_fly_requests_total{op,status}` and `firebrand_fly_request_seconds{op}`.
-    async fn send(
-        &self,
-        op: Op,
-        path: &str,
-        query: &[(String, String)],
-        body: Option<&serde_json::Value>,
-        lease_nonce: Option<&str>,
-        timeout: Duration,
-    ) -> Result<bytes::Bytes, FlyError> {
+    async fn send(&self, request: Request<'_>) -> Result<bytes::Bytes, FlyError> {
+        let op = request.op;
         let span = tracing::debug_span!(
             "fly_request",
             op = op.name(),
@@ -361,7 +341,7 @@ impl MachinesApi {
         );
         let started = std::time::Instant::now();
         let result = self
-            .send_authorized(op, path, query, body, lease_nonce, timeout)
+            .send_authorized(&request)
             .instrument(span.clone())
             .await;
         let elapsed = started.elapsed();
@@ -388,27 +368,16 @@ impl MachinesApi {
     /// request once; a second 401 is [`FlyError::Unauthorized`].
     async fn send_authorized(
         &self,
-        op: Op,
-        path: &str,
-        query: &[(String, String)],
-        body: Option<&serde_json::Value>,
-        lease_nonce: Option<&str>,
-        timeout: Duration,
+        request: &Request<'_>,
     ) -> Result<(u16, Option<String>, bytes::Bytes), FlyError> {
         let token = self.credentials.token().await?;
-        match self
-            .send_once(&token, op, path, query, body, lease_nonce, timeout)
-            .await
-        {
+        match self.send_once(&token, request).await {
             Err(FlyError::Api(api)) if api.status == 401 => {}
             done => return done,
         }
         tracing::warn!(source = %token.origin(), "the Fly API refused the token (401): resolving it again");
         let token = self.credentials.refresh(&token).await?;
-        match self
-            .send_once(&token, op, path, query, body, lease_nonce, timeout)
-            .await
-        {
+        match self.send_once(&token, request).await {
             Err(FlyError::Api(api)) if api.status == 401 => Err(FlyError::Unauthorized {
                 origin: token.origin().to_string(),
                 last: api,
@@ -417,17 +386,19 @@ impl MachinesApi {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn send_once(
         &self,
         token: &Lent,
-        op: Op,
-        path: &str,
-        query: &[(String, String)],
-        body: Option<&serde_json::Value>,
-        lease_nonce: Option<&str>,
-        timeout: Duration,
+        request: &Request<'_>,
     ) -> Result<(u16, Option<String>, bytes::Bytes), FlyError> {
+        let Request {
+            op,
+            path,
+            query,
+            body,
+            lease_nonce,
+            timeout,
+        } = *request;
         let method_name = op.method_name();
         let connection = |e: reqwest::Error| FlyError::Connection {
             method: method_name,
@@ -465,6 +436,46 @@ impl MachinesApi {
             "Fly API request failed"
         );
         Err(FlyError::Api(Box::new(error)))
+    }
+}
+
+/// One Machines API request: its operation, path, query, body, lease nonce and timeout.
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    op: Op,
+    path: &'a str,
+    query: &'a [(String, String)],
+    body: Option<&'a serde_json::Value>,
+    lease_nonce: Option<&'a str>,
+    timeout: Duration,
+}
+
+impl<'a> Request<'a> {
+    fn new(op: Op, path: &'a str, timeout: Duration) -> Self {
+        Self {
+            op,
+            path,
+            query: &[],
+            body: None,
+            lease_nonce: None,
+            timeout,
+        }
+    }
+
+    fn query(mut self, query: &'a [(String, String)]) -> Self {
+        self.query = query;
+        self
+    }
+
+    fn body(mut self, body: &'a serde_json::Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// Sent as the holder of the machine's lease.
+    fn lease(mut self, nonce: &'a str) -> Self {
+        self.lease_nonce = Some(nonce);
+        self
     }
 }
 
