@@ -263,7 +263,10 @@ fn bounded(mut text: String) -> String {
 /// for the last lines, so that nothing written before the process exits is lost.
 pub(crate) fn capture_output() -> OutputCapture {
     let mut captured = Vec::new();
-    for (fd, stream) in [(libc::STDOUT_FILENO, "stdout"), (libc::STDERR_FILENO, "stderr")] {
+    for (fd, stream) in [
+        (libc::STDOUT_FILENO, "stdout"),
+        (libc::STDERR_FILENO, "stderr"),
+    ] {
         match capture(fd, stream) {
             Ok(one) => captured.push(one),
             Err(e) => tracing::warn!(stream, error = %e, "cannot forward the runner's output"),
