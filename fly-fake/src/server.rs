@@ -549,12 +549,7 @@ async fn start(
         }
         "suspended" | "suspending" => {
             tokio::time::sleep(latency.resume).await;
-            let stall = {
-                let mut faults = state.faults.lock();
-                let stall = faults.stall_resumes > 0;
-                faults.stall_resumes = faults.stall_resumes.saturating_sub(1);
-                stall
-            };
+            let stall = take_fault(&mut state.faults.lock().stall_resumes);
             let resumed = lookup(&state, &id, |machine| {
                 if matches!(machine.current(), "suspended" | "suspending") {
                     if !stall {
@@ -589,12 +584,7 @@ async fn suspend(
     let suspended = lookup_leased(&state, &id, &headers, |machine| {
         let guest = &machine.config["guest"];
         let memory = guest["memory_mb"].as_u64().unwrap_or(256);
-        let refused = {
-            let mut faults = state.faults.lock();
-            let refused = faults.refuse_suspends > 0;
-            faults.refuse_suspends = faults.refuse_suspends.saturating_sub(1);
-            refused
-        };
+        let refused = take_fault(&mut state.faults.lock().refuse_suspends);
         let why_not = if refused {
             Some("this machine: its snapshot failed".to_owned())
         } else if memory > MAX_SUSPEND_MEMORY_MB {
@@ -710,6 +700,13 @@ async fn release(
         Ok(()) => reply(StatusCode::OK, json!({ "status": "success" })),
         Err(response) => response,
     }
+}
+
+/// Uses up one of a fault's armed requests: whether it applies to this one.
+fn take_fault(armed: &mut u32) -> bool {
+    let applies = *armed > 0;
+    *armed = armed.saturating_sub(1);
+    applies
 }
 
 fn parse_seconds(text: &str) -> Option<Duration> {

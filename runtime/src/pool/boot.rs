@@ -109,6 +109,8 @@ async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootEr
                 return Ok(booted);
             }
         }
+        // A claim that failed may have put its machine back.
+        shared.parked_changed();
     }
     create(shared, id, min, deadline).await
 }

@@ -36,6 +36,9 @@ pub(crate) struct State {
     boot_cancels: HashMap<RunnerId, CancellationToken>,
     /// The counts last published, to publish only changes.
     published: PoolStats,
+    /// The backend's count of machines this pool parked, as last read: it changes only when a
+    /// machine is parked, claimed or expires, never on a call's events.
+    parked: usize,
 }
 
 impl State {
@@ -44,6 +47,7 @@ impl State {
             scheduler,
             boot_cancels: HashMap::new(),
             published: PoolStats::default(),
+            parked: 0,
         }
     }
 }
@@ -203,9 +207,12 @@ impl Shared {
         }
     }
 
-    /// Publishes a change of the parked count, which no scheduler event makes.
+    /// Reads the parked count again and publishes it: a change no scheduler event makes.
     pub(crate) fn parked_changed(&self) {
-        self.publish(&mut self.state.lock());
+        let parked = self.with_parked(PoolStats::default()).parked;
+        let mut state = self.state.lock();
+        state.parked = parked;
+        self.publish(&mut state);
     }
 
     /// The pool's clock, as the scheduler reads it: time since the pool started.
@@ -233,7 +240,10 @@ impl Shared {
     /// Publishes the counts that changed. Called under the state lock, so it takes the watch's
     /// lock second; nothing may take them in the other order.
     fn publish(&self, state: &mut State) {
-        let stats = self.with_parked(state.scheduler.stats());
+        let stats = PoolStats {
+            parked: state.parked,
+            ..state.scheduler.stats()
+        };
         let old = state.published;
         if stats.queued != old.queued {
             self.observer.queue_length(stats.queued);
