@@ -123,7 +123,10 @@ pub(crate) async fn run(
             Some(Ok(env)) => break env,
             Some(Err(message)) => {
                 pod.waiting("CreateContainerConfigError", Some(&message));
-                if tokio::time::timeout(CONFIG_RETRY, control.recv()).await.is_ok() {
+                if tokio::time::timeout(CONFIG_RETRY, control.recv())
+                    .await
+                    .is_ok()
+                {
                     return;
                 }
             }
@@ -133,7 +136,11 @@ pub(crate) async fn run(
 
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let (program, args) = if let Some(code) = crash {
@@ -319,7 +326,12 @@ impl Pod<'_> {
                 "0/1 nodes are available: 1 Insufficient {GPU_RESOURCE}. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod."
             )));
         }
-        let taken: Vec<u32> = store.gpus_free.iter().copied().take(wanted as usize).collect();
+        let taken: Vec<u32> = store
+            .gpus_free
+            .iter()
+            .copied()
+            .take(wanted as usize)
+            .collect();
         for gpu in &taken {
             store.gpus_free.remove(gpu);
         }
@@ -430,7 +442,11 @@ impl Pod<'_> {
                 let value = found["data"][key]
                     .as_str()
                     .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                    .or_else(|| found["stringData"][key].as_str().map(|s| s.as_bytes().to_vec()));
+                    .or_else(|| {
+                        found["stringData"][key]
+                            .as_str()
+                            .map(|s| s.as_bytes().to_vec())
+                    });
                 let Some(value) = value else {
                     return Some(Err(format!(
                         "couldn't find key {key} in Secret {}/{secret_name}",

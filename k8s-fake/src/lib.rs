@@ -87,6 +87,7 @@ pub struct FakeKubeBuilder {
     images: Vec<(String, PathBuf)>,
     parent: Option<String>,
     gpus: u32,
+    anonymous_reads: bool,
 }
 
 impl std::fmt::Debug for FakeKubeBuilder {
@@ -96,6 +97,7 @@ impl std::fmt::Debug for FakeKubeBuilder {
             .field("images", &self.images)
             .field("parent", &self.parent)
             .field("gpus", &self.gpus)
+            .field("anonymous_reads", &self.anonymous_reads)
             .finish_non_exhaustive()
     }
 }
@@ -144,6 +146,7 @@ pub(crate) struct Faults {
 
 pub(crate) struct State {
     pub token: String,
+    pub anonymous_reads: bool,
     pub schemas: schema::Schemas,
     pub images: HashMap<String, PathBuf>,
     pub store: Mutex<store::Store>,
@@ -180,6 +183,7 @@ impl FakeKube {
             images: Vec::new(),
             parent: None,
             gpus: 0,
+            anonymous_reads: false,
         }
     }
 
@@ -409,6 +413,14 @@ impl FakeKubeBuilder {
         self
     }
 
+    /// Lets requests without credentials `get`, `list` and `watch` (as `system:anonymous` with
+    /// a read-only role): for `kubectl`, which sends no token to a server on plain HTTP.
+    /// Default: off, every request needs the token.
+    pub fn anonymous_reads(mut self, allowed: bool) -> Self {
+        self.anonymous_reads = allowed;
+        self
+    }
+
     /// Binds to a loopback port and starts serving.
     ///
     /// # Errors
@@ -430,6 +442,7 @@ impl FakeKubeBuilder {
         let (events, _) = broadcast::channel(store::EVENT_BUFFER);
         let state = Arc::new(State {
             token: self.token,
+            anonymous_reads: self.anonymous_reads,
             schemas: schema::Schemas::load(),
             images,
             store: Mutex::new(store::Store::new(self.namespace.clone(), self.gpus)),

@@ -76,7 +76,13 @@ pub(crate) fn router(state: Arc<State>) -> Router {
             "/api/v1/namespaces/{namespace}/secrets/{name}",
             get(get_secret).delete(delete_secret),
         )
-        .fallback(|| async { status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource") })
+        .fallback(|| async {
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        })
         .with_state(state)
 }
 
@@ -115,13 +121,20 @@ fn gate(
     namespace: &str,
 ) -> Result<(), Response> {
     let expected = format!("Bearer {}", state.token);
-    let authorized = headers
+    let credentials = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == expected);
+        .and_then(|v| v.to_str().ok());
+    let authorized = match credentials {
+        Some(credentials) => credentials == expected,
+        None => state.anonymous_reads && matches!(verb, "get" | "list" | "watch"),
+    };
     if !authorized {
         state.count(|c| c.unauthorized += 1);
-        return Err(status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"));
+        return Err(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        ));
     }
     let mut faults = state.faults.lock();
     if faults.server_errors > 0 {
@@ -190,7 +203,11 @@ fn parse_body(state: &State, kind: Kind, body: &[u8]) -> Result<Value, Response>
     let value: Value = serde_json::from_slice(body).map_err(|error| {
         state.count(|c| c.invalid += 1);
         state.invalid(format!("{kind:?} body is not JSON: {error}"));
-        status(StatusCode::BAD_REQUEST, "BadRequest", &format!("the body is not JSON: {error}"))
+        status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("the body is not JSON: {error}"),
+        )
     })?;
     if let Err(error) = state.schemas.check(kind, &value) {
         state.count(|c| c.invalid += 1);
@@ -211,7 +228,9 @@ fn check_metadata(object: &Value, namespace: &str) -> Result<(), String> {
     let name = metadata["name"].as_str();
     let generate = metadata["generateName"].as_str();
     match (name, generate) {
-        (None, None) => return Err("metadata.name: Required value: name or generateName is required".into()),
+        (None, None) => {
+            return Err("metadata.name: Required value: name or generateName is required".into())
+        }
         (Some(name), _) if !is_dns_label(name) => {
             return Err(format!("metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"));
         }
@@ -234,7 +253,9 @@ fn check_metadata(object: &Value, namespace: &str) -> Result<(), String> {
     }
     for owner in metadata["ownerReferences"].as_array().into_iter().flatten() {
         if owner["uid"].as_str().is_none_or(str::is_empty) {
-            return Err("metadata.ownerReferences.uid: Invalid value: \"\": uid must not be empty".into());
+            return Err(
+                "metadata.ownerReferences.uid: Invalid value: \"\": uid must not be empty".into(),
+            );
         }
     }
     Ok(())
@@ -243,14 +264,16 @@ fn check_metadata(object: &Value, namespace: &str) -> Result<(), String> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
 fn is_label_value(s: &str) -> bool {
     s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
 }
@@ -351,7 +374,9 @@ async fn list_pods(
     let items: Vec<Value> = store
         .pods
         .iter()
-        .filter(|((ns, _), pod)| *ns == namespace && labels.matches(&pod.object) && fields.matches(&pod.object))
+        .filter(|((ns, _), pod)| {
+            *ns == namespace && labels.matches(&pod.object) && fields.matches(&pod.object)
+        })
         .map(|(_, pod)| pod.object.clone())
         .collect();
     let list = json!({
@@ -453,7 +478,11 @@ fn watch(
             }
             since => {
                 let Ok(since) = since.parse::<u64>() else {
-                    return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("invalid resourceVersion \"{since}\""));
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        &format!("invalid resourceVersion \"{since}\""),
+                    );
                 };
                 if since < store.oldest {
                     state.count(|c| c.watches_expired += 1);
@@ -466,7 +495,11 @@ fn watch(
                     let body = Body::from_stream(futures_util::stream::iter(
                         first.into_iter().map(Ok::<_, Infallible>),
                     ));
-                    return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body)
+                    return (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
                         .into_response();
                 }
                 for event in store.history.iter().filter(|e| e.resource_version > since) {
@@ -507,7 +540,9 @@ fn watch(
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|bytes| (Ok::<_, Infallible>(bytes), rx))
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
     });
     (
         StatusCode::OK,
@@ -544,12 +579,19 @@ async fn create_pod(
             Some(name) => name.to_owned(),
             None => {
                 let prefix = pod["metadata"]["generateName"].as_str().unwrap_or_default();
-                format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..5])
+                format!(
+                    "{prefix}{}",
+                    &uuid::Uuid::new_v4().simple().to_string()[..5]
+                )
             }
         };
         let key = (namespace.clone(), name.clone());
         if store.pods.contains_key(&key) {
-            return status(StatusCode::CONFLICT, "AlreadyExists", &format!("pods \"{name}\" already exists"));
+            return status(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                &format!("pods \"{name}\" already exists"),
+            );
         }
         let version = store.next_version();
         store::stamp(&mut pod, &namespace, &name, version);
@@ -603,7 +645,11 @@ async fn get_pod(
 }
 
 fn not_found(resource: &str, name: &str) -> Response {
-    status(StatusCode::NOT_FOUND, "NotFound", &format!("{resource} \"{name}\" not found"))
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{resource} \"{name}\" not found"),
+    )
 }
 
 /// The grace period a delete asks for: its `DeleteOptions` body, else its query.
@@ -678,7 +724,11 @@ async fn create_secret(
     };
     let key = (namespace.clone(), name.clone());
     if store.secrets.contains_key(&key) {
-        return status(StatusCode::CONFLICT, "AlreadyExists", &format!("secrets \"{name}\" already exists"));
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("secrets \"{name}\" already exists"),
+        );
     }
     let version = store.next_version();
     store::stamp(&mut secret, &namespace, &name, version);
@@ -761,7 +811,11 @@ async fn delete_secret(
     if let Err(refusal) = delete_grace(&state, &query, &body) {
         return refusal;
     }
-    let removed = state.store.lock().secrets.remove(&(namespace, name.clone()));
+    let removed = state
+        .store
+        .lock()
+        .secrets
+        .remove(&(namespace, name.clone()));
     match removed {
         Some(secret) => {
             state.count(|c| c.secrets_deleted += 1);

@@ -85,7 +85,13 @@ impl Store {
     }
 
     /// Records an event for watches: into the history, and to the open ones.
-    pub(crate) fn publish(&mut self, state: &State, kind: &'static str, namespace: &str, object: Value) {
+    pub(crate) fn publish(
+        &mut self,
+        state: &State,
+        kind: &'static str,
+        namespace: &str,
+        object: Value,
+    ) {
         let resource_version = object["metadata"]["resourceVersion"]
             .as_str()
             .and_then(|v| v.parse().ok())
@@ -115,7 +121,9 @@ impl Store {
         change: impl FnOnce(&mut Value),
     ) -> Option<Value> {
         let version = self.next_version();
-        let pod = self.pods.get_mut(&(namespace.to_owned(), name.to_owned()))?;
+        let pod = self
+            .pods
+            .get_mut(&(namespace.to_owned(), name.to_owned()))?;
         change(&mut pod.object);
         pod.object["metadata"]["resourceVersion"] = json!(version.to_string());
         let object = pod.object.clone();
@@ -126,9 +134,10 @@ impl Store {
         Some(object)
     }
 
+    /// Forgets every event: a watch from any version seen so far is too old.
     pub(crate) fn compact(&mut self) {
         self.history.clear();
-        self.oldest = self.resource_version;
+        self.oldest = self.next_version();
     }
 
     pub(crate) fn pod_views(&self) -> Vec<PodView> {

@@ -17,7 +17,11 @@ async fn fake() -> FakeKube {
 
 fn client(kube: &FakeKube) -> (reqwest::Client, String, String) {
     let base = format!("{}/api/v1/namespaces/default", kube.url());
-    (reqwest::Client::new(), base, format!("Bearer {}", kube.token()))
+    (
+        reqwest::Client::new(),
+        base,
+        format!("Bearer {}", kube.token()),
+    )
 }
 
 fn sleeper(name: &str) -> Value {
@@ -38,15 +42,31 @@ async fn unknown_properties_and_bad_values_are_refused() {
     let (http, base, auth) = client(&kube);
     let mut pod = sleeper("typo");
     pod["spec"]["containers"][0]["imagePullPolcy"] = json!("Always");
-    let response = http.post(format!("{base}/pods")).header("authorization", &auth).json(&pod).send().await.unwrap();
+    let response = http
+        .post(format!("{base}/pods"))
+        .header("authorization", &auth)
+        .json(&pod)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["reason"], "Invalid");
-    assert!(body["message"].as_str().unwrap().contains("imagePullPolcy"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("imagePullPolcy"),
+        "{body}"
+    );
 
     let mut pod = sleeper("gpus");
-    pod["spec"]["containers"][0]["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "2"}});
-    let response = http.post(format!("{base}/pods")).header("authorization", &auth).json(&pod).send().await.unwrap();
+    pod["spec"]["containers"][0]["resources"] =
+        json!({"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "2"}});
+    let response = http
+        .post(format!("{base}/pods"))
+        .header("authorization", &auth)
+        .json(&pod)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 422);
 
     let response = http.get(format!("{base}/pods")).send().await.unwrap();
@@ -59,7 +79,13 @@ async fn unknown_properties_and_bad_values_are_refused() {
 async fn a_pod_runs_is_deleted_and_takes_its_secret_along() {
     let kube = fake().await;
     let (http, base, auth) = client(&kube);
-    let response = http.post(format!("{base}/pods")).header("authorization", &auth).json(&sleeper("one")).send().await.unwrap();
+    let response = http
+        .post(format!("{base}/pods"))
+        .header("authorization", &auth)
+        .json(&sleeper("one"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 201);
     let created: Value = response.json().await.unwrap();
     let uid = created["metadata"]["uid"].as_str().unwrap().to_owned();
@@ -68,18 +94,30 @@ async fn a_pod_runs_is_deleted_and_takes_its_secret_along() {
         "metadata": {"name": "one", "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "one", "uid": uid}]},
         "data": {"token": "c2VjcmV0"},
     });
-    let response = http.post(format!("{base}/secrets")).header("authorization", &auth).json(&secret).send().await.unwrap();
+    let response = http
+        .post(format!("{base}/secrets"))
+        .header("authorization", &auth)
+        .json(&secret)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 201);
     assert!(kube.wait_for(Duration::from_secs(10), |_| true).await);
     let running = async {
         loop {
-            if kube.runner_pods().iter().any(|p| p.phase == "Running" && p.pid.is_some()) {
+            if kube
+                .runner_pods()
+                .iter()
+                .any(|p| p.phase == "Running" && p.pid.is_some())
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), running).await.expect("the pod runs");
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the pod runs");
     let response = http
         .delete(format!("{base}/pods/one"))
         .header("authorization", &auth)
@@ -90,5 +128,9 @@ async fn a_pod_runs_is_deleted_and_takes_its_secret_along() {
     assert_eq!(response.status(), 200);
     assert!(kube.all_cleaned_up(Duration::from_secs(10)).await);
     assert_eq!(kube.counts().secrets_deleted, 1);
-    assert!(kube.invalid_requests().is_empty(), "{:?}", kube.invalid_requests());
+    assert!(
+        kube.invalid_requests().is_empty(),
+        "{:?}",
+        kube.invalid_requests()
+    );
 }

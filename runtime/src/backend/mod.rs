@@ -4,6 +4,9 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
 pub mod fly;
 pub(crate) mod gpu;
+#[cfg(feature = "kubernetes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
+pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod output;
 mod park;
@@ -28,13 +31,22 @@ pub struct BootRequest {
     /// [`PARENT_ENV`](crate::token::PARENT_ENV) with the boot token. It holds a private key:
     /// never log it.
     pub env: Vec<(String, String)>,
+    /// How long the runner lets its calls finish after it is told to stop (SIGTERM, a lost
+    /// parent): the pool's [`drain_grace`](crate::PoolBuilder::drain_grace). A backend whose
+    /// platform kills a stopping machine after a grace period of its own (a pod's
+    /// `terminationGracePeriodSeconds`) gives it at least this.
+    pub drain_grace: std::time::Duration,
 }
 
 impl BootRequest {
-    /// A request to boot runner `runner_id` with `env`: for driving a backend directly, as
-    /// its own tests do. A pool makes these itself.
+    /// A request to boot runner `runner_id` with `env`, and the default drain grace: for
+    /// driving a backend directly, as its own tests do. A pool makes these itself.
     pub fn new(runner_id: RunnerId, env: Vec<(String, String)>) -> Self {
-        Self { runner_id, env }
+        Self {
+            runner_id,
+            env,
+            drain_grace: crate::defaults::DRAIN_GRACE,
+        }
     }
 }
 
@@ -43,8 +55,20 @@ impl std::fmt::Debug for BootRequest {
         f.debug_struct("BootRequest")
             .field("runner_id", &self.runner_id)
             .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("drain_grace", &self.drain_grace)
             .finish()
     }
+}
+
+/// This process's incarnation: a random id made once per process, which a backend records
+/// on every machine it boots, so that a parent restarted in place (a container restart keeps
+/// its pod, a Fly machine its id) knows the machines of its earlier runs from its own.
+#[cfg_attr(not(any(feature = "fly", feature = "kubernetes")), allow(dead_code))]
+pub(crate) fn process_incarnation() -> String {
+    static INCARNATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INCARNATION
+        .get_or_init(|| uuid::Uuid::new_v4().simple().to_string())
+        .clone()
 }
 
 /// How a machine ended.
@@ -194,6 +218,7 @@ mod tests {
         let request = BootRequest {
             runner_id: RunnerId(uuid::Uuid::nil()),
             env: vec![("FIREBRAND_PARENT".into(), "fb1.SECRET-KEY-MATERIAL".into())],
+            drain_grace: Duration::from_secs(30),
         };
         let shown = format!("{request:?}");
         assert!(shown.contains("FIREBRAND_PARENT"));

@@ -151,6 +151,7 @@ async fn create(
     let request = BootRequest {
         runner_id: id,
         env: vec![(PARENT_ENV.to_string(), token.encode())],
+        drain_grace: config.drain_grace,
     };
     let machine = tokio::time::timeout_at(deadline, shared.backend.boot(request))
         .await

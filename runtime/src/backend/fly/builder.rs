@@ -589,7 +589,9 @@ impl FlyBackendBuilder {
             metadata: self.metadata,
             stop_config: self.stop_config,
             pool_name: self.pool_name,
-            incarnation: self.incarnation.unwrap_or_else(process_incarnation),
+            incarnation: self
+                .incarnation
+                .unwrap_or_else(crate::backend::process_incarnation),
             port: self.port,
             create_interval: self.create_interval,
             create_burst: self.create_burst,
@@ -645,13 +647,6 @@ fn guest(
 
 fn config(message: impl Into<String>) -> FlyError {
     FlyError::Config(message.into())
-}
-
-fn process_incarnation() -> String {
-    static INCARNATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    INCARNATION
-        .get_or_init(|| uuid::Uuid::new_v4().simple().to_string())
-        .clone()
 }
 
 #[cfg(test)]

@@ -1,0 +1,139 @@
+//! The requests the backend makes, each mapped to a [`KubernetesError`] that names its verb
+//! and resource, and retried where a retry can help.
+//!
+//! Two layers retry, each for what it can see: kube-rs's client retries 429, 503 and 504
+//! itself, honouring `Retry-After` (which its errors do not carry out); this module retries
+//! 500, 502 and requests that got no answer, with the crate's one backoff.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::Api;
+
+use super::KubernetesError;
+use crate::backoff::Backoff;
+
+/// Retries of a request that failed with 500, 502 or no answer: the first wait, the longest,
+/// and how many. About 30 s in all, inside a default boot timeout's worth.
+const RETRY: Backoff = Backoff::jittered(Duration::from_millis(250), Duration::from_secs(8));
+const RETRIES: usize = 6;
+
+/// The pods and secrets of one namespace.
+#[derive(Clone)]
+pub(crate) struct KubeApi {
+    pub(crate) namespace: String,
+    pods: Api<Pod>,
+    secrets: Api<Secret>,
+}
+
+impl KubeApi {
+    pub(crate) fn new(client: kube::Client, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            pods: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client, namespace),
+        }
+    }
+
+    pub(crate) fn pods(&self) -> &Api<Pod> {
+        &self.pods
+    }
+
+    /// Runs `request` (`verb` on `resource`) until it succeeds, fails for good, or the
+    /// retries are spent.
+    async fn retrying<T, F>(
+        &self,
+        verb: &'static str,
+        resource: &'static str,
+        mut request: impl FnMut() -> F,
+    ) -> Result<T, KubernetesError>
+    where
+        F: std::future::Future<Output = Result<T, kube::Error>>,
+    {
+        let mut delays = RETRY.delays(RETRIES);
+        loop {
+            let error = match request().await {
+                Ok(value) => return Ok(value),
+                Err(error) => KubernetesError::from_kube(verb, resource, &self.namespace, error),
+            };
+            match delays.next() {
+                Some(delay) if error.is_transient() => {
+                    tracing::debug!(verb, resource, %error, ?delay, "retrying a Kubernetes request");
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
+    /// Creates `pod`. A create retried after an answer that never came may find its own pod
+    /// made: a 409 for a pod of the same launch returns that pod.
+    pub(crate) async fn create_pod(&self, pod: &Pod, launch: &str) -> Result<Pod, KubernetesError> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let params = PostParams::default();
+        let created = self
+            .retrying("create", "pods", || self.pods.create(&params, pod))
+            .await;
+        match created {
+            Err(error) if error.code() == Some(409) => {
+                let existing = self.get_pod(&name).await?;
+                match existing {
+                    Some(existing) if super::pod::launch_of(&existing) == Some(launch) => {
+                        Ok(existing)
+                    }
+                    _ => Err(error),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The pod named `name`, or `None` when there is none.
+    pub(crate) async fn get_pod(&self, name: &str) -> Result<Option<Pod>, KubernetesError> {
+        self.retrying("get", "pods", || self.pods.get_opt(name))
+            .await
+    }
+
+    /// The pods that `selector` matches.
+    pub(crate) async fn list_pods(&self, selector: &str) -> Result<Vec<Pod>, KubernetesError> {
+        let params = ListParams::default().labels(selector);
+        let list = self
+            .retrying("list", "pods", || self.pods.list(&params))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// Deletes pod `name` with `grace`; a pod already gone is not an error.
+    pub(crate) async fn delete_pod(
+        &self,
+        name: &str,
+        grace: Duration,
+    ) -> Result<(), KubernetesError> {
+        let seconds = u32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
+            .unwrap_or(u32::MAX);
+        let params = DeleteParams::default().grace_period(seconds);
+        match self
+            .retrying("delete", "pods", || self.pods.delete(name, &params))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if error.code() == Some(404) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Creates `secret`. Its name is its pod's, unique to one runner: a 409 after a retry is
+    /// the secret this create made.
+    pub(crate) async fn create_secret(&self, secret: &Secret) -> Result<(), KubernetesError> {
+        let params = PostParams::default();
+        match self
+            .retrying("create", "secrets", || self.secrets.create(&params, secret))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if error.code() == Some(409) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+}

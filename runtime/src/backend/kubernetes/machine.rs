@@ -1,0 +1,217 @@
+//! One runner pod: its boot up to a running container, and its end. Pods are deleted by the
+//! parent, never left to the runner or to garbage collection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use super::api::KubeApi;
+use super::pod::{progress, Progress, TERMINATION_MARGIN};
+use super::watch::{Follower, PodWatch, Seen};
+use super::KubernetesError;
+use crate::backend::{Exit, Machine};
+use crate::error::BackendError;
+
+/// How long a pod may report that its Secret is missing: the Secret is created just after
+/// the pod, and a kubelet quick enough to look in between says so once.
+const SECRET_LAG: Duration = Duration::from_secs(10);
+
+/// How long `terminate` waits for the pod to be gone after its grace period, before it
+/// returns with the deletion under way.
+const GONE_MARGIN: Duration = Duration::from_secs(10);
+
+pub(crate) struct RunnerPod {
+    api: KubeApi,
+    watch: Arc<PodWatch>,
+    pub(crate) name: String,
+    follower: Follower,
+    /// Until `terminate` takes over, dropping this deletes the pod.
+    armed: bool,
+}
+
+impl RunnerPod {
+    /// Follows pod `name` from before its create, so that no event is missed and a boot
+    /// dropped at any point deletes what it made.
+    pub(crate) fn new(api: KubeApi, watch: Arc<PodWatch>, name: String) -> Self {
+        let follower = watch.follow(&name);
+        Self {
+            api,
+            watch,
+            name,
+            follower,
+            armed: true,
+        }
+    }
+
+    /// Waits until the pod's container runs. A pod that cannot run fails at once with the
+    /// cluster's reason; one that no node can take waits up to `unschedulable_grace` (for a
+    /// cluster autoscaler) first.
+    pub(crate) async fn running(
+        &mut self,
+        image: &str,
+        unschedulable_grace: Duration,
+    ) -> Result<(), KubernetesError> {
+        let created = Instant::now();
+        let pod = self.name.clone();
+        loop {
+            let seen = self.follower.seen.borrow_and_update().clone();
+            let mut wake_at = None;
+            match seen {
+                Seen::NotYet => {}
+                Seen::Gone(_) => return Err(KubernetesError::Deleted { pod }),
+                Seen::Pod(state) => match progress(&state) {
+                    Progress::Running => return Ok(()),
+                    Progress::Waiting => {}
+                    Progress::Unschedulable(message) => {
+                        let until = created + unschedulable_grace;
+                        if Instant::now() >= until {
+                            return Err(KubernetesError::Unschedulable { pod, message });
+                        }
+                        tracing::info!(%pod, %message, "runner pod unschedulable; waiting for a node");
+                        wake_at = Some(until);
+                    }
+                    Progress::ImagePull(reason, message) => {
+                        return Err(KubernetesError::ImagePull {
+                            pod,
+                            image: image.to_owned(),
+                            reason,
+                            message,
+                        })
+                    }
+                    Progress::Container(reason, message) => {
+                        let our_secret = message.contains(&format!("\"{}\"", self.name));
+                        if reason == "CreateContainerConfigError"
+                            && our_secret
+                            && created.elapsed() < SECRET_LAG
+                        {
+                            wake_at = Some(created + SECRET_LAG);
+                        } else {
+                            return Err(KubernetesError::Container {
+                                pod,
+                                reason,
+                                message,
+                            });
+                        }
+                    }
+                    Progress::Ended(_, exit) => return Err(KubernetesError::Ended { pod, exit }),
+                },
+            }
+            let failure = self.follower.failure.borrow_and_update().clone();
+            if let Some(failure) = failure.filter(|f| f.code == Some(403)) {
+                return Err(KubernetesError::Forbidden {
+                    verb: "watch",
+                    resource: "pods",
+                    namespace: self.api.namespace.clone(),
+                    message: failure.message,
+                });
+            }
+            let wake = async {
+                match wake_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = self.follower.seen.changed() => {
+                    if changed.is_err() {
+                        return Err(KubernetesError::Deleted { pod });
+                    }
+                }
+                _ = self.follower.failure.changed() => {}
+                () = wake => {}
+            }
+        }
+    }
+}
+
+/// How a pod ended, from the watch's last sight of it.
+fn exit_of(name: &str, seen: &Seen) -> Option<Exit> {
+    match seen {
+        Seen::Pod(pod) => match progress(pod) {
+            Progress::Ended(code, description) => Some(Exit { code, description }),
+            _ => None,
+        },
+        Seen::Gone(last) => Some(
+            last.as_deref()
+                .and_then(|pod| match progress(pod) {
+                    Progress::Ended(code, description) => Some(Exit { code, description }),
+                    _ => None,
+                })
+                .unwrap_or_else(|| Exit {
+                    code: None,
+                    description: format!("pod {name} was deleted"),
+                }),
+        ),
+        Seen::NotYet => None,
+    }
+}
+
+impl Machine for RunnerPod {
+    fn describe(&self) -> String {
+        format!("pod {}/{}", self.api.namespace, self.name)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(async move {
+            loop {
+                if let Some(exit) = exit_of(&self.name, &self.follower.seen.borrow_and_update()) {
+                    return exit;
+                }
+                if self.follower.seen.changed().await.is_err() {
+                    return Exit {
+                        code: None,
+                        description: format!("pod {} is no longer watched", self.name),
+                    };
+                }
+            }
+        })
+    }
+
+    fn terminate(
+        mut self: Box<Self>,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<(), BackendError>> {
+        self.armed = false;
+        Box::pin(async move {
+            let deleted = self.api.delete_pod(&self.name, grace).await;
+            if deleted.is_ok() {
+                // Gone from the API once its process has ended: within the grace period.
+                let limit = grace
+                    .saturating_add(TERMINATION_MARGIN)
+                    .saturating_add(GONE_MARGIN);
+                let gone = self
+                    .follower
+                    .seen
+                    .wait_for(|seen| matches!(seen, Seen::Gone(_)));
+                if tokio::time::timeout(limit, gone).await.is_err() {
+                    tracing::warn!(pod = %self.name, "runner pod still terminating; its deletion is under way");
+                }
+            }
+            self.watch.forget(&self.name);
+            deleted?;
+            tracing::debug!(pod = %self.name, "deleted");
+            Ok(())
+        })
+    }
+}
+
+impl Drop for RunnerPod {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.watch.forget(&self.name);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(pod = %self.name, "no runtime to delete a dropped runner pod");
+            return;
+        };
+        let (api, name) = (self.api.clone(), self.name.clone());
+        runtime.spawn(async move {
+            if let Err(error) = api.delete_pod(&name, Duration::ZERO).await {
+                tracing::error!(pod = %name, %error, "cannot delete a dropped runner pod");
+            }
+        });
+    }
+}

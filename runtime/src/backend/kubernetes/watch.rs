@@ -1,0 +1,173 @@
+//! One watch per backend on its runner pods, fanned out to each pod's boot and machine: the
+//! API server streams every change once, however many runners there are, and nobody polls.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::Api;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+/// What the watch last saw of one pod.
+#[derive(Debug, Clone)]
+pub(crate) enum Seen {
+    /// Nothing yet: the create's event has not arrived.
+    NotYet,
+    /// The pod as it is now.
+    Pod(Arc<Pod>),
+    /// The pod is gone from the API; its last state, when the watch saw it go.
+    Gone(Option<Arc<Pod>>),
+}
+
+/// Why the watch is failing now, for boots that wait on it.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchFailure {
+    /// The HTTP status of the error answer, if it was one.
+    pub code: Option<u16>,
+    pub message: String,
+}
+
+pub(crate) struct PodWatch {
+    api: Api<Pod>,
+    selector: String,
+    pods: Mutex<HashMap<String, watch::Sender<Seen>>>,
+    failure: watch::Sender<Option<WatchFailure>>,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+    }
+}
+
+/// One pod's view of the watch.
+pub(crate) struct Follower {
+    pub seen: watch::Receiver<Seen>,
+    pub failure: watch::Receiver<Option<WatchFailure>>,
+}
+
+impl PodWatch {
+    /// A watch on the pods `selector` matches, started by the first [`follow`](Self::follow).
+    pub(crate) fn new(api: Api<Pod>, selector: String) -> Arc<Self> {
+        Arc::new(Self {
+            api,
+            selector,
+            pods: Mutex::new(HashMap::new()),
+            failure: watch::channel(None).0,
+            task: Mutex::new(None),
+        })
+    }
+
+    /// Follows pod `name`, from before it is created.
+    pub(crate) fn follow(self: &Arc<Self>, name: &str) -> Follower {
+        self.start();
+        let seen = self
+            .pods
+            .lock()
+            .entry(name.to_owned())
+            .or_insert_with(|| watch::channel(Seen::NotYet).0)
+            .subscribe();
+        Follower {
+            seen,
+            failure: self.failure.subscribe(),
+        }
+    }
+
+    /// Stops following pod `name`.
+    pub(crate) fn forget(&self, name: &str) {
+        self.pods.lock().remove(name);
+    }
+
+    fn start(self: &Arc<Self>) {
+        let mut task = self.task.lock();
+        if task.is_some() {
+            return;
+        }
+        let config = watcher::Config::default().labels(&self.selector);
+        let stream = watcher::watcher(self.api.clone(), config).default_backoff();
+        let this = Arc::downgrade(self);
+        *task = Some(tokio::spawn(run(this, stream)).abort_handle());
+    }
+
+    fn update(&self, pod: Pod, gone: bool) {
+        let Some(name) = pod.metadata.name.clone() else {
+            return;
+        };
+        let pods = self.pods.lock();
+        if let Some(sender) = pods.get(&name) {
+            let pod = Arc::new(pod);
+            sender.send_replace(if gone {
+                Seen::Gone(Some(pod))
+            } else {
+                Seen::Pod(pod)
+            });
+        }
+    }
+}
+
+async fn run(
+    this: Weak<PodWatch>,
+    stream: impl futures_util::Stream<Item = Result<Event<Pod>, watcher::Error>>,
+) {
+    tokio::pin!(stream);
+    // The pods a fresh list has shown so far, while one is under way.
+    let mut listed: Option<HashSet<String>> = None;
+    while let Some(item) = stream.next().await {
+        let Some(this) = this.upgrade() else { return };
+        let event = match item {
+            Ok(event) => {
+                this.failure.send_if_modified(|f| f.take().is_some());
+                event
+            }
+            Err(error) => {
+                let failure = failure_of(&error);
+                tracing::warn!(error = %error, "watching runner pods failed; the watch retries");
+                this.failure.send_replace(Some(failure));
+                continue;
+            }
+        };
+        match event {
+            Event::Apply(pod) => this.update(pod, false),
+            Event::Delete(pod) => this.update(pod, true),
+            Event::Init => listed = Some(HashSet::new()),
+            Event::InitApply(pod) => {
+                if let (Some(listed), Some(name)) = (&mut listed, &pod.metadata.name) {
+                    listed.insert(name.clone());
+                }
+                this.update(pod, false);
+            }
+            Event::InitDone => {
+                // A pod seen before this list and missing from it went while the watch was
+                // down: its DELETED event is lost for good.
+                let listed = listed.take().unwrap_or_default();
+                for (name, sender) in this.pods.lock().iter() {
+                    let was_there = matches!(*sender.borrow(), Seen::Pod(_));
+                    if was_there && !listed.contains(name) {
+                        sender.send_replace(Seen::Gone(None));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn failure_of(error: &watcher::Error) -> WatchFailure {
+    let code = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        watcher::Error::WatchError(status) => Some(status.code),
+        _ => None,
+    };
+    WatchFailure {
+        code,
+        message: error.to_string(),
+    }
+}

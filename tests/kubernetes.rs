@@ -1,0 +1,515 @@
+//! The Kubernetes backend end to end: real runner processes run as pods by the fake API
+//! server's kubelet, which validates every Pod, Secret and DeleteOptions body against
+//! Kubernetes 1.37's strict schemas, dialing back over real QUIC.
+
+mod common;
+
+use std::time::Instant;
+
+use common::k8s::{
+    assert_cleaned_up, backend, fake, fake_with_gpus, pool, shut_down_clean, IMAGE, PARENT_POD,
+    SECOND, SLEEPER,
+};
+use common::within;
+use firebrand::backend::kubernetes::{labels, KubernetesError};
+use firebrand::backend::BootRequest;
+use firebrand::internals::token::PARENT_ENV;
+use firebrand::{Backend, CallError, RunnerId};
+use firebrand_runner::{ENV, SLEEP};
+
+fn boot_failure(error: &CallError) -> String {
+    match error {
+        CallError::BootFailed(boot) => boot.to_string(),
+        other => panic!("expected a boot failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_pool_on_kubernetes_grows_runs_jobs_idles_down_and_deletes_every_pod() {
+    let kube = fake().await;
+    let backend = backend(&kube).build().await.unwrap();
+    let digest = kube.digest_of(IMAGE).unwrap();
+    assert_eq!(
+        backend.image(),
+        digest,
+        "runners run the parent's image, pinned"
+    );
+    let pool = pool(backend)
+        .max(3)
+        .max_concurrency(1)
+        .drain_grace(10 * SECOND)
+        .idle_shutdown_after(SECOND)
+        .build()
+        .await
+        .unwrap();
+    common::concurrent_sleeps(&pool, 6, 400).await;
+    assert_eq!(kube.counts().pods_created, 3);
+    assert_eq!(kube.counts().secrets_created, 3);
+    // Each call ran inside a pod: its hostname is the pod's name.
+    let hostname = pool.call(&ENV, "HOSTNAME".into()).await.unwrap().unwrap();
+    let pods = kube.runner_pods();
+    assert!(pods.iter().any(|p| p.name == hostname), "{hostname}");
+    let parent_uid = kube
+        .live_pods()
+        .into_iter()
+        .find(|p| p.name == PARENT_POD)
+        .unwrap()
+        .object["metadata"]["uid"]
+        .clone();
+    for pod in &pods {
+        let object = &pod.object;
+        let spec = &object["spec"];
+        assert!(pod.name.starts_with("firebrand-runner-"), "{}", pod.name);
+        assert_eq!(spec["restartPolicy"], "Never");
+        assert_eq!(
+            spec["terminationGracePeriodSeconds"], 15,
+            "drain grace + margin"
+        );
+        assert_eq!(
+            spec["serviceAccountName"],
+            firebrand_k8s_fake::PARENT_SERVICE_ACCOUNT
+        );
+        let container = &spec["containers"][0];
+        assert_eq!(container["image"], digest.as_str());
+        let owner = &object["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (&owner["kind"], &owner["name"]),
+            (&"Pod".into(), &PARENT_POD.into())
+        );
+        assert_eq!(owner["uid"], parent_uid);
+        assert_eq!(pod.labels[labels::PARENT_UID], parent_uid.as_str().unwrap());
+        assert_eq!(pod.labels[labels::POOL], "firebrand");
+        // The boot token is read from the pod's own Secret, never written in its spec.
+        let token = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == PARENT_ENV)
+            .unwrap();
+        assert!(token.get("value").is_none(), "{token}");
+        assert_eq!(
+            token["valueFrom"]["secretKeyRef"]["name"],
+            pod.name.as_str()
+        );
+        assert!(kube.live_secrets().contains(&pod.name));
+        let forwarded = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "RUST_LOG");
+        assert!(forwarded, "RUST_LOG is forwarded");
+    }
+    let mut counts = pool.watch_runners();
+    within(
+        10 * SECOND,
+        counts.wait_for(|c| c.ready == 0 && c.draining == 0),
+    )
+    .await
+    .unwrap();
+    assert!(
+        kube.all_cleaned_up(10 * SECOND).await,
+        "idle runners' pods are deleted"
+    );
+    assert_eq!(kube.counts().pods_deleted, 3);
+    assert_eq!(
+        kube.counts().secrets_deleted,
+        3,
+        "each Secret went with its pod"
+    );
+    assert_eq!(
+        kube.counts().pods_collected,
+        0,
+        "the parent deleted them, not the collector"
+    );
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn a_pod_that_crashes_at_start_fails_its_boot_with_the_exit_code() {
+    let kube = fake().await;
+    kube.crash_next_pod(17);
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(shown.contains("exit code 17 (Error)"), "{shown}");
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn a_pod_killed_for_memory_says_oomkilled() {
+    let kube = fake().await;
+    kube.oom_kill_next_pod();
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(shown.contains("exit code 137 (OOMKilled)"), "{shown}");
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn a_pod_no_node_can_take_fails_at_once_with_the_schedulers_message() {
+    let kube = fake().await;
+    let pool = pool(backend(&kube).gpus(1).build().await.unwrap())
+        .boot_timeout(60 * SECOND)
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(shown.contains("unschedulable"), "{shown}");
+    assert!(shown.contains("Insufficient nvidia.com/gpu"), "{shown}");
+    // Failed for good on the first try, not after the boot timeout or a retry.
+    assert!(started.elapsed() < 20 * SECOND, "{:?}", started.elapsed());
+    assert_eq!(kube.counts().pods_created, 1);
+    let CallError::BootFailed(boot) = &error else {
+        unreachable!()
+    };
+    assert!(boot.is_permanent());
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn an_image_that_cannot_be_pulled_fails_the_boot() {
+    let kube = fake().await;
+    let missing = "registry.example.com/team/app:does-not-exist";
+    let pool = pool(backend(&kube).image(missing).build().await.unwrap())
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(
+        shown.contains(&format!("cannot pull image {missing}: ErrImagePull")),
+        "{shown}"
+    );
+    assert_eq!(
+        kube.counts().pods_created,
+        1,
+        "not retried: it would fail the same way"
+    );
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn a_boot_timeout_deletes_its_pod() {
+    let kube = fake().await;
+    kube.stall_next_pod();
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .boot_timeout(2 * SECOND)
+        .boot_attempts(1)
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    assert!(
+        boot_failure(&error).contains("did not connect within the boot timeout"),
+        "{error}"
+    );
+    // Deleted by the parent, at once: not left Pending for the collector.
+    assert_cleaned_up(&kube).await;
+    assert_eq!(kube.counts().pods_deleted, 1);
+    assert_eq!(kube.counts().pods_collected, 0);
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn deleting_the_parent_pod_takes_its_runners_along() {
+    let kube = fake().await;
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .min(2)
+        .max(2)
+        .build()
+        .await
+        .unwrap();
+    let mut counts = pool.watch_runners();
+    within(20 * SECOND, counts.wait_for(|c| c.ready == 2))
+        .await
+        .unwrap();
+    let pids: Vec<u32> = kube.runner_pods().iter().filter_map(|p| p.pid).collect();
+    assert_eq!(pids.len(), 2);
+    assert!(kube.delete_pod(PARENT_POD));
+    assert!(
+        kube.wait_for(20 * SECOND, |c| c.pods_collected == 2).await,
+        "{:?}",
+        kube.counts()
+    );
+    for pid in pids {
+        common::wait_dead(pid, 20 * SECOND).await;
+    }
+    drop(counts);
+    pool.shutdown().await;
+    assert_cleaned_up(&kube).await;
+}
+
+#[tokio::test]
+async fn a_restarted_parent_container_deletes_the_runners_of_its_last_incarnation() {
+    let kube = fake().await;
+    // The parent's last incarnation made a runner pod, then its container died without
+    // deleting it: the pod and its uid stay, so the garbage collector never takes the runner.
+    let earlier = backend(&kube)
+        .incarnation("before-the-restart")
+        .image(SLEEPER)
+        .args(["600"])
+        .build()
+        .await
+        .unwrap();
+    let request = BootRequest::new(
+        RunnerId(uuid::Uuid::new_v4()),
+        vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
+    );
+    let machine = earlier.boot(request).await.unwrap();
+    std::mem::forget(machine);
+    drop(earlier);
+    let stale = kube.runner_pods();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].labels[labels::INCARNATION], "before-the-restart");
+    let stale_pid = stale[0].pid.unwrap();
+    kube.restart_parent_container();
+
+    // The new incarnation's pool sweeps it at start, and works.
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .build()
+        .await
+        .unwrap();
+    assert!(kube.wait_for(10 * SECOND, |c| c.pods_deleted == 1).await);
+    common::wait_dead(stale_pid, 10 * SECOND).await;
+    assert!(
+        !kube.live_secrets().contains(&stale[0].name),
+        "its Secret went with it"
+    );
+    pool.call(&SLEEP, 1).await.unwrap();
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn rate_limits_and_server_errors_are_retried() {
+    let kube = fake().await;
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .max(3)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    kube.rate_limit_next(2, Some(SECOND));
+    let armed = Instant::now();
+    pool.call(&SLEEP, 1).await.unwrap();
+    assert_eq!(kube.counts().rate_limited, 2);
+    // Each refused request waited the second it was told to (two may have waited at once).
+    assert!(
+        armed.elapsed() >= SECOND,
+        "Retry-After honoured: {:?}",
+        armed.elapsed()
+    );
+    let before = kube.counts().pods_created;
+    kube.fail_next_requests(2);
+    // Long enough that the second call's runner is still needed after the retries.
+    common::concurrent_sleeps(&pool, 2, 3000).await;
+    assert_eq!(kube.counts().server_errors, 2);
+    assert!(kube.counts().pods_created > before);
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn an_rbac_refusal_names_the_verb_and_the_resource() {
+    let kube = fake().await;
+    kube.deny("get", "pods");
+    let error = backend(&kube).build().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            KubernetesError::Forbidden {
+                verb: "get",
+                resource: "pods",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    kube.allow_all();
+
+    kube.deny("create", "secrets");
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .build()
+        .await
+        .unwrap();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(
+        shown.contains("RBAC denied `create` on `secrets` in namespace `default`"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("cannot create resource \"secrets\""),
+        "{shown}"
+    );
+    let CallError::BootFailed(boot) = &error else {
+        unreachable!()
+    };
+    assert!(boot.is_permanent());
+    let firebrand::BootError::Backend(backend) = &**boot else {
+        panic!("{boot:?}")
+    };
+    let refusal: &KubernetesError = backend.provider_error().unwrap();
+    assert!(matches!(
+        refusal,
+        KubernetesError::Forbidden {
+            verb: "create",
+            resource: "secrets",
+            ..
+        }
+    ));
+    // The pod made before the refusal was deleted with it.
+    assert_eq!(kube.counts().forbidden, 2);
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn boots_go_on_through_dropped_and_expired_watches() {
+    let kube = fake().await;
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .max(3)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    pool.call(&SLEEP, 1).await.unwrap();
+    let watches = kube.counts().watches;
+    kube.drop_watches();
+    common::concurrent_sleeps(&pool, 2, 300).await;
+    kube.compact();
+    common::concurrent_sleeps(&pool, 3, 300).await;
+    let counts = kube.counts();
+    assert!(counts.watches > watches + 1, "{counts:?}");
+    assert!(counts.watches_expired >= 1, "{counts:?}");
+    assert_eq!(counts.pods_created, 3);
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn runner_pods_get_gpus_of_their_own() {
+    let kube = fake_with_gpus(2).await;
+    let pool = pool(backend(&kube).gpus(1).build().await.unwrap())
+        .max(2)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let seen = pool
+                    .call(&ENV, "NVIDIA_VISIBLE_DEVICES".into())
+                    .await
+                    .unwrap();
+                // Hold the runner, so that the second call needs the second pod.
+                pool.call(&SLEEP, 300).await.unwrap();
+                seen
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for call in calls {
+        seen.push(
+            call.await
+                .unwrap()
+                .expect("the device plugin's variable is set"),
+        );
+    }
+    let pods = kube.runner_pods();
+    let mut gpus: Vec<u32> = pods.iter().flat_map(|p| p.gpus.clone()).collect();
+    gpus.sort_unstable();
+    assert_eq!(gpus, [0, 1], "one GPU each, none shared");
+    for pod in &pods {
+        assert_eq!(
+            pod.object["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+            "1"
+        );
+    }
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn kubectl_reads_the_fakes_pods() {
+    let Ok(found) = std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+    else {
+        eprintln!("kubectl is not installed: this check of the fake's replies is skipped");
+        return;
+    };
+    assert!(found.status.success());
+    common::init_tracing();
+    // kubectl sends no token to a server on plain HTTP: it reads as an anonymous user.
+    let kube = firebrand_k8s_fake::FakeKube::builder()
+        .image(IMAGE, common::RUNNER)
+        .parent_pod(PARENT_POD)
+        .anonymous_reads(true)
+        .start()
+        .await
+        .unwrap();
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .min(1)
+        .build()
+        .await
+        .unwrap();
+    let mut counts = pool.watch_runners();
+    within(20 * SECOND, counts.wait_for(|c| c.ready == 1))
+        .await
+        .unwrap();
+    let runner = kube.runner_pods()[0].name.clone();
+    let output = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kube.kubeconfig())
+        .args([
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/managed-by=firebrand",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&runner) && stdout.contains("Running"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(PARENT_POD),
+        "the selector applies: {stdout}"
+    );
+    let output = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kube.kubeconfig())
+        .args([
+            "get",
+            "pod",
+            &runner,
+            "-o",
+            "jsonpath={.status.phase} {.spec.restartPolicy}",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "Running Never",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    drop(counts);
+    shut_down_clean(pool, &kube).await;
+}
