@@ -4,8 +4,9 @@ use std::time::Duration;
 
 /// The alternatives to name when Fly refuses a GPU machine.
 pub(crate) const GPU_ALTERNATIVES: &str = "Fly.io discontinued GPU machines after 2026-08-01. \
-    Run GPU jobs on a GPU host with `LocalBackend`, or implement `firebrand::Backend` for a \
-    provider that still offers GPUs";
+    Run GPU jobs as Kubernetes pods with `KubernetesBackend` (feature `kubernetes`, \
+    docs/kubernetes.md), on a GPU host with `LocalBackend`, or implement `firebrand::Backend` \
+    for another provider that offers GPUs";
 
 /// An error answer from the Machines API, with what Fly said about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
