@@ -167,6 +167,14 @@ if warm:
     row("Fly fake: 8 creates at once (paced 1/s, bursts of 3)", f'{warm["create_8"]["all_ms"]:.0f} ms',
         f"1 create {create1:.0f} ms", f'{warm["create_8"]["all_ms"] / create1:.2f}× one', "", None)
 
+kubernetes = load("kubernetes")
+if kubernetes:
+    for runners in [1, 8]:
+        case = kubernetes[f"cold_{runners}"]
+        pods, local = case["kubernetes_ms"], case["local_ms"]
+        row(f"Kubernetes fake: cold boot, {runners} at once, to every call running", f"{pods:.0f} ms",
+            f"local process {local:.0f} ms", f"local + {pods - local:.0f} ms", "", None)
+
 if not rows:
     sys.exit(f"no results under {target}: run `cargo bench` first")
 header = ("benchmark", "Firebrand", "baseline", "ratio", "target", "verdict")

@@ -44,6 +44,12 @@ pub use builder::{
     KubernetesBackendBuilder, DEFAULT_CONTAINER_NAME, DEFAULT_GPU_RESOURCE, DEFAULT_POOL_NAME,
 };
 pub use error::KubernetesError;
+/// The Kubernetes types this backend's API takes (`Pod` for
+/// [`edit_pod`](KubernetesBackendBuilder::edit_pod), `Toleration`), at the version it was
+/// built with (`v1_37`), so that an app needs no dependency of its own to name them.
+pub use k8s_openapi;
+/// The kube-rs client this backend runs on, for [`client`](KubernetesBackendBuilder::client).
+pub use kube;
 pub use pod::{labels, TERMINATION_MARGIN};
 
 use self::api::KubeApi;

@@ -1,0 +1,108 @@
+//! What the Kubernetes backend adds to a cold boot: the time from `pool.call` to the moment
+//! every call of a burst had a runner, for 1 and for 8 runners at once, on the fake API server
+//! (whose kubelet starts a pod's process at once: no scheduling or image pull latency), against
+//! the local backend starting the same runner binary, in the same run. The difference is the
+//! backend's own work per boot: the pod's create, its Secret's create, and the watch event that
+//! says it runs; with 8 at once, whether one shared watch keeps up.
+//!
+//! ```sh
+//! cargo bench --bench kubernetes && python3 benches/summary.py
+//! ```
+
+mod support;
+
+use std::time::Duration;
+
+use firebrand::backend::kubernetes::KubernetesBackendBuilder;
+use firebrand::{Backend, LocalBackend, Pool, PoolEvent};
+use firebrand_k8s_fake::FakeKube;
+use firebrand_runner::SLEEP;
+use support::RUNNER;
+
+const IMAGE: &str = "registry.example.com/bench-app:v1";
+const PARENT: &str = "bench-app-0";
+const SAMPLES: usize = 7;
+
+/// `runners` calls at once on a pool with no runner up, each holding its runner, so that each
+/// needs a runner of its own: the longest queue wait, which is when the last had its runner.
+async fn burst(pool: &Pool, runners: usize) -> Duration {
+    use futures_util::StreamExt as _;
+    let mut events = pool.events();
+    let calls = (0..runners).map(|_| async {
+        pool.call(&SLEEP, 300).await.unwrap();
+    });
+    let calls = futures_util::future::join_all(calls);
+    let waits = async {
+        let mut longest = Duration::ZERO;
+        let mut seen = 0;
+        while seen < runners {
+            if let Some(PoolEvent::CallStarted { queued_for, .. }) = events.next().await {
+                longest = longest.max(queued_for);
+                seen += 1;
+            }
+        }
+        longest
+    };
+    tokio::join!(calls, waits).1
+}
+
+/// The median over the samples of `runners` at once on `backend`, each from no runner up.
+async fn case(backend: impl Backend, runners: usize) -> f64 {
+    let pool = Pool::builder(&firebrand_runner::registry())
+        .backend(backend)
+        .max(runners)
+        .max_concurrency(1)
+        .idle_shutdown_after(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let mut samples = Vec::new();
+    for _ in 0..SAMPLES {
+        samples.push(burst(&pool, runners).await);
+        let mut stats = pool.watch_runners();
+        let idle = stats.wait_for(|s| s.ready == 0 && s.booting == 0 && s.draining == 0);
+        tokio::time::timeout(Duration::from_secs(60), idle)
+            .await
+            .expect("the pool idles down")
+            .unwrap();
+    }
+    pool.shutdown().await;
+    samples.sort_unstable();
+    samples[samples.len() / 2].as_secs_f64() * 1e3
+}
+
+fn main() {
+    // `cargo bench` passes criterion-style flags; this harness takes none.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let results = rt.block_on(async {
+        let kube = FakeKube::builder()
+            .image(IMAGE, RUNNER)
+            .parent_pod(PARENT)
+            .start()
+            .await
+            .unwrap();
+        let namespace = kube.namespace();
+        let mut results = serde_json::Map::new();
+        for runners in [1, 8] {
+            let local = case(LocalBackend::builder().command(RUNNER).build(), runners).await;
+            let namespace = namespace.clone();
+            let backend = KubernetesBackendBuilder::from_vars(move |name| match name {
+                "POD_NAME" => Some(PARENT.to_owned()),
+                "POD_NAMESPACE" => Some(namespace.clone()),
+                _ => None,
+            })
+            .kubeconfig(kube.kubeconfig())
+            .build()
+            .await
+            .unwrap();
+            let pods = case(backend, runners).await;
+            let result = serde_json::json!({ "local_ms": local, "kubernetes_ms": pods });
+            println!("{runners} at once: {result}");
+            results.insert(format!("cold_{runners}"), result);
+        }
+        assert!(kube.all_cleaned_up(Duration::from_secs(30)).await);
+        assert_eq!(kube.invalid_requests(), Vec::<String>::new());
+        serde_json::Value::Object(results)
+    });
+    support::write_results("kubernetes", &results);
+}
