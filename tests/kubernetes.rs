@@ -124,34 +124,30 @@ async fn a_pool_on_kubernetes_grows_runs_jobs_idles_down_and_deletes_every_pod()
     shut_down_clean(pool, &kube).await;
 }
 
-#[tokio::test]
-async fn a_pod_that_crashes_at_start_fails_its_boot_with_the_exit_code() {
+/// One boot, on a fake armed by `arm`: why it failed, after checking nothing was left.
+async fn single_boot_failure(arm: impl FnOnce(&firebrand_k8s_fake::FakeKube)) -> String {
     let kube = fake().await;
-    kube.crash_next_pod(17);
+    arm(&kube);
     let pool = pool(backend(&kube).build().await.unwrap())
         .boot_attempts(1)
         .build()
         .await
         .unwrap();
     let error = pool.call(&SLEEP, 1).await.unwrap_err();
-    let shown = boot_failure(&error);
-    assert!(shown.contains("exit code 17 (Error)"), "{shown}");
     shut_down_clean(pool, &kube).await;
+    boot_failure(&error)
+}
+
+#[tokio::test]
+async fn a_pod_that_crashes_at_start_fails_its_boot_with_the_exit_code() {
+    let shown = single_boot_failure(|kube| kube.crash_next_pod(17)).await;
+    assert!(shown.contains("exit code 17 (Error)"), "{shown}");
 }
 
 #[tokio::test]
 async fn a_pod_killed_for_memory_says_oomkilled() {
-    let kube = fake().await;
-    kube.oom_kill_next_pod();
-    let pool = pool(backend(&kube).build().await.unwrap())
-        .boot_attempts(1)
-        .build()
-        .await
-        .unwrap();
-    let error = pool.call(&SLEEP, 1).await.unwrap_err();
-    let shown = boot_failure(&error);
+    let shown = single_boot_failure(|kube| kube.oom_kill_next_pod()).await;
     assert!(shown.contains("exit code 137 (OOMKilled)"), "{shown}");
-    shut_down_clean(pool, &kube).await;
 }
 
 #[tokio::test]
@@ -512,4 +508,41 @@ async fn kubectl_reads_the_fakes_pods() {
     );
     drop(counts);
     shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
+async fn an_invalid_pod_is_refused_with_the_api_servers_message() {
+    use firebrand::backend::kubernetes::k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let kube = fake_with_gpus(2).await;
+    // An edit that asks for more GPUs than the limit: the API server refuses the pod.
+    let backend = backend(&kube)
+        .gpus(1)
+        .edit_pod(|pod| {
+            let container = &mut pod.spec.as_mut().unwrap().containers[0];
+            let resources = container.resources.get_or_insert_with(Default::default);
+            resources
+                .requests
+                .get_or_insert_with(Default::default)
+                .insert("nvidia.com/gpu".into(), Quantity("2".into()));
+        })
+        .build()
+        .await
+        .unwrap();
+    let pool = pool(backend).build().await.unwrap();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(
+        shown.contains("the API server refused the pods as invalid"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("must be equal to nvidia.com/gpu limit"),
+        "{shown}"
+    );
+    assert_eq!(kube.counts().invalid, 1, "refused once: not retried");
+    assert_eq!(kube.counts().pods_created, 0);
+    pool.shutdown().await;
+    assert!(kube.all_cleaned_up(10 * SECOND).await);
+    // The one invalid body is the test's own doing.
+    assert_eq!(kube.invalid_requests().len(), 1);
 }

@@ -25,7 +25,7 @@ pub(crate) enum Control {
 /// How long a failed image pull waits before reporting `ImagePullBackOff`, and a missing
 /// secret before the kubelet looks again.
 const PULL_RETRY: Duration = Duration::from_millis(100);
-const CONFIG_RETRY: Duration = Duration::from_millis(50);
+const CONFIG_RETRY: Duration = Duration::from_millis(10);
 
 /// Runs pod `name` through scheduling, pulling, creating and running its container.
 pub(crate) async fn run(

@@ -71,6 +71,31 @@ pub(crate) fn process_incarnation() -> String {
         .clone()
 }
 
+/// How long a pool's start waits for a backend's sweep of orphan machines.
+#[cfg_attr(not(any(feature = "fly", feature = "kubernetes")), allow(dead_code))]
+const SWEEP_AT_START: Duration = Duration::from_secs(15);
+
+/// Runs a backend's sweep of what earlier parents left behind, as [`Backend::start`] does:
+/// bounded by [`SWEEP_AT_START`] and logged, never failing the pool's start, since housekeeping
+/// must not hold a pool hostage to a slow or failing API. `what` names the machines
+/// (`machines`, `runner pods`) and `again` how to sweep later.
+#[cfg_attr(not(any(feature = "fly", feature = "kubernetes")), allow(dead_code))]
+pub(crate) async fn sweep_at_start<E: std::fmt::Display>(
+    what: &str,
+    again: &str,
+    sweep: impl std::future::Future<Output = Result<Vec<String>, E>>,
+) {
+    match tokio::time::timeout(SWEEP_AT_START, sweep).await {
+        Ok(Ok(swept)) if swept.is_empty() => {}
+        Ok(Ok(swept)) => tracing::info!(count = swept.len(), "removed orphan {what}"),
+        Ok(Err(error)) => tracing::warn!(%error, "could not remove orphan {what}"),
+        Err(_) => tracing::warn!(
+            after = ?SWEEP_AT_START,
+            "removing orphan {what} took too long; call {again} later"
+        ),
+    }
+}
+
 /// How a machine ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {

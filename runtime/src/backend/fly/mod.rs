@@ -51,9 +51,6 @@ use self::builder::{keys, FlyConfig};
 use super::{Backend, BootRequest, Machine, ParkedMachine, Parking, PoolKey};
 use crate::error::{BackendError, ProviderError, RunnerId};
 
-/// How long a pool's start waits for the orphan sweep.
-const REAP_AT_START: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// A [`Backend`] that boots each runner as a Fly Machine. Cheap to clone.
 #[derive(Clone)]
 pub struct FlyBackend {
@@ -287,18 +284,11 @@ impl Backend for FlyBackend {
     }
 
     fn start(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            // Housekeeping must not hold a pool's start hostage to a slow or failing API.
-            match tokio::time::timeout(REAP_AT_START, self.reap_orphans()).await {
-                Ok(Ok(reaped)) if reaped.is_empty() => {}
-                Ok(Ok(reaped)) => tracing::info!(count = reaped.len(), "reaped orphan machines"),
-                Ok(Err(error)) => tracing::warn!(%error, "could not reap orphan machines"),
-                Err(_) => tracing::warn!(
-                    after = ?REAP_AT_START,
-                    "reaping orphan machines took too long; call reap_orphans() later"
-                ),
-            }
-        })
+        Box::pin(super::sweep_at_start(
+            "machines",
+            "reap_orphans()",
+            self.reap_orphans(),
+        ))
     }
 
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {

@@ -104,12 +104,13 @@ impl KubeApi {
         Ok(list.items)
     }
 
-    /// Deletes pod `name` with `grace`; a pod already gone is not an error.
+    /// Deletes pod `name` with `grace`: whether there was one to delete (a pod already gone, or
+    /// never made, is not an error).
     pub(crate) async fn delete_pod(
         &self,
         name: &str,
         grace: Duration,
-    ) -> Result<(), KubernetesError> {
+    ) -> Result<bool, KubernetesError> {
         let seconds = u32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
             .unwrap_or(u32::MAX);
         let params = DeleteParams::default().grace_period(seconds);
@@ -117,8 +118,8 @@ impl KubeApi {
             .retrying("delete", "pods", || self.pods.delete(name, &params))
             .await
         {
-            Ok(_) => Ok(()),
-            Err(error) if error.code() == Some(404) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(error) if error.code() == Some(404) => Ok(false),
             Err(error) => Err(error),
         }
     }

@@ -14,10 +14,6 @@ use super::KubernetesError;
 use crate::backend::{Exit, Machine};
 use crate::error::BackendError;
 
-/// How long a pod may report that its Secret is missing: the Secret is created just after
-/// the pod, and a kubelet quick enough to look in between says so once.
-const SECRET_LAG: Duration = Duration::from_secs(10);
-
 /// How long `terminate` waits for the pod to be gone after its grace period, before it
 /// returns with the deletion under way.
 const GONE_MARGIN: Duration = Duration::from_secs(10);
@@ -81,12 +77,11 @@ impl RunnerPod {
                         })
                     }
                     Progress::Container(reason, message) => {
+                        // The Secret is created just after the pod, and exists by now: a
+                        // kubelet that looked in between says it is missing, and tries again.
                         let our_secret = message.contains(&format!("\"{}\"", self.name));
-                        if reason == "CreateContainerConfigError"
-                            && our_secret
-                            && created.elapsed() < SECRET_LAG
-                        {
-                            wake_at = Some(created + SECRET_LAG);
+                        if reason == "CreateContainerConfigError" && our_secret {
+                            tracing::debug!(%pod, "the kubelet looked before the Secret was made");
                         } else {
                             return Err(KubernetesError::Container {
                                 pod,
@@ -176,7 +171,7 @@ impl Machine for RunnerPod {
         self.armed = false;
         Box::pin(async move {
             let deleted = self.api.delete_pod(&self.name, grace).await;
-            if deleted.is_ok() {
+            if let Ok(true) = deleted {
                 // Gone from the API once its process has ended: within the grace period.
                 let limit = grace
                     .saturating_add(TERMINATION_MARGIN)
@@ -190,8 +185,9 @@ impl Machine for RunnerPod {
                 }
             }
             self.watch.forget(&self.name);
-            deleted?;
-            tracing::debug!(pod = %self.name, "deleted");
+            if deleted? {
+                tracing::debug!(pod = %self.name, "deleted");
+            }
             Ok(())
         })
     }

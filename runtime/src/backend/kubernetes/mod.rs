@@ -58,9 +58,6 @@ use super::{Backend, BootRequest, Machine};
 use crate::error::{BackendError, ProviderError};
 use crate::token::PARENT_ENV;
 
-/// How long a pool's start waits for the orphan sweep.
-const REAP_AT_START: Duration = Duration::from_secs(15);
-
 /// A [`Backend`] that boots each runner as a Kubernetes pod. Cheap to clone.
 #[derive(Clone)]
 pub struct KubernetesBackend {
@@ -207,20 +204,11 @@ impl Backend for KubernetesBackend {
     }
 
     fn start(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            // Housekeeping must not hold a pool's start hostage to a slow or failing API.
-            match tokio::time::timeout(REAP_AT_START, self.reap_orphans()).await {
-                Ok(Ok(reaped)) if reaped.is_empty() => {}
-                Ok(Ok(reaped)) => {
-                    tracing::info!(count = reaped.len(), "deleted orphan runner pods")
-                }
-                Ok(Err(error)) => tracing::warn!(%error, "could not delete orphan runner pods"),
-                Err(_) => tracing::warn!(
-                    after = ?REAP_AT_START,
-                    "deleting orphan runner pods took too long; call reap_orphans() later"
-                ),
-            }
-        })
+        Box::pin(super::sweep_at_start(
+            "runner pods",
+            "reap_orphans()",
+            self.reap_orphans(),
+        ))
     }
 
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>> {
