@@ -18,6 +18,10 @@ use crate::error::BackendError;
 /// returns with the deletion under way.
 const GONE_MARGIN: Duration = Duration::from_secs(10);
 
+/// When a dropped boot's pod is deleted a second time, in case its create landed after the
+/// first.
+const SECOND_DELETE: Duration = Duration::from_secs(5);
+
 pub(crate) struct RunnerPod {
     api: KubeApi,
     watch: Arc<PodWatch>,
@@ -205,8 +209,12 @@ impl Drop for RunnerPod {
         };
         let (api, name) = (self.api.clone(), self.name.clone());
         runtime.spawn(async move {
-            if let Err(error) = api.delete_pod(&name, Duration::ZERO).await {
-                tracing::error!(pod = %name, %error, "cannot delete a dropped runner pod");
+            // A create cut off in flight may still land after the first delete: look twice.
+            for delay in [Duration::ZERO, SECOND_DELETE] {
+                tokio::time::sleep(delay).await;
+                if let Err(error) = api.delete_pod(&name, Duration::ZERO).await {
+                    tracing::error!(pod = %name, %error, "cannot delete a dropped runner pod");
+                }
             }
         });
     }
