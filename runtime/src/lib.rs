@@ -57,6 +57,9 @@ pub mod wire;
 #[cfg(feature = "fly")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fly")))]
 pub use backend::fly::FlyBackend;
+#[cfg(feature = "kubernetes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
+pub use backend::kubernetes::KubernetesBackend;
 pub use backend::{Backend, LocalBackend};
 pub use error::{BackendError, BootError, CallError, PoolError, ProviderError, RunnerId};
 pub use job::{Job, Payload, ResourceJob, StreamJob};
