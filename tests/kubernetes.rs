@@ -546,3 +546,49 @@ async fn an_invalid_pod_is_refused_with_the_api_servers_message() {
     // The one invalid body is the test's own doing.
     assert_eq!(kube.invalid_requests().len(), 1);
 }
+
+#[tokio::test]
+async fn the_sweep_deletes_the_runners_of_a_parent_pod_that_is_gone() {
+    let kube = fake().await;
+    // The parent made a runner pod, then its pod was replaced by one of the same name (a
+    // StatefulSet's) while the garbage collector was behind: the runner's owner is gone, and
+    // nothing has deleted it.
+    let before = backend(&kube)
+        .image(SLEEPER)
+        .args(["600"])
+        .build()
+        .await
+        .unwrap();
+    let request = BootRequest::new(
+        RunnerId(uuid::Uuid::new_v4()),
+        vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
+    );
+    std::mem::forget(before.boot(request).await.unwrap());
+    drop(before);
+    let stale = kube.runner_pods()[0].clone();
+    kube.hold_garbage_collection();
+    kube.replace_parent_pod();
+    assert!(kube.runner_pods().iter().any(|p| p.name == stale.name));
+
+    // The new parent pod's pool sweeps it at start.
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        kube.wait_for(10 * SECOND, |c| c.pods_deleted == 2).await,
+        "the old parent pod and its runner: {:?}",
+        kube.counts()
+    );
+    assert!(kube.runner_pods().is_empty());
+    assert_eq!(
+        kube.counts().pods_collected,
+        0,
+        "the sweep did it, not the collector"
+    );
+    common::wait_dead(stale.pid.unwrap(), 10 * SECOND).await;
+    // The collector, once back, takes the Secret its pod left.
+    kube.release_garbage_collection();
+    pool.call(&SLEEP, 1).await.unwrap();
+    shut_down_clean(pool, &kube).await;
+}

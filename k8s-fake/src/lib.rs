@@ -142,6 +142,8 @@ pub(crate) struct Faults {
     pub crash_pods: Vec<i32>,
     pub oom_kill_pods: u32,
     pub stall_pods: u32,
+    /// The garbage collector is behind: owners' deletions collect nothing until released.
+    pub hold_collection: bool,
 }
 
 pub(crate) struct State {
@@ -350,6 +352,45 @@ impl FakeKube {
     pub fn delete_pod(&self, name: &str) -> bool {
         let namespace = self.namespace();
         store::delete_pod(&self.state, &namespace, name, None).is_some()
+    }
+
+    /// Holds the garbage collector back, as a busy or lagging controller manager does: a pod
+    /// deleted from now on leaves its dependents in place until
+    /// [`release_garbage_collection`](Self::release_garbage_collection).
+    pub fn hold_garbage_collection(&self) {
+        self.state.faults.lock().hold_collection = true;
+    }
+
+    /// Lets the garbage collector go again: it deletes every object whose owner is gone.
+    pub fn release_garbage_collection(&self) {
+        self.state.faults.lock().hold_collection = false;
+        let mut store = self.state.store.lock();
+        store::collect_orphans(&self.state, &mut store);
+    }
+
+    /// Deletes the parent pod and makes a new one of the same name, with a new uid, as a
+    /// StatefulSet does when its pod is deleted: the old parent's runners' owner is gone,
+    /// though a pod of its name exists.
+    pub fn replace_parent_pod(&self) {
+        let (namespace, parent, image, digest) = {
+            let store = self.state.store.lock();
+            let Some(parent) = store.parent.clone() else {
+                return;
+            };
+            let object = &store.pods[&(store.namespace.clone(), parent.clone())].object;
+            let status = &object["status"]["containerStatuses"][0];
+            (
+                store.namespace.clone(),
+                parent,
+                status["image"].as_str().unwrap_or_default().to_owned(),
+                status["imageID"].as_str().unwrap_or_default().to_owned(),
+            )
+        };
+        {
+            let mut store = self.state.store.lock();
+            store::remove_pod(&self.state, &mut store, &namespace, &parent);
+        }
+        store::add_parent(&self.state, &parent, &image, &digest);
     }
 
     /// Records a restart of the parent pod's container: its `restartCount` goes up, and its

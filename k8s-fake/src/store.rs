@@ -326,6 +326,9 @@ pub(crate) fn remove_pod(
 /// Garbage collection: what `ownerReferences` name `uid` goes with it. Secrets at once; pods
 /// with their own grace period, as background cascading deletion does.
 fn collect_dependents(state: &Arc<State>, store: &mut Store, uid: &str) {
+    if state.faults.lock().hold_collection {
+        return;
+    }
     let owned_by = |object: &Value| {
         object["metadata"]["ownerReferences"]
             .as_array()
@@ -352,6 +355,33 @@ fn collect_dependents(state: &Arc<State>, store: &mut Store, uid: &str) {
         state.count(|c| c.pods_collected += 1);
         let state = Arc::clone(state);
         // Not under this lock: a graceful delete publishes and signals.
+        tokio::spawn(async move {
+            delete_pod(&state, &namespace, &name, None);
+        });
+    }
+}
+
+/// A full pass of the collector: every pod and secret whose owner is gone is deleted.
+pub(crate) fn collect_orphans(state: &Arc<State>, store: &mut Store) {
+    let secrets: Vec<_> = store
+        .secrets
+        .iter()
+        .filter(|(_, secret)| has_absent_owner(store, secret))
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in secrets {
+        store.secrets.remove(&key);
+        state.count(|c| c.secrets_deleted += 1);
+    }
+    let pods: Vec<_> = store
+        .pods
+        .iter()
+        .filter(|(_, pod)| has_absent_owner(store, &pod.object))
+        .map(|(key, _)| key.clone())
+        .collect();
+    for (namespace, name) in pods {
+        state.count(|c| c.pods_collected += 1);
+        let state = Arc::clone(state);
         tokio::spawn(async move {
             delete_pod(&state, &namespace, &name, None);
         });
