@@ -592,3 +592,76 @@ async fn the_sweep_deletes_the_runners_of_a_parent_pod_that_is_gone() {
     pool.call(&SLEEP, 1).await.unwrap();
     shut_down_clean(pool, &kube).await;
 }
+
+#[tokio::test]
+async fn every_api_request_is_traced_and_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder in this test binary");
+    let (logs, _guard) = common::CapturedLogs::install_at(tracing::Level::DEBUG);
+    let kube = fake().await;
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .idle_shutdown_after(SECOND / 5)
+        .build()
+        .await
+        .unwrap();
+    pool.call(&SLEEP, 1).await.unwrap();
+    // Once the watch is up and the runner idled down, the next request is the next pod's
+    // create: it gets the one 500.
+    let mut counts = pool.watch_runners();
+    within(
+        10 * SECOND,
+        counts.wait_for(|c| c.ready == 0 && c.draining == 0),
+    )
+    .await
+    .unwrap();
+    assert!(kube.all_cleaned_up(10 * SECOND).await);
+    kube.fail_next_requests(1);
+    pool.call(&SLEEP, 1).await.unwrap();
+    drop(counts);
+    let create = logs
+        .line(|l| {
+            l.contains(r#"kubernetes_request{verb="create" resource="pods""#)
+                && l.contains("request done")
+        })
+        .await;
+    assert!(create.contains("duration_ms="), "{create}");
+    shut_down_clean(pool, &kube).await;
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let count = |verb: &str, resource: &str, status: &str| {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| {
+                let key = key.key();
+                let label = |name: &str, value: &str| {
+                    key.labels().any(|l| l.key() == name && l.value() == value)
+                };
+                key.name() == "firebrand_kubernetes_requests_total"
+                    && label("verb", verb)
+                    && label("resource", resource)
+                    && label("status", status)
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    // The recorder is the whole test binary's: other tests running at once count too, so
+    // these are floors.
+    assert!(count("create", "pods", "500") >= 1);
+    assert!(count("create", "pods", "ok") >= 2);
+    assert!(count("create", "secrets", "ok") >= 2);
+    assert!(count("delete", "pods", "ok") >= 2);
+    assert!(
+        count("get", "pods", "ok") >= 1,
+        "the parent pod, read at build"
+    );
+    assert!(snapshot
+        .iter()
+        .any(|(key, ..)| key.key().name() == "firebrand_kubernetes_request_seconds"));
+}

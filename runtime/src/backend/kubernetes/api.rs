@@ -41,7 +41,12 @@ impl KubeApi {
     }
 
     /// Runs `request` (`verb` on `resource`) until it succeeds, fails for good, or the
-    /// retries are spent.
+    /// retries are spent. Each attempt has a span of its own (`kubernetes_request`: the verb,
+    /// the resource, the attempt, the status: `ok`, an error answer's HTTP status, or `none`
+    /// when no answer came; the duration) and is counted in
+    /// `firebrand_kubernetes_requests_total{verb,resource,status}` and
+    /// `firebrand_kubernetes_request_seconds{verb,resource}`. (The watch, kube-runtime's, logs
+    /// its failures instead.)
     async fn retrying<T, F>(
         &self,
         verb: &'static str,
@@ -52,10 +57,46 @@ impl KubeApi {
         F: std::future::Future<Output = Result<T, kube::Error>>,
     {
         let mut delays = RETRY.delays(RETRIES);
-        loop {
-            let error = match request().await {
+        for attempt in 1.. {
+            let span = tracing::debug_span!(
+                "kubernetes_request",
+                verb,
+                resource,
+                attempt,
+                status = tracing::field::Empty,
+                duration_ms = tracing::field::Empty,
+            );
+            let started = std::time::Instant::now();
+            let result = tracing::Instrument::instrument(request(), span.clone()).await;
+            let elapsed = started.elapsed();
+            let result =
+                result.map_err(|e| KubernetesError::from_kube(verb, resource, &self.namespace, e));
+            let status = match &result {
+                // kube-rs hands back the object, not the status line.
+                Ok(_) => "ok".to_owned(),
+                Err(error) => error
+                    .code()
+                    .map_or_else(|| "none".to_owned(), |c| c.to_string()),
+            };
+            span.record("status", status.as_str());
+            span.record("duration_ms", elapsed.as_millis() as u64);
+            span.in_scope(|| tracing::debug!(%status, "Kubernetes API request done"));
+            metrics::counter!(
+                "firebrand_kubernetes_requests_total",
+                "verb" => verb,
+                "resource" => resource,
+                "status" => status
+            )
+            .increment(1);
+            metrics::histogram!(
+                "firebrand_kubernetes_request_seconds",
+                "verb" => verb,
+                "resource" => resource
+            )
+            .record(elapsed.as_secs_f64());
+            let error = match result {
                 Ok(value) => return Ok(value),
-                Err(error) => KubernetesError::from_kube(verb, resource, &self.namespace, error),
+                Err(error) => error,
             };
             match delays.next() {
                 Some(delay) if error.is_transient() => {
@@ -65,6 +106,7 @@ impl KubeApi {
                 _ => return Err(error),
             }
         }
+        unreachable!("the attempts go on until one returns")
     }
 
     /// Creates `pod`. A create retried after an answer that never came may find its own pod
