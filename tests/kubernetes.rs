@@ -62,6 +62,10 @@ async fn a_pool_on_kubernetes_grows_runs_jobs_idles_down_and_deletes_every_pod()
         assert!(pod.name.starts_with("firebrand-runner-"), "{}", pod.name);
         assert_eq!(spec["restartPolicy"], "Never");
         assert_eq!(
+            spec["automountServiceAccountToken"], false,
+            "no API rights for jobs"
+        );
+        assert_eq!(
             spec["terminationGracePeriodSeconds"], 15,
             "drain grace + margin"
         );

@@ -60,6 +60,7 @@ pub struct KubernetesBackendBuilder {
     args: Option<Vec<String>>,
     container_name: String,
     service_account: Option<String>,
+    api_token: bool,
     env: BTreeMap<String, String>,
     forward: Vec<String>,
     cpu: Option<String>,
@@ -112,6 +113,7 @@ impl KubernetesBackendBuilder {
             args: None,
             container_name: DEFAULT_CONTAINER_NAME.into(),
             service_account: None,
+            api_token: false,
             env: BTreeMap::new(),
             forward: vec!["RUST_LOG".into(), "RUST_BACKTRACE".into()],
             cpu: None,
@@ -203,6 +205,15 @@ impl KubernetesBackendBuilder {
     /// what the app reaches (a cloud's workload identity included).
     pub fn service_account(mut self, name: impl Into<String>) -> Self {
         self.service_account = Some(name.into());
+        self
+    }
+
+    /// Whether runner pods get their service account's Kubernetes API token mounted. Default:
+    /// false: the parent's account may create and delete pods, and a job needs none of that.
+    /// Cloud workload identity (GKE, EKS, AKS) does not come through this token and works
+    /// either way; turn it on for jobs that call the Kubernetes API themselves.
+    pub fn api_token(mut self, mounted: bool) -> Self {
+        self.api_token = mounted;
         self
     }
 
@@ -421,6 +432,7 @@ impl KubernetesBackendBuilder {
             service_account: self
                 .service_account
                 .or_else(|| spec.service_account_name.clone()),
+            api_token: self.api_token,
             image_pull_secrets: spec
                 .image_pull_secrets
                 .iter()

@@ -61,6 +61,7 @@ pub(crate) struct PodTemplate {
     pub args: Option<Vec<String>>,
     pub container_name: String,
     pub service_account: Option<String>,
+    pub api_token: bool,
     pub image_pull_secrets: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cpu: Option<String>,
@@ -211,6 +212,10 @@ impl PodTemplate {
                         .unwrap_or(i64::MAX),
                 ),
                 service_account_name: self.service_account.clone(),
+                // The parent's account may create and delete pods: a runner gets none of that
+                // unless asked for. (Cloud workload identity comes through its own projected
+                // token or the metadata server, not this one.)
+                automount_service_account_token: Some(self.api_token),
                 image_pull_secrets: (!self.image_pull_secrets.is_empty()).then(|| {
                     self.image_pull_secrets
                         .iter()
@@ -378,6 +383,7 @@ mod tests {
             args: None,
             container_name: "runner".into(),
             service_account: Some("app".into()),
+            api_token: false,
             image_pull_secrets: vec!["registry".into()],
             env: BTreeMap::from([("RUST_LOG".into(), "info".into())]),
             cpu: Some("2".into()),
@@ -405,6 +411,7 @@ mod tests {
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.termination_grace_period_seconds, Some(35));
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
         let limits = spec.containers[0]
             .resources
             .as_ref()
