@@ -146,16 +146,21 @@ impl KubeApi {
         Ok(list.items)
     }
 
-    /// Deletes pod `name` with `grace`: whether there was one to delete (a pod already gone, or
-    /// never made, is not an error).
+    /// Deletes pod `name` with `grace`, or with its own `terminationGracePeriodSeconds` when
+    /// `None`: whether there was one to delete (a pod already gone, or never made, is not an
+    /// error).
     pub(crate) async fn delete_pod(
         &self,
         name: &str,
-        grace: Duration,
+        grace: Option<Duration>,
     ) -> Result<bool, KubernetesError> {
-        let seconds = u32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
-            .unwrap_or(u32::MAX);
-        let params = DeleteParams::default().grace_period(seconds);
+        let params = match grace {
+            Some(grace) => DeleteParams::default().grace_period(
+                u32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
+                    .unwrap_or(u32::MAX),
+            ),
+            None => DeleteParams::default(),
+        };
         match self
             .retrying("delete", "pods", || self.pods.delete(name, &params))
             .await

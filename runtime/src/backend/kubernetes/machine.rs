@@ -174,7 +174,7 @@ impl Machine for RunnerPod {
     ) -> BoxFuture<'static, Result<(), BackendError>> {
         self.armed = false;
         Box::pin(async move {
-            let deleted = self.api.delete_pod(&self.name, grace).await;
+            let deleted = self.api.delete_pod(&self.name, Some(grace)).await;
             if let Ok(true) = deleted {
                 // Gone from the API once its process has ended: within the grace period.
                 let limit = grace
@@ -212,7 +212,7 @@ impl Drop for RunnerPod {
             // A create cut off in flight may still land after the first delete: look twice.
             for delay in [Duration::ZERO, SECOND_DELETE] {
                 tokio::time::sleep(delay).await;
-                if let Err(error) = api.delete_pod(&name, Duration::ZERO).await {
+                if let Err(error) = api.delete_pod(&name, Some(Duration::ZERO)).await {
                     tracing::error!(pod = %name, %error, "cannot delete a dropped runner pod");
                 }
             }

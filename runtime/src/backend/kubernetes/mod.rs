@@ -137,8 +137,10 @@ impl KubernetesBackend {
     }
 
     /// Deletes this pool's runner pods whose parent pod is gone, or that this parent pod left
-    /// in an earlier incarnation (its container restarted). Runs when a pool starts; call it
-    /// again at will. Returns the names of the pods deleted; their Secrets go with them.
+    /// in an earlier incarnation (its container restarted), each with its own grace period
+    /// (`drain_grace` and a margin), so that calls it is running may finish. Runs when a pool
+    /// starts; call it again at will. Returns the names of the pods deleted; their Secrets go
+    /// with them.
     ///
     /// # Errors
     /// The API error that stopped the sweep; pods deleted before it stay deleted.
@@ -182,7 +184,9 @@ impl KubernetesBackend {
             };
             if orphan {
                 tracing::info!(pod = %name, parent_uid, "deleting an orphan runner pod");
-                api.delete_pod(&name, Duration::ZERO).await?;
+                // With its own grace period: its runner drains the calls it is running, as a
+                // runner that lost its parent does, rather than being cut off mid-job.
+                api.delete_pod(&name, None).await?;
                 reaped.push(name);
             }
         }
