@@ -83,6 +83,8 @@ mod gpu {
     /// them as `0f3F7FBE77` and `0f3C23D70A`.
     const A: f32 = 0.999;
     const B: f32 = 0.01;
+    // The kernel's literals are these constants, bit for bit.
+    const _: () = assert!(A.to_bits() == 0x3F7F_BE77 && B.to_bits() == 0x3C23_D70A);
 
     /// The value element `i` ends at, computed as the GPU does (one rounding per fused step).
     fn reference(i: u32, iters: u32) -> f32 {
@@ -93,7 +95,9 @@ mod gpu {
         x
     }
 
-    /// `out[i] = (i / 1024)` run through `iters` steps of `x = fma(x, 0.999, 0.01)`.
+    /// `out[i] = (i / 1024)` run through `iters` steps of `x = fma(x, 0.999, 0.01)`. ptxas 12.9
+    /// assembles it for sm_52, sm_80 and sm_90 (6 to 10 registers, no spills); the driver
+    /// compiles it for the GPU at hand when the module loads.
     const PTX: &str = r#"
 .version 7.0
 .target sm_52
