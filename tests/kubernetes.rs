@@ -367,7 +367,8 @@ async fn an_rbac_refusal_names_the_verb_and_the_resource() {
             ..
         }
     ));
-    // The pod made before the refusal was deleted with it.
+    // Two refusals, one each: the read at build, the Secret's create (not retried). The pod
+    // made before the second was deleted: `shut_down_clean` finds no pod.
     assert_eq!(kube.counts().forbidden, 2);
     shut_down_clean(pool, &kube).await;
 }
