@@ -670,3 +670,24 @@ async fn every_api_request_is_traced_and_counted() {
         .iter()
         .any(|(key, ..)| key.key().name() == "firebrand_kubernetes_request_seconds"));
 }
+
+#[tokio::test]
+async fn a_watch_that_rbac_denies_fails_the_boot_naming_it() {
+    let kube = fake().await;
+    kube.deny("list", "pods");
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .boot_timeout(60 * SECOND)
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = pool.call(&SLEEP, 1).await.unwrap_err();
+    let shown = boot_failure(&error);
+    assert!(shown.contains("RBAC denied `list` on `pods`"), "{shown}");
+    assert!(
+        started.elapsed() < 20 * SECOND,
+        "not left to the boot timeout"
+    );
+    kube.allow_all();
+    shut_down_clean(pool, &kube).await;
+}

@@ -100,7 +100,7 @@ impl RunnerPod {
             let failure = self.follower.failure.borrow_and_update().clone();
             if let Some(failure) = failure.filter(|f| f.code == Some(403)) {
                 return Err(KubernetesError::Forbidden {
-                    verb: "watch",
+                    verb: failure.verb,
                     resource: "pods",
                     namespace: self.api.namespace.clone(),
                     message: failure.message,
@@ -175,8 +175,9 @@ impl Machine for RunnerPod {
         self.armed = false;
         Box::pin(async move {
             let deleted = self.api.delete_pod(&self.name, Some(grace)).await;
-            if let Ok(true) = deleted {
-                // Gone from the API once its process has ended: within the grace period.
+            // With no grace the API server removes the pod as it answers; with some, the pod is
+            // gone once its process has ended, within the grace period.
+            if matches!(deleted, Ok(true)) && !grace.is_zero() {
                 let limit = grace
                     .saturating_add(TERMINATION_MARGIN)
                     .saturating_add(GONE_MARGIN);

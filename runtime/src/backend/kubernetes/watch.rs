@@ -26,6 +26,8 @@ pub(crate) enum Seen {
 /// Why the watch is failing now, for boots that wait on it.
 #[derive(Debug, Clone)]
 pub(crate) struct WatchFailure {
+    /// What failed: the `list` that starts a watch, or the `watch` itself.
+    pub verb: &'static str,
     /// The HTTP status of the error answer, if it was one.
     pub code: Option<u16>,
     pub message: String,
@@ -166,7 +168,12 @@ fn failure_of(error: &watcher::Error) -> WatchFailure {
         watcher::Error::WatchError(status) => Some(status.code),
         _ => None,
     };
+    let verb = match error {
+        watcher::Error::InitialListFailed(_) => "list",
+        _ => "watch",
+    };
     WatchFailure {
+        verb,
         code,
         message: error.to_string(),
     }
