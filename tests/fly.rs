@@ -820,7 +820,7 @@ async fn a_boot_no_call_needs_any_more_is_cancelled_and_its_machine_destroyed() 
 
 #[tokio::test]
 async fn every_machines_api_request_is_traced_and_counted() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder
@@ -869,21 +869,8 @@ async fn every_machines_api_request_is_traced_and_counted() {
 
     let snapshot = snapshotter.snapshot().into_vec();
     let count = |op: &str, status: &str| {
-        snapshot
-            .iter()
-            .filter(|(key, ..)| {
-                let key = key.key();
-                key.name() == "firebrand_fly_requests_total"
-                    && key.labels().any(|l| l.key() == "op" && l.value() == op)
-                    && key
-                        .labels()
-                        .any(|l| l.key() == "status" && l.value() == status)
-            })
-            .map(|(_, _, _, value)| match value {
-                DebugValue::Counter(n) => *n,
-                _ => 0,
-            })
-            .sum::<u64>()
+        let labels = [("op", op), ("status", status)];
+        common::counter(&snapshot, "firebrand_fly_requests_total", &labels)
     };
     assert!(count("create", "200") >= 1);
     assert!(count("list", "429") >= 1);

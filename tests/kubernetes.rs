@@ -600,7 +600,7 @@ async fn the_sweep_deletes_the_runners_of_a_parent_pod_that_is_gone() {
 
 #[tokio::test]
 async fn every_api_request_is_traced_and_counted() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder
@@ -638,23 +638,8 @@ async fn every_api_request_is_traced_and_counted() {
 
     let snapshot = snapshotter.snapshot().into_vec();
     let count = |verb: &str, resource: &str, status: &str| {
-        snapshot
-            .iter()
-            .filter(|(key, ..)| {
-                let key = key.key();
-                let label = |name: &str, value: &str| {
-                    key.labels().any(|l| l.key() == name && l.value() == value)
-                };
-                key.name() == "firebrand_kubernetes_requests_total"
-                    && label("verb", verb)
-                    && label("resource", resource)
-                    && label("status", status)
-            })
-            .map(|(_, _, _, value)| match value {
-                DebugValue::Counter(n) => *n,
-                _ => 0,
-            })
-            .sum::<u64>()
+        let labels = [("verb", verb), ("resource", resource), ("status", status)];
+        common::counter(&snapshot, "firebrand_kubernetes_requests_total", &labels)
     };
     // The recorder is the whole test binary's: other tests running at once count too, so
     // these are floors.

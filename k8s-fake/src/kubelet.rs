@@ -183,12 +183,7 @@ pub(crate) async fn run(
     let image_id = if image.contains("@sha256:") {
         image.clone()
     } else {
-        state
-            .images
-            .iter()
-            .find(|(r, p)| r.contains("@sha256:") && **p == program_path(&state, &image))
-            .map(|(r, _)| r.clone())
-            .unwrap_or_default()
+        state.digests.get(&image).cloned().unwrap_or_default()
     };
     {
         let mut store = state.store.lock();
@@ -258,10 +253,6 @@ pub(crate) async fn run(
         "Error"
     };
     pod.terminated(code, reason, None);
-}
-
-fn program_path(state: &State, image: &str) -> std::path::PathBuf {
-    state.images.get(image).cloned().unwrap_or_default()
 }
 
 /// The UUID the fake's device plugin gives GPU `index`.

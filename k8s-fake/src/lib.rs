@@ -151,6 +151,8 @@ pub(crate) struct State {
     pub anonymous_reads: bool,
     pub schemas: schema::Schemas,
     pub images: HashMap<String, PathBuf>,
+    /// The digest reference of each image given by tag.
+    pub digests: HashMap<String, String>,
     pub store: Mutex<store::Store>,
     pub events: broadcast::Sender<store::Event>,
     pub faults: Mutex<Faults>,
@@ -213,15 +215,7 @@ impl FakeKube {
     /// The digest reference the fake reports as the `imageID` of a container of `image`
     /// (`repo@sha256:...`); the kubelet runs it as it runs `image`.
     pub fn digest_of(&self, image: &str) -> Option<String> {
-        self.state
-            .images
-            .iter()
-            .find(|(reference, program)| {
-                reference.contains("@sha256:")
-                    && reference.starts_with(repository(image))
-                    && Some(*program) == self.state.images.get(image)
-            })
-            .map(|(reference, _)| reference.clone())
+        self.state.digests.get(image).cloned()
     }
 
     /// The tallies so far.
@@ -468,6 +462,7 @@ impl FakeKubeBuilder {
     /// The error binding the listener or writing the kubeconfig.
     pub async fn start(self) -> std::io::Result<FakeKube> {
         let mut images = HashMap::new();
+        let mut digests = HashMap::new();
         let mut first_image = None;
         for (image, program) in &self.images {
             let digest = format!(
@@ -478,6 +473,7 @@ impl FakeKubeBuilder {
             );
             images.insert(image.clone(), program.clone());
             images.insert(digest.clone(), program.clone());
+            digests.insert(image.clone(), digest.clone());
             first_image.get_or_insert((image.clone(), digest));
         }
         let (events, _) = broadcast::channel(store::EVENT_BUFFER);
@@ -486,6 +482,7 @@ impl FakeKubeBuilder {
             anonymous_reads: self.anonymous_reads,
             schemas: schema::Schemas::load(),
             images,
+            digests,
             store: Mutex::new(store::Store::new(self.namespace.clone(), self.gpus)),
             events,
             faults: Mutex::new(Faults::default()),

@@ -511,3 +511,29 @@ pub async fn min_boot_error(backend: LocalBackend) -> String {
         .expect_err("the min runner cannot boot")
         .to_string()
 }
+
+/// One entry of a `metrics_util` debugging recorder's snapshot.
+pub type MetricEntry = (
+    metrics_util::CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    metrics_util::debugging::DebugValue,
+);
+
+/// Counter `name`, summed over every series that carries all of `labels`.
+pub fn counter(snapshot: &[MetricEntry], name: &str, labels: &[(&str, &str)]) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(key, ..)| {
+            let key = key.key();
+            key.name() == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+        })
+        .map(|(_, _, _, value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => *n,
+            _ => 0,
+        })
+        .sum()
+}

@@ -7,7 +7,6 @@ use std::time::Duration;
 use super::api::RetryPolicy;
 use super::{FlyBackend, FlyError};
 use crate::backend::Park;
-use crate::token::PARENT_ENV;
 
 /// Metadata keys Firebrand sets on every machine it creates.
 pub(crate) mod keys {
@@ -517,11 +516,8 @@ impl FlyBackendBuilder {
             self.gpu_kind,
             self.gpus,
         )?;
-        for key in self.env.keys().chain(&self.forward) {
-            if key == PARENT_ENV || key.is_empty() || key.contains('=') {
-                return Err(config(format!("`{key}` cannot be set in a runner's env")));
-            }
-        }
+        let env =
+            crate::backend::runner_env(&self.env, &self.forward, &self.lookup).map_err(config)?;
         if let Some(key) = self.metadata.keys().find(|k| k.starts_with("firebrand_")) {
             return Err(config(format!("metadata key `{key}` is reserved")));
         }
@@ -566,12 +562,6 @@ impl FlyBackendBuilder {
                     "Fly cannot suspend a machine with {why}: park with Park::Stop, or make \
                      the machines suspendable"
                 )));
-            }
-        }
-        let mut env = self.env;
-        for name in &self.forward {
-            if let Some(value) = (self.lookup)(name) {
-                env.entry(name.clone()).or_insert(value);
             }
         }
         Ok(FlyConfig {
@@ -652,6 +642,7 @@ fn config(message: impl Into<String>) -> FlyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::PARENT_ENV;
 
     fn builder() -> FlyBackendBuilder {
         FlyBackendBuilder::from_vars(|name| {

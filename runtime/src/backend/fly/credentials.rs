@@ -48,8 +48,7 @@ pub trait TokenSource: fmt::Debug + Send + Sync + 'static {
     fn fetch(&self) -> BoxFuture<'_, Result<String, Box<dyn std::error::Error + Send + Sync>>>;
 }
 
-/// Reads a setting from the environment, or from a test's map.
-pub(crate) type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+pub(crate) use crate::backend::Lookup;
 
 /// The variables flyctl reads a token from, in its order.
 const TOKEN_VARS: [&str; 2] = ["FLY_ACCESS_TOKEN", "FLY_API_TOKEN"];

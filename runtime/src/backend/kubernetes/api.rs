@@ -155,10 +155,8 @@ impl KubeApi {
         grace: Option<Duration>,
     ) -> Result<bool, KubernetesError> {
         let params = match grace {
-            Some(grace) => DeleteParams::default().grace_period(
-                u32::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
-                    .unwrap_or(u32::MAX),
-            ),
+            Some(grace) => DeleteParams::default()
+                .grace_period(u32::try_from(super::pod::whole_seconds(grace)).unwrap_or(u32::MAX)),
             None => DeleteParams::default(),
         };
         match self

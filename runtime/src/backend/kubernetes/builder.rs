@@ -11,7 +11,6 @@ use k8s_openapi::api::core::v1::{Pod, Toleration};
 use super::api::KubeApi;
 use super::pod::{labels, ParentPod, PodTemplate};
 use super::{KubernetesBackend, KubernetesError};
-use crate::token::PARENT_ENV;
 
 /// The GPU resource runner pods ask for by default: NVIDIA's device plugin's.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -25,7 +24,7 @@ const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/name
 /// as a hostname.
 const MAX_POOL_NAME: usize = 63 - "-runner-".len() - 12;
 
-type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+use crate::backend::Lookup;
 
 /// Builds a [`KubernetesBackend`]. [`KubernetesBackend::builder`] starts from the downward-API
 /// variables a pod is given (`POD_NAME`, `POD_NAMESPACE`, `POD_IP`); [`build`](Self::build)
@@ -336,7 +335,7 @@ impl KubernetesBackendBuilder {
     /// [`KubernetesError::Client`] when no client can be made, and the API's error when the
     /// parent pod cannot be read.
     pub async fn build(self) -> Result<KubernetesBackend, KubernetesError> {
-        self.check()?;
+        let env = self.check()?;
         let var = |name: &str| (self.lookup)(name).filter(|v| !v.trim().is_empty());
         let client = match (&self.client, &self.kubeconfig) {
             (Some(client), _) => client.clone(),
@@ -409,12 +408,6 @@ impl KubernetesBackendBuilder {
         let pod_ip: IpAddr = pod_ip
             .parse()
             .map_err(|_| config(format!("pod IP `{pod_ip}` is not an IP address")))?;
-        let mut env = self.env.clone();
-        for name in &self.forward {
-            if let Some(value) = (self.lookup)(name) {
-                env.entry(name.clone()).or_insert(value);
-            }
-        }
         let template = PodTemplate {
             namespace: namespace.clone(),
             parent: ParentPod {
@@ -460,7 +453,8 @@ impl KubernetesBackendBuilder {
         ))
     }
 
-    fn check(&self) -> Result<(), KubernetesError> {
+    /// Checks the settings that need no API request; the runners' env on success.
+    fn check(&self) -> Result<BTreeMap<String, String>, KubernetesError> {
         if self.pool_name.is_empty()
             || self.pool_name.len() > MAX_POOL_NAME
             || !self
@@ -493,11 +487,6 @@ impl KubernetesBackendBuilder {
                 )));
             }
         }
-        for key in self.env.keys().chain(&self.forward) {
-            if key == PARENT_ENV || key.is_empty() || key.contains('=') {
-                return Err(config(format!("`{key}` cannot be set in a runner's env")));
-            }
-        }
         if !self.gpu_resource.contains('/') {
             return Err(config(format!(
                 "GPU resource `{}` is not an extended resource name such as nvidia.com/gpu",
@@ -511,7 +500,7 @@ impl KubernetesBackendBuilder {
                 crate::MAX_SETTING_DURATION
             )));
         }
-        Ok(())
+        crate::backend::runner_env(&self.env, &self.forward, &self.lookup).map_err(config)
     }
 }
 
@@ -559,6 +548,7 @@ fn config(message: impl Into<String>) -> KubernetesError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::PARENT_ENV;
 
     #[test]
     fn the_image_is_pinned_to_the_running_digest() {

@@ -208,8 +208,7 @@ impl PodTemplate {
             spec: Some(PodSpec {
                 restart_policy: Some("Never".into()),
                 termination_grace_period_seconds: Some(
-                    i64::try_from(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
-                        .unwrap_or(i64::MAX),
+                    i64::try_from(whole_seconds(grace)).unwrap_or(i64::MAX),
                 ),
                 service_account_name: self.service_account.clone(),
                 // The parent's account may create and delete pods: a runner gets none of that
@@ -280,6 +279,12 @@ impl PodTemplate {
             ..Secret::default()
         })
     }
+}
+
+/// `duration` in whole seconds, rounded up, as Kubernetes takes grace periods: a grace is never
+/// cut short by its rounding.
+pub(crate) fn whole_seconds(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
 /// The launch id a pod was created with.
