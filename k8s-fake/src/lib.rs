@@ -130,6 +130,10 @@ pub struct Counts {
     pub watches: usize,
     /// Watches answered with `410 Gone`: their `resourceVersion` was too old.
     pub watches_expired: usize,
+    /// Lists of pods answered (not watches).
+    pub pod_lists: usize,
+    /// Pages of pod lists answered after a first, from a `continue` token.
+    pub pages_beyond_first: usize,
 }
 
 /// Faults armed for the next requests or pods.
@@ -144,6 +148,8 @@ pub(crate) struct Faults {
     pub stall_pods: u32,
     /// The garbage collector is behind: owners' deletions collect nothing until released.
     pub hold_collection: bool,
+    /// Every list and watch of pods answers 500, as during an etcd leader election.
+    pub pod_watches_down: bool,
 }
 
 pub(crate) struct State {
@@ -331,6 +337,16 @@ impl FakeKube {
     /// does. Clients watch again from the last `resourceVersion` they saw.
     pub fn drop_watches(&self) {
         self.state.watch_generation.send_modify(|g| *g += 1);
+    }
+
+    /// From `down` on, every list and watch of pods answers `500 InternalError` and open
+    /// watches end, as while etcd elects a leader or an API server restarts behind a load
+    /// balancer; other requests go on. Until `fail_pod_watches(false)`.
+    pub fn fail_pod_watches(&self, down: bool) {
+        self.state.faults.lock().pod_watches_down = down;
+        if down {
+            self.drop_watches();
+        }
     }
 
     /// Forgets the event history (as etcd's compaction does) and ends every open watch: a

@@ -367,22 +367,48 @@ async fn list_pods(
         Ok(selectors) => selectors,
         Err(refusal) => return refusal,
     };
+    if state.faults.lock().pod_watches_down {
+        state.count(|c| c.server_errors += 1);
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "Internal error occurred: etcdserver: leader changed",
+        );
+    }
     if watching {
         return watch(&state, namespace, &query, labels, fields);
     }
+    state.count(|c| c.pod_lists += 1);
+    // Pages as the API server gives them: at most `limit` items, then a `continue` token (here
+    // the last name given) from which the next page starts.
+    let limit = param(&query, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let after = param(&query, "continue").unwrap_or_default().to_owned();
     let store = state.store.lock();
-    let items: Vec<Value> = store
-        .pods
-        .iter()
-        .filter(|((ns, _), pod)| {
-            *ns == namespace && labels.matches(&pod.object) && fields.matches(&pod.object)
-        })
-        .map(|(_, pod)| pod.object.clone())
+    let mut matching = store.pods.iter().filter(|((ns, name), pod)| {
+        *ns == namespace
+            && (after.is_empty() || *name > after)
+            && labels.matches(&pod.object)
+            && fields.matches(&pod.object)
+    });
+    let page: Vec<(&String, Value)> = matching
+        .by_ref()
+        .take(limit)
+        .map(|((_, name), pod)| (name, pod.object.clone()))
         .collect();
+    let more = matching.next().is_some();
+    let mut metadata = json!({"resourceVersion": store.resource_version.to_string()});
+    if let (true, Some((last, _))) = (more, page.last()) {
+        metadata["continue"] = json!(last);
+    }
+    let items: Vec<Value> = page.into_iter().map(|(_, object)| object).collect();
+    state.count(|c| c.pages_beyond_first += usize::from(!after.is_empty()));
     let list = json!({
         "kind": "PodList",
         "apiVersion": "v1",
-        "metadata": {"resourceVersion": store.resource_version.to_string()},
+        "metadata": metadata,
         "items": items,
     });
     drop(store);

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fly;
+pub mod cluster;
 pub mod k8s;
 
 use std::future::IntoFuture;

@@ -20,7 +20,7 @@ pub use gpu::VISIBLE_DEVICES_ENV;
 pub use local::{LocalBackend, LocalBackendBuilder};
 pub use park::{BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, Parking, PoolKey};
 
-use crate::error::{BackendError, RunnerId};
+use crate::error::{BackendError, BootError, RunnerId};
 
 /// What a backend needs to start one runner. `Debug` shows the variable names only.
 #[non_exhaustive]
@@ -36,6 +36,11 @@ pub struct BootRequest {
     /// platform kills a stopping machine after a grace period of its own (a pod's
     /// `terminationGracePeriodSeconds`) gives it at least this.
     pub drain_grace: std::time::Duration,
+    /// How long the pool waits for this runner's hello, counted from the call to
+    /// [`Backend::boot`]: the pool's [`boot_timeout`](crate::PoolBuilder::boot_timeout). A
+    /// backend that waits for capacity (a namespace's quota) gives up within it, so that the
+    /// boot fails with its reason rather than a bare timeout.
+    pub boot_timeout: std::time::Duration,
 }
 
 impl BootRequest {
@@ -46,6 +51,7 @@ impl BootRequest {
             runner_id,
             env,
             drain_grace: crate::defaults::DRAIN_GRACE,
+            boot_timeout: crate::defaults::BOOT_TIMEOUT,
         }
     }
 }
@@ -56,6 +62,7 @@ impl std::fmt::Debug for BootRequest {
             .field("runner_id", &self.runner_id)
             .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
             .field("drain_grace", &self.drain_grace)
+            .field("boot_timeout", &self.boot_timeout)
             .finish()
     }
 }
@@ -193,7 +200,9 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(std::future::ready(()))
     }
 
-    /// Starts a machine running a runner with `request.env`.
+    /// Starts a machine running a runner with `request.env`. It may return as soon as the
+    /// machine is made: the pool admits the runner when its hello arrives, and meanwhile
+    /// watches [`Machine::boot_failed`] for a reason it never will.
     fn boot(&self, request: BootRequest) -> BoxFuture<'_, Result<Box<dyn Machine>, BackendError>>;
 
     /// Whether this backend brings each runner's stdout and stderr to the parent itself (the
@@ -239,6 +248,16 @@ pub trait Machine: Send + 'static {
     /// Resolves when the machine stops by itself. Cancel-safe.
     fn exited(&mut self) -> BoxFuture<'_, Exit>;
 
+    /// Resolves when the machine will never bring its runner up, while the pool waits for the
+    /// runner's hello: with the backend's reason where it knows one (a pod no node can take,
+    /// an image that cannot be pulled), else with how the machine exited. Never resolves while
+    /// the runner may still dial; the runner's hello wins over it whatever the backend's view
+    /// of the machine is. Cancel-safe. The default: how [`exited`](Machine::exited) says the
+    /// machine ended.
+    fn boot_failed(&mut self) -> BoxFuture<'_, BootError> {
+        Box::pin(async move { BootError::Exited(self.exited().await.description) })
+    }
+
     /// Stops the machine, waiting up to `grace` for it to stop by itself first (its runner was
     /// already told to exit), then forcing it.
     fn terminate(self: Box<Self>, grace: Duration) -> BoxFuture<'static, Result<(), BackendError>>;
@@ -271,6 +290,7 @@ mod tests {
             runner_id: RunnerId(uuid::Uuid::nil()),
             env: vec![("FIREBRAND_PARENT".into(), "fb1.SECRET-KEY-MATERIAL".into())],
             drain_grace: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(30),
         };
         let shown = format!("{request:?}");
         assert!(shown.contains("FIREBRAND_PARENT"));

@@ -152,6 +152,7 @@ async fn create(
         runner_id: id,
         env: vec![(PARENT_ENV.to_string(), token.encode())],
         drain_grace: config.drain_grace,
+        boot_timeout: config.boot_timeout,
     };
     let machine = tokio::time::timeout_at(deadline, shared.backend.boot(request))
         .await
@@ -225,7 +226,7 @@ async fn admit(
         // A refusal reaches `admitted` before the refused runner exits: look there first.
         biased;
         admitted = expecting.admitted() => admitted,
-        exit = machine.exited() => Err(BootError::Exited(exit.description)),
+        error = machine.boot_failed() => Err(error),
         () = tokio::time::sleep_until(deadline) => Err(BootError::Timeout(config.boot_timeout)),
     };
     match outcome {

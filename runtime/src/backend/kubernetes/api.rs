@@ -19,6 +19,14 @@ use crate::backoff::Backoff;
 const RETRY: Backoff = Backoff::jittered(Duration::from_millis(250), Duration::from_secs(8));
 const RETRIES: usize = 6;
 
+/// Waits between creates that a namespace's quota refused: quota frees up when a pod ends and
+/// the controller manager recounts, within a second or so.
+const QUOTA_RETRY: Backoff = Backoff::jittered(Duration::from_millis(250), Duration::from_secs(2));
+
+/// How many pods one page of the sweep's list holds: a namespace with thousands of runner
+/// pods is read a page at a time rather than in one unbounded answer.
+pub(crate) const LIST_PAGE: u32 = 100;
+
 /// The pods and secrets of one namespace.
 #[derive(Clone)]
 pub(crate) struct KubeApi {
@@ -110,13 +118,34 @@ impl KubeApi {
     }
 
     /// Creates `pod`. A create retried after an answer that never came may find its own pod
-    /// made: a 409 for a pod of the same launch returns that pod.
-    pub(crate) async fn create_pod(&self, pod: &Pod, launch: &str) -> Result<Pod, KubernetesError> {
+    /// made: a 409 for a pod of the same launch returns that pod. A create that a quota
+    /// refuses is tried again until `give_up`, since quota frees up as pods end; then the
+    /// quota's refusal is the error.
+    pub(crate) async fn create_pod(
+        &self,
+        pod: &Pod,
+        launch: &str,
+        give_up: tokio::time::Instant,
+    ) -> Result<Pod, KubernetesError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let params = PostParams::default();
-        let created = self
-            .retrying("create", "pods", || self.pods.create(&params, pod))
-            .await;
+        let mut waits = QUOTA_RETRY.unbounded();
+        let created = loop {
+            let created = self
+                .retrying("create", "pods", || self.pods.create(&params, pod))
+                .await;
+            match created {
+                Err(error @ KubernetesError::QuotaExceeded { .. }) => {
+                    let wait = waits.next().unwrap_or(QUOTA_RETRY.max);
+                    if tokio::time::Instant::now() + wait >= give_up {
+                        break Err(error);
+                    }
+                    tracing::info!(pod = %name, %error, "waiting for quota");
+                    tokio::time::sleep(wait).await;
+                }
+                other => break other,
+            }
+        };
         match created {
             Err(error) if error.code() == Some(409) => {
                 let existing = self.get_pod(&name).await?;
@@ -137,13 +166,20 @@ impl KubeApi {
             .await
     }
 
-    /// The pods that `selector` matches.
+    /// The pods that `selector` matches, read [`LIST_PAGE`] at a time.
     pub(crate) async fn list_pods(&self, selector: &str) -> Result<Vec<Pod>, KubernetesError> {
-        let params = ListParams::default().labels(selector);
-        let list = self
-            .retrying("list", "pods", || self.pods.list(&params))
-            .await?;
-        Ok(list.items)
+        let mut params = ListParams::default().labels(selector).limit(LIST_PAGE);
+        let mut pods = Vec::new();
+        loop {
+            let page = self
+                .retrying("list", "pods", || self.pods.list(&params))
+                .await?;
+            pods.extend(page.items);
+            match page.metadata.continue_.filter(|token| !token.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(pods),
+            }
+        }
     }
 
     /// Deletes pod `name` with `grace`, or with its own `terminationGracePeriodSeconds` when

@@ -18,6 +18,8 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const DEFAULT_CONTAINER_NAME: &str = "runner";
 /// The pool name runner pods are labelled with, unless set.
 pub const DEFAULT_POOL_NAME: &str = "firebrand";
+/// The annotation that names a pod's main container, as `kubectl logs` and `exec` read it.
+const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 /// Where a pod finds its own namespace when `POD_NAMESPACE` is not set.
 const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 /// The longest pool name: a pod name is `{pool}-runner-{12 hex}` and at most 63 characters,
@@ -167,8 +169,10 @@ impl KubernetesBackendBuilder {
         self
     }
 
-    /// Which of the parent pod's containers is the app, whose image, command and args runners
-    /// get. Default: the first.
+    /// Which of the parent pod's containers is the app, whose image, command, args and
+    /// `securityContext` runners get. Default: the one the pod's
+    /// `kubectl.kubernetes.io/default-container` annotation names (a pod with a service mesh's
+    /// sidecar), else the first.
     pub fn parent_container(mut self, name: impl Into<String>) -> Self {
         self.parent_container = Some(name.into());
         self
@@ -382,7 +386,14 @@ impl KubernetesBackendBuilder {
             .clone()
             .ok_or_else(|| config("the parent pod has no uid"))?;
         let spec = parent.spec.clone().unwrap_or_default();
-        let container = match &self.parent_container {
+        // A pod with sidecars (a service mesh's proxy) names its main container, as kubectl
+        // reads it; without the annotation the app is the first container.
+        let default_container = parent
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DEFAULT_CONTAINER_ANNOTATION));
+        let container = match self.parent_container.as_ref().or(default_container) {
             Some(name) => spec
                 .containers
                 .iter()
@@ -432,6 +443,8 @@ impl KubernetesBackendBuilder {
                 .flatten()
                 .map(|s| s.name.clone())
                 .collect(),
+            pod_security: spec.security_context.clone(),
+            container_security: container.security_context.clone(),
             env,
             cpu: self.cpu,
             memory: self.memory,

@@ -27,6 +27,36 @@ pub enum KubernetesError {
         /// The API server's message.
         message: String,
     },
+    /// The namespace's Pod Security admission refused the runner pod: the namespace enforces a
+    /// level (`pod-security.kubernetes.io/enforce`) that the pod does not meet. Runner pods
+    /// copy the parent pod's `securityContext` and its container's, so a parent that meets the
+    /// level gives runners that do.
+    #[error(
+        "Pod Security admission in namespace `{namespace}` refused the runner pod; runner pods \
+         copy the parent pod's and container's securityContext, so make the parent meet the \
+         namespace's enforced level, or set one with edit_pod (docs/kubernetes.md): {message}"
+    )]
+    PodSecurity {
+        /// The namespace of the request.
+        namespace: String,
+        /// The API server's message, naming the level and each violation.
+        message: String,
+    },
+    /// A ResourceQuota of the namespace had no room for the runner's pod or Secret, and none
+    /// freed up before the boot timeout. Not permanent: quota frees up as pods end.
+    #[error(
+        "a ResourceQuota in namespace `{namespace}` has no room for the runner's {resource} \
+         (waited up to the boot timeout); raise the quota, or lower the pool's max to fit it: \
+         {message}"
+    )]
+    QuotaExceeded {
+        /// The resource refused: `pods` or `secrets`.
+        resource: &'static str,
+        /// The namespace of the request.
+        namespace: String,
+        /// The API server's message, naming the quota and its use.
+        message: String,
+    },
     /// The API server refused an object as invalid (422), with its message.
     #[error("the API server refused the {resource} as invalid: {message}")]
     Invalid {
@@ -111,20 +141,26 @@ pub enum KubernetesError {
 
 impl KubernetesError {
     /// Whether another boot would fail the same way, so that the pool stops retrying until new
-    /// demand: configuration, RBAC, an invalid pod, an unschedulable pod, an image that cannot
-    /// be pulled, a container that cannot be created, and expired or wrong credentials (401).
+    /// demand: configuration, RBAC, Pod Security, an invalid pod, an unschedulable pod, an
+    /// image that cannot be pulled, a container that cannot be created, expired or wrong
+    /// credentials (401), and other refusals (403 from an admission webhook or policy). A full
+    /// quota is not: it frees up as pods end.
     #[must_use]
     pub fn is_permanent(&self) -> bool {
         match self {
             KubernetesError::Config(_)
             | KubernetesError::Client(_)
             | KubernetesError::Forbidden { .. }
+            | KubernetesError::PodSecurity { .. }
             | KubernetesError::Invalid { .. }
             | KubernetesError::Unschedulable { .. }
             | KubernetesError::ImagePull { .. }
             | KubernetesError::Container { .. } => true,
-            KubernetesError::Api { code, .. } => *code == 401,
-            KubernetesError::Unreachable { .. }
+            // 401: expired or wrong credentials; 403 from neither RBAC, Pod Security nor quota:
+            // an admission webhook or policy, which refuses the next pod the same way.
+            KubernetesError::Api { code, .. } => matches!(code, 401 | 403),
+            KubernetesError::QuotaExceeded { .. }
+            | KubernetesError::Unreachable { .. }
             | KubernetesError::Ended { .. }
             | KubernetesError::Deleted { .. } => false,
         }
@@ -149,12 +185,7 @@ impl KubernetesError {
     ) -> Self {
         match error {
             kube::Error::Api(status) => match status.code {
-                403 => KubernetesError::Forbidden {
-                    verb,
-                    resource,
-                    namespace: namespace.to_owned(),
-                    message: status.message,
-                },
+                403 => Self::from_forbidden(verb, resource, namespace, status.message),
                 422 => KubernetesError::Invalid {
                     resource,
                     message: status.message,
@@ -175,11 +206,49 @@ impl KubernetesError {
         }
     }
 
+    /// Tells a 403 apart by the `Status` message, since RBAC, Pod Security and quota all
+    /// answer `Forbidden`: RBAC says `cannot <verb> resource`, Pod Security `violates
+    /// PodSecurity`, quota `exceeded quota`; anything else is kept verbatim.
+    pub(crate) fn from_forbidden(
+        verb: &'static str,
+        resource: &'static str,
+        namespace: &str,
+        message: String,
+    ) -> Self {
+        let namespace = namespace.to_owned();
+        if message.contains("violates PodSecurity") {
+            KubernetesError::PodSecurity { namespace, message }
+        } else if message.contains("exceeded quota") {
+            KubernetesError::QuotaExceeded {
+                resource,
+                namespace,
+                message,
+            }
+        } else if message.contains(&format!("cannot {verb} resource")) {
+            KubernetesError::Forbidden {
+                verb,
+                resource,
+                namespace,
+                message,
+            }
+        } else {
+            KubernetesError::Api {
+                verb,
+                resource,
+                code: 403,
+                reason: "Forbidden".into(),
+                message,
+            }
+        }
+    }
+
     /// The HTTP status of an error answer, if this is one.
     pub(crate) fn code(&self) -> Option<u16> {
         match self {
             KubernetesError::Api { code, .. } => Some(*code),
-            KubernetesError::Forbidden { .. } => Some(403),
+            KubernetesError::Forbidden { .. }
+            | KubernetesError::PodSecurity { .. }
+            | KubernetesError::QuotaExceeded { .. } => Some(403),
             KubernetesError::Invalid { .. } => Some(422),
             _ => None,
         }
@@ -206,6 +275,49 @@ mod tests {
         );
         assert!(shown.contains("cannot create resource"), "{shown}");
         assert!(error.is_permanent());
+    }
+
+    /// The texts a real kube-apiserver 1.37 answers with (`shared/k8s/NOTES.md`), each told apart
+    /// though all are `403 Forbidden`.
+    #[test]
+    fn forbidden_answers_are_told_apart_by_their_message() {
+        let refused = |verb, resource, message: &str| {
+            let status = kube::core::Status::failure(message, "Forbidden").with_code(403);
+            KubernetesError::from_kube(verb, resource, "rb", kube::Error::Api(status.boxed()))
+        };
+        let rbac = refused(
+            "create",
+            "secrets",
+            "secrets is forbidden: User \"alice\" cannot create resource \"secrets\" in API group \"\" in the namespace \"rb\"",
+        );
+        assert!(matches!(rbac, KubernetesError::Forbidden { verb: "create", resource: "secrets", .. }), "{rbac:?}");
+        assert!(rbac.is_permanent());
+        let pod_security = refused(
+            "create",
+            "pods",
+            "pods \"plain\" is forbidden: violates PodSecurity \"restricted:latest\": allowPrivilegeEscalation != false",
+        );
+        assert!(matches!(pod_security, KubernetesError::PodSecurity { .. }), "{pod_security:?}");
+        assert!(pod_security.is_permanent());
+        let shown = pod_security.to_string();
+        assert!(shown.contains("securityContext") && !shown.contains("RBAC"), "{shown}");
+        let quota = refused(
+            "create",
+            "pods",
+            "pods \"p3\" is forbidden: exceeded quota: pods2, requested: pods=1, used: pods=2, limited: pods=2",
+        );
+        assert!(matches!(quota, KubernetesError::QuotaExceeded { resource: "pods", .. }), "{quota:?}");
+        assert!(!quota.is_permanent(), "quota frees up as pods end");
+        let shown = quota.to_string();
+        assert!(shown.contains("pods2") && !shown.contains("RBAC"), "{shown}");
+        let webhook = refused("create", "pods", "admission webhook \"policy.example.com\" denied the request");
+        assert!(matches!(webhook, KubernetesError::Api { code: 403, .. }), "{webhook:?}");
+        assert!(webhook.to_string().contains("policy.example.com"));
+        assert!(webhook.is_permanent());
+    }
+
+    #[test]
+    fn busy_servers_are_transient() {
         let busy = kube::core::Status::failure("etcd timeout", "InternalError").with_code(500);
         let error =
             KubernetesError::from_kube("list", "pods", "ml", kube::Error::Api(busy.boxed()));

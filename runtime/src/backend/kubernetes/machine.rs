@@ -12,7 +12,7 @@ use super::pod::{progress, Progress, TERMINATION_MARGIN};
 use super::watch::{Follower, PodWatch, Seen};
 use super::KubernetesError;
 use crate::backend::{Exit, Machine};
-use crate::error::BackendError;
+use crate::error::{BackendError, BootError};
 
 /// How long `terminate` waits for the pod to be gone after its grace period, before it
 /// returns with the deletion under way.
@@ -27,6 +27,10 @@ pub(crate) struct RunnerPod {
     watch: Arc<PodWatch>,
     pub(crate) name: String,
     follower: Follower,
+    /// The image, for an image pull's error.
+    image: String,
+    /// How long the pod may stay unschedulable while it boots.
+    unschedulable_grace: Duration,
     /// Until `terminate` takes over, dropping this deletes the pod.
     armed: bool,
 }
@@ -34,25 +38,31 @@ pub(crate) struct RunnerPod {
 impl RunnerPod {
     /// Follows pod `name` from before its create, so that no event is missed and a boot
     /// dropped at any point deletes what it made.
-    pub(crate) fn new(api: KubeApi, watch: Arc<PodWatch>, name: String) -> Self {
+    pub(crate) fn new(
+        api: KubeApi,
+        watch: Arc<PodWatch>,
+        name: String,
+        image: String,
+        unschedulable_grace: Duration,
+    ) -> Self {
         let follower = watch.follow(&name);
         Self {
             api,
             watch,
             name,
             follower,
+            image,
+            unschedulable_grace,
             armed: true,
         }
     }
 
-    /// Waits until the pod's container runs. A pod that cannot run fails at once with the
-    /// cluster's reason; one that no node can take waits up to `unschedulable_grace` (for a
-    /// cluster autoscaler) first.
-    pub(crate) async fn running(
-        &mut self,
-        image: &str,
-        unschedulable_grace: Duration,
-    ) -> Result<(), KubernetesError> {
+    /// Waits for a reason the pod will never run its runner, as the watch reports the pod: a
+    /// pod that cannot run fails at once with the cluster's reason; one that no node can take
+    /// waits up to `unschedulable_grace` (for a cluster autoscaler) first. A pod that runs is
+    /// watched on, since its container may still end before its runner dials. While the watch
+    /// is down this waits; the runner's hello is what admits it, not the watch.
+    async fn boot_failure(&mut self) -> KubernetesError {
         let created = Instant::now();
         let pod = self.name.clone();
         loop {
@@ -60,25 +70,24 @@ impl RunnerPod {
             let mut wake_at = None;
             match seen {
                 Seen::NotYet => {}
-                Seen::Gone(_) => return Err(KubernetesError::Deleted { pod }),
+                Seen::Gone(_) => return KubernetesError::Deleted { pod },
                 Seen::Pod(state) => match progress(&state) {
-                    Progress::Running => return Ok(()),
-                    Progress::Waiting => {}
+                    Progress::Running | Progress::Waiting => {}
                     Progress::Unschedulable(message) => {
-                        let until = created + unschedulable_grace;
+                        let until = created + self.unschedulable_grace;
                         if Instant::now() >= until {
-                            return Err(KubernetesError::Unschedulable { pod, message });
+                            return KubernetesError::Unschedulable { pod, message };
                         }
                         tracing::info!(%pod, %message, "runner pod unschedulable; waiting for a node");
                         wake_at = Some(until);
                     }
                     Progress::ImagePull(reason, message) => {
-                        return Err(KubernetesError::ImagePull {
+                        return KubernetesError::ImagePull {
                             pod,
-                            image: image.to_owned(),
+                            image: self.image.clone(),
                             reason,
                             message,
-                        })
+                        }
                     }
                     Progress::Container(reason, message) => {
                         // The Secret is created just after the pod, and exists by now: a
@@ -87,24 +96,24 @@ impl RunnerPod {
                         if reason == "CreateContainerConfigError" && our_secret {
                             tracing::debug!(%pod, "the kubelet looked before the Secret was made");
                         } else {
-                            return Err(KubernetesError::Container {
+                            return KubernetesError::Container {
                                 pod,
                                 reason,
                                 message,
-                            });
+                            };
                         }
                     }
-                    Progress::Ended(_, exit) => return Err(KubernetesError::Ended { pod, exit }),
+                    Progress::Ended(_, exit) => return KubernetesError::Ended { pod, exit },
                 },
             }
             let failure = self.follower.failure.borrow_and_update().clone();
             if let Some(failure) = failure.filter(|f| f.code == Some(403)) {
-                return Err(KubernetesError::Forbidden {
-                    verb: failure.verb,
-                    resource: "pods",
-                    namespace: self.api.namespace.clone(),
-                    message: failure.message,
-                });
+                return KubernetesError::from_forbidden(
+                    failure.verb,
+                    "pods",
+                    &self.api.namespace,
+                    failure.message,
+                );
             }
             let wake = async {
                 match wake_at {
@@ -115,7 +124,7 @@ impl RunnerPod {
             tokio::select! {
                 changed = self.follower.seen.changed() => {
                     if changed.is_err() {
-                        return Err(KubernetesError::Deleted { pod });
+                        return KubernetesError::Deleted { pod };
                     }
                 }
                 _ = self.follower.failure.changed() => {}
@@ -166,6 +175,10 @@ impl Machine for RunnerPod {
                 }
             }
         })
+    }
+
+    fn boot_failed(&mut self) -> BoxFuture<'_, BootError> {
+        Box::pin(async move { BootError::Backend(self.boot_failure().await.into()) })
     }
 
     fn terminate(

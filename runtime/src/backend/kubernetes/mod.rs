@@ -239,19 +239,24 @@ impl Backend for KubernetesBackend {
                 .unwrap_or_default();
             // Made before the create, so that a boot dropped at any point (a boot timeout)
             // deletes whatever the create made.
-            let mut runner = machine::RunnerPod::new(
+            let runner = machine::RunnerPod::new(
                 api.clone(),
                 Arc::clone(watch),
                 template.pod_name(request.runner_id),
+                template.image.clone(),
+                *unschedulable_grace,
             );
-            let booted = async {
-                let pod = api.create_pod(&spec, &launch).await?;
+            // The machine is made once its pod and Secret are: the pool admits the runner when
+            // it says hello, and the watch only brings the reasons it never will.
+            let give_up = quota_deadline(request.boot_timeout);
+            let made = async {
+                let pod = api.create_pod(&spec, &launch, give_up).await?;
                 api.create_secret(&template.runner_secret(&pod, token)?)
                     .await?;
                 tracing::info!(pod = %runner.name, "created a runner pod");
-                runner.running(&template.image, *unschedulable_grace).await
+                Ok::<_, KubernetesError>(())
             };
-            match booted.await {
+            match made.await {
                 Ok(()) => Ok(Box::new(runner) as Box<dyn Machine>),
                 Err(error) => {
                     tracing::warn!(pod = %runner.name, %error, "runner pod failed to boot; deleting it");
@@ -263,6 +268,16 @@ impl Backend for KubernetesBackend {
             }
         })
     }
+}
+
+/// How far before the pool's boot timeout a create refused by a namespace's quota stops
+/// waiting for quota, so that the boot fails with the quota's message rather than a bare
+/// timeout: at most this, and at most half the boot timeout.
+const QUOTA_MARGIN: Duration = Duration::from_secs(2);
+
+/// When a boot with `boot_timeout` stops waiting for quota.
+fn quota_deadline(boot_timeout: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + boot_timeout.saturating_sub(QUOTA_MARGIN.min(boot_timeout / 2))
 }
 
 impl From<KubernetesError> for BackendError {

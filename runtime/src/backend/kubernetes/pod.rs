@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, LocalObjectReference, Pod, PodSpec, ResourceRequirements,
-    Secret, SecretKeySelector, Toleration,
+    Container, EnvVar, EnvVarSource, LocalObjectReference, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, Secret, SecretKeySelector, SecurityContext, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -63,6 +63,11 @@ pub(crate) struct PodTemplate {
     pub service_account: Option<String>,
     pub api_token: bool,
     pub image_pull_secrets: Vec<String>,
+    /// The parent pod's `securityContext`, copied so that a namespace's Pod Security level that
+    /// admits the parent admits its runners.
+    pub pod_security: Option<PodSecurityContext>,
+    /// The parent container's `securityContext`, for the same reason.
+    pub container_security: Option<SecurityContext>,
     pub env: BTreeMap<String, String>,
     pub cpu: Option<String>,
     pub memory: Option<String>,
@@ -224,6 +229,7 @@ impl PodTemplate {
                 node_selector: (!self.node_selector.is_empty()).then(|| self.node_selector.clone()),
                 tolerations: (!self.tolerations.is_empty()).then(|| self.tolerations.clone()),
                 priority_class_name: self.priority_class.clone(),
+                security_context: self.pod_security.clone(),
                 // Service links put every Service of the namespace in the env; a runner needs
                 // none of them.
                 enable_service_links: Some(false),
@@ -234,6 +240,7 @@ impl PodTemplate {
                     args: self.args.clone(),
                     env: Some(env),
                     resources: Some(resources),
+                    security_context: self.container_security.clone(),
                     ..Container::default()
                 }],
                 ..PodSpec::default()
@@ -390,6 +397,8 @@ mod tests {
             service_account: Some("app".into()),
             api_token: false,
             image_pull_secrets: vec!["registry".into()],
+            pod_security: None,
+            container_security: None,
             env: BTreeMap::from([("RUST_LOG".into(), "info".into())]),
             cpu: Some("2".into()),
             memory: Some("4Gi".into()),

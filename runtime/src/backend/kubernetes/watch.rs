@@ -4,13 +4,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 
+use std::time::Duration;
+
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt as _;
 use kube::Api;
 use parking_lot::Mutex;
 use tokio::sync::watch;
+
+use crate::backoff::Backoff;
 
 /// What the watch last saw of one pod.
 #[derive(Debug, Clone)]
@@ -92,10 +95,9 @@ impl PodWatch {
         if task.is_some() {
             return;
         }
-        let config = watcher::Config::default().labels(&self.selector);
-        let stream = watcher::watcher(self.api.clone(), config).default_backoff();
         let this = Arc::downgrade(self);
-        *task = Some(tokio::spawn(run(this, stream)).abort_handle());
+        let (api, selector) = (self.api.clone(), self.selector.clone());
+        *task = Some(tokio::spawn(run(this, api, selector)).abort_handle());
     }
 
     fn update(&self, pod: Pod, gone: bool) {
@@ -114,11 +116,21 @@ impl PodWatch {
     }
 }
 
-async fn run(
-    this: Weak<PodWatch>,
-    stream: impl futures_util::Stream<Item = Result<Event<Pod>, watcher::Error>>,
-) {
-    tokio::pin!(stream);
+/// The waits between failed attempts to list or watch (an API server restarting, an etcd
+/// leader election), from the first failure after a success. Short, since a boot never waits
+/// on the watch to succeed, but the watch is how a boot learns that its pod cannot run.
+const WATCH_RETRY: Backoff = Backoff::jittered(Duration::from_millis(200), Duration::from_secs(5));
+
+/// The watch's loop: kube-runtime's watcher, which lists, watches from the list's
+/// `resourceVersion` and re-lists after a 410, driven here without kube-runtime's backoff: a
+/// 410 (the `resourceVersion` is too old) is no failure of the server, so the re-list goes out
+/// at once, as does the re-watch after a watch the server ended; other failures wait
+/// [`WATCH_RETRY`].
+async fn run(this: Weak<PodWatch>, api: Api<Pod>, selector: String) {
+    let config = watcher::Config::default().labels(&selector);
+    let stream = watcher::watcher(api.clone(), config.clone());
+    let mut stream = Box::pin(stream);
+    let mut waits = WATCH_RETRY.unbounded();
     // The pods a fresh list has shown so far, while one is under way.
     let mut listed: Option<HashSet<String>> = None;
     while let Some(item) = stream.next().await {
@@ -126,12 +138,26 @@ async fn run(
         let event = match item {
             Ok(event) => {
                 this.failure.send_if_modified(|f| f.take().is_some());
+                waits = WATCH_RETRY.unbounded();
                 event
             }
             Err(error) => {
                 let failure = failure_of(&error);
-                tracing::warn!(error = %error, "watching runner pods failed; the watch retries");
+                let gone = failure.code == Some(410);
                 this.failure.send_replace(Some(failure));
+                drop(this);
+                if gone {
+                    tracing::debug!(%error, "runner pod watch expired; listing again");
+                    // A watch refused with 410 at its start would be retried from the same
+                    // stale version: start over from a list.
+                    if matches!(error, watcher::Error::WatchStartFailed(_)) {
+                        stream = Box::pin(watcher::watcher(api.clone(), config.clone()));
+                    }
+                } else {
+                    let wait = waits.next().unwrap_or(WATCH_RETRY.max);
+                    tracing::warn!(%error, ?wait, "watching runner pods failed; the watch retries");
+                    tokio::time::sleep(wait).await;
+                }
                 continue;
             }
         };
