@@ -71,3 +71,23 @@ pub async fn assert_cleaned_up(kube: &FakeKube) {
     );
     assert_eq!(kube.invalid_requests(), Vec::<String>::new());
 }
+
+/// The only runner pod, once its process runs: a boot returns when the pod is made, before
+/// the kubelet has started it.
+pub async fn running_runner_pod(kube: &FakeKube) -> firebrand_k8s_fake::PodView {
+    let deadline = std::time::Instant::now() + 20 * SECOND;
+    loop {
+        if let Some(pod) = kube.runner_pods().into_iter().find(|p| p.pid.is_some()) {
+            return pod;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no runner pod runs: {:?}",
+            kube.runner_pods()
+                .iter()
+                .map(|p| (&p.name, &p.phase))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -19,6 +19,15 @@ use crate::backoff::Backoff;
 const RETRY: Backoff = Backoff::jittered(Duration::from_millis(250), Duration::from_secs(8));
 const RETRIES: usize = 6;
 
+/// How long a request that RBAC refuses (403) is tried again before the refusal stands: a
+/// kube-apiserver that has just restarted refuses every request RBAC decides until its caches
+/// of Roles and bindings fill, about a second after it reports ready. A refusal that lasts
+/// this long is a missing permission.
+pub(crate) const REFUSAL_GRACE: Duration = Duration::from_secs(5);
+
+/// The wait between tries of a request that RBAC refused.
+const REFUSAL_RETRY: Duration = Duration::from_millis(500);
+
 /// Waits between creates that a namespace's quota refused: quota frees up when a pod ends and
 /// the controller manager recounts, within a second or so.
 const QUOTA_RETRY: Backoff = Backoff::jittered(Duration::from_millis(250), Duration::from_secs(2));
@@ -49,7 +58,7 @@ impl KubeApi {
     }
 
     /// Runs `request` (`verb` on `resource`) until it succeeds, fails for good, or the
-    /// retries are spent. Each attempt has a span of its own (`kubernetes_request`: the verb,
+    /// retries are spent. An RBAC refusal stands once it has lasted [`REFUSAL_GRACE`]. Each attempt has a span of its own (`kubernetes_request`: the verb,
     /// the resource, the attempt, the status: `ok`, an error answer's HTTP status, or `none`
     /// when no answer came; the duration) and is counted in
     /// `firebrand_kubernetes_requests_total{verb,resource,status}` and
@@ -65,6 +74,7 @@ impl KubeApi {
         F: std::future::Future<Output = Result<T, kube::Error>>,
     {
         let mut delays = RETRY.delays(RETRIES);
+        let mut first_refusal = None;
         for attempt in 1.. {
             let span = tracing::debug_span!(
                 "kubernetes_request",
@@ -106,6 +116,14 @@ impl KubeApi {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };
+            if matches!(error, KubernetesError::Forbidden { .. }) {
+                let first = *first_refusal.get_or_insert_with(std::time::Instant::now);
+                if first.elapsed() < REFUSAL_GRACE {
+                    tracing::debug!(verb, resource, %error, "refused; trying again in case RBAC is still loading");
+                    tokio::time::sleep(REFUSAL_RETRY).await;
+                    continue;
+                }
+            }
             match delays.next() {
                 Some(delay) if error.is_transient() => {
                     tracing::debug!(verb, resource, %error, ?delay, "retrying a Kubernetes request");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::api::KubeApi;
+use super::api::{KubeApi, REFUSAL_GRACE};
 use super::pod::{progress, Progress, TERMINATION_MARGIN};
 use super::watch::{Follower, PodWatch, Seen};
 use super::KubernetesError;
@@ -108,12 +108,18 @@ impl RunnerPod {
             }
             let failure = self.follower.failure.borrow_and_update().clone();
             if let Some(failure) = failure.filter(|f| f.code == Some(403)) {
-                return KubernetesError::from_forbidden(
-                    failure.verb,
-                    "pods",
-                    &self.api.namespace,
-                    failure.message,
-                );
+                // An API server that has just restarted refuses with 403 until its RBAC caches
+                // fill: only a refusal that lasts fails the boot.
+                let until = failure.since + REFUSAL_GRACE;
+                if Instant::now() >= until {
+                    return KubernetesError::from_forbidden(
+                        failure.verb,
+                        "pods",
+                        &self.api.namespace,
+                        failure.message,
+                    );
+                }
+                wake_at = Some(wake_at.map_or(until, |at: Instant| at.min(until)));
             }
             let wake = async {
                 match wake_at {

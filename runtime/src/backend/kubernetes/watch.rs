@@ -34,6 +34,8 @@ pub(crate) struct WatchFailure {
     /// The HTTP status of the error answer, if it was one.
     pub code: Option<u16>,
     pub message: String,
+    /// When the watch first failed with this status, in the run of failures it is part of.
+    pub since: tokio::time::Instant,
 }
 
 pub(crate) struct PodWatch {
@@ -137,12 +139,21 @@ async fn run(this: Weak<PodWatch>, api: Api<Pod>, selector: String) {
         let Some(this) = this.upgrade() else { return };
         let event = match item {
             Ok(event) => {
-                this.failure.send_if_modified(|f| f.take().is_some());
-                waits = WATCH_RETRY.unbounded();
+                // `Init` comes before the list is even sent: only what follows shows that the
+                // API server answers again.
+                if !matches!(event, Event::Init) {
+                    this.failure.send_if_modified(|f| f.take().is_some());
+                    waits = WATCH_RETRY.unbounded();
+                }
                 event
             }
             Err(error) => {
-                let failure = failure_of(&error);
+                let mut failure = failure_of(&error);
+                if let Some(last) = &*this.failure.borrow() {
+                    if last.code == failure.code {
+                        failure.since = last.since;
+                    }
+                }
                 let gone = failure.code == Some(410);
                 this.failure.send_replace(Some(failure));
                 drop(this);
@@ -202,5 +213,6 @@ fn failure_of(error: &watcher::Error) -> WatchFailure {
         verb,
         code,
         message: error.to_string(),
+        since: tokio::time::Instant::now(),
     }
 }
