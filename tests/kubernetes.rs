@@ -696,13 +696,25 @@ async fn a_boot_completes_while_the_pod_watch_is_down() {
     pool.call(&SLEEP, 1).await.unwrap();
     // Every list and watch of pods fails from here on, as while etcd elects a leader.
     kube.fail_pod_watches(true);
-    // Two calls at once: the second needs a runner booted while the watch is down. Its boot
-    // is admitted when its runner says hello; the watch would only bring a reason to fail.
-    common::concurrent_sleeps(&pool, 2, 300).await;
+    // A long call holds the one runner; a second call needs a runner booted while the watch
+    // is down. Its boot is admitted when its runner says hello (the watch would only bring a
+    // reason to fail), so it finishes first.
+    let long = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call(&SLEEP, 10_000).await })
+    };
+    let placed = Instant::now();
+    while pool.stats().in_flight == 0 {
+        assert!(placed.elapsed() < 10 * SECOND, "the long call never started");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    pool.call(&SLEEP, 1).await.unwrap();
+    assert!(!long.is_finished(), "the second call ran on a runner of its own");
     let counts = kube.counts();
     assert_eq!(counts.pods_created, 2, "{counts:?}");
     assert!(counts.server_errors > 0, "the watch was down: {counts:?}");
     kube.fail_pod_watches(false);
+    long.await.unwrap().unwrap();
     shut_down_clean(pool, &kube).await;
 }
 

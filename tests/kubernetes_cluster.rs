@@ -483,10 +483,11 @@ async fn calls_go_on_and_boots_complete_while_the_api_server_restarts() {
         .await
         .unwrap();
     pool.call(&SLEEP, 1).await.unwrap();
-    // A call in flight on the runner that is up, and two that need runners of their own.
+    // A call in flight on the runner that is up, long enough that the two calls after it
+    // need runners of their own: their creates are retried until the API server is back.
     let long = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.call(&SLEEP, 6000).await })
+        tokio::spawn(async move { pool.call(&SLEEP, 20_000).await })
     };
     plane.kill_apiserver();
     let more = common::spawn_sleeps(&pool, 2, 500);
