@@ -1,9 +1,11 @@
 //! What the Kubernetes backend adds to a cold boot: the time from `pool.call` to the moment
-//! every call of a burst had a runner, for 1 and for 8 runners at once, on the fake API server
-//! (whose kubelet starts a pod's process at once: no scheduling or image pull latency), against
-//! the local backend starting the same runner binary, in the same run. The difference is the
-//! backend's own work per boot: the pod's create, its Secret's create, and the watch event that
-//! says it runs; with 8 at once, whether one shared watch keeps up.
+//! every call of a burst had a runner, for 1 and for 8 runners at once, against the local
+//! backend starting the same runner binary, in the same run. Twice: on the fake API server
+//! (whose kubelet starts a pod's process at once), and on the real control plane
+//! (kube-apiserver with etcd, kube-scheduler binding each pod, kube-controller-manager, and the
+//! test kubelet starting the process once it sees the binding), when `go` can build it. The
+//! difference is the backend's own work per boot (the pod's create, its Secret's create) and,
+//! on the real one, admission, scheduling and the kubelet's watch.
 //!
 //! ```sh
 //! cargo bench --bench kubernetes && python3 benches/summary.py
@@ -13,7 +15,7 @@ mod support;
 
 use std::time::Duration;
 
-use firebrand::backend::kubernetes::KubernetesBackendBuilder;
+use firebrand::backend::kubernetes::{KubernetesBackend, KubernetesBackendBuilder};
 use firebrand::{Backend, LocalBackend, Pool, PoolEvent};
 use firebrand_k8s_fake::FakeKube;
 use firebrand_runner::SLEEP;
@@ -71,6 +73,45 @@ async fn case(backend: impl Backend, runners: usize) -> f64 {
     samples[samples.len() / 2].as_secs_f64() * 1e3
 }
 
+/// A backend for parent pod [`PARENT`] in `namespace`, through `kubeconfig`.
+async fn backend(namespace: String, kubeconfig: std::path::PathBuf) -> KubernetesBackend {
+    KubernetesBackendBuilder::from_vars(move |name| match name {
+        "POD_NAME" => Some(PARENT.to_owned()),
+        "POD_NAMESPACE" => Some(namespace.clone()),
+        _ => None,
+    })
+    .kubeconfig(kubeconfig)
+    .build()
+    .await
+    .unwrap()
+}
+
+/// The cases on the real control plane, when it can be built here.
+async fn real_control_plane(results: &mut serde_json::Map<String, serde_json::Value>) {
+    use firebrand_k8s_control_plane::{ControlPlane, Images};
+    let images = Images::new().image(IMAGE, RUNNER);
+    let Some(plane) = ControlPlane::private("benches/kubernetes.rs", images) else {
+        return;
+    };
+    let namespace = plane.namespace("bench").await;
+    let parent = serde_json::json!({
+        "metadata": {"name": PARENT},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": IMAGE}],
+        },
+    });
+    plane.in_process_pod(&namespace, parent).await;
+    for runners in [1, 8] {
+        let local = case(LocalBackend::builder().command(RUNNER).build(), runners).await;
+        let kubeconfig = plane.admin_kubeconfig(&namespace);
+        let pods = case(backend(namespace.clone(), kubeconfig).await, runners).await;
+        let result = serde_json::json!({ "local_ms": local, "kubernetes_ms": pods });
+        println!("{runners} at once, real control plane: {result}");
+        results.insert(format!("cold_{runners}_control_plane"), result);
+    }
+}
+
 fn main() {
     // `cargo bench` passes criterion-style flags; this harness takes none.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -85,16 +126,7 @@ fn main() {
         let mut results = serde_json::Map::new();
         for runners in [1, 8] {
             let local = case(LocalBackend::builder().command(RUNNER).build(), runners).await;
-            let namespace = namespace.clone();
-            let backend = KubernetesBackendBuilder::from_vars(move |name| match name {
-                "POD_NAME" => Some(PARENT.to_owned()),
-                "POD_NAMESPACE" => Some(namespace.clone()),
-                _ => None,
-            })
-            .kubeconfig(kube.kubeconfig())
-            .build()
-            .await
-            .unwrap();
+            let backend = backend(namespace.clone(), kube.kubeconfig()).await;
             let pods = case(backend, runners).await;
             let result = serde_json::json!({ "local_ms": local, "kubernetes_ms": pods });
             println!("{runners} at once: {result}");
@@ -102,6 +134,7 @@ fn main() {
         }
         assert!(kube.all_cleaned_up(Duration::from_secs(30)).await);
         assert_eq!(kube.invalid_requests(), Vec::<String>::new());
+        real_control_plane(&mut results).await;
         serde_json::Value::Object(results)
     });
     support::write_results("kubernetes", &results);

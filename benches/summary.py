@@ -174,6 +174,13 @@ if kubernetes:
         pods, local = case["kubernetes_ms"], case["local_ms"]
         row(f"Kubernetes fake: cold boot, {runners} at once, to every call running", f"{pods:.0f} ms",
             f"local process {local:.0f} ms", f"local + {pods - local:.0f} ms", "", None)
+    for runners in [1, 8]:
+        case = kubernetes.get(f"cold_{runners}_control_plane")
+        if case is None:
+            continue
+        pods, local = case["kubernetes_ms"], case["local_ms"]
+        row(f"Kubernetes control plane: cold boot, {runners} at once, to every call running", f"{pods:.0f} ms",
+            f"local process {local:.0f} ms", f"local + {pods - local:.0f} ms", "", None)
 
 if not rows:
     sys.exit(f"no results under {target}: run `cargo bench` first")

@@ -9,6 +9,10 @@ root="$(cd "$here/.." && pwd)"
 out="${FIREBRAND_CONTROL_PLANE_DIR:-$root/target/k8s-control-plane}"
 bin="$out/bin"
 version=v1.37.2
+mkdir -p "$out"
+# One build at a time: test binaries and benches that start at once wait for the first.
+exec 9>"$out/.lock"
+flock 9
 stamp="$(cat "$here/build.sh" "$here/kube/go.mod" "$here/kube/go.sum" "$here/etcd/go.mod" "$here/etcd/go.sum" | sha256sum | cut -c1-16)"
 if [[ -f "$bin/.stamp" && "$(cat "$bin/.stamp")" == "$stamp" ]]; then
   echo "$bin"

@@ -705,11 +705,17 @@ async fn a_boot_completes_while_the_pod_watch_is_down() {
     };
     let placed = Instant::now();
     while pool.stats().in_flight == 0 {
-        assert!(placed.elapsed() < 10 * SECOND, "the long call never started");
+        assert!(
+            placed.elapsed() < 10 * SECOND,
+            "the long call never started"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     pool.call(&SLEEP, 1).await.unwrap();
-    assert!(!long.is_finished(), "the second call ran on a runner of its own");
+    assert!(
+        !long.is_finished(),
+        "the second call ran on a runner of its own"
+    );
     let counts = kube.counts();
     assert_eq!(counts.pods_created, 2, "{counts:?}");
     assert!(counts.server_errors > 0, "the watch was down: {counts:?}");
@@ -780,7 +786,8 @@ async fn the_sweep_reads_runner_pods_a_page_at_a_time() {
         .await
         .unwrap();
     assert!(
-        kube.wait_for(30 * SECOND, |c| c.pods_deleted == stale).await,
+        kube.wait_for(30 * SECOND, |c| c.pods_deleted == stale)
+            .await,
         "{:?}",
         kube.counts()
     );

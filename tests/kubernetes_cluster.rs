@@ -16,7 +16,7 @@ use common::cluster::{
     SECOND, SLEEPER,
 };
 use common::within;
-use firebrand::backend::kubernetes::k8s_openapi::api::core::v1::{Pod, ResourceQuota};
+use firebrand::backend::kubernetes::k8s_openapi::api::core::v1::ResourceQuota;
 use firebrand::backend::kubernetes::kube::api::{Api, DeleteParams, PostParams};
 use firebrand::backend::kubernetes::{labels, KubernetesError};
 use firebrand::backend::BootRequest;
@@ -48,21 +48,14 @@ async fn a_pool_grows_to_several_runner_pods_and_idles_down_under_the_documented
             admin, namespace, ..
         } = &cluster;
         service_account(admin, namespace, "app", documented_role()).await;
-        let pods = Api::<Pod>::namespaced(admin.clone(), namespace);
-        let mut parent: Pod = serde_json::from_value(json!({
+        let parent = json!({
             "metadata": {
                 "name": PARENT_POD,
-                "annotations": {
-                    firebrand_k8s_control_plane::IN_PROCESS_ANNOTATION: "true",
-                    "kubectl.kubernetes.io/default-container": "app",
-                },
+                "annotations": {"kubectl.kubernetes.io/default-container": "app"},
             },
             "spec": spec,
-        }))
-        .unwrap();
-        parent.metadata.namespace = Some(namespace.clone());
-        pods.create(&PostParams::default(), &parent).await.unwrap();
-        wait_running(&pods, PARENT_POD).await;
+        });
+        cluster.plane.in_process_pod(namespace, parent).await;
         cluster
             .plane
             .service_account_kubeconfig(namespace, "app")
@@ -104,29 +97,26 @@ async fn a_pool_grows_to_several_runner_pods_and_idles_down_under_the_documented
     for pod in &pods {
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
-        assert_eq!(spec.node_name.as_deref(), Some(firebrand_k8s_control_plane::NODE_NAME));
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some(firebrand_k8s_control_plane::NODE_NAME)
+        );
         let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Pod", PARENT_POD));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("Pod", PARENT_POD)
+        );
     }
-    within(30 * SECOND, counts.wait_for(|c| c.ready == 0 && c.draining == 0))
-        .await
-        .unwrap();
+    within(
+        30 * SECOND,
+        counts.wait_for(|c| c.ready == 0 && c.draining == 0),
+    )
+    .await
+    .unwrap();
     cluster.assert_cleaned_up(30 * SECOND).await;
     drop(counts);
     pool.shutdown().await;
     cluster.assert_cleaned_up(30 * SECOND).await;
-}
-
-async fn wait_running(pods: &Api<Pod>, name: &str) {
-    let deadline = std::time::Instant::now() + 60 * SECOND;
-    loop {
-        let pod = pods.get(name).await.unwrap();
-        if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{name} is not running: {:?}", pod.status);
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -148,7 +138,7 @@ async fn a_role_missing_one_verb_fails_naming_it() {
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     ]);
     service_account(admin, namespace, "no-get", rules).await;
-    parent_pod(admin, namespace, parent_spec()).await;
+    parent_pod(cluster.plane, namespace, parent_spec()).await;
 
     let no_get = cluster
         .plane
@@ -168,7 +158,10 @@ async fn a_role_missing_one_verb_fails_naming_it() {
     );
     let shown = error.to_string();
     assert!(shown.contains("RBAC denied `get` on `pods`"), "{shown}");
-    assert!(shown.contains("cannot get resource \"pods\""), "the server's own words: {shown}");
+    assert!(
+        shown.contains("cannot get resource \"pods\""),
+        "the server's own words: {shown}"
+    );
 
     let kubeconfig = cluster
         .plane
@@ -180,7 +173,10 @@ async fn a_role_missing_one_verb_fails_naming_it() {
         .unwrap();
     let error = pool.call(&SLEEP, 1).await.unwrap_err();
     let shown = boot_failure(&error);
-    assert!(shown.contains("RBAC denied `create` on `secrets`"), "{shown}");
+    assert!(
+        shown.contains("RBAC denied `create` on `secrets`"),
+        "{shown}"
+    );
     pool.shutdown().await;
     cluster.assert_cleaned_up(30 * SECOND).await;
 }
@@ -207,10 +203,15 @@ async fn a_restricted_namespace_admits_runner_pods_that_copy_the_parents_securit
         return;
     };
     let kubeconfig = cluster.parent(restricted_spec()).await;
-    let pool = pool(backend(&cluster.namespace, kubeconfig.clone()).build().await.unwrap())
-        .build()
-        .await
-        .unwrap();
+    let pool = pool(
+        backend(&cluster.namespace, kubeconfig.clone())
+            .build()
+            .await
+            .unwrap(),
+    )
+    .build()
+    .await
+    .unwrap();
     pool.call(&SLEEP, 1).await.unwrap();
     let runner = &cluster.runner_pods().await[0];
     let spec = runner.spec.as_ref().unwrap();
@@ -236,8 +237,14 @@ async fn a_restricted_namespace_admits_runner_pods_that_copy_the_parents_securit
     let error = refused.call(&SLEEP, 1).await.unwrap_err();
     let shown = boot_failure(&error);
     assert!(shown.contains("Pod Security admission"), "{shown}");
-    assert!(shown.contains("violates PodSecurity \"restricted:latest\""), "{shown}");
-    assert!(shown.contains("securityContext") && !shown.contains("RBAC"), "{shown}");
+    assert!(
+        shown.contains("violates PodSecurity \"restricted:latest\""),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("securityContext") && !shown.contains("RBAC"),
+        "{shown}"
+    );
     refused.shutdown().await;
     cluster.assert_cleaned_up(30 * SECOND).await;
 }
@@ -250,9 +257,10 @@ async fn a_boot_over_quota_waits_for_quota_and_its_error_names_the_quota() {
     let kubeconfig = cluster.parent(parent_spec()).await;
     // Room for the parent and one runner.
     let quotas = Api::<ResourceQuota>::namespaced(cluster.admin.clone(), &cluster.namespace);
-    let quota: ResourceQuota =
-        serde_json::from_value(json!({"metadata": {"name": "two-pods"}, "spec": {"hard": {"pods": "2"}}}))
-            .unwrap();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "two-pods"}, "spec": {"hard": {"pods": "2"}}}),
+    )
+    .unwrap();
     quotas.create(&PostParams::default(), &quota).await.unwrap();
     // Quota admission counts from the status the controller manager fills in.
     let deadline = std::time::Instant::now() + 30 * SECOND;
@@ -264,7 +272,10 @@ async fn a_boot_over_quota_waits_for_quota_and_its_error_names_the_quota() {
         .and_then(|s| s.used)
         .is_none()
     {
-        assert!(std::time::Instant::now() < deadline, "quota status never filled in");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "quota status never filled in"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // One pool holds the only runner pod the quota allows.
@@ -286,14 +297,22 @@ async fn a_boot_over_quota_waits_for_quota_and_its_error_names_the_quota() {
     drop(counts);
 
     // A boot with a short timeout fails with the quota's message.
-    let short = pool(backend(&cluster.namespace, kubeconfig.clone()).build().await.unwrap())
-        .boot_timeout(6 * SECOND)
-        .build()
-        .await
-        .unwrap();
+    let short = pool(
+        backend(&cluster.namespace, kubeconfig.clone())
+            .build()
+            .await
+            .unwrap(),
+    )
+    .boot_timeout(6 * SECOND)
+    .build()
+    .await
+    .unwrap();
     let error = short.call(&SLEEP, 1).await.unwrap_err();
     let shown = boot_failure(&error);
-    assert!(shown.contains("ResourceQuota") && shown.contains("two-pods"), "{shown}");
+    assert!(
+        shown.contains("ResourceQuota") && shown.contains("two-pods"),
+        "{shown}"
+    );
     assert!(!shown.contains("RBAC"), "{shown}");
     match &error {
         CallError::BootFailed(boot) => assert!(!boot.is_permanent(), "quota frees up"),
@@ -302,11 +321,16 @@ async fn a_boot_over_quota_waits_for_quota_and_its_error_names_the_quota() {
     short.shutdown().await;
 
     // A boot with time to wait gets the quota the holder frees.
-    let waiting = pool(backend(&cluster.namespace, kubeconfig).build().await.unwrap())
-        .boot_timeout(60 * SECOND)
-        .build()
-        .await
-        .unwrap();
+    let waiting = pool(
+        backend(&cluster.namespace, kubeconfig)
+            .build()
+            .await
+            .unwrap(),
+    )
+    .boot_timeout(60 * SECOND)
+    .build()
+    .await
+    .unwrap();
     let call = {
         let waiting = waiting.clone();
         tokio::spawn(async move { waiting.call(&SLEEP, 1).await })
@@ -326,12 +350,17 @@ async fn deleting_the_parent_pod_lets_the_garbage_collector_take_its_runners() {
         return;
     };
     let kubeconfig = cluster.parent(parent_spec()).await;
-    let pool = pool(backend(&cluster.namespace, kubeconfig).build().await.unwrap())
-        .min(2)
-        .max(2)
-        .build()
-        .await
-        .unwrap();
+    let pool = pool(
+        backend(&cluster.namespace, kubeconfig)
+            .build()
+            .await
+            .unwrap(),
+    )
+    .min(2)
+    .max(2)
+    .build()
+    .await
+    .unwrap();
     let mut counts = pool.watch_runners();
     within(60 * SECOND, counts.wait_for(|c| c.ready == 2))
         .await
@@ -374,7 +403,10 @@ async fn a_restarted_parent_container_deletes_the_runners_of_its_last_incarnatio
     // Running before the restart: its process is up.
     let deadline = std::time::Instant::now() + 60 * SECOND;
     while cluster.plane.processes(&cluster.namespace).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the stale runner never ran");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale runner never ran"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     std::mem::forget(machine);
@@ -385,10 +417,15 @@ async fn a_restarted_parent_container_deletes_the_runners_of_its_last_incarnatio
     assert_eq!(labels_of[labels::INCARNATION], "before-the-restart");
 
     // The new incarnation sweeps it as its pool starts, and works.
-    let pool = pool(backend(&cluster.namespace, kubeconfig).build().await.unwrap())
-        .build()
-        .await
-        .unwrap();
+    let pool = pool(
+        backend(&cluster.namespace, kubeconfig)
+            .build()
+            .await
+            .unwrap(),
+    )
+    .build()
+    .await
+    .unwrap();
     pool.call(&SLEEP, 1).await.unwrap();
     pool.shutdown().await;
     cluster.assert_cleaned_up(60 * SECOND).await;
@@ -405,12 +442,19 @@ async fn a_pod_asking_for_more_gpus_than_any_node_has_fails_at_once_with_the_sch
         .build()
         .await
         .unwrap();
-    let pool = pool(backend).boot_timeout(120 * SECOND).build().await.unwrap();
+    let pool = pool(backend)
+        .boot_timeout(120 * SECOND)
+        .build()
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let error = pool.call(&SLEEP, 1).await.unwrap_err();
     let shown = boot_failure(&error);
     assert!(shown.contains("unschedulable"), "{shown}");
-    assert!(shown.contains("Insufficient nvidia.com/gpu"), "the scheduler's words: {shown}");
+    assert!(
+        shown.contains("Insufficient nvidia.com/gpu"),
+        "the scheduler's words: {shown}"
+    );
     assert!(
         started.elapsed() < 60 * SECOND,
         "failed as the scheduler said so, not at the boot timeout: {:?}",
@@ -430,23 +474,38 @@ async fn kubectl_lists_runner_pods_by_the_backends_labels() {
         return;
     };
     let kubeconfig = cluster.parent(parent_spec()).await;
-    let pool = pool(backend(&cluster.namespace, kubeconfig).build().await.unwrap())
-        .min(1)
-        .build()
-        .await
-        .unwrap();
+    let pool = pool(
+        backend(&cluster.namespace, kubeconfig)
+            .build()
+            .await
+            .unwrap(),
+    )
+    .min(1)
+    .build()
+    .await
+    .unwrap();
     let mut counts = pool.watch_runners();
     within(60 * SECOND, counts.wait_for(|c| c.ready == 1))
         .await
         .unwrap();
-    let runner = cluster.runner_pods().await[0].metadata.name.clone().unwrap();
+    let runner = cluster.runner_pods().await[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
     let listed = cluster
         .plane
         .kubectl(&cluster.namespace, &["get", "pods", "-l", RUNNER_SELECTOR])
         .await
         .unwrap();
-    assert!(listed.contains(&runner) && listed.contains("Running"), "{listed}");
-    assert!(!listed.contains(&format!("\n{PARENT_POD} ")), "the selector applies: {listed}");
+    assert!(
+        listed.contains(&runner) && listed.contains("Running"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&format!("\n{PARENT_POD} ")),
+        "the selector applies: {listed}"
+    );
     let fields = cluster
         .plane
         .kubectl(
@@ -473,7 +532,7 @@ async fn calls_go_on_and_boots_complete_while_the_api_server_restarts() {
         return;
     };
     service_account(&admin, &namespace, "app", documented_role()).await;
-    parent_pod(&admin, &namespace, parent_spec()).await;
+    parent_pod(&plane, &namespace, parent_spec()).await;
     let kubeconfig = plane.service_account_kubeconfig(&namespace, "app").await;
     let pool = pool(backend(&namespace, kubeconfig).build().await.unwrap())
         .max(3)
@@ -499,7 +558,12 @@ async fn calls_go_on_and_boots_complete_while_the_api_server_restarts() {
         within(60 * SECOND, call).await.unwrap().unwrap();
     }
     let pods = runner_pods(&admin, &namespace).await;
-    assert_eq!(pods.len(), 3, "one pod per runner, none twice: {:?}", pods.iter().map(|p| &p.metadata.name).collect::<Vec<_>>());
+    assert_eq!(
+        pods.len(),
+        3,
+        "one pod per runner, none twice: {:?}",
+        pods.iter().map(|p| &p.metadata.name).collect::<Vec<_>>()
+    );
     pool.shutdown().await;
     common::cluster::assert_cleaned_up(&plane, &admin, &namespace, 60 * SECOND).await;
 }

@@ -334,9 +334,7 @@ impl Kubelet {
             match self.env(&pod, &container, &namespace).await {
                 Ok(env) => break env,
                 Err(message) => {
-                    status
-                        .waiting("CreateContainerConfigError", &message)
-                        .await;
+                    status.waiting("CreateContainerConfigError", &message).await;
                     if let Ok(got) = tokio::time::timeout(CONFIG_RETRY, control.recv()).await {
                         if let Some(Control::Terminate { .. }) = got {
                             confirm_deletion(&api, &name, &uid).await;
@@ -433,7 +431,10 @@ impl Kubelet {
         let _forget = Forget(&self.processes, key);
         status.running().await;
         let signal = |child: &tokio::process::Child, signal: rustix::process::Signal| {
-            if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            if let Some(pid) = child
+                .id()
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
                 let _ = rustix::process::kill_process(pid, signal);
             }
         };
@@ -639,9 +640,8 @@ impl Status<'_> {
     }
 
     async fn running(&self) {
-        let condition = |kind: &str| {
-            json!({"type": kind, "status": "True", "lastTransitionTime": now()})
-        };
+        let condition =
+            |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now()});
         self.patch(json!({
             "phase": "Running",
             "hostIP": POD_IP,

@@ -486,6 +486,44 @@ impl ControlPlane {
         self.namespace_with(name, &[]).await
     }
 
+    /// Makes `pod` (a Pod as JSON) in `namespace`, annotated as the test process itself (a
+    /// parent pod: the kubelet starts nothing for it), and waits until the scheduler has bound
+    /// it and the kubelet reports it Running with its IP; the pod as it then is.
+    ///
+    /// # Panics
+    /// When the API refuses the pod, or it is not running within a minute.
+    pub async fn in_process_pod(
+        &self,
+        namespace: &str,
+        mut pod: serde_json::Value,
+    ) -> k8s_openapi::api::core::v1::Pod {
+        use k8s_openapi::api::core::v1::Pod;
+        pod["metadata"]["annotations"][IN_PROCESS_ANNOTATION] = json!("true");
+        let pod: Pod = serde_json::from_value(pod).expect("a Pod");
+        let name = pod.metadata.name.clone().expect("a named pod");
+        let name = name.as_str();
+        let pods = Api::<Pod>::namespaced(self.admin().await, namespace);
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let pod = pods.get(name).await.expect("read the pod");
+            let status = pod.status.as_ref();
+            let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+            if running && status.and_then(|s| s.pod_ip.as_deref()).is_some() {
+                return pod;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pod {name} is not running: {:?}; see {}",
+                pod.status,
+                self.dir.join("kube-scheduler.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A kubeconfig that authenticates as ServiceAccount `account` of `namespace`, with a
     /// token from the TokenRequest API, as a pod's projected token does.
     ///
@@ -506,7 +544,9 @@ impl ControlPlane {
         let token = answer["status"]["token"]
             .as_str()
             .expect("a token in the TokenRequest's status");
-        let file = self.dir.join(format!("sa-{namespace}-{account}.kubeconfig"));
+        let file = self
+            .dir
+            .join(format!("sa-{namespace}-{account}.kubeconfig"));
         write_kubeconfig(&file, &self.url, &self.ca, token, namespace)
             .expect("the run dir is writable");
         file
@@ -563,7 +603,9 @@ fn skip<T>(test: &str, why: &Unavailable) -> Option<T> {
         !required(),
         "{test}: the Kubernetes control plane is required ({REQUIRE_ENV} is set) but unavailable: {why}"
     );
-    eprintln!("skipped: {test}: no Kubernetes control plane ({why}); set {REQUIRE_ENV}=1 to require one");
+    eprintln!(
+        "skipped: {test}: no Kubernetes control plane ({why}); set {REQUIRE_ENV}=1 to require one"
+    );
     None
 }
 

@@ -76,9 +76,8 @@ impl Daemon {
             .stdout(log.try_clone()?)
             .stderr(log);
         die_with_parent(&mut command);
-        let child = spawn(command).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("{}: {e}", program.display()))
-        })?;
+        let child = spawn(command)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", program.display())))?;
         Ok(Self { child })
     }
 

@@ -12,7 +12,7 @@ use firebrand::backend::kubernetes::kube::api::{Api, ListParams, PostParams};
 use firebrand::backend::kubernetes::kube::{self};
 use firebrand::backend::kubernetes::{KubernetesBackend, KubernetesBackendBuilder};
 use firebrand::{Pool, PoolBuilder};
-use firebrand_k8s_control_plane::{ControlPlane, Images, IN_PROCESS_ANNOTATION};
+use firebrand_k8s_control_plane::{ControlPlane, Images};
 use serde_json::{json, Value};
 
 use super::RUNNER;
@@ -113,33 +113,10 @@ pub async fn service_account(admin: &kube::Client, namespace: &str, account: &st
         .expect("create the RoleBinding");
 }
 
-/// Makes the parent pod (annotated as the test process itself) with `spec`, and waits until
-/// the scheduler has bound it and the kubelet reports it Running; the pod as it then is.
-pub async fn parent_pod(admin: &kube::Client, namespace: &str, spec: Value) -> Pod {
-    let pods = Api::<Pod>::namespaced(admin.clone(), namespace);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": PARENT_POD, "annotations": {IN_PROCESS_ANNOTATION: "true"}},
-        "spec": spec,
-    }))
-    .expect("a Pod");
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .expect("create the parent pod");
-    let deadline = Instant::now() + 60 * SECOND;
-    loop {
-        let pod = pods.get(PARENT_POD).await.expect("read the parent pod");
-        let status = pod.status.as_ref();
-        let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
-        if running && status.and_then(|s| s.pod_ip.as_deref()).is_some() {
-            return pod;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the parent pod is not running: {:?}",
-            pod.status
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Makes the parent pod with `spec` and waits until it runs.
+pub async fn parent_pod(plane: &ControlPlane, namespace: &str, spec: Value) -> Pod {
+    let pod = json!({"metadata": {"name": PARENT_POD}, "spec": spec});
+    plane.in_process_pod(namespace, pod).await
 }
 
 impl Cluster {
@@ -153,7 +130,7 @@ impl Cluster {
             documented_role(),
         )
         .await;
-        parent_pod(&self.admin, &self.namespace, spec).await;
+        parent_pod(self.plane, &self.namespace, spec).await;
         self.plane
             .service_account_kubeconfig(&self.namespace, SERVICE_ACCOUNT)
             .await

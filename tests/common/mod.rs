@@ -1,8 +1,8 @@
 //! Helpers shared by the integration tests. Every test uses real `firebrand-runner` processes.
 #![allow(dead_code)]
 
-pub mod fly;
 pub mod cluster;
+pub mod fly;
 pub mod k8s;
 
 use std::future::IntoFuture;

@@ -290,28 +290,63 @@ mod tests {
             "secrets",
             "secrets is forbidden: User \"alice\" cannot create resource \"secrets\" in API group \"\" in the namespace \"rb\"",
         );
-        assert!(matches!(rbac, KubernetesError::Forbidden { verb: "create", resource: "secrets", .. }), "{rbac:?}");
+        assert!(
+            matches!(
+                rbac,
+                KubernetesError::Forbidden {
+                    verb: "create",
+                    resource: "secrets",
+                    ..
+                }
+            ),
+            "{rbac:?}"
+        );
         assert!(rbac.is_permanent());
         let pod_security = refused(
             "create",
             "pods",
             "pods \"plain\" is forbidden: violates PodSecurity \"restricted:latest\": allowPrivilegeEscalation != false",
         );
-        assert!(matches!(pod_security, KubernetesError::PodSecurity { .. }), "{pod_security:?}");
+        assert!(
+            matches!(pod_security, KubernetesError::PodSecurity { .. }),
+            "{pod_security:?}"
+        );
         assert!(pod_security.is_permanent());
         let shown = pod_security.to_string();
-        assert!(shown.contains("securityContext") && !shown.contains("RBAC"), "{shown}");
+        assert!(
+            shown.contains("securityContext") && !shown.contains("RBAC"),
+            "{shown}"
+        );
         let quota = refused(
             "create",
             "pods",
             "pods \"p3\" is forbidden: exceeded quota: pods2, requested: pods=1, used: pods=2, limited: pods=2",
         );
-        assert!(matches!(quota, KubernetesError::QuotaExceeded { resource: "pods", .. }), "{quota:?}");
+        assert!(
+            matches!(
+                quota,
+                KubernetesError::QuotaExceeded {
+                    resource: "pods",
+                    ..
+                }
+            ),
+            "{quota:?}"
+        );
         assert!(!quota.is_permanent(), "quota frees up as pods end");
         let shown = quota.to_string();
-        assert!(shown.contains("pods2") && !shown.contains("RBAC"), "{shown}");
-        let webhook = refused("create", "pods", "admission webhook \"policy.example.com\" denied the request");
-        assert!(matches!(webhook, KubernetesError::Api { code: 403, .. }), "{webhook:?}");
+        assert!(
+            shown.contains("pods2") && !shown.contains("RBAC"),
+            "{shown}"
+        );
+        let webhook = refused(
+            "create",
+            "pods",
+            "admission webhook \"policy.example.com\" denied the request",
+        );
+        assert!(
+            matches!(webhook, KubernetesError::Api { code: 403, .. }),
+            "{webhook:?}"
+        );
         assert!(webhook.to_string().contains("policy.example.com"));
         assert!(webhook.is_permanent());
     }
