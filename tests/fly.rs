@@ -7,19 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fly::{backend, fake, pool, shut_down_clean, IMAGE, PARENT, SECOND};
-use common::{within, RUNNER};
+use common::{boot_failure, within, RUNNER};
 use firebrand::backend::fly::{FlyBackend, FlyBackendBuilder, FlyError};
 use firebrand::backend::BootRequest;
-use firebrand::{Backend, CallError, RunnerId};
+use firebrand::{Backend, RunnerId};
 use firebrand_fly_fake::{FakeFly, Latency};
 use firebrand_runner::{ENV, PID, SLEEP};
-
-fn boot_failure(error: &CallError) -> String {
-    match error {
-        CallError::BootFailed(boot) => boot.to_string(),
-        other => panic!("expected a boot failure, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn a_pool_on_fly_grows_runs_jobs_idles_down_and_destroys_every_machine() {

@@ -10,19 +10,11 @@ use common::k8s::{
     assert_cleaned_up, backend, fake, fake_with_gpus, pool, running_runner_pod, shut_down_clean,
     IMAGE, PARENT_POD, SECOND, SLEEPER,
 };
-use common::within;
+use common::{boot_failure, within};
 use firebrand::backend::kubernetes::{labels, KubernetesError};
-use firebrand::backend::BootRequest;
 use firebrand::internals::token::PARENT_ENV;
-use firebrand::{Backend, CallError, RunnerId};
+use firebrand::CallError;
 use firebrand_runner::{ENV, SLEEP};
-
-fn boot_failure(error: &CallError) -> String {
-    match error {
-        CallError::BootFailed(boot) => boot.to_string(),
-        other => panic!("expected a boot failure, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn a_pool_on_kubernetes_grows_runs_jobs_idles_down_and_deletes_every_pod() {
@@ -262,12 +254,7 @@ async fn a_restarted_parent_container_deletes_the_runners_of_its_last_incarnatio
         .build()
         .await
         .unwrap();
-    let request = BootRequest::new(
-        RunnerId(uuid::Uuid::new_v4()),
-        vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
-    );
-    let machine = earlier.boot(request).await.unwrap();
-    std::mem::forget(machine);
+    common::leave_behind(&earlier).await;
     drop(earlier);
     running_runner_pod(&kube).await;
     let stale = kube.runner_pods();
@@ -568,11 +555,7 @@ async fn the_sweep_deletes_the_runners_of_a_parent_pod_that_is_gone() {
         .build()
         .await
         .unwrap();
-    let request = BootRequest::new(
-        RunnerId(uuid::Uuid::new_v4()),
-        vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
-    );
-    std::mem::forget(before.boot(request).await.unwrap());
+    common::leave_behind(&before).await;
     drop(before);
     let stale = running_runner_pod(&kube).await;
     kube.hold_garbage_collection();
@@ -772,11 +755,7 @@ async fn the_sweep_reads_runner_pods_a_page_at_a_time() {
         .unwrap();
     let stale = 101;
     for _ in 0..stale {
-        let request = BootRequest::new(
-            RunnerId(uuid::Uuid::new_v4()),
-            vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
-        );
-        std::mem::forget(earlier.boot(request).await.unwrap());
+        common::leave_behind(&earlier).await;
     }
     drop(earlier);
     assert_eq!(kube.runner_pods().len(), stale);

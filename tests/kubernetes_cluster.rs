@@ -15,22 +15,13 @@ use common::cluster::{
     private_cluster, runner_pods, service_account, Cluster, IMAGE, PARENT_POD, RUNNER_SELECTOR,
     SECOND, SLEEPER,
 };
-use common::within;
+use common::{boot_failure, within};
 use firebrand::backend::kubernetes::k8s_openapi::api::core::v1::ResourceQuota;
 use firebrand::backend::kubernetes::kube::api::{Api, DeleteParams, PostParams};
 use firebrand::backend::kubernetes::{labels, KubernetesError};
-use firebrand::backend::BootRequest;
-use firebrand::internals::token::PARENT_ENV;
-use firebrand::{Backend, CallError, RunnerId};
+use firebrand::CallError;
 use firebrand_runner::{ENV, SLEEP};
 use serde_json::json;
-
-fn boot_failure(error: &CallError) -> String {
-    match error {
-        CallError::BootFailed(boot) => boot.to_string(),
-        other => panic!("expected a boot failure, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn a_pool_grows_to_several_runner_pods_and_idles_down_under_the_documented_role() {
@@ -350,21 +341,7 @@ async fn deleting_the_parent_pod_lets_the_garbage_collector_take_its_runners() {
         return;
     };
     let kubeconfig = cluster.parent(parent_spec()).await;
-    let pool = pool(
-        backend(&cluster.namespace, kubeconfig)
-            .build()
-            .await
-            .unwrap(),
-    )
-    .min(2)
-    .max(2)
-    .build()
-    .await
-    .unwrap();
-    let mut counts = pool.watch_runners();
-    within(60 * SECOND, counts.wait_for(|c| c.ready == 2))
-        .await
-        .unwrap();
+    let pool = cluster.ready_pool(kubeconfig, 2).await;
     let processes = cluster.plane.processes(&cluster.namespace);
     assert_eq!(processes.len(), 2, "{processes:?}");
     cluster
@@ -377,7 +354,6 @@ async fn deleting_the_parent_pod_lets_the_garbage_collector_take_its_runners() {
     for (_, pid) in processes {
         assert!(!common::alive(pid), "runner process {pid} exited");
     }
-    drop(counts);
     pool.shutdown().await;
 }
 
@@ -395,11 +371,7 @@ async fn a_restarted_parent_container_deletes_the_runners_of_its_last_incarnatio
         .build()
         .await
         .unwrap();
-    let request = BootRequest::new(
-        RunnerId(uuid::Uuid::new_v4()),
-        vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
-    );
-    let machine = earlier.boot(request).await.unwrap();
+    common::leave_behind(&earlier).await;
     // Running before the restart: its process is up.
     let deadline = std::time::Instant::now() + 60 * SECOND;
     while cluster.plane.processes(&cluster.namespace).is_empty() {
@@ -409,7 +381,6 @@ async fn a_restarted_parent_container_deletes_the_runners_of_its_last_incarnatio
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    std::mem::forget(machine);
     drop(earlier);
     let stale = cluster.runner_pods().await;
     assert_eq!(stale.len(), 1);
@@ -474,20 +445,7 @@ async fn kubectl_lists_runner_pods_by_the_backends_labels() {
         return;
     };
     let kubeconfig = cluster.parent(parent_spec()).await;
-    let pool = pool(
-        backend(&cluster.namespace, kubeconfig)
-            .build()
-            .await
-            .unwrap(),
-    )
-    .min(1)
-    .build()
-    .await
-    .unwrap();
-    let mut counts = pool.watch_runners();
-    within(60 * SECOND, counts.wait_for(|c| c.ready == 1))
-        .await
-        .unwrap();
+    let pool = cluster.ready_pool(kubeconfig, 1).await;
     let runner = cluster.runner_pods().await[0]
         .metadata
         .name
@@ -521,7 +479,6 @@ async fn kubectl_lists_runner_pods_by_the_backends_labels() {
         .await
         .unwrap();
     assert_eq!(fields, "Running Never firebrand");
-    drop(counts);
     pool.shutdown().await;
     cluster.assert_cleaned_up(30 * SECOND).await;
 }

@@ -136,6 +136,22 @@ impl Cluster {
             .await
     }
 
+    /// A pool that keeps `runners` runners up (its `min` and `max`), once they are ready.
+    pub async fn ready_pool(&self, kubeconfig: PathBuf, runners: usize) -> Pool {
+        let backend = backend(&self.namespace, kubeconfig).build().await.unwrap();
+        let pool = pool(backend)
+            .min(runners)
+            .max(runners)
+            .build()
+            .await
+            .unwrap();
+        let mut counts = pool.watch_runners();
+        super::within(60 * SECOND, counts.wait_for(|c| c.ready == runners))
+            .await
+            .unwrap();
+        pool
+    }
+
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.admin.clone(), &self.namespace)
     }

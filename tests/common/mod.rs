@@ -43,6 +43,24 @@ pub fn pool() -> PoolBuilder {
         .timeout(Duration::from_secs(20))
 }
 
+/// The boot error a call failed with, as text; panics on any other error.
+pub fn boot_failure(error: &firebrand::CallError) -> String {
+    match error {
+        firebrand::CallError::BootFailed(boot) => boot.to_string(),
+        other => panic!("expected a boot failure, got {other:?}"),
+    }
+}
+
+/// Boots one runner machine on `backend` with a token no parent admits, and forgets the
+/// machine without terminating it: what a parent that died leaves behind.
+pub async fn leave_behind(backend: &impl Backend) {
+    let request = BootRequest::new(
+        firebrand::RunnerId(uuid::Uuid::new_v4()),
+        vec![(PARENT_ENV.to_owned(), "fb1.stale".to_owned())],
+    );
+    std::mem::forget(backend.boot(request).await.unwrap());
+}
+
 /// Fails the test if `future` takes longer than `limit`.
 pub async fn within<T>(limit: Duration, future: impl IntoFuture<Output = T>) -> T {
     tokio::time::timeout(limit, future)
