@@ -432,12 +432,11 @@ async fn runner_pods_get_gpus_of_their_own() {
 #[tokio::test]
 async fn kubectl_reads_the_fakes_pods() {
     // kubectl is built with the test control plane (k8s-control-plane/build.sh).
-    let Ok(binaries) = firebrand_k8s_control_plane::binaries() else {
-        assert!(
-            !firebrand_k8s_control_plane::required(),
-            "kubectl is required and cannot be built"
-        );
-        eprintln!("skipped: kubectl_reads_the_fakes_pods: no kubectl (it builds with `go`)");
+    let test = "kubectl_reads_the_fakes_pods";
+    let built = firebrand_k8s_control_plane::binaries();
+    let Some(binaries) =
+        built.map_or_else(|why| firebrand_k8s_control_plane::skip(test, &why), Some)
+    else {
         return;
     };
     let kubectl = binaries.join("kubectl");

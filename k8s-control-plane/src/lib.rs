@@ -96,11 +96,11 @@ pub fn binaries() -> Result<&'static Path, Unavailable> {
             }
             let stdout = String::from_utf8_lossy(&output.stdout);
             let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-            eprintln!(
+            say(&format!(
                 "k8s control plane: binaries in {} ({:.1} s to check or build)",
                 dir.display(),
                 started.elapsed().as_secs_f64()
-            );
+            ));
             Ok(dir)
         })
         .as_ref()
@@ -368,11 +368,11 @@ impl ControlPlane {
             .map_err(|e| fail("kubelet", &e))?;
         plane.runtime = Some(runtime);
         plane.remove_dir = true;
-        eprintln!(
+        say(&format!(
             "k8s control plane: {url} ready in {:.1} s; logs in {}",
             started.elapsed().as_secs_f64(),
             dir.display()
-        );
+        ));
         Ok(plane)
     }
 
@@ -597,16 +597,30 @@ impl ControlPlane {
     }
 }
 
-/// Prints that `test` is skipped and why, or panics when the control plane is required.
-fn skip<T>(test: &str, why: &Unavailable) -> Option<T> {
+/// Prints that `test` is skipped and why (past the test harness's capture), and gives `None`.
+/// The test harness names each test's thread after the test: that name is used when there is
+/// one.
+///
+/// # Panics
+/// When the control plane is [`required`].
+pub fn skip<T>(test: &str, why: &Unavailable) -> Option<T> {
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or(test);
     assert!(
         !required(),
         "{test}: the Kubernetes control plane is required ({REQUIRE_ENV} is set) but unavailable: {why}"
     );
-    eprintln!(
+    say(&format!(
         "skipped: {test}: no Kubernetes control plane ({why}); set {REQUIRE_ENV}=1 to require one"
-    );
+    ));
     None
+}
+
+/// Writes `line` to stderr past the test harness's capture (which takes `eprintln!` only), so
+/// that a skip or a build shows in a `cargo test` run whatever its outcome.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A kube-rs client from a kubeconfig file.
