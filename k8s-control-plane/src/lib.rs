@@ -138,7 +138,8 @@ pub struct ControlPlane {
     apiserver_args: Vec<String>,
     binaries: PathBuf,
     apiserver: Mutex<Option<Daemon>>,
-    _others: Vec<Daemon>,
+    /// etcd, the controller manager and the scheduler: killed when dropped.
+    daemons: Vec<Daemon>,
     runtime: Option<tokio::runtime::Runtime>,
     processes: kubelet::Processes,
     /// Whether the run's folder goes with it: not while it is starting, so that the logs of a
@@ -164,7 +165,7 @@ impl Drop for ControlPlane {
         if let Some(mut apiserver) = self.apiserver.lock().take() {
             apiserver.kill();
         }
-        for daemon in &mut self._others {
+        for daemon in &mut self.daemons {
             daemon.kill();
         }
         if self.remove_dir {
@@ -308,7 +309,7 @@ impl ControlPlane {
             apiserver_args,
             binaries: binaries.to_path_buf(),
             apiserver: Mutex::new(Some(apiserver)),
-            _others: vec![etcd],
+            daemons: vec![etcd],
             runtime: None,
             processes: Default::default(),
             remove_dir: false,
@@ -338,7 +339,7 @@ impl ControlPlane {
             ],
         )
         .map_err(|e| fail("kube-controller-manager", &e))?;
-        plane._others.push(controller_manager);
+        plane.daemons.push(controller_manager);
         let scheduler_port = process::free_port().map_err(|e| fail("port", &e))?;
         let scheduler = Daemon::spawn(
             &dir,
@@ -354,7 +355,7 @@ impl ControlPlane {
             ],
         )
         .map_err(|e| fail("kube-scheduler", &e))?;
-        plane._others.push(scheduler);
+        plane.daemons.push(scheduler);
         let kubelet_client = runtime
             .block_on(client_from(Path::new(&admin_config)))
             .map_err(|e| fail("kubelet client", &e))?;
