@@ -667,6 +667,60 @@ async fn a_watch_that_rbac_denies_fails_the_boot_naming_it() {
 }
 
 #[tokio::test]
+async fn a_watch_refused_while_rbac_loads_is_tried_again_within_the_grace() {
+    let kube = fake().await;
+    let pool = pool(backend(&kube).build().await.unwrap())
+        .max(2)
+        .max_concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    pool.call(&SLEEP, 1).await.unwrap();
+    // Failures in a row grow the watch's backoff to seconds, as while an API server restarts.
+    kube.fail_pod_watches(true);
+    assert!(
+        kube.wait_for(60 * SECOND, |c| c.server_errors >= 5).await,
+        "{:?}",
+        kube.counts()
+    );
+    // Back, but refusing while its RBAC caches fill: a few seconds, under the grace.
+    kube.deny("list", "pods");
+    kube.deny("watch", "pods");
+    let forbidden = kube.counts().forbidden;
+    kube.fail_pod_watches(false);
+    assert!(
+        kube.wait_for(60 * SECOND, |c| c.forbidden > forbidden)
+            .await,
+        "the watch was refused: {:?}",
+        kube.counts()
+    );
+    let refused = Instant::now();
+    tokio::time::sleep(3 * SECOND).await;
+    let watches = kube.counts().watches;
+    kube.allow_all();
+    // The refusal is retried every half second, not after the backoff the failures grew.
+    assert!(
+        kube.wait_for(3 * SECOND, |c| c.watches > watches).await,
+        "the watch came back soon after RBAC did: {:?}",
+        kube.counts()
+    );
+    // Past the grace from the first refusal: a boot now is not failed by a refusal that the
+    // watch has not tried again since.
+    tokio::time::sleep((6 * SECOND).saturating_sub(refused.elapsed())).await;
+    let long = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call(&SLEEP, 3_000).await })
+    };
+    while pool.stats().in_flight == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    pool.call(&SLEEP, 1).await.unwrap();
+    long.await.unwrap().unwrap();
+    assert_eq!(kube.counts().pods_created, 2);
+    shut_down_clean(pool, &kube).await;
+}
+
+#[tokio::test]
 async fn a_boot_completes_while_the_pod_watch_is_down() {
     let kube = fake().await;
     let pool = pool(backend(&kube).build().await.unwrap())

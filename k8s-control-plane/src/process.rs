@@ -135,11 +135,16 @@ pub(crate) fn free_port() -> std::io::Result<u16> {
 /// Writes `contents` to a new `file` readable by this user alone.
 pub(crate) fn write_private(file: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
-    let _ = std::fs::remove_file(file);
+    // Written aside and renamed into place: tests that write the same file at once (an admin
+    // kubeconfig) each see a whole file, and none finds the other's half-made one in its way.
+    let mut aside = file.as_os_str().to_owned();
+    aside.push(format!(".{}", uuid::Uuid::new_v4().simple()));
+    let aside = PathBuf::from(aside);
     std::fs::OpenOptions::new()
         .create_new(true)
         .write(true)
         .mode(0o600)
-        .open(file)?
-        .write_all(contents)
+        .open(&aside)?
+        .write_all(contents)?;
+    std::fs::rename(&aside, file)
 }

@@ -48,11 +48,11 @@ mod job;
 mod pool;
 mod registry;
 pub mod runner;
-pub mod tls;
-pub mod token;
+mod tls;
+mod token;
 mod trace;
-pub mod transport;
-pub mod wire;
+mod transport;
+mod wire;
 
 #[cfg(feature = "fly")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fly")))]

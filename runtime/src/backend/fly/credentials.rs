@@ -147,14 +147,42 @@ pub(crate) const NO_TOKEN: &str =
      then `fly secrets set FLY_API_TOKEN=...`), run `fly auth login` (it writes \
      ~/.fly/config.yml), call .token(), or give a .token_source()";
 
-/// The `access_token` of flyctl's `config.yml`.
+/// The `access_token` of flyctl's `config.yml`: a top-level `access_token: <value>` line,
+/// the value plain, `"double"` or `'single'` quoted, as flyctl's YAML writer leaves it. Only
+/// this one key is read, so no YAML parser is linked for it; anything else in the file is
+/// ignored.
 fn access_token(yaml: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Config {
-        access_token: Option<String>,
-    }
-    let config: Config = serde_yaml_ng::from_str(yaml).ok()?;
-    config.access_token.filter(|t| !t.trim().is_empty())
+    let line = yaml
+        .lines()
+        .find_map(|line| line.strip_prefix("access_token:"))?;
+    let value = line.trim();
+    let token = if let Some(quoted) = value.strip_prefix('"') {
+        quoted.split_once('"')?.0.to_owned()
+    } else if let Some(quoted) = value.strip_prefix('\'') {
+        // In a single-quoted YAML scalar, `''` is one quote.
+        let mut token = String::new();
+        let mut rest = quoted;
+        loop {
+            let (part, after) = rest.split_once('\'')?;
+            token.push_str(part);
+            match after.strip_prefix('\'') {
+                Some(more) => {
+                    token.push('\'');
+                    rest = more;
+                }
+                None => break token,
+            }
+        }
+    } else {
+        // A plain scalar ends at a comment.
+        value
+            .split(" #")
+            .next()
+            .unwrap_or_default()
+            .trim_end()
+            .to_owned()
+    };
+    Some(token).filter(|t| !t.trim().is_empty())
 }
 
 /// The token in use, and how many times it was resolved.
@@ -250,6 +278,20 @@ mod tests {
         assert_eq!(access_token("access_token: \"\"\n"), None);
         assert_eq!(access_token("other: 1\n"), None);
         assert_eq!(access_token(": not yaml ["), None);
+        assert_eq!(
+            access_token("last_login: x\naccess_token: \"fm2_q d\"\n").as_deref(),
+            Some("fm2_q d")
+        );
+        assert_eq!(
+            access_token("access_token: 'fm2_it''s'\n").as_deref(),
+            Some("fm2_it's")
+        );
+        assert_eq!(
+            access_token("access_token: fm2_abc # a comment\n").as_deref(),
+            Some("fm2_abc")
+        );
+        // Only the top-level key: an indented one belongs to some other map.
+        assert_eq!(access_token("other:\n  access_token: nested\n"), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ const RETRIES: usize = 6;
 pub(crate) const REFUSAL_GRACE: Duration = Duration::from_secs(5);
 
 /// The wait between tries of a request that RBAC refused.
-const REFUSAL_RETRY: Duration = Duration::from_millis(500);
+pub(crate) const REFUSAL_RETRY: Duration = Duration::from_millis(500);
 
 /// Waits between creates that a namespace's quota refused: quota frees up when a pod ends and
 /// the controller manager recounts, within a second or so.

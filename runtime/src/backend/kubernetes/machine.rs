@@ -7,9 +7,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::api::{KubeApi, REFUSAL_GRACE};
+use super::api::KubeApi;
 use super::pod::{progress, Progress, TERMINATION_MARGIN};
-use super::watch::{Follower, PodWatch, Seen};
+use super::watch::{Follower, PodWatch, Seen, WatchFailure};
 use super::KubernetesError;
 use crate::backend::{Exit, Machine};
 use crate::error::{BackendError, BootError};
@@ -107,19 +107,16 @@ impl RunnerPod {
                 },
             }
             let failure = self.follower.failure.borrow_and_update().clone();
-            if let Some(failure) = failure.filter(|f| f.code == Some(403)) {
+            if let Some(failure) = failure.filter(WatchFailure::refusal_stands) {
                 // An API server that has just restarted refuses with 403 until its RBAC caches
-                // fill: only a refusal that lasts fails the boot.
-                let until = failure.since + REFUSAL_GRACE;
-                if Instant::now() >= until {
-                    return KubernetesError::from_forbidden(
-                        failure.verb,
-                        "pods",
-                        &self.api.namespace,
-                        failure.message,
-                    );
-                }
-                wake_at = Some(wake_at.map_or(until, |at: Instant| at.min(until)));
+                // fill: only a refusal still given after the grace fails the boot (the watch
+                // tries again every `REFUSAL_RETRY` meanwhile, and each try is a change here).
+                return KubernetesError::from_forbidden(
+                    failure.verb,
+                    "pods",
+                    &self.api.namespace,
+                    failure.message,
+                );
             }
             let wake = async {
                 match wake_at {

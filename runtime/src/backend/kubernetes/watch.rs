@@ -13,6 +13,7 @@ use kube::Api;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use super::api::{REFUSAL_GRACE, REFUSAL_RETRY};
 use crate::backoff::Backoff;
 
 /// What the watch last saw of one pod.
@@ -36,6 +37,17 @@ pub(crate) struct WatchFailure {
     pub message: String,
     /// When the watch first failed with this status, in the run of failures it is part of.
     pub since: tokio::time::Instant,
+    /// When it last failed so: a refusal stands only once it is still given after
+    /// [`REFUSAL_GRACE`] from `since`, not merely because that long has gone by while the
+    /// watch waited to try again.
+    pub latest: tokio::time::Instant,
+}
+
+impl WatchFailure {
+    /// Whether this is an RBAC refusal that has outlasted [`REFUSAL_GRACE`].
+    pub(crate) fn refusal_stands(&self) -> bool {
+        self.code == Some(403) && self.latest >= self.since + REFUSAL_GRACE
+    }
 }
 
 pub(crate) struct PodWatch {
@@ -155,6 +167,9 @@ async fn run(this: Weak<PodWatch>, api: Api<Pod>, selector: String) {
                     }
                 }
                 let gone = failure.code == Some(410);
+                // A refusal is tried again soon while it may be RBAC still loading, so that a
+                // boot waiting on the watch sees it lift (or stand) within the grace.
+                let refused_lately = failure.code == Some(403) && !failure.refusal_stands();
                 this.failure.send_replace(Some(failure));
                 drop(this);
                 if gone {
@@ -164,6 +179,9 @@ async fn run(this: Weak<PodWatch>, api: Api<Pod>, selector: String) {
                     if matches!(error, watcher::Error::WatchStartFailed(_)) {
                         stream = Box::pin(watcher::watcher(api.clone(), config.clone()));
                     }
+                } else if refused_lately {
+                    tracing::debug!(%error, "runner pod watch refused; trying again in case RBAC is still loading");
+                    tokio::time::sleep(REFUSAL_RETRY).await;
                 } else {
                     let wait = waits.next().unwrap_or(WATCH_RETRY.max);
                     tracing::warn!(%error, ?wait, "watching runner pods failed; the watch retries");
@@ -209,10 +227,12 @@ fn failure_of(error: &watcher::Error) -> WatchFailure {
         watcher::Error::InitialListFailed(_) => "list",
         _ => "watch",
     };
+    let now = tokio::time::Instant::now();
     WatchFailure {
         verb,
         code,
         message: error.to_string(),
-        since: tokio::time::Instant::now(),
+        since: now,
+        latest: now,
     }
 }
