@@ -204,6 +204,17 @@ async fn sigterm_drains_the_runner_and_min_replaces_it() {
 /// Plays a parent on its own runtime, sends one sleep call, then vanishes without a close (the
 /// runtime is dropped), and returns the runner's exit code and the time from the call to its exit.
 fn vanish_during_a_call(sleep_ms: u64, drain_grace: Duration) -> (Option<i32>, Duration) {
+    let (code, elapsed, _) = vanish_during_a_call_with(sleep_ms, drain_grace, false);
+    (code, elapsed)
+}
+
+/// [`vanish_during_a_call`], on a backend whose runners' output the parent does not see when
+/// `machine_log`; also returns what the runner wrote to its stderr.
+fn vanish_during_a_call_with(
+    sleep_ms: u64,
+    drain_grace: Duration,
+    machine_log: bool,
+) -> (Option<i32>, Duration, String) {
     let parent_runtime = tokio::runtime::Runtime::new().unwrap();
     let waiting = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -213,6 +224,8 @@ fn vanish_during_a_call(sleep_ms: u64, drain_grace: Duration) -> (Option<i32>, D
         peer_timeout: Duration::from_secs(1),
         keep_alive: Duration::from_millis(300),
         drain_grace,
+        log_filter: "info".into(),
+        forward_output: machine_log,
         ..common::raw_settings()
     };
     let parent = parent_runtime.block_on(async { common::RawParent::new() });
@@ -230,10 +243,44 @@ fn vanish_during_a_call(sleep_ms: u64, drain_grace: Duration) -> (Option<i32>, D
     // that drives the endpoint stops.
     std::mem::forget((connection, control, streams, parent));
     parent_runtime.shutdown_background();
-    let status = waiting
-        .block_on(within(30 * SECOND, runner.wait()))
-        .unwrap();
-    (status.code(), started.elapsed())
+    let (status, stderr) = waiting.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let mut stderr = String::new();
+        let mut pipe = runner.stderr.take().unwrap();
+        // Read while it runs, so that a full pipe never holds it up.
+        let (status, _) = tokio::join!(
+            within(30 * SECOND, runner.wait()),
+            pipe.read_to_string(&mut stderr)
+        );
+        (status.unwrap(), stderr)
+    });
+    (status.code(), started.elapsed(), stderr)
+}
+
+#[test]
+fn a_runner_cut_off_from_its_parent_leaves_its_last_lines_in_its_own_stderr() {
+    common::init_tracing();
+    // The call outlasts the 1 s peer timeout; the drain ends when it does.
+    let (code, _, stderr) = vanish_during_a_call_with(2_000, Duration::from_secs(10), true);
+    assert_eq!(code, Some(firebrand::runner::exit_code::PARENT_LOST));
+    // One compact line per event, as the machine's log (Fly's, `kubectl logs`) shows it.
+    let lost = stderr
+        .lines()
+        .find(|line| line.contains("parent lost: draining"))
+        .unwrap_or_else(|| panic!("no parent-lost line in the runner's stderr:\n{stderr}"));
+    assert!(lost.contains("WARN"), "{lost}");
+    assert!(lost.contains("reason="), "{lost}");
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.contains("connected to parent")),
+        "{stderr}"
+    );
+    // Where the parent brings the runner's output itself (the local backend), the events go
+    // over the connection only: its stderr is the parent's log, and would show them twice.
+    let (code, _, stderr) = vanish_during_a_call_with(2_000, Duration::from_secs(10), false);
+    assert_eq!(code, Some(firebrand::runner::exit_code::PARENT_LOST));
+    assert!(!stderr.contains("parent lost"), "{stderr}");
 }
 
 #[test]

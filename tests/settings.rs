@@ -156,6 +156,11 @@ fn settings_beyond_the_limits_are_refused_by_name() {
             "max",
             firebrand::Pool::builder(&firebrand_runner::registry()).max(usize::MAX),
         ),
+        (
+            "runner_log_level",
+            firebrand::Pool::builder(&firebrand_runner::registry())
+                .runner_log_level("info,my_app=loud"),
+        ),
     ] {
         let error = runtime.block_on(builder.build()).unwrap_err();
         assert!(

@@ -89,7 +89,7 @@ fn test_parent() -> (quinn::Endpoint, BootToken) {
             peer_timeout: PEER_TIMEOUT,
             keep_alive: KEEP_ALIVE,
             // The raw parent reads no control stream.
-            log_level: 0,
+            log_filter: "off".into(),
             forward_output: false,
         },
     );

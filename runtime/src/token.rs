@@ -44,9 +44,10 @@ pub struct RunnerSettings {
     pub peer_timeout: Duration,
     /// The QUIC keep-alive interval.
     pub keep_alive: Duration,
-    /// The most verbose log level the runner sends its parent: 1 (ERROR) to 5 (TRACE), 0 for
-    /// nothing.
-    pub log_level: u8,
+    /// Which of its `tracing` events the runner sends its parent (and writes to its own
+    /// stderr where the parent does not see it): an `EnvFilter` directive, checked by the
+    /// pool; `off` for none.
+    pub log_filter: String,
     /// Whether the runner sends its stdout and stderr lines to its parent too: on backends
     /// that do not bring them there themselves.
     pub forward_output: bool,
@@ -236,7 +237,7 @@ mod tests {
             max_payload_len: 1 << 20,
             peer_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(1),
-            log_level: 0,
+            log_filter: "off".into(),
             forward_output: false,
         }
     }

@@ -264,7 +264,7 @@ pub fn raw_settings() -> firebrand::internals::token::RunnerSettings {
         max_payload_len: 1 << 20,
         peer_timeout: Duration::from_secs(10),
         keep_alive: Duration::from_secs(1),
-        log_level: 0,
+        log_filter: "off".into(),
         forward_output: false,
     }
 }

@@ -60,8 +60,7 @@ pub mod defaults {
     /// [`max_payload_len`](super::PoolBuilder::max_payload_len): 128 MiB.
     pub const MAX_PAYLOAD_LEN: u64 = 128 << 20;
     /// [`runner_log_level`](super::PoolBuilder::runner_log_level).
-    pub const RUNNER_LOG_LEVEL: tracing::level_filters::LevelFilter =
-        tracing::level_filters::LevelFilter::INFO;
+    pub const RUNNER_LOG_LEVEL: &str = "info";
 }
 
 /// A pool's settings, validated.
@@ -74,7 +73,7 @@ pub(crate) struct PoolConfig {
     pub(crate) idle_shutdown_after: Option<Duration>,
     pub(crate) min_idle_shutdown_after: Option<Duration>,
     pub(crate) boot_timeout: Duration,
-    pub(crate) runner_log_level: tracing::level_filters::LevelFilter,
+    pub(crate) runner_log_level: String,
     pub(crate) call_timeout: Option<Duration>,
     pub(crate) queue_timeout: Duration,
     pub(crate) single_use: bool,
@@ -119,10 +118,7 @@ impl PoolConfig {
             max_payload_len: self.max_payload_len,
             peer_timeout: self.peer_timeout,
             keep_alive: self.keep_alive,
-            log_level: self
-                .runner_log_level
-                .into_level()
-                .map_or(0, crate::runner::log_level_number),
+            log_filter: self.runner_log_level.clone(),
             forward_output: false,
         }
     }
@@ -176,6 +172,12 @@ impl PoolConfig {
             if !(at > 0.0 && at <= 1.0) {
                 return invalid(format!("prewarm_at must be in (0, 1], not {at}"));
             }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.runner_log_level) {
+            return invalid(format!(
+                "runner_log_level `{}` is not an EnvFilter directive: {e}",
+                self.runner_log_level
+            ));
         }
         if self.max_payload_len < 1024 || self.max_payload_len > u64::from(u32::MAX) {
             return invalid("max_payload_len must be between 1 KiB and 4 GiB".into());
@@ -243,7 +245,7 @@ impl PoolBuilder {
                 boot_attempts: defaults::BOOT_ATTEMPTS,
                 peer_timeout: defaults::PEER_TIMEOUT,
                 keep_alive: defaults::KEEP_ALIVE,
-                runner_log_level: defaults::RUNNER_LOG_LEVEL,
+                runner_log_level: defaults::RUNNER_LOG_LEVEL.to_owned(),
                 connect_failsafe: defaults::CONNECT_FAILSAFE,
                 max_payload_len: defaults::MAX_PAYLOAD_LEN,
                 bind: None,
@@ -357,12 +359,22 @@ impl PoolBuilder {
         self
     }
 
-    /// The most verbose of its `tracing` events a runner sends to the parent, which logs them
-    /// again with target `firebrand::runner`, the runner's id and machine, and the call's job
-    /// and trace id. `LevelFilter::OFF` sends none. Default: [`defaults::RUNNER_LOG_LEVEL`],
-    /// INFO.
-    pub fn runner_log_level(mut self, level: tracing::level_filters::LevelFilter) -> Self {
-        self.config.runner_log_level = level;
+    /// Which of its `tracing` events a runner sends to the parent, which logs them again with
+    /// target `firebrand::runner`, the runner's id and machine, and the call's job and trace
+    /// id: a level (`LevelFilter::DEBUG`, `"debug"`) or any `EnvFilter` directive
+    /// (`"info,my_app::jobs=trace"`). On a backend whose runners' output the parent does not
+    /// see (Fly, Kubernetes), the runner also writes them to its own stderr, the machine's log.
+    /// `"off"` sends none. A directive that does not parse fails [`build`](Self::build) with
+    /// [`PoolError::InvalidConfig`]. Default: [`defaults::RUNNER_LOG_LEVEL`], `"info"`.
+    ///
+    /// ```
+    /// # fn f(registry: &firebrand::Registry) {
+    /// let builder = firebrand::Pool::builder(registry)
+    ///     .runner_log_level("warn,my_app::jobs=debug");
+    /// # }
+    /// ```
+    pub fn runner_log_level(mut self, filter: impl std::fmt::Display) -> Self {
+        self.config.runner_log_level = filter.to_string();
         self
     }
 

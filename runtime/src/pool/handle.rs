@@ -300,7 +300,11 @@ pub(crate) async fn supervise(
             }
         }
     };
-    tracing::info!(reason = %ended, "runner ended");
+    if lost {
+        tracing::warn!(reason = %ended, "runner ended");
+    } else {
+        tracing::info!(reason = %ended, "runner ended");
+    }
     shared.drive(|state| state.scheduler.runner_gone(handle.id));
     let runner = handle.id;
     if park {

@@ -9,13 +9,15 @@
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::layer::Context;
+use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
 
 use crate::wire::LogLine;
 
@@ -40,10 +42,14 @@ struct Queue {
     tx: tokio::sync::mpsc::Sender<LogLine>,
     rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<LogLine>>>,
     dropped: AtomicU64,
-    /// The most verbose level forwarded, as [`level_number`] numbers it; 0 forwards nothing.
-    /// Output lines are forwarded unless it is 0.
-    level: AtomicU8,
+    /// Whether output lines are forwarded: once the pool's filter is set, unless it is `off`.
+    forward_output: AtomicBool,
 }
+
+/// The pool's filter for this runner's events (its `runner_log_level`), set once the boot
+/// token is read. Until then nothing is kept: an app that adds the layer in a process that
+/// never serves keeps nothing.
+static FILTER: OnceLock<EnvFilter> = OnceLock::new();
 
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
@@ -54,9 +60,7 @@ fn queue() -> &'static Queue {
             tx,
             rx: parking_lot::Mutex::new(Some(rx)),
             dropped: AtomicU64::new(0),
-            // Nothing is queued until a runner serves and sets the pool's level: an app that
-            // adds the layer in a process that never serves keeps nothing.
-            level: AtomicU8::new(0),
+            forward_output: AtomicBool::new(false),
         }
     })
 }
@@ -72,9 +76,22 @@ pub(crate) fn level_number(level: Level) -> u8 {
     }
 }
 
-/// Forwards records up to `level` (a [`level_number`]; 0 for none), as the pool asked.
-pub(crate) fn set_level(level: u8) {
-    queue().level.store(level, Ordering::Relaxed);
+/// Keeps the events that `directive` (an `EnvFilter` directive, which the pool checked) lets
+/// through, from now on. The first call wins: a runner serves one pool.
+pub(crate) fn set_filter(directive: &str) {
+    let filter = EnvFilter::builder().parse(directive).unwrap_or_else(|e| {
+        eprintln!("firebrand runner: log filter `{directive}`: {e}; logging nothing");
+        EnvFilter::new("off")
+    });
+    let forward_output = filter.max_level_hint() != Some(LevelFilter::OFF);
+    if FILTER.set(filter).is_ok() {
+        queue()
+            .forward_output
+            .store(forward_output, Ordering::Relaxed);
+        // Callsites asked before the filter was set were told "sometimes"; the global
+        // maximum level is computed again with it.
+        tracing::callsite::rebuild_interest_cache();
+    }
 }
 
 /// Queues `line` without waiting; a full queue drops it and counts it.
@@ -139,16 +156,112 @@ where
 {
     use tracing_subscriber::Layer as _;
     let _ = queue();
-    LogLayer.with_filter(tracing_subscriber::filter::filter_fn(forwarded))
+    LogLayer.with_filter(RunnerFilter)
 }
 
-/// Whether events and spans of `metadata` are sent: up to the pool's level, and never those
-/// of the QUIC and TLS stacks, whose sending would make more of them.
-fn forwarded(metadata: &tracing::Metadata<'_>) -> bool {
-    let target = metadata.target();
-    level_number(*metadata.level()) <= queue().level.load(Ordering::Relaxed)
-        && !target.starts_with("quinn")
-        && !target.starts_with("rustls")
+/// The subscriber [`run_if_child`](crate::run_if_child) installs when the app has none: the
+/// events go to the parent and, when `machine_log` (the parent does not see this process's
+/// output), to this process's stderr as well, compact, one line each, so that the machine's own
+/// log (Fly's, `kubectl logs`) has them even when the parent is gone. They are written there as
+/// they happen, from a descriptor taken before the output is captured, so none is forwarded
+/// twice and none waits in the queue for a parent that may never read it.
+pub(crate) fn default_subscriber(machine_log: bool) -> impl Subscriber + Send + Sync + 'static {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::Layer as _;
+    let _ = queue();
+    let stderr = machine_log
+        .then(|| rustix::io::dup(std::io::stderr()))
+        .and_then(|copy| match copy {
+            Ok(copy) => Some(copy),
+            Err(e) => {
+                eprintln!("firebrand runner: cannot log to stderr: {e}");
+                None
+            }
+        })
+        .map(|copy| {
+            tracing_subscriber::fmt::layer()
+                .compact()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(std::fs::File::from(copy)))
+        });
+    tracing_subscriber::registry().with(LogLayer.and_then(stderr).with_filter(RunnerFilter))
+}
+
+/// [`FILTER`], as a per-layer filter, and never the events of the QUIC and TLS stacks, whose
+/// sending would make more of them.
+struct RunnerFilter;
+
+impl RunnerFilter {
+    fn filter() -> Option<&'static EnvFilter> {
+        FILTER.get()
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for RunnerFilter
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        let target = metadata.target();
+        !target.starts_with("quinn")
+            && !target.starts_with("rustls")
+            && Self::filter().is_some_and(|f| Filter::<S>::enabled(f, metadata, cx))
+    }
+
+    fn callsite_enabled(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        match Self::filter() {
+            Some(filter) => Filter::<S>::callsite_enabled(filter, metadata),
+            // Asked again once the filter is set (`rebuild_interest_cache`).
+            None => tracing::subscriber::Interest::sometimes(),
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Self::filter().and_then(|f| Filter::<S>::max_level_hint(f))
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: Context<'_, S>,
+    ) {
+        if let Some(f) = Self::filter() {
+            Filter::<S>::on_new_span(f, attrs, id, cx);
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: Context<'_, S>,
+    ) {
+        if let Some(f) = Self::filter() {
+            Filter::<S>::on_record(f, id, values, cx);
+        }
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: Context<'_, S>) {
+        if let Some(f) = Self::filter() {
+            Filter::<S>::on_enter(f, id, cx);
+        }
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: Context<'_, S>) {
+        if let Some(f) = Self::filter() {
+            Filter::<S>::on_exit(f, id, cx);
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: Context<'_, S>) {
+        if let Some(f) = Self::filter() {
+            Filter::<S>::on_close(f, id, cx);
+        }
+    }
 }
 
 /// The layer [`log_layer`] filters.
@@ -353,7 +466,7 @@ fn forward_lines(read: std::fs::File, original: OwnedFd, stream: &'static str) {
             Ok(_) => {}
         }
         let _ = original.write_all(&line);
-        if queue().level.load(Ordering::Relaxed) == 0 {
+        if !queue().forward_output.load(Ordering::Relaxed) {
             continue;
         }
         let text = String::from_utf8_lossy(&line);

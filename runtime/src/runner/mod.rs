@@ -33,7 +33,6 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
-pub(crate) use logs::level_number as log_level_number;
 pub use logs::{log_layer, LOG_BURST, MAX_LOG_LINES_PER_SECOND};
 pub use stats::RunnerStats;
 
@@ -131,11 +130,14 @@ pub fn run_if_child(registry: &Registry) {
         std::env::remove_var(RELAYED_OUTPUT_ENV);
         output::outlive_the_relay();
     }
+    if let Ok(token) = &token {
+        logs::set_filter(&token.settings.log_filter);
+    }
     if !tracing::dispatcher::has_been_set() {
-        // No subscriber of the app's own: the runner's events go to its parent.
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let subscriber = tracing_subscriber::registry().with(log_layer());
-        let _ = tracing::subscriber::set_global_default(subscriber);
+        // No subscriber of the app's own: the runner's events go to its parent, and to the
+        // machine's log where the parent does not see this process's output.
+        let machine_log = token.as_ref().is_ok_and(|t| t.settings.forward_output);
+        let _ = tracing::subscriber::set_global_default(logs::default_subscriber(machine_log));
     }
     let captured = token
         .as_ref()
@@ -283,7 +285,7 @@ async fn serve_in_span(
     registry: Registry,
     jobs: tokio::runtime::Handle,
 ) -> Result<ServeExit, ServeError> {
-    logs::set_level(token.settings.log_level);
+    logs::set_filter(&token.settings.log_filter);
     let mut terminator = Terminator::new(&token.settings);
     let mut continued = park::Continued::watch();
     let mut connected = dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
