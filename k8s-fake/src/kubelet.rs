@@ -10,17 +10,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::store::{self, now};
+use super::store::{self, now, Control};
 use super::{State, GPU_RESOURCE, NODE_NAME, POD_IP};
-
-/// What a delete asks of a pod's kubelet.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Control {
-    /// SIGTERM, then SIGKILL after `grace`; the pod is removed once its process ended.
-    Terminate { grace: Duration },
-    /// The pod is gone from the API already: SIGKILL, and report nothing.
-    Kill,
-}
 
 /// How long a failed image pull waits before reporting `ImagePullBackOff`, and a missing
 /// secret before the kubelet looks again.

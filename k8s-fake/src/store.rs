@@ -7,8 +7,16 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::kubelet::Control;
 use super::{labels_of, State, NODE_NAME, PARENT_SERVICE_ACCOUNT, POD_IP};
+
+/// What a delete asks of a pod's kubelet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Control {
+    /// SIGTERM, then SIGKILL after `grace`; the pod is removed once its process ended.
+    Terminate { grace: std::time::Duration },
+    /// The pod is gone from the API already: SIGKILL, and report nothing.
+    Kill,
+}
 
 /// Events kept for watches that start from an older `resourceVersion`.
 const HISTORY: usize = 10_000;

@@ -42,12 +42,12 @@ pub mod backend;
 mod backoff;
 mod error;
 mod exit_codes;
-#[cfg(target_os = "linux")]
-mod fork_server;
 mod job;
+mod manifest;
 mod pool;
 mod registry;
 pub mod runner;
+mod settings;
 mod tls;
 mod token;
 mod trace;
@@ -63,13 +63,14 @@ pub use backend::kubernetes::KubernetesBackend;
 pub use backend::{Backend, LocalBackend};
 pub use error::{BackendError, BootError, CallError, PoolError, ProviderError, RunnerId};
 pub use job::{Job, Payload, ResourceJob, StreamJob};
+pub use manifest::{JobSignature, Manifest};
 pub use pool::{
-    defaults, Call, CallOutcome, GrowEnd, GrowStart, Limits, MakeResource, Map, Placement, Pool,
-    PoolBuilder, PoolEvent, PoolStats, Progress, RemoteStream, RemoteTask, Resource, ResourceCall,
-    Shrink, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION,
+    Call, CallOutcome, GrowEnd, GrowStart, Limits, MakeResource, Map, Placement, Pool, PoolBuilder,
+    PoolEvent, PoolStats, Progress, RemoteStream, RemoteTask, Resource, ResourceCall, Shrink,
 };
-pub use registry::{JobSignature, Manifest, Registry, RegistryError};
+pub use registry::{Registry, RegistryError};
 pub use runner::run_if_child;
+pub use settings::{defaults, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION};
 pub use trace::TraceId;
 
 /// Not public API: what the project's own tests and benches reach inside for. It may change in

@@ -24,6 +24,14 @@ pub const PARENT_FD_ENV: &str = "FIREBRAND_PARENT_FD";
 /// The descriptor number the local backend gives the token pipe in a runner it executes.
 pub(crate) const PARENT_FD: i32 = 3;
 
+/// Set by the local backend when it relays a runner's stdout and stderr through pipes that the
+/// parent reads: the runner then keeps writing when that parent is gone.
+pub(crate) const RELAYED_OUTPUT_ENV: &str = "FIREBRAND_RELAYED_OUTPUT";
+
+/// Set in a fork server template's environment: [`run_if_child`](crate::run_if_child) then
+/// serves as a fork server instead of as a runner.
+pub(crate) const FORK_SERVER_ENV: &str = "FIREBRAND_FORK_SERVER";
+
 const PREFIX: &str = "fb1.";
 const MAX_TOKEN_LEN: usize = 64 * 1024;
 

@@ -50,8 +50,8 @@ impl BootRequest {
         Self {
             runner_id,
             env,
-            drain_grace: crate::defaults::DRAIN_GRACE,
-            boot_timeout: crate::defaults::BOOT_TIMEOUT,
+            drain_grace: crate::settings::defaults::DRAIN_GRACE,
+            boot_timeout: crate::settings::defaults::BOOT_TIMEOUT,
         }
     }
 }

@@ -6,62 +6,11 @@ use std::time::Duration;
 
 use crate::backend::{Backend, LocalBackend};
 use crate::error::PoolError;
-use crate::registry::Manifest;
+use crate::manifest::Manifest;
 use crate::token::RunnerSettings;
 
 use super::Pool;
-
-/// The longest duration any setting accepts: ten years. Longer ones are refused rather than
-/// left to overflow a deadline (`Instant + Duration`) on the parent or a runner.
-pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// The most runners a pool may have (`min` and `max`).
-pub const MAX_RUNNERS: usize = 100_000;
-
-/// The highest `max_concurrency`. Each call is a QUIC stream, and the runner's connection keeps
-/// state for every stream the parent may open at once, so the limit bounds that memory.
-pub const MAX_CONCURRENCY: u32 = 10_000;
-
-/// The pool settings' defaults, each used by [`PoolBuilder`], named in its docs and listed in
-/// the README.
-pub mod defaults {
-    use std::time::Duration;
-
-    /// [`name`](super::PoolBuilder::name): the name in logs and metrics.
-    pub const NAME: &str = "firebrand";
-    /// [`min`](super::PoolBuilder::min): no runner kept up.
-    pub const MIN: usize = 0;
-    /// [`max`](super::PoolBuilder::max): one runner.
-    pub const MAX: usize = 1;
-    /// [`max_concurrency`](super::PoolBuilder::max_concurrency): calls one runner serves at once.
-    pub const MAX_CONCURRENCY: u32 = 100;
-    /// [`idle_shutdown_after`](super::PoolBuilder::idle_shutdown_after), as in FLAME.
-    pub const IDLE_SHUTDOWN_AFTER: Duration = Duration::from_secs(30);
-    /// [`boot_timeout`](super::PoolBuilder::boot_timeout), as in FLAME.
-    pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
-    /// [`timeout`](super::PoolBuilder::timeout): a call's execution deadline, as in FLAME.
-    pub const TIMEOUT: Duration = Duration::from_secs(30);
-    /// [`queue_timeout`](super::PoolBuilder::queue_timeout).
-    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
-    /// [`drain_grace`](super::PoolBuilder::drain_grace).
-    pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
-    /// [`terminate_grace`](super::PoolBuilder::terminate_grace).
-    pub const TERMINATE_GRACE: Duration = Duration::from_secs(5);
-    /// [`boot_retry_after`](super::PoolBuilder::boot_retry_after).
-    pub const BOOT_RETRY_AFTER: Duration = Duration::from_secs(1);
-    /// [`boot_attempts`](super::PoolBuilder::boot_attempts).
-    pub const BOOT_ATTEMPTS: u32 = 3;
-    /// [`peer_timeout`](super::PoolBuilder::peer_timeout).
-    pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
-    /// [`keep_alive`](super::PoolBuilder::keep_alive).
-    pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
-    /// [`connect_failsafe`](super::PoolBuilder::connect_failsafe).
-    pub const CONNECT_FAILSAFE: Duration = Duration::from_secs(20);
-    /// [`max_payload_len`](super::PoolBuilder::max_payload_len): 128 MiB.
-    pub const MAX_PAYLOAD_LEN: u64 = 128 << 20;
-    /// [`runner_log_level`](super::PoolBuilder::runner_log_level).
-    pub const RUNNER_LOG_LEVEL: &str = "info";
-}
+use crate::settings::{defaults, MAX_SETTING_DURATION};
 
 /// A pool's settings, validated.
 #[derive(Debug, Clone)]

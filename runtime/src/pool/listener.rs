@@ -9,7 +9,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::oneshot;
 
 use crate::error::{BootError, Report, RunnerId};
-use crate::registry::Manifest;
+use crate::manifest::Manifest;
 use crate::wire::{self, close, Hello, HelloReply};
 
 /// How long a connecting runner has to finish its handshake and hello.

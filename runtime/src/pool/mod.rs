@@ -21,9 +21,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use tokio_util::task::TaskTracker;
 
-pub use builder::{
-    defaults, Placement, PoolBuilder, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION,
-};
+pub use builder::{Placement, PoolBuilder};
 pub use call::Call;
 pub use hooks::{GrowEnd, GrowStart, Shrink};
 pub use map::{Map, Progress};
@@ -36,7 +34,8 @@ pub use task::RemoteTask;
 use crate::backend::{Backend, Parking, PoolKey};
 use crate::error::{BootError, PoolError};
 use crate::job::{Job, Payload, StreamJob};
-use crate::registry::{Manifest, Registry};
+use crate::manifest::Manifest;
+use crate::registry::Registry;
 use crate::tls::{self, PoolCa};
 use crate::{transport, wire};
 use builder::PoolConfig;

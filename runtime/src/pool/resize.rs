@@ -83,18 +83,18 @@ impl Limits {
         if self.min > self.max {
             return invalid(format!("min ({}) exceeds max ({})", self.min, self.max));
         }
-        if self.max > super::MAX_RUNNERS {
+        if self.max > crate::settings::MAX_RUNNERS {
             return invalid(format!(
                 "max ({}) exceeds the limit of {} runners",
                 self.max,
-                super::MAX_RUNNERS
+                crate::settings::MAX_RUNNERS
             ));
         }
-        if self.max_concurrency == 0 || self.max_concurrency > super::MAX_CONCURRENCY {
+        if self.max_concurrency == 0 || self.max_concurrency > crate::settings::MAX_CONCURRENCY {
             return invalid(format!(
                 "max_concurrency ({}) must be between 1 and {}",
                 self.max_concurrency,
-                super::MAX_CONCURRENCY
+                crate::settings::MAX_CONCURRENCY
             ));
         }
         Ok(())

@@ -40,7 +40,6 @@ use crate::registry::Registry;
 use crate::token::BootToken;
 use crate::wire::{self, close, ControlMessage, DrainReason};
 use call::{serve_call, CallContext};
-pub(crate) use output::RELAYED_OUTPUT_ENV;
 pub(crate) use resources::Resources;
 use stats::STATS;
 use terminator::{Stop, Terminator};
@@ -117,17 +116,17 @@ pub fn stats() -> RunnerStats {
 /// runner, to serve as above.
 pub fn run_if_child(registry: &Registry) {
     #[cfg(target_os = "linux")]
-    if std::env::var_os(crate::fork_server::FORK_SERVER_ENV).is_some() {
-        std::env::remove_var(crate::fork_server::FORK_SERVER_ENV);
+    if std::env::var_os(crate::token::FORK_SERVER_ENV).is_some() {
+        std::env::remove_var(crate::token::FORK_SERVER_ENV);
         // Returns only in a runner forked from this template, with its token set.
-        crate::fork_server::server::serve();
+        crate::backend::local::fork_server::server::serve();
     }
     if std::env::var_os(PARENT_ENV).is_none() && std::env::var_os(PARENT_FD_ENV).is_none() {
         return;
     }
     let token = take_token();
-    if std::env::var_os(RELAYED_OUTPUT_ENV).is_some() {
-        std::env::remove_var(RELAYED_OUTPUT_ENV);
+    if std::env::var_os(crate::token::RELAYED_OUTPUT_ENV).is_some() {
+        std::env::remove_var(crate::token::RELAYED_OUTPUT_ENV);
         output::outlive_the_relay();
     }
     if let Ok(token) = &token {

@@ -2,10 +2,6 @@
 
 use std::os::fd::AsRawFd as _;
 
-/// Set by the local backend when it relays a runner's stdout and stderr through pipes that the
-/// parent reads.
-pub(crate) const RELAYED_OUTPUT_ENV: &str = "FIREBRAND_RELAYED_OUTPUT";
-
 /// Watches stdout and stderr, pipes whose reader is the parent, and points each at
 /// `/dev/null` once its reader is gone.
 ///

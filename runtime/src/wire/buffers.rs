@@ -2,11 +2,9 @@
 //! [`Message`] for what was received, kept as the chunks quinn delivered.
 
 use bytes::{Buf as _, Bytes};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use smallvec::SmallVec;
 
-use super::{codec, framing, WireError};
+use super::WireError;
 
 /// The size of each chunk past the first.
 pub(super) const CHUNK: usize = 64 << 10;
@@ -49,23 +47,23 @@ impl Chunks {
         self.len() == 0
     }
 
-    /// Appends one frame holding `value`.
-    ///
-    /// # Errors
-    /// [`WireError::Encode`] if `value` does not encode, or if the frame would start past the
-    /// first 64 KiB (only the last frame of a message may be large).
-    pub fn push_frame<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WireError> {
+    /// Starts a frame: reserves its length prefix, to be filled by [`Chunks::end_frame`], and
+    /// returns where it is. A frame must start within the first 64 KiB (only the last frame of
+    /// a message may be large), where the prefix can be written back in place.
+    pub(super) fn start_frame(&mut self, prefix_len: usize) -> Result<usize, WireError> {
         if !self.full.is_empty() || !self.current.is_empty() {
             return Err(WireError::Encode(
                 "a frame must start within the first 64 KiB of a message".into(),
             ));
         }
         let start = self.first.len();
-        self.first.extend_from_slice(&[0; framing::PREFIX_LEN]);
-        codec::encode(value, &mut *self)?;
-        let body = self.len() - start - framing::PREFIX_LEN;
-        self.first[start..start + framing::PREFIX_LEN].copy_from_slice(&framing::prefix(body)?);
-        Ok(())
+        self.first.resize(start + prefix_len, 0);
+        Ok(start)
+    }
+
+    /// Fills in the prefix of the frame that [`Chunks::start_frame`] started at `start`.
+    pub(super) fn end_frame(&mut self, start: usize, prefix: &[u8]) {
+        self.first[start..start + prefix.len()].copy_from_slice(prefix);
     }
 
     /// A list that refuses to grow past its first 64 KiB: a frame that would is cut short, with
@@ -161,17 +159,9 @@ impl Message {
         &self.chunks[self.next..]
     }
 
-    /// Takes the first frame off the message and returns its body, of at most `limit` bytes.
-    pub fn split_frame(&mut self, limit: usize) -> Result<Message, WireError> {
-        if self.len < framing::PREFIX_LEN {
-            return Err(WireError::Truncated);
-        }
-        let mut prefix = [0; framing::PREFIX_LEN];
-        self.take_into(&mut prefix);
-        let len = framing::body_len(prefix, limit)?;
-        if len > self.len {
-            return Err(WireError::Truncated);
-        }
+    /// Takes the first `len` bytes off the message, as a message of their own; `len` is at
+    /// most [`Message::len`].
+    pub(super) fn split_to(&mut self, len: usize) -> Message {
         let mut body = Message::default();
         while body.len < len {
             let front = &mut self.chunks[self.next];
@@ -183,13 +173,7 @@ impl Message {
             body.chunks.push(piece);
         }
         self.len -= len;
-        Ok(body)
-    }
-
-    /// Decodes the whole message as one value, with the same bounds as
-    /// [`decode_payload`](super::decode_payload).
-    pub fn decode<T: DeserializeOwned>(self) -> Result<T, WireError> {
-        codec::decode_message(self)
+        body
     }
 
     /// Fills `out` from the front of the message, which holds at least that much.

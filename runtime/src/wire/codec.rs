@@ -60,8 +60,18 @@ pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError>
     Ok(value)
 }
 
+impl Message {
+    /// Decodes the whole message as one value, with the same bounds as [`decode_payload`].
+    ///
+    /// # Errors
+    /// [`WireError::Decode`] if it is not one value of type `T`.
+    pub fn decode<T: DeserializeOwned>(self) -> Result<T, WireError> {
+        decode_message(self)
+    }
+}
+
 /// Decodes a whole message as one value, straight from its chunks.
-pub(super) fn decode_message<T: DeserializeOwned>(mut message: Message) -> Result<T, WireError> {
+fn decode_message<T: DeserializeOwned>(mut message: Message) -> Result<T, WireError> {
     match message.remaining() {
         [] => return decode_payload(&[]),
         [only] => return decode_payload(only),

@@ -7,13 +7,14 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Chunks, Message, WireError, MAX_HEAD_LEN};
+use super::buffers::{Chunks, Message};
+use super::{codec, WireError, MAX_HEAD_LEN};
 
 /// The length prefix's size.
-pub(super) const PREFIX_LEN: usize = 4;
+const PREFIX_LEN: usize = 4;
 
 /// The body length a prefix announces, refused above `limit` before anything is allocated.
-pub(super) fn body_len(prefix: [u8; PREFIX_LEN], limit: usize) -> Result<usize, WireError> {
+fn body_len(prefix: [u8; PREFIX_LEN], limit: usize) -> Result<usize, WireError> {
     let len = u32::from_be_bytes(prefix) as usize;
     if len > limit {
         return Err(WireError::TooLarge {
@@ -25,12 +26,47 @@ pub(super) fn body_len(prefix: [u8; PREFIX_LEN], limit: usize) -> Result<usize, 
 }
 
 /// The prefix for a body of `len` bytes.
-pub(super) fn prefix(len: usize) -> Result<[u8; PREFIX_LEN], WireError> {
+fn prefix(len: usize) -> Result<[u8; PREFIX_LEN], WireError> {
     let len = u32::try_from(len).map_err(|_| WireError::TooLarge {
         len: len as u64,
         limit: u32::MAX.into(),
     })?;
     Ok(len.to_be_bytes())
+}
+
+impl Chunks {
+    /// Appends one frame holding `value`.
+    ///
+    /// # Errors
+    /// [`WireError::Encode`] if `value` does not encode, or if the frame would start past the
+    /// first 64 KiB (only the last frame of a message may be large).
+    pub fn push_frame<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WireError> {
+        let start = self.start_frame(PREFIX_LEN)?;
+        codec::encode(value, &mut *self)?;
+        let body = self.len() - start - PREFIX_LEN;
+        self.end_frame(start, &prefix(body)?);
+        Ok(())
+    }
+}
+
+impl Message {
+    /// Takes the first frame off the message and returns its body, of at most `limit` bytes.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`] if the message ends inside the frame, [`WireError::TooLarge`]
+    /// if its prefix announces more than `limit`.
+    pub fn split_frame(&mut self, limit: usize) -> Result<Message, WireError> {
+        if self.len() < PREFIX_LEN {
+            return Err(WireError::Truncated);
+        }
+        let mut prefix = [0; PREFIX_LEN];
+        self.take_into(&mut prefix);
+        let len = body_len(prefix, limit)?;
+        if len > self.len() {
+            return Err(WireError::Truncated);
+        }
+        Ok(self.split_to(len))
+    }
 }
 
 /// One frame holding `value`, as one buffer.

@@ -7,7 +7,7 @@ use smallvec::SmallVec;
 use uuid::Uuid;
 
 use super::{Chunks, WireError};
-use crate::registry::Manifest;
+use crate::manifest::Manifest;
 
 /// The runner's first message on the control stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]

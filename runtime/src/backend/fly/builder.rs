@@ -539,11 +539,11 @@ impl FlyBackendBuilder {
                 "parking needs max_parked and park_ttl above zero; to park nothing, leave park unset",
             ));
         }
-        if self.park_ttl > crate::MAX_SETTING_DURATION {
+        if self.park_ttl > crate::settings::MAX_SETTING_DURATION {
             return Err(config(format!(
                 "park_ttl {:?} is more than the {:?} any setting may be",
                 self.park_ttl,
-                crate::MAX_SETTING_DURATION
+                crate::settings::MAX_SETTING_DURATION
             )));
         }
         if self.park == Some(Park::Suspend) {

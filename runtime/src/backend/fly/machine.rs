@@ -7,7 +7,6 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::api::{MachineInfo, MachinesApi, MAX_WAIT};
-use super::park::{MachineRef, ParkedSet};
 use crate::backend::{Exit, Machine, ParkTicket, Parked};
 use crate::error::BackendError;
 
@@ -17,6 +16,26 @@ const NOT_FOUND_POLL: Duration = Duration::from_millis(250);
 /// The states in which a machine's process is no longer running.
 pub(crate) const ENDED: [&str; 3] = ["stopped", "failed", "destroyed"];
 
+/// One machine as the parked set knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct MachineRef {
+    pub id: String,
+    pub version: String,
+    pub region: String,
+}
+
+/// Where a machine goes when its runner idles out: the backend's parked set (`park.rs`),
+/// seen from here only through this, so that a machine needs nothing of how the set works.
+pub(crate) trait ParkInto: Send + Sync + 'static {
+    /// Parks `machine`, whose runner was closed to be parked.
+    fn park(
+        self: Arc<Self>,
+        machine: MachineRef,
+        ticket: ParkTicket,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<Parked, BackendError>>;
+}
+
 pub(crate) struct FlyMachine {
     api: Arc<MachinesApi>,
     id: String,
@@ -24,7 +43,7 @@ pub(crate) struct FlyMachine {
     region: String,
     created: Instant,
     /// Where the machine goes when its runner idles out, if its backend parks machines.
-    parked_set: Option<Arc<ParkedSet>>,
+    parked_set: Option<Arc<dyn ParkInto>>,
     /// Until `terminate` or `park` takes over, dropping this destroys the machine.
     armed: bool,
 }
@@ -33,7 +52,7 @@ impl FlyMachine {
     pub(crate) fn new(
         api: Arc<MachinesApi>,
         info: MachineInfo,
-        parked_set: Option<Arc<ParkedSet>>,
+        parked_set: Option<Arc<dyn ParkInto>>,
     ) -> Self {
         let machine = MachineRef {
             id: info.id,
@@ -47,7 +66,7 @@ impl FlyMachine {
     pub(crate) fn claimed(
         api: Arc<MachinesApi>,
         machine: MachineRef,
-        parked_set: Option<Arc<ParkedSet>>,
+        parked_set: Option<Arc<dyn ParkInto>>,
     ) -> Self {
         Self {
             api,

@@ -298,7 +298,7 @@ impl Backend for FlyBackend {
             let machine = machine::FlyMachine::new(
                 Arc::clone(&self.inner.api),
                 info,
-                self.inner.parked.clone(),
+                self.inner.parked.clone().map(|set| set as _),
             );
             Ok(Box::new(machine) as Box<dyn Machine>)
         })

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::api::MachinesApi;
-use super::machine::{FlyMachine, ENDED};
+use super::machine::{FlyMachine, MachineRef, ParkInto, ENDED};
 use crate::backend::{BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, PoolKey};
 use crate::error::BackendError;
 
@@ -33,14 +33,6 @@ const STOP_SLACK: Duration = Duration::from_secs(10);
 /// How long a parked machine whose lease someone else held is passed over by claims: about a
 /// lease's usual life.
 const CONTENDED_FOR: Duration = Duration::from_secs(30);
-
-/// One machine as the parked set knows it.
-#[derive(Debug, Clone)]
-pub(crate) struct MachineRef {
-    pub id: String,
-    pub version: String,
-    pub region: String,
-}
 
 /// A parked machine, waiting in the set.
 struct Entry {
@@ -241,6 +233,17 @@ impl ParkedSet {
     }
 }
 
+impl ParkInto for ParkedSet {
+    fn park(
+        self: Arc<Self>,
+        machine: MachineRef,
+        ticket: ParkTicket,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<Parked, BackendError>> {
+        Box::pin(ParkedSet::park(self, machine, ticket, grace))
+    }
+}
+
 /// Destroys machine `id` once it has been parked for `ttl`, unless a claim took it first.
 async fn expire(set: std::sync::Weak<ParkedSet>, id: String, ttl: Duration) {
     tokio::time::sleep(ttl).await;
@@ -320,7 +323,7 @@ impl ParkedMachine for ParkedFly {
                 Park::Stop => BootKind::Start,
             };
             let machine =
-                FlyMachine::claimed(api, self.machine.clone(), Some(Arc::clone(&self.set)));
+                FlyMachine::claimed(api, self.machine.clone(), Some(Arc::clone(&self.set) as _));
             Ok(Claimed {
                 machine: Box::new(machine),
                 kind,

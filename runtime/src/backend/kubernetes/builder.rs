@@ -506,11 +506,11 @@ impl KubernetesBackendBuilder {
                 self.gpu_resource
             )));
         }
-        if self.unschedulable_grace > crate::MAX_SETTING_DURATION {
+        if self.unschedulable_grace > crate::settings::MAX_SETTING_DURATION {
             return Err(config(format!(
                 "unschedulable_grace {:?} is more than the {:?} any setting may be",
                 self.unschedulable_grace,
-                crate::MAX_SETTING_DURATION
+                crate::settings::MAX_SETTING_DURATION
             )));
         }
         crate::backend::runner_env(&self.env, &self.forward, &self.lookup).map_err(config)

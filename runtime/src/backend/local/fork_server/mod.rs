@@ -24,10 +24,6 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-/// Set in the template's environment: [`run_if_child`](crate::run_if_child) then serves as a
-/// fork server instead of as a runner.
-pub(crate) const FORK_SERVER_ENV: &str = "FIREBRAND_FORK_SERVER";
-
 /// Bumped when a message changes; the template announces it in [`Reply::Ready`].
 const PROTOCOL: u32 = 1;
 

@@ -14,11 +14,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{recv, send, socket_pair, Reply, Request, FORK_SERVER_ENV, MAX_MESSAGE, PROTOCOL};
+use super::{recv, send, socket_pair, Reply, Request, MAX_MESSAGE, PROTOCOL};
 use crate::backend::gpu::GpuLease;
 use crate::backend::output::{relay_output, OutputTail};
 use crate::backend::{Exit, Machine};
 use crate::error::BackendError;
+use crate::token::FORK_SERVER_ENV;
 
 /// The template a backend forks its runners from. It is started on a boot that finds none, and
 /// lives while any runner it forked does: a pool scaled to zero keeps no template behind.

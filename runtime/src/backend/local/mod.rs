@@ -14,13 +14,16 @@ use tokio::process::{Child, Command};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::Arc;
 
-use super::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
-use super::output::{relay_output, OutputTail};
-use super::{Backend, BootRequest, Exit, Machine};
+use crate::backend::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
+use crate::backend::output::{relay_output, OutputTail};
+use crate::backend::{Backend, BootRequest, Exit, Machine};
 use crate::error::BackendError;
-#[cfg(target_os = "linux")]
-use crate::fork_server::client::ForkServers;
 use crate::token::{PARENT_ENV, PARENT_FD, PARENT_FD_ENV};
+#[cfg(target_os = "linux")]
+use fork_server::client::ForkServers;
+
+#[cfg(target_os = "linux")]
+pub(crate) mod fork_server;
 
 /// Boots runners as processes on this machine: by default the current executable, which
 /// serves jobs through [`run_if_child`](crate::run_if_child) (embedded mode).
@@ -142,7 +145,7 @@ impl LocalBackend {
             // The lines are re-logged: escape codes would only garble them.
             command.env("NO_COLOR", "1");
             // The runner's output must outlive the pipes if the parent dies.
-            command.env(crate::runner::RELAYED_OUTPUT_ENV, "1");
+            command.env(crate::token::RELAYED_OUTPUT_ENV, "1");
         }
         for name in &self.forward {
             if let Some(value) = std::env::var_os(name) {
@@ -428,7 +431,7 @@ fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 #[cfg(target_os = "linux")]
 fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, std::os::fd::OwnedFd), BackendError> {
     let pipe = || -> std::io::Result<_> {
-        let (read, write) = crate::fork_server::pipe()?;
+        let (read, write) = fork_server::pipe()?;
         Ok((
             tokio::net::unix::pipe::Receiver::from_owned_fd(read)?,
             write,
