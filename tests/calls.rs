@@ -307,6 +307,39 @@ async fn an_argument_over_max_payload_len_is_refused_before_it_is_sent() {
     pool.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_result_over_max_payload_len_is_refused_by_the_runner_before_it_is_sent() {
+    use futures_util::StreamExt as _;
+    let pool = pool().max(1).max_payload_len(1024).build().await.unwrap();
+    let error = pool.call(&firebrand_runner::BYTES, 4096).await.unwrap_err();
+    assert!(
+        matches!(&error, CallError::Encode { message } if message.contains("max_payload_len of 1024")),
+        "{error:?}"
+    );
+    // A stream's item likewise, and the stream ends there.
+    let args = firebrand_runner::BlobArgs {
+        count: 3,
+        bytes: 4096,
+        ..Default::default()
+    };
+    let items: Vec<_> = pool.stream(&firebrand_runner::BLOBS, args).collect().await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert!(
+        matches!(&items[0], Err(CallError::Encode { message }) if message.contains("max_payload_len")),
+        "{items:?}"
+    );
+    // The runner serves on: results within the limit come back.
+    assert_eq!(
+        pool.call(&firebrand_runner::BYTES, 1000)
+            .await
+            .unwrap()
+            .len(),
+        1000
+    );
+    assert_eq!(pool.stats().ready, 1);
+    pool.shutdown().await;
+}
+
 /// The threads that encoded a [`Recorded`] argument, in order.
 static ENCODED_ON: parking_lot::Mutex<Vec<std::thread::ThreadId>> =
     parking_lot::Mutex::new(Vec::new());

@@ -47,6 +47,9 @@ pub const BLOBS: StreamJob<BlobArgs, ByteBuf> = StreamJob::new("firebrand.blobs"
 /// How many items [`BLOBS`] has produced in this runner, read by the stream so far.
 pub const PRODUCED: Job<(), u64> = Job::new("firebrand.produced");
 
+/// Returns that many bytes: a result far larger than its argument.
+pub const BYTES: Job<u32, ByteBuf> = Job::new("firebrand.bytes");
+
 /// Keeps its argument on the runner as a resource.
 pub const STASH: ResourceJob<Vec<u8>, Vec<u8>> = ResourceJob::new("firebrand.stash");
 /// The length of a [`STASH`] resource, and the runner's pid.
@@ -165,6 +168,11 @@ pub fn registry() -> Registry {
             })
         })
         .and_then(|r| r.register_using(&WRONG_KIND, |_: Arc<String>, ()| async { ok(()) }))
+        .and_then(|r| {
+            r.register(&BYTES, |n: u32| async move {
+                ok(ByteBuf::from(vec![7; n as usize]))
+            })
+        })
         .and_then(|r| {
             r.register(&PRODUCED, |()| async {
                 ok(PRODUCED_ITEMS.load(Ordering::Relaxed))

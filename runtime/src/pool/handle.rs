@@ -14,6 +14,15 @@ use crate::backend::{Machine, Park, ParkTicket, Parked};
 use crate::error::{CallError, Report, RunnerId};
 use crate::wire::{self, close, ControlMessage, ReplyHead, WireError};
 
+/// The largest frame the parent reads from a runner's control stream: a log line of
+/// [`MAX_LOG_LINE`](crate::runner::MAX_LOG_LINE) with its target, job and trace id, with room
+/// to spare. An honest runner never sends more; a runner that does is cut off from the
+/// parent's log, and its connection carries on.
+const MAX_CONTROL_FRAME: usize = 4 * crate::runner::MAX_LOG_LINE;
+
+/// What the parent keeps of a log line's target (a module path).
+const MAX_LOG_TARGET: usize = 256;
+
 /// One connected runner.
 pub(crate) struct RunnerHandle {
     pub(crate) id: RunnerId,
@@ -242,6 +251,11 @@ pub(crate) fn reply_error(head: ReplyHead) -> CallError {
     }
 }
 
+/// Reads one message of a runner's control stream, of at most [`MAX_CONTROL_FRAME`].
+async fn read_control(control: &mut RecvStream) -> Result<ControlMessage, WireError> {
+    wire::read_frame(control, MAX_CONTROL_FRAME).await?.decode()
+}
+
 /// Watches a ready runner until it ends, then forgets it and terminates its machine.
 pub(crate) async fn supervise(
     shared: Arc<Shared>,
@@ -254,9 +268,11 @@ pub(crate) async fn supervise(
     let mut drained_idle = false;
     let mut lost = false;
     let mut park = false;
+    let log_pace = crate::runner::log_pace();
+    let mut refused_lines = 0_u64;
     let ended = loop {
         tokio::select! {
-            message = wire::read_head::<ControlMessage>(&mut control), if control_open => match message {
+            message = read_control(&mut control), if control_open => match message {
                 Ok(ControlMessage::Draining { reason }) => {
                     tracing::info!(?reason, "runner draining");
                     drained_idle = reason == wire::DrainReason::Idle;
@@ -267,12 +283,36 @@ pub(crate) async fn supervise(
                     }
                     shared.drive(|state| state.scheduler.runner_draining(handle.id));
                 }
-                Ok(ControlMessage::Log(line)) => shared.observer.runner_log(handle.id, &handle.machine, &line),
+                Ok(ControlMessage::Log(mut line)) => {
+                    // The runner paces its lines and cuts long ones; the parent holds each
+                    // runner to that too, so that one that does not (a bug, an attacker with
+                    // a runner's credential) cannot flood the parent's log.
+                    if log_pace.check().is_err() {
+                        refused_lines += 1;
+                        continue;
+                    }
+                    if refused_lines > 0 {
+                        shared.observer.runner_logs_refused(handle.id, &handle.machine, refused_lines);
+                        refused_lines = 0;
+                    }
+                    line.message = crate::runner::cut_log_text(line.message, crate::runner::MAX_LOG_LINE);
+                    line.target = crate::runner::cut_log_text(line.target, MAX_LOG_TARGET);
+                    shared.observer.runner_log(handle.id, &handle.machine, &line);
+                }
                 Ok(ControlMessage::LogsDropped { count }) => {
                     shared.observer.runner_logs_dropped(handle.id, &handle.machine, count);
                 }
-                // The connection is ending; its own branch says why.
-                Err(_) => control_open = false,
+                Err(error) => {
+                    if let WireError::TooLarge { len, limit } = error {
+                        tracing::warn!(len, limit, "runner sent a control frame over the limit: its logs are no longer read");
+                    }
+                    // Otherwise the connection is ending; its own branch says why.
+                    control_open = false;
+                    if refused_lines > 0 {
+                        shared.observer.runner_logs_refused(handle.id, &handle.machine, refused_lines);
+                        refused_lines = 0;
+                    }
+                }
             },
             error = handle.connection.closed() => break match handle.released.get() {
                 Some(why) => {

@@ -315,6 +315,20 @@ impl Observer {
         );
     }
 
+    /// The parent dropped `count` lines a runner sent past the pace it holds each runner to
+    /// ([`MAX_LOG_LINES_PER_SECOND`](crate::runner::MAX_LOG_LINES_PER_SECOND)).
+    pub(crate) fn runner_logs_refused(&self, runner: RunnerId, machine: &str, count: u64) {
+        metrics::counter!("firebrand_runner_log_dropped_total", "pool" => self.pool.clone())
+            .increment(count);
+        tracing::warn!(
+            target: "firebrand::runner",
+            %runner,
+            machine,
+            dropped = count,
+            "dropped {count} log lines the runner sent faster than the parent takes them"
+        );
+    }
+
     pub(crate) fn runner_lost(&self, runner: RunnerId, reason: &str) {
         metrics::counter!("firebrand_runners_lost_total", "pool" => self.pool.clone()).increment(1);
         self.emit(|| PoolEvent::RunnerLost {

@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use super::reply::{failure_head, finish, panic_message};
+use super::reply::{failure_head, finish, oversized, panic_message};
 use super::stats::{Ending, STATS};
 use super::terminator::StreamGuard;
 use crate::registry::{ok_reply, Body, JobFailure, Registry};
@@ -79,7 +79,8 @@ pub(crate) async fn serve_call(
         // drain while a job it gave up on still runs.
         if let Body::Stream(handler) = body {
             let _slot = (permit, busy);
-            let ending = super::stream::serve(&handler, args, deadline, &mut send).await;
+            let ending =
+                super::stream::serve(&handler, args, deadline, cx.max_payload_len, &mut send).await;
             STATS.ended(ending);
             return;
         }
@@ -121,7 +122,12 @@ pub(crate) async fn serve_call(
         }
         let (reply, payload, ending) = match outcome {
             None => (ReplyHead::TimedOut, None, Ending::TimedOut),
-            Some(Ok(Ok(made))) => (ReplyHead::Ok, Some(made.reply), Ending::Succeeded),
+            Some(Ok(Ok(made))) => match oversized(&made.reply, cx.max_payload_len) {
+                // Refused here rather than sent for the parent to refuse: the parent reads at
+                // most `max_payload_len`, and the bytes would cross the link for nothing.
+                Some(message) => (ReplyHead::BadResult { message }, None, Ending::Failed),
+                None => (ReplyHead::Ok, Some(made.reply), Ending::Succeeded),
+            },
             Some(Ok(Err(failure))) => (failure_head(failure), None, Ending::Failed),
             Some(Err(panic)) => {
                 let message = panic_message(panic.as_ref());

@@ -349,17 +349,17 @@ where
         push(LogLine {
             level,
             target: target.to_owned(),
-            message: bounded(message.line()),
+            message: cut(message.line(), MAX_LOG_LINE),
             job,
             trace_id,
         });
     }
 }
 
-/// `text` cut at [`MAX_LOG_LINE`] bytes, on a character boundary, saying that it was.
-fn bounded(mut text: String) -> String {
-    if text.len() > MAX_LOG_LINE {
-        let mut end = MAX_LOG_LINE;
+/// `text` cut to at most `max` bytes, on a character boundary, saying that it was.
+pub(crate) fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }

@@ -15,6 +15,18 @@ pub(super) fn failure_head(failure: JobFailure) -> ReplyHead {
     }
 }
 
+/// Why a reply (its `Ok` or `Item` head, then the result's frame) is too large to send, if
+/// it is: the result's frame is longer than the pool's `max_payload_len`, which the parent reads at most.
+pub(super) fn oversized(reply: &wire::Chunks, max_payload_len: usize) -> Option<String> {
+    let result_len = reply.len().saturating_sub(wire::RESULT_OFFSET);
+    (result_len > max_payload_len).then(|| {
+        format!(
+            "the result encodes to {result_len} bytes, over the pool's max_payload_len of \
+             {max_payload_len}"
+        )
+    })
+}
+
 /// A panic's message, from its payload.
 pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::{FutureExt as _, StreamExt as _};
 use quinn::SendStream;
 
-use super::reply::{failure_head, finish, panic_message};
+use super::reply::{failure_head, finish, oversized, panic_message};
 use super::stats::Ending;
 use crate::registry::{ItemStream, StreamHandler};
 use crate::wire::{self, ReplyHead};
@@ -16,6 +16,7 @@ pub(super) async fn serve(
     handler: &StreamHandler,
     args: wire::Message,
     deadline: Option<Duration>,
+    max_payload_len: usize,
     send: &mut SendStream,
 ) -> Ending {
     let items = match AssertUnwindSafe(async { handler(args) })
@@ -30,8 +31,10 @@ pub(super) async fn serve(
         Err(panic) => return panicked(send, panic_message(panic.as_ref())).await,
     };
     let pumped = match deadline {
-        Some(limit) => tokio::time::timeout(limit, pump(items, send)).await.ok(),
-        None => Some(pump(items, send).await),
+        Some(limit) => tokio::time::timeout(limit, pump(items, max_payload_len, send))
+            .await
+            .ok(),
+        None => Some(pump(items, max_payload_len, send).await),
     };
     match pumped {
         Some(ending) => ending,
@@ -44,7 +47,7 @@ pub(super) async fn serve(
 
 /// Sends each item as it comes. A write waits while the parent's receive window is full, so a
 /// slow reader holds the job back instead of letting items pile up here.
-async fn pump(mut items: ItemStream, send: &mut SendStream) -> Ending {
+async fn pump(mut items: ItemStream, max_payload_len: usize, send: &mut SendStream) -> Ending {
     loop {
         let next = tokio::select! {
             biased;
@@ -56,6 +59,11 @@ async fn pump(mut items: ItemStream, send: &mut SendStream) -> Ending {
         };
         match next {
             Ok(Some(Ok(frames))) => {
+                // Refused here rather than sent for the parent to refuse.
+                if let Some(message) = oversized(&frames, max_payload_len) {
+                    let _ = finish(send, &ReplyHead::BadResult { message }, None).await;
+                    return Ending::Failed;
+                }
                 if send
                     .write_all_chunks(&mut frames.into_bytes())
                     .await

@@ -1,15 +1,18 @@
-//! The codec: bincode 2.0.1, serde API, standard configuration. This is the only file that
-//! names bincode, so that it could be swapped for another codec without touching the rest.
+//! The codec: bincode 2.0.1's format, serde API, standard configuration. Values are encoded by
+//! bincode, and decoded by [`decoder`](super::decoder), which reads the same format but
+//! checks every length it reads against the bytes left before it allocates or loops, which
+//! bincode's decoder does not. This is the only file that names bincode, so that it could be
+//! swapped for another codec without touching the rest.
 //!
 //! RUSTSEC-2025-0141 marks bincode unmaintained, not vulnerable; the project keeps 2.0.1 pinned
-//! (see the README) and every decode bounded here.
+//! (see the README), and uses it only to encode.
 
 use bincode::config::Configuration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::buffers::{Chunks, Message};
-use super::WireError;
+use super::{decoder, WireError};
 
 fn config() -> Configuration {
     bincode::config::standard()
@@ -41,21 +44,17 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
     bincode::serde::encode_to_vec(value, config()).map_err(|e| WireError::Encode(e.to_string()))
 }
 
-/// Decodes a frame body.
+/// Decodes a frame body, bounded by what it holds: see [`decoder`](super::decoder).
 ///
-/// Bincode allocates a string's or byte buffer's announced length before it reads it, so an
-/// unbounded decode of a hostile length aborts the process. Every decode here carries a limit on
-/// what it may claim. Bincode claims `size_of::<T>()` for each primitive it decodes, which is up
-/// to 16 times its varint encoding (a small `u128`), so the limit is the smallest power of 16 (at
-/// least 64 KiB) not below 16 times the body's length: valid data always fits, and a hostile
-/// length can claim at most 256 times the bytes actually received. A body too long for any
-/// limit (over 4 GiB, which no frame can be) is refused.
+/// # Errors
+/// [`WireError::Decode`] if `bytes` is not one value of type `T`, or claims more than it holds.
 pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    let mut reader = bincode::de::read::SliceReader::new(bytes);
-    let value = decode_bounded::<T, _>(&mut reader, bytes.len())?;
-    // A slice reader does not say what is left; peek past the value instead.
-    if bincode::de::read::Reader::peek_read(&mut reader, 1).is_some() {
-        return Err(WireError::Decode("trailing bytes after the value".into()));
+    let (value, rest) = decoder::decode::<T, _>(bytes).map_err(|e| WireError::Decode(e.0))?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(format!(
+            "{} trailing bytes after the value",
+            rest.len()
+        )));
     }
     Ok(value)
 }
@@ -66,74 +65,133 @@ impl Message {
     /// # Errors
     /// [`WireError::Decode`] if it is not one value of type `T`.
     pub fn decode<T: DeserializeOwned>(self) -> Result<T, WireError> {
-        decode_message(self)
-    }
-}
-
-/// Decodes a whole message as one value, straight from its chunks.
-fn decode_message<T: DeserializeOwned>(mut message: Message) -> Result<T, WireError> {
-    match message.remaining() {
-        [] => return decode_payload(&[]),
-        [only] => return decode_payload(only),
-        _ => {}
-    }
-    let len = message.len();
-    let value = decode_bounded::<T, _>(MessageReader(&mut message), len)?;
-    if !message.is_empty() {
-        return Err(WireError::Decode(format!(
-            "{} trailing bytes after the value",
-            message.len()
-        )));
-    }
-    Ok(value)
-}
-
-struct MessageReader<'a>(&'a mut Message);
-
-impl bincode::de::read::Reader for MessageReader<'_> {
-    fn read(&mut self, bytes: &mut [u8]) -> Result<(), bincode::error::DecodeError> {
-        if bytes.len() > self.0.len() {
-            return Err(bincode::error::DecodeError::UnexpectedEnd {
-                additional: bytes.len() - self.0.len(),
-            });
+        match self.remaining() {
+            [] => return decode_payload(&[]),
+            [only] => return decode_payload(only),
+            _ => {}
         }
-        self.0.take_into(bytes);
-        Ok(())
+        let (value, rest) = decoder::decode::<T, _>(self).map_err(|e| WireError::Decode(e.0))?;
+        if !rest.is_empty() {
+            return Err(WireError::Decode(format!(
+                "{} trailing bytes after the value",
+                rest.len()
+            )));
+        }
+        Ok(value)
     }
-}
-
-/// Decodes one value of an input of `len` bytes, with the claim limit for that length.
-fn decode_bounded<T: DeserializeOwned, R: bincode::de::read::Reader>(
-    reader: R,
-    len: usize,
-) -> Result<T, WireError> {
-    const MIB: usize = 1 << 20;
-    match len.saturating_mul(16) {
-        0..=65_536 => decode_limited::<T, R, { 64 << 10 }>(reader),
-        65_537..=1_048_576 => decode_limited::<T, R, MIB>(reader),
-        1_048_577..=16_777_216 => decode_limited::<T, R, { 16 * MIB }>(reader),
-        16_777_217..=268_435_456 => decode_limited::<T, R, { 256 * MIB }>(reader),
-        268_435_457..=4_294_967_296 => decode_limited::<T, R, { 4096 * MIB }>(reader),
-        4_294_967_297..=68_719_476_736 => decode_limited::<T, R, { 65_536 * MIB }>(reader),
-        _ => Err(WireError::TooLarge {
-            len: len as u64,
-            limit: u32::MAX.into(),
-        }),
-    }
-}
-
-fn decode_limited<T: DeserializeOwned, R: bincode::de::read::Reader, const LIMIT: usize>(
-    reader: R,
-) -> Result<T, WireError> {
-    bincode::serde::decode_from_reader(reader, config().with_limit::<LIMIT>())
-        .map_err(|e| WireError::Decode(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
     use super::*;
 
-    /// A byte string that claims `claim` bytes: bincode's varint tag 0xFD, then a `u64`.
+    /// Every shape serde has: what bincode encodes, the decoder must read back the same.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    enum Shape {
+        Unit,
+        Newtype(i64),
+        Tuple(u8, i8, char),
+        Struct { a: u128, b: i128, c: Option<f64> },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Everything {
+        flag: bool,
+        small: (u16, i16, u32, i32),
+        float: f32,
+        text: String,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        list: Vec<u64>,
+        map: BTreeMap<String, Vec<i32>>,
+        shapes: Vec<Shape>,
+        nested: Option<Box<Everything>>,
+        unit: (),
+    }
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        prop_oneof![
+            Just(Shape::Unit),
+            any::<i64>().prop_map(Shape::Newtype),
+            (any::<u8>(), any::<i8>(), any::<char>()).prop_map(|(a, b, c)| Shape::Tuple(a, b, c)),
+            (any::<u128>(), any::<i128>(), any::<Option<f64>>())
+                .prop_map(|(a, b, c)| Shape::Struct { a, b, c }),
+        ]
+    }
+
+    fn everything() -> impl Strategy<Value = Everything> {
+        let leaf = (
+            any::<bool>(),
+            any::<(u16, i16, u32, i32)>(),
+            any::<f32>(),
+            any::<String>(),
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::collection::vec(any::<u64>(), 0..20),
+            proptest::collection::btree_map(
+                any::<String>(),
+                proptest::collection::vec(any::<i32>(), 0..4),
+                0..4,
+            ),
+            proptest::collection::vec(shape(), 0..6),
+        )
+            .prop_map(
+                |(flag, small, float, text, bytes, list, map, shapes)| Everything {
+                    flag,
+                    small,
+                    float,
+                    text,
+                    bytes,
+                    list,
+                    map,
+                    shapes,
+                    nested: None,
+                    unit: (),
+                },
+            );
+        leaf.prop_recursive(3, 8, 1, |inner| {
+            (inner.clone(), inner).prop_map(|(mut outer, nested)| {
+                outer.nested = Some(Box::new(nested));
+                outer
+            })
+        })
+    }
+
+    /// Floats compare by bits, so that a NaN equals itself.
+    fn same(a: &Everything, b: &Everything) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    proptest! {
+        #[test]
+        fn what_bincode_encodes_decodes_as_bincode_decodes_it(value in everything()) {
+            let bytes = encode_value(&value).unwrap();
+            let ours: Everything = decode_payload(&bytes).unwrap();
+            let (theirs, used): (Everything, usize) =
+                bincode::serde::decode_from_slice(&bytes, config()).unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert!(same(&ours, &value), "{:?} != {:?}", ours, value);
+            prop_assert!(same(&theirs, &value));
+            // Split anywhere into chunks, as quinn delivers it, it decodes the same.
+            let cut = bytes.len() / 3;
+            let mut message = Message::default();
+            message.push(bytes::Bytes::copy_from_slice(&bytes[..cut]));
+            message.push(bytes::Bytes::copy_from_slice(&bytes[cut..]));
+            let chunked: Everything = message.decode().unwrap();
+            prop_assert!(same(&chunked, &value));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_payload::<Everything>(&bytes);
+        }
+    }
+
+    /// A byte string that claims `claim` bytes: the varint marker 0xFD, then a `u64`.
     fn claiming(claim: u64) -> Vec<u8> {
         let mut body = vec![0xFD];
         body.extend_from_slice(&claim.to_le_bytes());
@@ -141,22 +199,58 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_past_a_large_body_s_limit_is_refused() {
-        // Bodies over 256 MiB used to decode with no limit at all. Their limit is now 16 times
-        // their length, rounded up to a power of 16: a claim past it is refused, not allocated.
-        for len in [300usize << 20, 4 << 30] {
-            let hostile = claiming(1 << 40);
-            let reader = bincode::de::read::SliceReader::new(&hostile);
-            let error = decode_bounded::<Vec<u8>, _>(reader, len).unwrap_err();
-            assert!(matches!(error, WireError::Decode(_)), "{len}: {error}");
+    fn a_length_past_the_input_is_refused_before_anything_is_allocated() {
+        for claim in [10, 1 << 20, 1 << 40, u64::MAX] {
+            let hostile = claiming(claim);
+            // Strings and byte strings: refused at the length.
+            let error = decode_payload::<serde_bytes::ByteBuf>(&hostile).unwrap_err();
+            assert!(error.to_string().contains("bytes left"), "{claim}: {error}");
+            let error = decode_payload::<String>(&hostile).unwrap_err();
+            assert!(error.to_string().contains("bytes left"), "{claim}: {error}");
+            // Sequences: a count past the bytes left (beyond the slack for empty elements) is
+            // refused at the count; under it, at the first element that is not there.
+            for error in [
+                decode_payload::<Vec<u8>>(&hostile).unwrap_err(),
+                decode_payload::<Vec<Vec<u8>>>(&hostile).unwrap_err(),
+            ] {
+                let expected = if claim > decoder::MAX_EMPTY_ITEMS as u64 {
+                    "bytes left"
+                } else {
+                    "short of a value"
+                };
+                assert!(error.to_string().contains(expected), "{claim}: {error}");
+            }
         }
+        // One byte short of the announced length.
+        let mut short = vec![5];
+        short.extend_from_slice(b"four");
+        assert!(decode_payload::<String>(&short).is_err());
+        short.push(b'!');
+        assert_eq!(decode_payload::<String>(&short).unwrap(), "four!");
     }
 
     #[test]
-    fn a_body_longer_than_any_frame_is_refused_before_decoding() {
-        let hostile = claiming(1 << 20);
-        let reader = bincode::de::read::SliceReader::new(&hostile);
-        let error = decode_bounded::<Vec<u8>, _>(reader, 5 << 30).unwrap_err();
-        assert!(matches!(error, WireError::TooLarge { .. }), "{error}");
+    fn nesting_past_the_limit_is_refused_not_a_stack_overflow() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Tree(Vec<Tree>);
+        // Each level: a one-element sequence holding the next.
+        let deep = vec![1u8; 100_000];
+        let error = decode_payload::<Tree>(&deep).unwrap_err();
+        assert!(error.to_string().contains("nested deeper"), "{error}");
+        // A level is two: the newtype and its sequence.
+        let mut fine = vec![1u8; decoder::MAX_DEPTH / 2 - 1];
+        fine.push(0);
+        decode_payload::<Tree>(&fine).unwrap();
+    }
+
+    #[test]
+    fn a_count_of_empty_elements_past_the_slack_is_refused() {
+        let mut many = vec![0xFD];
+        many.extend_from_slice(&u64::MAX.to_le_bytes());
+        let error = decode_payload::<Vec<()>>(&many).unwrap_err();
+        assert!(error.to_string().contains("bytes left"), "{error}");
+        let honest = encode_value(&vec![(); 100]).unwrap();
+        assert_eq!(decode_payload::<Vec<()>>(&honest).unwrap().len(), 100);
     }
 }

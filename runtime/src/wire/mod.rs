@@ -1,13 +1,14 @@
 //! The wire protocol between a parent and its runners.
 //!
-//! Every message is a *frame*: a big-endian `u32` length, then that many bytes of bincode 2
-//! (serde API, standard configuration). A length above the reader's limit is refused before
-//! anything is allocated, and every decode is bounded (see [`decode_payload`]).
+//! Every message is a *frame*: a big-endian `u32` length, then that many bytes of bincode 2's
+//! format (serde API, standard configuration). A length above the reader's limit is refused
+//! before anything is allocated, and a decode allocates nothing a frame claims until the
+//! frame holds it (`decoder.rs`).
 //!
 //! The module is split by job: `messages.rs` holds what crosses the wire, `framing.rs` the one
 //! frame reader and the one frame writer, `buffers.rs` the chunk lists they read into and
-//! write from, and `codec.rs` the codec: the only file that names bincode, so that it could be
-//! swapped for another without touching the rest.
+//! write from, `codec.rs` the codec: the only file that names bincode, so that it could be
+//! swapped for another without touching the rest, and `decoder.rs` the decoder of its format.
 //!
 //! One connection per runner. The runner dials the parent and opens the *control stream*: it
 //! sends the two-byte [`PROTOCOL_VERSION`] and a [`Hello`] frame, and waits for a [`HelloReply`].
@@ -23,6 +24,7 @@
 
 mod buffers;
 mod codec;
+mod decoder;
 mod framing;
 mod messages;
 
@@ -42,6 +44,11 @@ pub const ALPN: &[u8] = b"firebrand";
 
 /// The largest head frame ([`Hello`], [`CallHead`], [`ReplyHead`], [`ControlMessage`]).
 pub const MAX_HEAD_LEN: usize = 1 << 20;
+
+/// The bytes before a result in a successful reply or a stream's item: the [`ReplyHead::Ok`]
+/// or [`ReplyHead::Item`] frame (a prefix and one byte) and the result frame's prefix. A result longer than a pool's `max_payload_len`
+/// is refused by the runner before it is sent.
+pub(crate) const RESULT_OFFSET: usize = 9;
 
 /// The reserved job name of a request that releases the resource its head names.
 pub const RELEASE_JOB: &str = "firebrand:release";

@@ -87,7 +87,7 @@ fn hostile_inner_length_is_an_error_not_an_allocation() {
     body.extend_from_slice(&(u64::MAX / 2).to_le_bytes());
     let err = decode_payload::<String>(&body).unwrap_err();
     assert!(matches!(err, WireError::Decode(_)), "{err}");
-    // The same within a large frame: the claim is still bounded by the frame's size class.
+    // The same within a large frame: a claim past the bytes the frame holds is refused.
     let mut big = vec![0xFD];
     big.extend_from_slice(&(3u64 << 30).to_le_bytes());
     big.resize(100_000, 0);
@@ -170,4 +170,13 @@ fn chunked_messages_refuse_hostile_and_short_frames() {
         chunked(&trailing, 1).decode::<u32>(),
         Err(WireError::Decode(_))
     ));
+}
+
+#[test]
+fn a_successful_reply_holds_result_offset_bytes_before_its_result() {
+    let mut reply = Chunks::new();
+    reply.push_frame(&ReplyHead::Ok).unwrap();
+    reply.push_frame(&[7u8; 100][..]).unwrap();
+    let result = encode_value(&[7u8; 100][..]).unwrap();
+    assert_eq!(reply.len() - result.len(), super::RESULT_OFFSET);
 }
