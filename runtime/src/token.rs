@@ -201,8 +201,11 @@ fn read_inherited(fd: &std::ffi::OsStr) -> Result<String, TokenError> {
         .ok_or_else(|| {
             TokenError::Malformed(format!("{PARENT_FD_ENV} is not a descriptor number"))
         })?;
-    // SAFETY: F_GETFD only asks whether the descriptor is open; it touches no memory.
-    if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
+    // Whether the descriptor is open, without touching it: `/dev/fd` lists this process's
+    // open descriptors (on Linux and macOS alike; where a container lacks it, reading a
+    // descriptor that is not open fails below instead).
+    let listed = std::path::Path::new("/dev/fd");
+    if listed.is_dir() && !listed.join(number.to_string()).exists() {
         return Err(TokenError::Malformed(format!(
             "{PARENT_FD_ENV} names descriptor {number}, which is not open"
         )));

@@ -72,6 +72,8 @@ impl Drop for Grant {
 pub(crate) struct Lease<S: std::ops::Deref<Target = Shared> = &'static Shared> {
     shared: S,
     runner: Arc<RunnerHandle>,
+    /// Whether dropping it frees the slot: not once the claim moved to another lease.
+    armed: bool,
 }
 
 impl<S: std::ops::Deref<Target = Shared>> Lease<S> {
@@ -89,16 +91,21 @@ impl<S: std::ops::Deref<Target = Shared>> std::borrow::Borrow<RunnerHandle> for 
 impl Lease<&Shared> {
     /// The same claim, holding the pool by `Arc`.
     pub(crate) fn into_owned(self, shared: Arc<Shared>) -> Lease<Arc<Shared>> {
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never used or dropped again: its runner is moved out exactly once.
-        let runner = unsafe { std::ptr::read(&this.runner) };
-        Lease { shared, runner }
+        let mut this = self;
+        this.armed = false;
+        Lease {
+            shared,
+            runner: Arc::clone(&this.runner),
+            armed: true,
+        }
     }
 }
 
 impl<S: std::ops::Deref<Target = Shared>> Drop for Lease<S> {
     fn drop(&mut self) {
-        self.shared.release(self.runner.id);
+        if self.armed {
+            self.shared.release(self.runner.id);
+        }
     }
 }
 
@@ -276,6 +283,7 @@ impl Shared {
                 return Ok(Lease {
                     shared: self,
                     runner,
+                    armed: true,
                 })
             }
             Arrival::Refused(error) => return Err(error),
@@ -296,6 +304,7 @@ impl Shared {
                         .runner
                         .take()
                         .expect("a grant holds its runner until taken"),
+                    armed: true,
                 })
             }
             Ok(Err(_)) => Err(CallError::Closed),

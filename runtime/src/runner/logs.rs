@@ -8,7 +8,7 @@
 //! how many were dropped. A job's latency does not depend on how fast its logs leave.
 
 use std::io::{BufRead as _, Read as _, Write as _};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -19,6 +19,7 @@ use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
+use super::output::Stream;
 use crate::wire::LogLine;
 
 /// Records that may wait to be sent; past that, new ones are dropped and counted. With
@@ -376,13 +377,12 @@ pub(crate) fn cut(mut text: String, max: usize) -> String {
 /// for the last lines, so that nothing written before the process exits is lost.
 pub(crate) fn capture_output() -> OutputCapture {
     let mut captured = Vec::new();
-    for (fd, stream) in [
-        (libc::STDOUT_FILENO, "stdout"),
-        (libc::STDERR_FILENO, "stderr"),
-    ] {
-        match capture(fd, stream) {
+    for stream in Stream::BOTH {
+        match capture(stream) {
             Ok(one) => captured.push(one),
-            Err(e) => tracing::warn!(stream, error = %e, "cannot forward the runner's output"),
+            Err(e) => {
+                tracing::warn!(stream = stream.name(), error = %e, "cannot forward the runner's output")
+            }
         }
     }
     OutputCapture(captured)
@@ -392,8 +392,8 @@ pub(crate) fn capture_output() -> OutputCapture {
 pub(crate) struct OutputCapture(Vec<Captured>);
 
 struct Captured {
-    fd: i32,
-    /// A copy of where `fd` pointed before, to point it back.
+    stream: Stream,
+    /// A copy of where `stream` pointed before, to point it back.
     original: OwnedFd,
     reader: std::thread::JoinHandle<()>,
 }
@@ -409,9 +409,14 @@ impl OutputCapture {
         let _ = std::io::stderr().flush();
         let deadline = std::time::Instant::now() + FLUSH_WAIT;
         for captured in self.0 {
-            // SAFETY: dup2 points `fd` back at the original descriptor, which this process
-            // owns; the pipe's write end that `fd` was is closed by it.
-            unsafe { libc::dup2(captured.original.as_raw_fd(), captured.fd) };
+            if let Err(error) = captured.stream.point_at(&captured.original) {
+                // The pipe stays open, so its reader never sees its end: the wait below runs
+                // to its deadline, and the lines written so far are on their way all the same.
+                eprintln!(
+                    "firebrand runner: cannot point {} back: {error}",
+                    captured.stream.name()
+                );
+            }
             while !captured.reader.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
@@ -419,36 +424,20 @@ impl OutputCapture {
     }
 }
 
-fn capture(fd: i32, stream: &'static str) -> std::io::Result<Captured> {
+fn capture(stream: Stream) -> std::io::Result<Captured> {
     let (read, write) = rustix::pipe::pipe()?;
-    let original = dup(fd)?;
-    let tee = dup(fd)?;
-    // SAFETY: dup2 points `fd` at the pipe's write end, which this process owns; a write
-    // racing with it goes to one or the other, both valid.
-    if unsafe { libc::dup2(write.as_raw_fd(), fd) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let original = rustix::io::dup(stream.fd())?;
+    let tee = rustix::io::dup(stream.fd())?;
+    stream.point_at(&write)?;
     drop(write);
     let reader = std::thread::Builder::new()
-        .name(format!("firebrand-{stream}"))
-        .spawn(move || forward_lines(std::fs::File::from(read), tee, stream))?;
+        .name(format!("firebrand-{}", stream.name()))
+        .spawn(move || forward_lines(std::fs::File::from(read), tee, stream.name()))?;
     Ok(Captured {
-        fd,
+        stream,
         original,
         reader,
     })
-}
-
-/// A new descriptor for what `fd` points at.
-fn dup(fd: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: dup(2) of an open descriptor of this process; the new one is owned by the
-    // returned value alone.
-    let copy = unsafe { libc::dup(fd) };
-    if copy < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `copy` was just returned by dup(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
 fn forward_lines(read: std::fs::File, original: OwnedFd, stream: &'static str) {

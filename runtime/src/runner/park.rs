@@ -38,7 +38,8 @@ pub(super) struct Continued(Option<tokio::signal::unix::Signal>);
 impl Continued {
     /// Starts watching; a runner that cannot, relies on its clocks and the backstop dial.
     pub(super) fn watch() -> Self {
-        let kind = tokio::signal::unix::SignalKind::from_raw(libc::SIGCONT);
+        let kind =
+            tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::CONT.as_raw());
         Self(tokio::signal::unix::signal(kind).ok())
     }
 

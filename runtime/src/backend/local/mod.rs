@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
 use tokio::process::{Child, Command};
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::sync::Arc;
 
 use crate::backend::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
@@ -404,26 +404,19 @@ fn hand_over_token(command: &mut Command, token: &str) -> Result<OwnedFd, Backen
 
 /// A pipe whose two ends are closed on exec.
 fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two descriptors for pipe2(2) to fill. Both ends are
-    // close-on-exec from the start, so no process another thread starts meanwhile gets them.
+    // Both ends are close-on-exec from the start, so no process another thread starts
+    // meanwhile gets them.
     #[cfg(target_os = "linux")]
-    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    // SAFETY: as above, for pipe(2); the ends are made close-on-exec just below.
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    // Without pipe2 (macOS), the ends are made close-on-exec just after.
     #[cfg(not(target_os = "linux"))]
-    let made = unsafe { libc::pipe(fds.as_mut_ptr()) };
-    if made < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the pipe was made, so both descriptors are open and owned by nothing else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    #[cfg(not(target_os = "linux"))]
-    for fd in [&read, &write] {
-        // SAFETY: F_SETFD on an open descriptor touches no memory.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(std::io::Error::last_os_error());
+    let (read, write) = {
+        let (read, write) = rustix::pipe::pipe()?;
+        for fd in [&read, &write] {
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
         }
-    }
+        (read, write)
+    };
     Ok((read, write))
 }
 
