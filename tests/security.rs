@@ -261,6 +261,20 @@ async fn a_malformed_token_is_a_clear_error() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{value}: {stderr}");
     }
+    // A token descriptor that is not open, or not a number.
+    for (value, expected) in [
+        ("57", "names descriptor 57, which is not open"),
+        ("stdin", "is not a descriptor number"),
+    ] {
+        let output = tokio::process::Command::new(common::RUNNER)
+            .env(firebrand::runner::PARENT_FD_ENV, value)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(exit_code::BAD_TOKEN));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{value}: {stderr}");
+    }
     let output = tokio::process::Command::new(common::RUNNER)
         .env_remove(PARENT_ENV)
         .output()

@@ -8,7 +8,7 @@ pub(crate) mod gpu;
 #[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
 pub mod kubernetes;
 pub(crate) mod local;
-pub(crate) mod output;
+pub(crate) mod output_relay;
 mod park;
 
 use std::net::SocketAddr;

@@ -19,7 +19,7 @@ use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use super::output::Stream;
+use super::relayed_output::Stream;
 use crate::wire::LogLine;
 
 /// Records that may wait to be sent; past that, new ones are dropped and counted. With

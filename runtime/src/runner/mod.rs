@@ -18,8 +18,8 @@
 mod call;
 mod dial;
 mod logs;
-mod output;
 mod park;
+mod relayed_output;
 mod reply;
 mod resources;
 mod stats;
@@ -128,7 +128,7 @@ pub fn run_if_child(registry: &Registry) {
     let token = take_token();
     if std::env::var_os(crate::token::RELAYED_OUTPUT_ENV).is_some() {
         std::env::remove_var(crate::token::RELAYED_OUTPUT_ENV);
-        output::outlive_the_relay();
+        relayed_output::outlive_the_relay();
     }
     if let Ok(token) = &token {
         logs::set_filter(&token.settings.log_filter);

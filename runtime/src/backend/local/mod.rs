@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::sync::Arc;
 
 use crate::backend::gpu::{self, GpuLease, GpuSet, VISIBLE_DEVICES_ENV};
-use crate::backend::output::{relay_output, OutputTail};
+use crate::backend::output_relay::{relay_output, OutputTail};
 use crate::backend::{Backend, BootRequest, Exit, Machine};
 use crate::error::BackendError;
 use crate::token::{PARENT_ENV, PARENT_FD, PARENT_FD_ENV};

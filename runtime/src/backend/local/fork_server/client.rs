@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{recv, send, socket_pair, Reply, Request, MAX_MESSAGE, PROTOCOL};
 use crate::backend::gpu::GpuLease;
-use crate::backend::output::{relay_output, OutputTail};
+use crate::backend::output_relay::{relay_output, OutputTail};
 use crate::backend::{Exit, Machine};
 use crate::error::BackendError;
 use crate::token::FORK_SERVER_ENV;

@@ -1,6 +1,8 @@
-//! A runner process's output: each line it writes to stdout or stderr is logged with its
-//! runner id, and the last lines of stderr are kept for the error of a runner that exits early.
-//! Both the exec path (`local.rs`) and the fork server's client use it.
+//! The parent's relay of a local runner process's output: each line the runner writes to
+//! stdout or stderr is logged with its runner id, and the last lines of stderr are kept for the
+//! error of a runner that exits early. Both the exec path (`local/mod.rs`) and the fork
+//! server's client use it. The runner's side of it is `runner/relayed_output.rs`; output that
+//! a runner sends over its connection instead is `runner/logs.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
