@@ -10,6 +10,8 @@ pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod output_relay;
 mod park;
+#[cfg(any(feature = "fly", feature = "kubernetes"))]
+pub(crate) mod runner_spec;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -76,33 +78,6 @@ pub(crate) fn process_incarnation() -> String {
     INCARNATION
         .get_or_init(|| uuid::Uuid::new_v4().simple().to_string())
         .clone()
-}
-
-/// Reads a setting from the environment, or from what a test gives instead.
-#[cfg(any(feature = "fly", feature = "kubernetes"))]
-pub(crate) type Lookup = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
-/// The env a remote backend writes into each runner's machine: `env`, plus each variable named
-/// in `forward` that `lookup` finds (a value set in `env` wins). Refuses, by name, a variable
-/// that is empty, holds `=`, or is the boot token's, which the pool sets.
-#[cfg(any(feature = "fly", feature = "kubernetes"))]
-pub(crate) fn runner_env(
-    env: &std::collections::BTreeMap<String, String>,
-    forward: &[String],
-    lookup: &Lookup,
-) -> Result<std::collections::BTreeMap<String, String>, String> {
-    for key in env.keys().chain(forward) {
-        if key == crate::token::PARENT_ENV || key.is_empty() || key.contains('=') {
-            return Err(format!("`{key}` cannot be set in a runner's env"));
-        }
-    }
-    let mut all = env.clone();
-    for name in forward {
-        if let Some(value) = lookup(name) {
-            all.entry(name.clone()).or_insert(value);
-        }
-    }
-    Ok(all)
 }
 
 /// How long a pool's start waits for a backend's sweep of orphan machines.

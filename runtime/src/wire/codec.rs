@@ -44,7 +44,7 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
     bincode::serde::encode_to_vec(value, config()).map_err(|e| WireError::Encode(e.to_string()))
 }
 
-/// Decodes a frame body, bounded by what it holds: see [`decoder`](super::decoder).
+/// Decodes a frame body, bounded by what it holds (see `wire/decoder.rs`).
 ///
 /// # Errors
 /// [`WireError::Decode`] if `bytes` is not one value of type `T`, or claims more than it holds.

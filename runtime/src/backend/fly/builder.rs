@@ -80,7 +80,7 @@ pub(crate) struct Guest {
 }
 
 /// Where settings come from: the process environment, or a test's map.
-type Lookup = super::credentials::Lookup;
+use crate::backend::runner_spec::RunnerSpec;
 
 /// Everything a built [`FlyBackend`] needs; checked once, in [`FlyBackendBuilder::build`].
 #[derive(Debug, Clone)]
@@ -144,13 +144,9 @@ pub struct FlyBackendBuilder {
     gpus: Option<u32>,
     cmd: Option<Vec<String>>,
     entrypoint: Option<Vec<String>>,
-    env: BTreeMap<String, String>,
-    forward: Vec<String>,
+    runner: RunnerSpec,
     metadata: BTreeMap<String, String>,
     stop_config: Option<(String, Duration)>,
-    pool_name: String,
-    incarnation: Option<String>,
-    port: u16,
     create_interval: Duration,
     create_burst: u32,
     create_timeout: Duration,
@@ -159,7 +155,6 @@ pub struct FlyBackendBuilder {
     park: Option<Park>,
     max_parked: usize,
     park_ttl: Duration,
-    lookup: Lookup,
 }
 
 impl std::fmt::Debug for FlyBackendBuilder {
@@ -174,7 +169,7 @@ impl std::fmt::Debug for FlyBackendBuilder {
             .field("image", &self.image)
             .field("region", &self.region)
             .field("api_base", &self.api_base)
-            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("env", &self.runner.env.keys().collect::<Vec<_>>())
             .field("park", &self.park)
             .finish_non_exhaustive()
     }
@@ -184,7 +179,8 @@ impl FlyBackendBuilder {
     /// A builder that reads `FLY_*` settings and forwarded variables through `lookup` instead
     /// of the process environment: for tests, and for configuration from elsewhere.
     pub fn from_vars(lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
-        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let runner = RunnerSpec::new(std::sync::Arc::new(lookup));
+        let var = |name: &str| runner.var(name);
         Self {
             token: None,
             token_source: None,
@@ -202,13 +198,8 @@ impl FlyBackendBuilder {
             gpus: None,
             cmd: None,
             entrypoint: None,
-            env: BTreeMap::new(),
-            forward: vec!["RUST_LOG".into(), "RUST_BACKTRACE".into()],
             metadata: BTreeMap::new(),
             stop_config: None,
-            pool_name: "firebrand".into(),
-            incarnation: None,
-            port: 0,
             create_interval: Duration::from_secs(1),
             create_burst: 3,
             create_timeout: Duration::from_secs(60),
@@ -221,7 +212,7 @@ impl FlyBackendBuilder {
             park: None,
             max_parked: DEFAULT_MAX_PARKED,
             park_ttl: DEFAULT_PARK_TTL,
-            lookup: std::sync::Arc::new(lookup),
+            runner,
         }
     }
 
@@ -326,18 +317,13 @@ impl FlyBackendBuilder {
         self
     }
 
-    /// Sets a variable in every runner's environment. Runners do not inherit the parent's.
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.insert(name.into(), value.into());
-        self
-    }
-
-    /// Names of the parent's variables to copy into every runner's environment, where set.
-    /// Default: `RUST_LOG` and `RUST_BACKTRACE`. App secrets reach every machine of the app
-    /// without this.
-    pub fn forward_env<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
-        self.forward.extend(names.into_iter().map(Into::into));
-        self
+    crate::backend::runner_spec::runner_spec_setters! {
+        forward_env: "App secrets reach every machine of the app without this.",
+        pool_name: "It is recorded on machines, which [`FlyBackend::reap_orphans`] lists by: \
+            give each pool in an app its own.",
+        incarnation: "Machines that carry this parent's machine id but another incarnation \
+            are left from an earlier run, and are reaped.",
+        port: "It is bound on `[::]`, and runners dial it over the app's private network.",
     }
 
     /// Extra machine metadata. Keys starting with `firebrand_` are reserved.
@@ -350,27 +336,6 @@ impl FlyBackendBuilder {
     /// before killing it. Default: Fly's (SIGINT, 5 s). Firebrand runners drain on SIGTERM.
     pub fn stop_config(mut self, signal: impl Into<String>, timeout: Duration) -> Self {
         self.stop_config = Some((signal.into(), timeout));
-        self
-    }
-
-    /// The pool name recorded on machines, which [`FlyBackend::reap_orphans`] lists by.
-    /// Default: `firebrand`. Give each pool in an app its own.
-    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
-        self.pool_name = name.into();
-        self
-    }
-
-    /// This run of the parent. Machines that carry this parent's machine id but another
-    /// incarnation are left from an earlier run, and are reaped. Default: random, one per
-    /// process.
-    pub fn incarnation(mut self, incarnation: impl Into<String>) -> Self {
-        self.incarnation = Some(incarnation.into());
-        self
-    }
-
-    /// The UDP port of the pool's endpoint, bound on `[::]`. Default: 0, any free port.
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
         self
     }
 
@@ -468,7 +433,7 @@ impl FlyBackendBuilder {
     pub fn build(self) -> Result<FlyBackend, FlyError> {
         let chain = super::credentials::TokenChain {
             explicit: self.token.clone(),
-            lookup: std::sync::Arc::clone(&self.lookup),
+            lookup: std::sync::Arc::clone(&self.runner.lookup),
             source: self.token_source.clone(),
         };
         // Looked for now, so that a parent without any token fails at build; a source may
@@ -516,8 +481,7 @@ impl FlyBackendBuilder {
             self.gpu_kind,
             self.gpus,
         )?;
-        let env =
-            crate::backend::runner_env(&self.env, &self.forward, &self.lookup).map_err(config)?;
+        let runner = self.runner.check().map_err(config)?;
         if let Some(key) = self.metadata.keys().find(|k| k.starts_with("firebrand_")) {
             return Err(config(format!("metadata key `{key}` is reserved")));
         }
@@ -575,14 +539,12 @@ impl FlyBackendBuilder {
             guest,
             cmd: self.cmd,
             entrypoint: self.entrypoint,
-            env,
+            env: runner.env,
             metadata: self.metadata,
             stop_config: self.stop_config,
-            pool_name: self.pool_name,
-            incarnation: self
-                .incarnation
-                .unwrap_or_else(crate::backend::process_incarnation),
-            port: self.port,
+            pool_name: runner.pool_name,
+            incarnation: runner.incarnation,
+            port: runner.port,
             create_interval: self.create_interval,
             create_burst: self.create_burst,
             create_timeout: self.create_timeout,

@@ -48,7 +48,7 @@ pub trait TokenSource: fmt::Debug + Send + Sync + 'static {
     fn fetch(&self) -> BoxFuture<'_, Result<String, Box<dyn std::error::Error + Send + Sync>>>;
 }
 
-pub(crate) use crate::backend::Lookup;
+pub(crate) use crate::backend::runner_spec::Lookup;
 
 /// The variables flyctl reads a token from, in its order.
 const TOKEN_VARS: [&str; 2] = ["FLY_ACCESS_TOKEN", "FLY_API_TOKEN"];

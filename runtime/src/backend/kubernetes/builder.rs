@@ -17,16 +17,13 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// The name of the runner's container in its pod.
 pub const DEFAULT_CONTAINER_NAME: &str = "runner";
 /// The pool name runner pods are labelled with, unless set.
-pub const DEFAULT_POOL_NAME: &str = "firebrand";
+pub const DEFAULT_POOL_NAME: &str = crate::backend::runner_spec::DEFAULT_POOL_NAME;
 /// The annotation that names a pod's main container, as `kubectl logs` and `exec` read it.
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 /// Where a pod finds its own namespace when `POD_NAMESPACE` is not set.
 const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-/// The longest pool name: a pod name is `{pool}-runner-{12 hex}` and at most 63 characters,
-/// as a hostname.
-const MAX_POOL_NAME: usize = 63 - "-runner-".len() - 12;
 
-use crate::backend::Lookup;
+use crate::backend::runner_spec::{is_label_value, CheckedSpec, RunnerSpec};
 
 /// Builds a [`KubernetesBackend`]. [`KubernetesBackend::builder`] starts from the downward-API
 /// variables a pod is given (`POD_NAME`, `POD_NAMESPACE`, `POD_IP`); [`build`](Self::build)
@@ -49,7 +46,7 @@ use crate::backend::Lookup;
 /// ```
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct KubernetesBackendBuilder {
-    lookup: Lookup,
+    runner: RunnerSpec,
     client: Option<kube::Client>,
     kubeconfig: Option<PathBuf>,
     namespace: Option<String>,
@@ -62,8 +59,6 @@ pub struct KubernetesBackendBuilder {
     container_name: String,
     service_account: Option<String>,
     api_token: bool,
-    env: BTreeMap<String, String>,
-    forward: Vec<String>,
     cpu: Option<String>,
     memory: Option<String>,
     gpus: u32,
@@ -74,9 +69,6 @@ pub struct KubernetesBackendBuilder {
     labels: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
     edit: Option<super::pod::PodEdit>,
-    pool_name: String,
-    incarnation: Option<String>,
-    port: u16,
     unschedulable_grace: Duration,
 }
 
@@ -90,8 +82,8 @@ impl std::fmt::Debug for KubernetesBackendBuilder {
             .field("memory", &self.memory)
             .field("gpus", &self.gpus)
             .field("gpu_resource", &self.gpu_resource)
-            .field("env", &self.env.keys().collect::<Vec<_>>())
-            .field("pool_name", &self.pool_name)
+            .field("env", &self.runner.env.keys().collect::<Vec<_>>())
+            .field("pool_name", &self.runner.pool_name)
             .finish_non_exhaustive()
     }
 }
@@ -102,7 +94,7 @@ impl KubernetesBackendBuilder {
     /// from elsewhere.
     pub fn from_vars(lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
         Self {
-            lookup: Arc::new(lookup),
+            runner: RunnerSpec::new(Arc::new(lookup)),
             client: None,
             kubeconfig: None,
             namespace: None,
@@ -115,8 +107,6 @@ impl KubernetesBackendBuilder {
             container_name: DEFAULT_CONTAINER_NAME.into(),
             service_account: None,
             api_token: false,
-            env: BTreeMap::new(),
-            forward: vec!["RUST_LOG".into(), "RUST_BACKTRACE".into()],
             cpu: None,
             memory: None,
             gpus: 0,
@@ -127,9 +117,6 @@ impl KubernetesBackendBuilder {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             edit: None,
-            pool_name: DEFAULT_POOL_NAME.into(),
-            incarnation: None,
-            port: 0,
             unschedulable_grace: Duration::ZERO,
         }
     }
@@ -220,21 +207,6 @@ impl KubernetesBackendBuilder {
         self
     }
 
-    /// Sets a variable in every runner's env.
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.insert(name.into(), value.into());
-        self
-    }
-
-    /// Forwards these variables of the parent's env (when set there) to every runner, as the
-    /// local and Fly backends do. `RUST_LOG` and `RUST_BACKTRACE` are forwarded by default. A
-    /// forwarded value is written into the pod spec: forward no secret; give runners secrets
-    /// through the pod (an [`edit_pod`](Self::edit_pod) that adds an `envFrom`) instead.
-    pub fn forward_env<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
-        self.forward.extend(names.into_iter().map(Into::into));
-        self
-    }
-
     /// The CPU each runner pod requests (a quantity: `"2"`, `"500m"`). Default: none set, the
     /// namespace's default. CPU gets no limit: throttling a job helps nobody.
     pub fn cpu(mut self, cpu: impl Into<String>) -> Self {
@@ -302,26 +274,15 @@ impl KubernetesBackendBuilder {
         self
     }
 
-    /// The pool's name, in runner pods' names and labels: parents that share a namespace and
-    /// a name sweep each other's orphans. Default: [`DEFAULT_POOL_NAME`].
-    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
-        self.pool_name = name.into();
-        self
-    }
-
-    /// This parent's incarnation, recorded on its runner pods; the start-up sweep deletes the
-    /// runner pods of this parent pod's other incarnations. Default: a random id per process,
-    /// so that a restarted container sweeps its predecessor's runners.
-    pub fn incarnation(mut self, incarnation: impl Into<String>) -> Self {
-        self.incarnation = Some(incarnation.into());
-        self
-    }
-
-    /// The port the pool listens on, on the pod IP. Default: 0, any free port (the runners
-    /// learn it from their boot token); set one where a NetworkPolicy must name it.
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
-        self
+    crate::backend::runner_spec::runner_spec_setters! {
+        forward_env: "A forwarded value is written into the pod spec: forward no secret; give \
+            runners secrets through the pod (an [`edit_pod`](Self::edit_pod) that adds an \
+            `envFrom`) instead.",
+        pool_name: "It is in runner pods' names and labels: parents that share a namespace \
+            and a name sweep each other's orphans.",
+        incarnation: "The start-up sweep deletes the runner pods of this parent pod's other \
+            incarnations, so that a restarted container sweeps its predecessor's runners.",
+        port: "It is bound on the pod IP; set one where a NetworkPolicy must name it.",
     }
 
     /// How long a runner pod that no node can take may wait for one (a cluster autoscaler
@@ -339,8 +300,8 @@ impl KubernetesBackendBuilder {
     /// [`KubernetesError::Client`] when no client can be made, and the API's error when the
     /// parent pod cannot be read.
     pub async fn build(self) -> Result<KubernetesBackend, KubernetesError> {
-        let env = self.check()?;
-        let var = |name: &str| (self.lookup)(name).filter(|v| !v.trim().is_empty());
+        let runner = self.check()?;
+        let var = |name: &str| self.runner.var(name);
         let client = match (&self.client, &self.kubeconfig) {
             (Some(client), _) => client.clone(),
             (None, Some(path)) => {
@@ -425,10 +386,8 @@ impl KubernetesBackendBuilder {
                 name: pod_name,
                 uid,
             },
-            pool_name: self.pool_name,
-            incarnation: self
-                .incarnation
-                .unwrap_or_else(crate::backend::process_incarnation),
+            pool_name: runner.pool_name,
+            incarnation: runner.incarnation,
             image,
             command: self.command.or_else(|| container.command.clone()),
             args: self.args.or_else(|| container.args.clone()),
@@ -445,7 +404,7 @@ impl KubernetesBackendBuilder {
                 .collect(),
             pod_security: spec.security_context.clone(),
             container_security: container.security_context.clone(),
-            env,
+            env: runner.env,
             cpu: self.cpu,
             memory: self.memory,
             gpus: self.gpus,
@@ -461,33 +420,14 @@ impl KubernetesBackendBuilder {
             api,
             template,
             pod_ip,
-            self.port,
+            runner.port,
             self.unschedulable_grace,
         ))
     }
 
     /// Checks the settings that need no API request; the runners' env on success.
-    fn check(&self) -> Result<BTreeMap<String, String>, KubernetesError> {
-        if self.pool_name.is_empty()
-            || self.pool_name.len() > MAX_POOL_NAME
-            || !self
-                .pool_name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            || self.pool_name.starts_with('-')
-        {
-            return Err(config(format!(
-                "pool name `{}` must be 1 to {MAX_POOL_NAME} lowercase letters, digits or '-', starting with a letter or digit",
-                self.pool_name
-            )));
-        }
-        if let Some(incarnation) = &self.incarnation {
-            if !is_label_value(incarnation) {
-                return Err(config(format!(
-                    "incarnation `{incarnation}` is not a valid label value"
-                )));
-            }
-        }
+    fn check(&self) -> Result<CheckedSpec, KubernetesError> {
+        let runner = self.runner.check().map_err(config)?;
         for key in self.labels.keys() {
             if key.starts_with("firebrand.dev/") || key == labels::MANAGED_BY {
                 return Err(config(format!("label `{key}` is reserved")));
@@ -513,7 +453,7 @@ impl KubernetesBackendBuilder {
                 crate::settings::MAX_SETTING_DURATION
             )));
         }
-        crate::backend::runner_env(&self.env, &self.forward, &self.lookup).map_err(config)
+        Ok(runner)
     }
 }
 
@@ -544,14 +484,6 @@ fn pinned_image(pod: &Pod, container: &str) -> Option<String> {
         _ => repository,
     };
     Some(format!("{repository}@sha256:{digest}"))
-}
-
-fn is_label_value(s: &str) -> bool {
-    s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
 fn config(message: impl Into<String>) -> KubernetesError {
