@@ -182,6 +182,14 @@ if kubernetes:
         row(f"Kubernetes control plane: cold boot, {runners} at once, to every call running", f"{pods:.0f} ms",
             f"local process {local:.0f} ms", f"local + {pods - local:.0f} ms", "", None)
 
+for value in ("head", "string_1k", "vec_u8_64k", "bytes_1m", "u64s_10k"):
+    ours, _ = estimate("decode", "firebrand", value)
+    theirs, _ = estimate("decode", "bincode", value)
+    if ours and theirs:
+        unit, scale = ("µs", 1e6) if theirs > 1e-6 else ("ns", 1e9)
+        row(f"decode {value}: the bounded decoder vs bincode's", f"{ours * scale:.1f} {unit}",
+            f"bincode {theirs * scale:.1f} {unit}", f"{ours / theirs:.2f}× bincode", "", None)
+
 if not rows:
     sys.exit(f"no results under {target}: run `cargo bench` first")
 header = ("benchmark", "Firebrand", "baseline", "ratio", "target", "verdict")

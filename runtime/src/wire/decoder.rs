@@ -33,28 +33,75 @@ pub(super) trait Input {
     fn remaining(&self) -> usize;
     /// Fills `out` from the front; the caller checked that enough is left.
     fn take(&mut self, out: &mut [u8]);
+    /// The next byte, if there is one: the hot path of every integer and sequence element.
+    fn next_byte(&mut self) -> Option<u8>;
+    /// The next `len` bytes as a buffer of their own; the caller checked that enough is left.
+    fn take_vec(&mut self, len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        self.take(&mut out);
+        out
+    }
 }
 
 impl Input for &[u8] {
+    #[inline]
     fn remaining(&self) -> usize {
         self.len()
     }
 
+    #[inline]
     fn take(&mut self, out: &mut [u8]) {
         let (front, rest) = self.split_at(out.len());
         out.copy_from_slice(front);
         *self = rest;
     }
+
+    #[inline]
+    fn next_byte(&mut self) -> Option<u8> {
+        let (&byte, rest) = self.split_first()?;
+        *self = rest;
+        Some(byte)
+    }
+
+    fn take_vec(&mut self, len: usize) -> Vec<u8> {
+        // Copied once, with no zeroing first.
+        let (front, rest) = self.split_at(len);
+        *self = rest;
+        front.to_vec()
+    }
 }
 
 impl Input for Message {
+    #[inline]
     fn remaining(&self) -> usize {
         self.len()
     }
 
+    #[inline]
     fn take(&mut self, out: &mut [u8]) {
         self.take_into(out);
     }
+
+    #[inline]
+    fn next_byte(&mut self) -> Option<u8> {
+        if self.is_empty() {
+            return None;
+        }
+        let mut byte = [0];
+        self.take_into(&mut byte);
+        Some(byte[0])
+    }
+}
+
+/// The input ended `missing` bytes short of a value.
+#[cold]
+fn short(missing: usize) -> DecodeError {
+    DecodeError(format!("the input ends {missing} bytes short of a value"))
+}
+
+#[cold]
+fn out_of_range(value: impl std::fmt::Display) -> DecodeError {
+    DecodeError(format!("integer {value} out of range"))
 }
 
 /// Why a value did not decode.
@@ -90,49 +137,67 @@ struct Decoder<I> {
 }
 
 impl<I: Input> Decoder<I> {
+    #[inline]
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
-        if self.input.remaining() < N {
-            return Err(DecodeError(format!(
-                "the input ends {} bytes short of a value",
-                N - self.input.remaining()
-            )));
+        let left = self.input.remaining();
+        if left < N {
+            return Err(short(N - left));
         }
         let mut out = [0; N];
         self.input.take(&mut out);
         Ok(out)
     }
 
+    #[inline]
     fn byte(&mut self) -> Result<u8> {
-        Ok(self.bytes::<1>()?[0])
+        self.input.next_byte().ok_or_else(|| short(1))
     }
 
-    /// A varint: one byte up to 250, else a marker (251 to 254) and a little-endian u16, u32,
-    /// u64 or u128. `max` is the widest marker the type allows.
-    fn varint(&mut self, max: u8) -> Result<u128> {
+    /// A varint: one byte up to 250, else a marker (251 to 253) and a little-endian u16, u32 or
+    /// u64. `max` is the widest marker the type allows.
+    #[inline]
+    fn varint(&mut self, max: u8) -> Result<u64> {
         let first = self.byte()?;
-        let value = match first {
-            0..=250 => return Ok(first.into()),
+        if first <= 250 {
+            return Ok(first.into());
+        }
+        self.wide_varint(first, max)
+    }
+
+    #[inline]
+    fn wide_varint(&mut self, first: u8, max: u8) -> Result<u64> {
+        Ok(match first {
             251 if max >= 251 => u16::from_le_bytes(self.bytes()?).into(),
             252 if max >= 252 => u32::from_le_bytes(self.bytes()?).into(),
-            253 if max >= 253 => u64::from_le_bytes(self.bytes()?).into(),
-            254 if max >= 254 => u128::from_le_bytes(self.bytes()?),
+            253 if max >= 253 => u64::from_le_bytes(self.bytes()?),
             _ => return Err(DecodeError(format!("invalid integer marker {first}"))),
-        };
-        Ok(value)
+        })
     }
 
-    fn unsigned<T: TryFrom<u128>>(&mut self, max: u8) -> Result<T> {
+    /// A u128 varint: as [`varint`](Self::varint), or the marker 254 and a u128.
+    fn varint_u128(&mut self) -> Result<u128> {
+        let first = self.byte()?;
+        match first {
+            0..=250 => Ok(first.into()),
+            254 => Ok(u128::from_le_bytes(self.bytes()?)),
+            _ => self.wide_varint(first, 253).map(u128::from),
+        }
+    }
+
+    #[inline]
+    fn unsigned<T: TryFrom<u64>>(&mut self, max: u8) -> Result<T> {
         let value = self.varint(max)?;
-        T::try_from(value).map_err(|_| DecodeError(format!("integer {value} out of range")))
+        T::try_from(value).map_err(|_| out_of_range(value))
     }
 
     /// Zigzag: 0, -1, 1, -2, ... as 0, 1, 2, 3, ...
-    fn signed(&mut self, max: u8) -> Result<i128> {
+    #[inline]
+    fn signed(&mut self, max: u8) -> Result<i64> {
         let n = self.varint(max)?;
         Ok(if n % 2 == 0 {
-            (n / 2) as i128
+            (n / 2) as i64
         } else {
-            !((n / 2) as i128)
+            !((n / 2) as i64)
         })
     }
 
@@ -152,11 +217,10 @@ impl<I: Input> Decoder<I> {
     /// The bytes of a string or byte string: its length, then that many bytes.
     fn byte_buf(&mut self) -> Result<Vec<u8>> {
         let len = self.len(0)?;
-        let mut out = vec![0; len];
-        self.input.take(&mut out);
-        Ok(out)
+        Ok(self.input.take_vec(len))
     }
 
+    #[inline]
     fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if self.depth == MAX_DEPTH {
             return Err(DecodeError(format!(
@@ -182,8 +246,7 @@ macro_rules! signed {
     ($method:ident, $visit:ident, $type:ty, $max:expr) => {
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
             let value = self.signed($max)?;
-            let value = <$type>::try_from(value)
-                .map_err(|_| DecodeError(format!("integer {value} out of range")))?;
+            let value = <$type>::try_from(value).map_err(|_| out_of_range(value))?;
             visitor.$visit(value)
         }
     };
@@ -217,11 +280,22 @@ impl<'de, I: Input> de::Deserializer<'de> for &mut Decoder<I> {
     unsigned!(deserialize_u16, visit_u16, u16, 251);
     unsigned!(deserialize_u32, visit_u32, u32, 252);
     unsigned!(deserialize_u64, visit_u64, u64, 253);
-    unsigned!(deserialize_u128, visit_u128, u128, 254);
+
+    fn deserialize_u128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        visitor.visit_u128(self.varint_u128()?)
+    }
     signed!(deserialize_i16, visit_i16, i16, 251);
     signed!(deserialize_i32, visit_i32, i32, 252);
     signed!(deserialize_i64, visit_i64, i64, 253);
-    signed!(deserialize_i128, visit_i128, i128, 254);
+
+    fn deserialize_i128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        let n = self.varint_u128()?;
+        visitor.visit_i128(if n % 2 == 0 {
+            (n / 2) as i128
+        } else {
+            !((n / 2) as i128)
+        })
+    }
 
     fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         visitor.visit_f32(f32::from_le_bytes(self.bytes()?))
