@@ -20,7 +20,9 @@ use futures_util::future::BoxFuture;
 
 pub use gpu::VISIBLE_DEVICES_ENV;
 pub use local::{LocalBackend, LocalBackendBuilder};
-pub use park::{BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, Parking, PoolKey};
+pub use park::{
+    BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, ParkedSet, Parking, PoolKey,
+};
 
 use crate::error::{BackendError, BootError, RunnerId};
 
@@ -187,31 +189,11 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
-    /// Whether this backend parks the machines of runners that idle out, and how: see
-    /// [`Machine::park`]. The default: it does not, and they are terminated.
-    fn parking(&self) -> Option<Parking> {
+    /// The machines this backend has parked, if it parks the machines of runners that idle
+    /// out (see [`Machine::park`]): the one object through which a pool claims, counts and
+    /// releases them. The default: it does not park, and they are terminated.
+    fn parked_set(&self) -> Option<std::sync::Arc<dyn ParkedSet>> {
         None
-    }
-
-    /// A machine that `pool` parked, for a boot to claim before it makes a new one; `None` when
-    /// none is left. Called only when [`parking`](Backend::parking) is on. The default: none.
-    fn take_parked(&self, pool: PoolKey) -> Option<Box<dyn ParkedMachine>> {
-        let _ = pool;
-        None
-    }
-
-    /// Destroys every machine `pool` parked, whatever state its claims left it in: the pool
-    /// is shutting down, and no other pool can admit their runners. The default does nothing.
-    fn release_parked(&self, pool: PoolKey) -> BoxFuture<'_, ()> {
-        let _ = pool;
-        Box::pin(std::future::ready(()))
-    }
-
-    /// How many machines `pool` has parked now, for [`PoolStats`](crate::PoolStats). The
-    /// default: none.
-    fn parked(&self, pool: PoolKey) -> usize {
-        let _ = pool;
-        0
     }
 }
 
@@ -240,7 +222,7 @@ pub trait Machine: Send + 'static {
     /// Parks the machine instead of terminating it: its runner idled out, and the pool closed
     /// its connection as the backend's [`Parking`] mode asks (to be suspended, the runner stays
     /// up; to be stopped, it exits within `grace`). The backend keeps `ticket` with the machine
-    /// and hands it back from [`Backend::take_parked`]. The default terminates the machine.
+    /// and hands it back from [`ParkedSet::take`]. The default terminates the machine.
     ///
     /// # Errors
     /// Why the machine could be neither parked nor destroyed.

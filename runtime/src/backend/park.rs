@@ -3,8 +3,8 @@
 //!
 //! The pool decides *when* a runner parks (it idled out, nothing else) and admits the runner
 //! again only for a claim it made; the backend decides *whether* it keeps the machine and
-//! *how*, and keeps the parked set. A backend that does not park leaves every method here at
-//! its default, and each idle runner's machine is terminated as before.
+//! *how*, and keeps the parked set ([`ParkedSet`]). A backend that does not park has none, and
+//! each idle runner's machine is terminated as before.
 
 use std::time::Duration;
 
@@ -13,6 +13,25 @@ use rustls::pki_types::CertificateDer;
 
 use super::Machine;
 use crate::error::{BackendError, RunnerId};
+
+/// A backend's parked machines, the one object through which a pool finds, counts and releases
+/// them: see [`Backend::parked_set`](super::Backend::parked_set). A backend that parks keeps
+/// one for all the pools that use it, each pool's machines apart by its [`PoolKey`].
+pub trait ParkedSet: Send + Sync + 'static {
+    /// How idle runners' machines park here, and for how long at most.
+    fn parking(&self) -> Parking;
+
+    /// A machine that `pool` parked, for a boot to claim before it makes a new one; `None`
+    /// when none is left.
+    fn take(self: std::sync::Arc<Self>, pool: PoolKey) -> Option<Box<dyn ParkedMachine>>;
+
+    /// Destroys every machine `pool` parked, whatever state its claims left it in: the pool
+    /// is shutting down, and no other pool can admit their runners.
+    fn release(&self, pool: PoolKey) -> BoxFuture<'_, ()>;
+
+    /// How many machines `pool` has parked now, for [`PoolStats`](crate::PoolStats).
+    fn count(&self, pool: PoolKey) -> usize;
+}
 
 /// How a backend parks the machine of a runner that idled out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,7 +56,7 @@ impl Park {
     }
 }
 
-/// Whether and how a backend parks machines: see [`Backend::parking`](super::Backend::parking).
+/// How a backend parks machines, and for how long: see [`ParkedSet::parking`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Parking {
@@ -62,7 +81,7 @@ impl Parking {
 pub struct PoolKey(pub(crate) u128);
 
 /// What the pool needs to admit a parked runner again, kept by the backend with the machine
-/// it parked and handed back with it by [`Backend::take_parked`](super::Backend::take_parked).
+/// it parked and handed back with it by [`ParkedSet::take`].
 /// It holds no secret: a certificate is public.
 #[derive(Clone)]
 pub struct ParkTicket {

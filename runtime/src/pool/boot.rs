@@ -102,8 +102,8 @@ struct Booted {
 /// Boots runner `id`: on a parked machine where the backend has one, else on a new machine.
 async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootError> {
     let deadline = Instant::now() + shared.config.boot_timeout;
-    if shared.parking.is_some() {
-        while let Some(parked) = shared.backend.take_parked(shared.pool_key) {
+    if let Some(set) = &shared.parked_set {
+        while let Some(parked) = Arc::clone(set).take(shared.pool_key) {
             shared.parked_changed();
             if let Some(booted) = claim(shared, id, min, parked, deadline).await? {
                 return Ok(booted);

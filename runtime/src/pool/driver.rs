@@ -199,8 +199,8 @@ impl Shared {
     /// `stats` with the count of machines the backend has parked for this pool, which the
     /// scheduler does not know.
     pub(crate) fn with_parked(&self, mut stats: PoolStats) -> PoolStats {
-        if self.parking.is_some() {
-            stats.parked = self.backend.parked(self.pool_key);
+        if let Some(set) = &self.parked_set {
+            stats.parked = set.count(self.pool_key);
         }
         stats
     }
@@ -208,8 +208,8 @@ impl Shared {
     /// Destroys every machine this pool parked, at its shutdown: no other pool can admit their
     /// runners.
     pub(crate) async fn destroy_parked(&self) {
-        if self.parking.is_some() {
-            self.backend.release_parked(self.pool_key).await;
+        if let Some(set) = &self.parked_set {
+            set.release(self.pool_key).await;
             self.parked_changed();
         }
     }

@@ -31,7 +31,7 @@ pub use resource::{MakeResource, Resource, ResourceCall};
 pub use stream::RemoteStream;
 pub use task::RemoteTask;
 
-use crate::backend::{Backend, Parking, PoolKey};
+use crate::backend::{Backend, ParkedSet, Parking, PoolKey};
 use crate::error::{BootError, PoolError};
 use crate::job::{Job, Payload, StreamJob};
 use crate::manifest::Manifest;
@@ -58,7 +58,7 @@ pub struct PoolStats {
     /// Calls waiting for a slot.
     pub queued: usize,
     /// Idle runners' machines parked by the backend, to be claimed by later boots: see
-    /// [`Backend::parking`](crate::Backend::parking).
+    /// [`Backend::parked_set`](crate::Backend::parked_set).
     pub parked: usize,
 }
 
@@ -127,6 +127,8 @@ pub(crate) struct Shared {
     pool_key: PoolKey,
     /// How the backend parks idle runners' machines, if it does.
     parking: Option<Parking>,
+    /// The machines it parked, if it parks.
+    parked_set: Option<Arc<dyn ParkedSet>>,
 }
 
 impl Pool {
@@ -166,7 +168,8 @@ impl Pool {
             backend.max_runners(),
         )?;
         let observer = observe::Observer::new(&config.name);
-        let parking = backend.parking();
+        let parked_set = backend.parked_set();
+        let parking = parked_set.as_ref().map(|set| set.parking());
         let rules = Rules {
             placement: config.placement,
             single_use: config.single_use,
@@ -193,6 +196,7 @@ impl Pool {
             clock: tokio::time::Instant::now(),
             pool_key: PoolKey(uuid::Uuid::new_v4().as_u128()),
             parking,
+            parked_set,
         });
         let pool = Pool {
             inner: Arc::new(PoolInner {
@@ -369,10 +373,12 @@ impl Drop for PoolInner {
             handle.connection.close(wire::close::DONE, b"pool dropped");
         }
         // No shutdown to wait for them: the parked machines are destroyed in the background.
-        if let (Some(_), Ok(runtime)) = (self.shared.parking, tokio::runtime::Handle::try_current())
-        {
-            let (backend, pool) = (Arc::clone(&self.shared.backend), self.shared.pool_key);
-            runtime.spawn(async move { backend.release_parked(pool).await });
+        if let (Some(set), Ok(runtime)) = (
+            self.shared.parked_set.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let pool = self.shared.pool_key;
+            runtime.spawn(async move { set.release(pool).await });
         }
         self.closing.send_replace(true);
     }

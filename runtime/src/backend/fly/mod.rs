@@ -48,7 +48,7 @@ pub use token::FlyToken;
 
 use self::api::MachinesApi;
 use self::builder::{keys, FlyConfig};
-use super::{Backend, BootRequest, Machine, ParkedMachine, Parking, PoolKey};
+use super::{Backend, BootRequest, Machine, ParkedSet};
 use crate::error::{BackendError, ProviderError, RunnerId};
 
 /// A [`Backend`] that boots each runner as a Fly Machine. Cheap to clone.
@@ -64,7 +64,7 @@ struct Inner {
     /// Regions that refused for capacity lately, which later boots try last.
     full_regions: launch::FullRegions,
     /// The idle runners' machines parked for later boots, when parking is on.
-    parked: Option<Arc<park::ParkedSet>>,
+    parked: Option<Arc<park::FlyParkedSet>>,
 }
 
 impl std::fmt::Debug for FlyBackend {
@@ -101,7 +101,7 @@ impl FlyBackend {
         let pacer = launch::Pacer::new(config.create_interval, config.create_burst);
         let api = Arc::new(api);
         let parked = config.park.map(|mode| {
-            Arc::new(park::ParkedSet::new(
+            Arc::new(park::FlyParkedSet::new(
                 Arc::clone(&api),
                 mode,
                 config.max_parked,
@@ -304,25 +304,8 @@ impl Backend for FlyBackend {
         })
     }
 
-    fn parking(&self) -> Option<Parking> {
-        let set = self.inner.parked.as_ref()?;
-        Some(Parking::new(set.mode, set.ttl))
-    }
-
-    fn take_parked(&self, pool: PoolKey) -> Option<Box<dyn ParkedMachine>> {
-        self.inner.parked.as_ref()?.take(pool)
-    }
-
-    fn release_parked(&self, pool: PoolKey) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Some(set) = &self.inner.parked {
-                set.release(pool).await;
-            }
-        })
-    }
-
-    fn parked(&self, pool: PoolKey) -> usize {
-        self.inner.parked.as_ref().map_or(0, |set| set.count(pool))
+    fn parked_set(&self) -> Option<Arc<dyn ParkedSet>> {
+        self.inner.parked.clone().map(|set| set as _)
     }
 }
 

@@ -17,7 +17,9 @@ use tokio::time::Instant;
 
 use super::api::MachinesApi;
 use super::machine::{FlyMachine, MachineRef, ParkInto, ENDED};
-use crate::backend::{BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, PoolKey};
+use crate::backend::{
+    BootKind, Claimed, Park, ParkTicket, Parked, ParkedMachine, ParkedSet, Parking, PoolKey,
+};
 use crate::error::BackendError;
 
 /// How long a claim's lease lasts: it covers the `start`, after which it is released.
@@ -46,7 +48,7 @@ struct Entry {
 }
 
 /// The machines one backend has parked, for all the pools that use it.
-pub(crate) struct ParkedSet {
+pub(crate) struct FlyParkedSet {
     api: Arc<MachinesApi>,
     pub(crate) mode: Park,
     max: usize,
@@ -54,7 +56,7 @@ pub(crate) struct ParkedSet {
     entries: Mutex<Vec<Entry>>,
 }
 
-impl ParkedSet {
+impl FlyParkedSet {
     pub(crate) fn new(api: Arc<MachinesApi>, mode: Park, max: usize, ttl: Duration) -> Self {
         Self {
             api,
@@ -233,19 +235,37 @@ impl ParkedSet {
     }
 }
 
-impl ParkInto for ParkedSet {
+impl ParkedSet for FlyParkedSet {
+    fn parking(&self) -> Parking {
+        Parking::new(self.mode, self.ttl)
+    }
+
+    fn take(self: Arc<Self>, pool: PoolKey) -> Option<Box<dyn ParkedMachine>> {
+        FlyParkedSet::take(&self, pool)
+    }
+
+    fn release(&self, pool: PoolKey) -> BoxFuture<'_, ()> {
+        Box::pin(FlyParkedSet::release(self, pool))
+    }
+
+    fn count(&self, pool: PoolKey) -> usize {
+        FlyParkedSet::count(self, pool)
+    }
+}
+
+impl ParkInto for FlyParkedSet {
     fn park(
         self: Arc<Self>,
         machine: MachineRef,
         ticket: ParkTicket,
         grace: Duration,
     ) -> BoxFuture<'static, Result<Parked, BackendError>> {
-        Box::pin(ParkedSet::park(self, machine, ticket, grace))
+        Box::pin(FlyParkedSet::park(self, machine, ticket, grace))
     }
 }
 
 /// Destroys machine `id` once it has been parked for `ttl`, unless a claim took it first.
-async fn expire(set: std::sync::Weak<ParkedSet>, id: String, ttl: Duration) {
+async fn expire(set: std::sync::Weak<FlyParkedSet>, id: String, ttl: Duration) {
     tokio::time::sleep(ttl).await;
     let Some(set) = set.upgrade() else {
         return;
@@ -266,7 +286,7 @@ async fn expire(set: std::sync::Weak<ParkedSet>, id: String, ttl: Duration) {
 
 /// A parked machine a boot took to claim. Dropped unclaimed, it is destroyed.
 struct ParkedFly {
-    set: Arc<ParkedSet>,
+    set: Arc<FlyParkedSet>,
     machine: MachineRef,
     ticket: ParkTicket,
     mode: Park,
