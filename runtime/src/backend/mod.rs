@@ -9,7 +9,7 @@ pub(crate) mod gpu;
 pub mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod output_relay;
-mod park;
+pub(crate) mod park;
 #[cfg(any(feature = "fly", feature = "kubernetes"))]
 pub(crate) mod runner_spec;
 

@@ -187,3 +187,317 @@ impl std::fmt::Debug for Claimed {
             .finish()
     }
 }
+
+/// What a backend does to its own machines for a [`ParkedMachines`] set: the set's bookkeeping
+/// (a set per backend for all its pools, each pool's machines by its key, expiry at the time to
+/// live, a full set, machines passed over while someone else holds them, release at a pool's
+/// shutdown) is here, and the platform's calls (Fly's Machines API) are the backend's.
+#[cfg_attr(not(feature = "fly"), allow(dead_code))]
+pub(crate) trait ParkPlatform: Send + Sync + Sized + 'static {
+    /// One parked machine as the set knows it.
+    type Machine: Clone + Send + Sync + 'static;
+
+    /// Its id, for logs and to find it again.
+    fn id(machine: &Self::Machine) -> &str;
+
+    /// A description for logs: `fly machine <id> in <region> (suspended)`.
+    fn describe(machine: &Self::Machine, mode: Park) -> String;
+
+    /// Destroys it.
+    fn destroy<'a>(&'a self, machine: &'a Self::Machine)
+        -> BoxFuture<'a, Result<(), BackendError>>;
+
+    /// Parks it as `mode` asks (its runner was closed so), and says how it is parked: a refused
+    /// suspend may fall back to a stop. `None` when it could be neither; the set destroys it.
+    fn park<'a>(
+        &'a self,
+        machine: &'a Self::Machine,
+        mode: Park,
+        grace: Duration,
+    ) -> BoxFuture<'a, Option<Park>>;
+
+    /// Takes the machine for this parent and starts or resumes it; `set` is where the running
+    /// machine parks again.
+    fn claim(
+        &self,
+        machine: Self::Machine,
+        set: std::sync::Arc<ParkedMachines<Self>>,
+    ) -> BoxFuture<'static, Result<Box<dyn Machine>, ClaimRefused>>;
+}
+
+/// Why a claim did not start its machine.
+#[cfg_attr(not(feature = "fly"), allow(dead_code))]
+pub(crate) enum ClaimRefused {
+    /// The machine is gone: nothing to destroy.
+    Gone(BackendError),
+    /// Someone else holds it for now (a lease): it goes back, passed over for a while.
+    Contended(BackendError),
+    /// Its state is unknown: it is destroyed.
+    Failed(BackendError),
+}
+
+/// How long a parked machine that someone else held is passed over by claims: about a
+/// lease's usual life.
+const CONTENDED_FOR: Duration = Duration::from_secs(30);
+
+/// A parked machine, waiting in the set.
+struct Entry<M> {
+    machine: M,
+    ticket: ParkTicket,
+    mode: Park,
+    /// Destroys the machine at the time to live; aborted when it is taken.
+    expiry: tokio::task::AbortHandle,
+    /// Claims pass it over until then: someone else held it.
+    contended_until: Option<tokio::time::Instant>,
+}
+
+/// The machines one backend has parked, for all the pools that use it: the [`ParkedSet`] a
+/// backend hands its pools, over a [`ParkPlatform`].
+#[cfg_attr(not(feature = "fly"), allow(dead_code))]
+pub(crate) struct ParkedMachines<P: ParkPlatform> {
+    platform: std::sync::Arc<P>,
+    mode: Park,
+    max: usize,
+    ttl: Duration,
+    entries: parking_lot::Mutex<Vec<Entry<P::Machine>>>,
+}
+
+#[cfg_attr(not(feature = "fly"), allow(dead_code))]
+impl<P: ParkPlatform> ParkedMachines<P> {
+    pub(crate) fn new(platform: std::sync::Arc<P>, mode: Park, max: usize, ttl: Duration) -> Self {
+        Self {
+            platform,
+            mode,
+            max,
+            ttl,
+            entries: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.entries.lock().len() >= self.max
+    }
+
+    async fn destroy(&self, machine: &P::Machine, why: &str) {
+        if let Err(error) = self.platform.destroy(machine).await {
+            tracing::error!(machine = P::id(machine), %error, "cannot destroy {why}");
+        }
+    }
+
+    /// Parks `machine`, whose runner was closed as the set's mode asks; a machine that cannot
+    /// be parked, or finds the set full, is destroyed.
+    pub(crate) async fn park(
+        self: std::sync::Arc<Self>,
+        machine: P::Machine,
+        ticket: ParkTicket,
+        grace: Duration,
+    ) -> Result<Parked, BackendError> {
+        let id = P::id(&machine).to_owned();
+        if self.is_full() {
+            tracing::info!(machine = %id, max = self.max, "parked set full: destroying");
+            self.platform.destroy(&machine).await?;
+            return Ok(Parked::Destroyed);
+        }
+        let Some(mode) = self.platform.park(&machine, self.mode, grace).await else {
+            self.platform.destroy(&machine).await?;
+            return Ok(Parked::Destroyed);
+        };
+        let expiry = tokio::spawn(expire(std::sync::Arc::downgrade(&self), id, self.ttl));
+        // Full by now (other parks went first): the machine is handed back to destroy.
+        let refused = {
+            let mut entries = self.entries.lock();
+            if entries.len() >= self.max {
+                Some(machine)
+            } else {
+                entries.push(Entry {
+                    machine,
+                    ticket,
+                    mode,
+                    expiry: expiry.abort_handle(),
+                    contended_until: None,
+                });
+                None
+            }
+        };
+        if let Some(machine) = refused {
+            expiry.abort();
+            self.platform.destroy(&machine).await?;
+            return Ok(Parked::Destroyed);
+        }
+        Ok(Parked::As(mode))
+    }
+
+    /// Puts back a machine whose claim found someone else holding it, passed over by claims
+    /// for a while.
+    fn put_back_contended(
+        self: &std::sync::Arc<Self>,
+        machine: P::Machine,
+        ticket: ParkTicket,
+        mode: Park,
+    ) {
+        let id = P::id(&machine).to_owned();
+        let expiry = tokio::spawn(expire(std::sync::Arc::downgrade(self), id, self.ttl));
+        self.entries.lock().insert(
+            0,
+            Entry {
+                machine,
+                ticket,
+                mode,
+                expiry: expiry.abort_handle(),
+                contended_until: Some(tokio::time::Instant::now() + CONTENDED_FOR),
+            },
+        );
+    }
+}
+
+impl<P: ParkPlatform> ParkedSet for ParkedMachines<P> {
+    fn parking(&self) -> Parking {
+        Parking::new(self.mode, self.ttl)
+    }
+
+    /// The machine `pool` parked last, whose snapshot is the freshest.
+    fn take(self: std::sync::Arc<Self>, pool: PoolKey) -> Option<Box<dyn ParkedMachine>> {
+        let now = tokio::time::Instant::now();
+        let entry = {
+            let mut entries = self.entries.lock();
+            let index = entries.iter().rposition(|e| {
+                e.ticket.pool() == pool && e.contended_until.is_none_or(|until| until <= now)
+            })?;
+            entries.remove(index)
+        };
+        entry.expiry.abort();
+        Some(Box::new(TakenMachine {
+            set: self,
+            machine: Some(entry.machine),
+            ticket: entry.ticket,
+            mode: entry.mode,
+        }))
+    }
+
+    fn release(&self, pool: PoolKey) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let released: Vec<Entry<P::Machine>> = {
+                let mut entries = self.entries.lock();
+                let (released, kept) = entries.drain(..).partition(|e| e.ticket.pool() == pool);
+                *entries = kept;
+                released
+            };
+            let destroys = released.iter().map(|entry| {
+                entry.expiry.abort();
+                self.destroy(&entry.machine, "a parked machine")
+            });
+            futures_util::future::join_all(destroys).await;
+        })
+    }
+
+    fn count(&self, pool: PoolKey) -> usize {
+        self.entries
+            .lock()
+            .iter()
+            .filter(|e| e.ticket.pool() == pool)
+            .count()
+    }
+}
+
+/// Destroys machine `id` once it has been parked for `ttl`, unless a claim took it first.
+async fn expire<P: ParkPlatform>(
+    set: std::sync::Weak<ParkedMachines<P>>,
+    id: String,
+    ttl: Duration,
+) {
+    tokio::time::sleep(ttl).await;
+    let Some(set) = set.upgrade() else {
+        return;
+    };
+    let taken = {
+        let mut entries = set.entries.lock();
+        let index = entries.iter().position(|e| P::id(&e.machine) == id);
+        index.map(|i| entries.remove(i))
+    };
+    if let Some(entry) = taken {
+        tracing::info!(machine = %id, after = ?ttl, "parked too long: destroying");
+        set.destroy(&entry.machine, "an expired parked machine")
+            .await;
+    }
+}
+
+/// A parked machine a boot took to claim. Dropped unclaimed, it is destroyed.
+struct TakenMachine<P: ParkPlatform> {
+    set: std::sync::Arc<ParkedMachines<P>>,
+    /// `None` once the claim has dealt with it.
+    machine: Option<P::Machine>,
+    ticket: ParkTicket,
+    mode: Park,
+}
+
+impl<P: ParkPlatform> ParkedMachine for TakenMachine<P> {
+    fn ticket(&self) -> &ParkTicket {
+        &self.ticket
+    }
+
+    fn describe(&self) -> String {
+        self.machine
+            .as_ref()
+            .map_or_else(String::new, |m| P::describe(m, self.mode))
+    }
+
+    fn claim(mut self: Box<Self>) -> BoxFuture<'static, Result<Claimed, BackendError>> {
+        Box::pin(async move {
+            let machine = self
+                .machine
+                .clone()
+                .expect("a taken machine is claimed once");
+            let set = std::sync::Arc::clone(&self.set);
+            match set
+                .platform
+                .claim(machine.clone(), std::sync::Arc::clone(&set))
+                .await
+            {
+                Ok(running) => {
+                    self.machine = None;
+                    let kind = match self.mode {
+                        Park::Suspend => BootKind::Resume,
+                        Park::Stop => BootKind::Start,
+                    };
+                    Ok(Claimed {
+                        machine: running,
+                        kind,
+                    })
+                }
+                Err(ClaimRefused::Gone(error)) => {
+                    // Gone behind the pool's back: nothing to destroy.
+                    self.machine = None;
+                    Err(error)
+                }
+                Err(ClaimRefused::Contended(error)) => {
+                    tracing::info!(
+                        machine = P::id(&machine),
+                        "someone else holds it: passing it over"
+                    );
+                    self.machine = None;
+                    set.put_back_contended(machine, self.ticket.clone(), self.mode);
+                    Err(error)
+                }
+                // Dropping `self` destroys it.
+                Err(ClaimRefused::Failed(error)) => Err(error),
+            }
+        })
+    }
+}
+
+impl<P: ParkPlatform> Drop for TakenMachine<P> {
+    fn drop(&mut self) {
+        let Some(machine) = self.machine.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                machine = P::id(&machine),
+                "no runtime to destroy a dropped parked machine"
+            );
+            return;
+        };
+        let set = std::sync::Arc::clone(&self.set);
+        runtime.spawn(async move { set.destroy(&machine, "a dropped parked machine").await });
+    }
+}

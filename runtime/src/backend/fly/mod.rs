@@ -102,7 +102,9 @@ impl FlyBackend {
         let api = Arc::new(api);
         let parked = config.park.map(|mode| {
             Arc::new(park::FlyParkedSet::new(
-                Arc::clone(&api),
+                Arc::new(park::FlyMachines {
+                    api: Arc::clone(&api),
+                }),
                 mode,
                 config.max_parked,
                 config.park_ttl,
