@@ -394,28 +394,17 @@ async fn runner_pods_get_gpus_of_their_own() {
         .build()
         .await
         .unwrap();
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let seen = pool
-                    .call(&ENV, "NVIDIA_VISIBLE_DEVICES".into())
-                    .await
-                    .unwrap();
-                // Hold the runner, so that the second call needs the second pod.
-                pool.call(&SLEEP, 300).await.unwrap();
-                seen
-            })
-        })
-        .collect();
-    let mut seen = Vec::new();
-    for call in calls {
-        seen.push(
-            call.await
-                .unwrap()
-                .expect("the device plugin's variable is set"),
-        );
-    }
+    // The first pod's runner is held by a long call, so that the second call needs the
+    // second pod.
+    pool.call(&SLEEP, 1).await.unwrap();
+    let long = hold_the_runner(&pool, 3_000).await;
+    let seen = pool
+        .call(&ENV, "NVIDIA_VISIBLE_DEVICES".into())
+        .await
+        .unwrap()
+        .expect("the device plugin's variable is set");
+    assert!(seen.starts_with("GPU-"), "{seen}");
+    long.await.unwrap().unwrap();
     let pods = kube.runner_pods();
     let mut gpus: Vec<u32> = pods.iter().flat_map(|p| p.gpus.clone()).collect();
     gpus.sort_unstable();
@@ -666,16 +655,42 @@ async fn a_watch_that_rbac_denies_fails_the_boot_naming_it() {
     shut_down_clean(pool, &kube).await;
 }
 
-#[tokio::test]
-async fn a_watch_refused_while_rbac_loads_is_tried_again_within_the_grace() {
-    let kube = fake().await;
-    let pool = pool(backend(&kube).build().await.unwrap())
+/// A pool of up to two runners of one call each, its first runner up.
+async fn two_runner_pool(kube: &firebrand_k8s_fake::FakeKube) -> firebrand::Pool {
+    let pool = pool(backend(kube).build().await.unwrap())
         .max(2)
         .max_concurrency(1)
         .build()
         .await
         .unwrap();
     pool.call(&SLEEP, 1).await.unwrap();
+    pool
+}
+
+/// A call of `ms` that holds the pool's one runner, once it is running there.
+async fn hold_the_runner(
+    pool: &firebrand::Pool,
+    ms: u64,
+) -> tokio::task::JoinHandle<Result<(), CallError>> {
+    let long = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call(&SLEEP, ms).await })
+    };
+    let placed = Instant::now();
+    while pool.stats().in_flight == 0 {
+        assert!(
+            placed.elapsed() < 10 * SECOND,
+            "the long call never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    long
+}
+
+#[tokio::test]
+async fn a_watch_refused_while_rbac_loads_is_tried_again_within_the_grace() {
+    let kube = fake().await;
+    let pool = two_runner_pool(&kube).await;
     // Failures in a row grow the watch's backoff to seconds, as while an API server restarts.
     kube.fail_pod_watches(true);
     assert!(
@@ -707,13 +722,7 @@ async fn a_watch_refused_while_rbac_loads_is_tried_again_within_the_grace() {
     // Past the grace from the first refusal: a boot now is not failed by a refusal that the
     // watch has not tried again since.
     tokio::time::sleep((6 * SECOND).saturating_sub(refused.elapsed())).await;
-    let long = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.call(&SLEEP, 3_000).await })
-    };
-    while pool.stats().in_flight == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let long = hold_the_runner(&pool, 3_000).await;
     pool.call(&SLEEP, 1).await.unwrap();
     long.await.unwrap().unwrap();
     assert_eq!(kube.counts().pods_created, 2);
@@ -723,30 +732,13 @@ async fn a_watch_refused_while_rbac_loads_is_tried_again_within_the_grace() {
 #[tokio::test]
 async fn a_boot_completes_while_the_pod_watch_is_down() {
     let kube = fake().await;
-    let pool = pool(backend(&kube).build().await.unwrap())
-        .max(2)
-        .max_concurrency(1)
-        .build()
-        .await
-        .unwrap();
-    pool.call(&SLEEP, 1).await.unwrap();
+    let pool = two_runner_pool(&kube).await;
     // Every list and watch of pods fails from here on, as while etcd elects a leader.
     kube.fail_pod_watches(true);
     // A long call holds the one runner; a second call needs a runner booted while the watch
     // is down. Its boot is admitted when its runner says hello (the watch would only bring a
     // reason to fail), so it finishes first.
-    let long = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.call(&SLEEP, 10_000).await })
-    };
-    let placed = Instant::now();
-    while pool.stats().in_flight == 0 {
-        assert!(
-            placed.elapsed() < 10 * SECOND,
-            "the long call never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let long = hold_the_runner(&pool, 10_000).await;
     pool.call(&SLEEP, 1).await.unwrap();
     assert!(
         !long.is_finished(),

@@ -292,7 +292,7 @@ pub(crate) async fn supervise(
                         continue;
                     }
                     if refused_lines > 0 {
-                        shared.observer.runner_logs_refused(handle.id, &handle.machine, refused_lines);
+                        shared.observer.runner_logs_dropped(handle.id, &handle.machine, refused_lines, true);
                         refused_lines = 0;
                     }
                     line.message = crate::runner::cut_log_text(line.message, crate::runner::MAX_LOG_LINE);
@@ -300,7 +300,7 @@ pub(crate) async fn supervise(
                     shared.observer.runner_log(handle.id, &handle.machine, &line);
                 }
                 Ok(ControlMessage::LogsDropped { count }) => {
-                    shared.observer.runner_logs_dropped(handle.id, &handle.machine, count);
+                    shared.observer.runner_logs_dropped(handle.id, &handle.machine, count, false);
                 }
                 Err(error) => {
                     if let WireError::TooLarge { len, limit } = error {
@@ -309,7 +309,7 @@ pub(crate) async fn supervise(
                     // Otherwise the connection is ending; its own branch says why.
                     control_open = false;
                     if refused_lines > 0 {
-                        shared.observer.runner_logs_refused(handle.id, &handle.machine, refused_lines);
+                        shared.observer.runner_logs_dropped(handle.id, &handle.machine, refused_lines, true);
                         refused_lines = 0;
                     }
                 }

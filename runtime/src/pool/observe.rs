@@ -302,30 +302,29 @@ impl Observer {
         }
     }
 
-    /// A runner dropped `count` lines of its log: they came faster than it could send them.
-    pub(crate) fn runner_logs_dropped(&self, runner: RunnerId, machine: &str, count: u64) {
+    /// `count` lines of a runner's log were dropped: by the runner (`by_parent` false), which
+    /// logged faster than its connection took them, or by the parent, past the pace it holds
+    /// each runner to ([`MAX_LOG_LINES_PER_SECOND`](crate::runner::MAX_LOG_LINES_PER_SECOND)).
+    pub(crate) fn runner_logs_dropped(
+        &self,
+        runner: RunnerId,
+        machine: &str,
+        count: u64,
+        by_parent: bool,
+    ) {
         metrics::counter!("firebrand_runner_log_dropped_total", "pool" => self.pool.clone())
             .increment(count);
+        let why = if by_parent {
+            "the runner sent them faster than the parent takes them"
+        } else {
+            "the runner logged faster than its connection took them"
+        };
         tracing::warn!(
             target: "firebrand::runner",
             %runner,
             machine,
             dropped = count,
-            "the runner dropped {count} log lines: it logged faster than its connection took them"
-        );
-    }
-
-    /// The parent dropped `count` lines a runner sent past the pace it holds each runner to
-    /// ([`MAX_LOG_LINES_PER_SECOND`](crate::runner::MAX_LOG_LINES_PER_SECOND)).
-    pub(crate) fn runner_logs_refused(&self, runner: RunnerId, machine: &str, count: u64) {
-        metrics::counter!("firebrand_runner_log_dropped_total", "pool" => self.pool.clone())
-            .increment(count);
-        tracing::warn!(
-            target: "firebrand::runner",
-            %runner,
-            machine,
-            dropped = count,
-            "dropped {count} log lines the runner sent faster than the parent takes them"
+            "{count} log lines dropped: {why}"
         );
     }
 
