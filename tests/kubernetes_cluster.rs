@@ -514,13 +514,24 @@ async fn calls_go_on_and_boots_complete_while_the_api_server_restarts() {
     for call in more {
         within(60 * SECOND, call).await.unwrap().unwrap();
     }
+    // One pod per runner, none twice (a create retried after an answer that never came must
+    // not make a second pod for its runner). The two short calls needed one runner at least;
+    // the second may have found the first free before its own pod was made, and that boot
+    // was then given up.
     let pods = runner_pods(&admin, &namespace).await;
+    let names: Vec<_> = pods.iter().map(|p| &p.metadata.name).collect();
+    let mut runners: Vec<&String> = pods
+        .iter()
+        .map(|p| &p.metadata.labels.as_ref().unwrap()[labels::RUNNER])
+        .collect();
+    runners.sort();
+    runners.dedup();
     assert_eq!(
+        runners.len(),
         pods.len(),
-        3,
-        "one pod per runner, none twice: {:?}",
-        pods.iter().map(|p| &p.metadata.name).collect::<Vec<_>>()
+        "a runner with two pods: {names:?}"
     );
+    assert!((2..=3).contains(&pods.len()), "{names:?}");
     pool.shutdown().await;
     common::cluster::assert_cleaned_up(&plane, &admin, &namespace, 60 * SECOND).await;
 }
