@@ -50,7 +50,8 @@ async fn burst(pool: &Pool, runners: usize) -> Duration {
 
 /// The median over the samples of `runners` at once on `backend`, each from no runner up.
 async fn case(backend: impl Backend, runners: usize) -> f64 {
-    let pool = Pool::builder(&firebrand_runner::registry())
+    let pool = Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(backend)
         .max(runners)
         .max_concurrency(1)

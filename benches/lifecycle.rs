@@ -38,7 +38,8 @@ fn cold_pool(min: usize, start: Start) -> firebrand::PoolBuilder {
         Start::Exec => backend,
         Start::Fork => backend.fork_server(),
     };
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(backend.build())
         .min(min)
         .max(min.max(1))
@@ -103,7 +104,8 @@ fn cold_start(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
 const QUEUED_CALLS: usize = 10_000;
 
 fn queued_pool() -> firebrand::PoolBuilder {
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(LocalBackend::builder().command(RUNNER).build())
         .min(4)
         .max(4)
@@ -173,7 +175,8 @@ fn memory(rt: &tokio::runtime::Runtime) {
 
     const IDLE: usize = 32;
     let idle = rt.block_on(async {
-        let pool = Pool::builder(&firebrand_runner::registry())
+        let pool = Pool::builder()
+            .registry(&firebrand_runner::registry())
             .backend(LocalBackend::builder().command(RUNNER).build())
             .max(IDLE)
             .max_concurrency(1)

@@ -88,7 +88,8 @@ async fn settled(pool: &Pool, parked: usize) {
 
 /// Medians over the samples of one case: every result, and the first result.
 async fn case(fly: &FakeFly, runners: usize, mode: Option<Park>) -> serde_json::Value {
-    let pool = Pool::builder(&firebrand_runner::registry())
+    let pool = Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(backend(fly, mode))
         .max(runners)
         .max_concurrency(1)

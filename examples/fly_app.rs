@@ -39,7 +39,7 @@ fn registry() -> Registry {
 fn main() -> anyhow::Result<()> {
     let registry = registry();
     // In a runner machine this serves jobs and exits: the image's command is this binary.
-    firebrand::run_if_child(&registry);
+    firebrand::run_if_child_with(&registry);
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -59,7 +59,8 @@ async fn parent(registry: Registry, fake: bool) -> anyhow::Result<()> {
     } else {
         (FlyBackend::from_env()?, None)
     };
-    let pool = Pool::builder(&registry)
+    let pool = Pool::builder()
+        .registry(&registry)
         .backend(backend)
         .max(3)
         .max_concurrency(2)

@@ -265,7 +265,7 @@ fn options() -> anyhow::Result<Options> {
 fn main() -> anyhow::Result<()> {
     let registry = registry();
     // A runner serves chunks here and exits; the parent carries on.
-    firebrand::run_if_child(&registry);
+    firebrand::run_if_child_with(&registry);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -277,7 +277,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn parent(registry: Registry, options: Options) -> anyhow::Result<()> {
-    let builder = Pool::builder(&registry)
+    let builder = Pool::builder()
+        .registry(&registry)
         .min(0)
         .max_concurrency(1)
         .boot_timeout(Duration::from_secs(300))

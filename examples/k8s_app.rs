@@ -40,7 +40,7 @@ fn registry() -> Registry {
 fn main() -> anyhow::Result<()> {
     let registry = registry();
     // In a runner pod this serves jobs and exits: the pod runs this binary, as its parent does.
-    firebrand::run_if_child(&registry);
+    firebrand::run_if_child_with(&registry);
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -65,7 +65,8 @@ async fn parent(registry: Registry, fake: bool) -> anyhow::Result<()> {
         backend.namespace(),
         backend.image()
     );
-    let pool = Pool::builder(&registry)
+    let pool = Pool::builder()
+        .registry(&registry)
         .backend(backend)
         .max(3)
         .max_concurrency(2)

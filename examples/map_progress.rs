@@ -34,10 +34,11 @@ fn registry() -> Registry {
 
 fn main() -> anyhow::Result<()> {
     let registry = registry();
-    firebrand::run_if_child(&registry);
+    firebrand::run_if_child_with(&registry);
     tokio::runtime::Runtime::new()?.block_on(async {
         const INPUTS: u64 = 10_000;
-        let pool = Pool::builder(&registry)
+        let pool = Pool::builder()
+            .registry(&registry)
             .max(4)
             .max_concurrency(32)
             .idle_shutdown_after(Duration::from_secs(2))

@@ -57,7 +57,7 @@ fn registry() -> Registry {
 fn main() -> anyhow::Result<()> {
     let registry = registry();
     // A runner serves here and exits; the parent carries on.
-    firebrand::run_if_child(&registry);
+    firebrand::run_if_child_with(&registry);
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -69,7 +69,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn parent(registry: Registry) -> anyhow::Result<()> {
-    let pool = Pool::builder(&registry)
+    let pool = Pool::builder()
+        .registry(&registry)
         .min(0)
         .max(4)
         .max_concurrency(2)

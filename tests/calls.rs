@@ -58,8 +58,8 @@ async fn typed_round_trip() {
 async fn job_errors_and_unknown_jobs_are_distinct() {
     let pool = one_runner(4).await;
     match pool.call(&FAIL, "disk full".into()).await {
-        Err(CallError::Failed { message }) => assert_eq!(message, "disk full"),
-        other => panic!("expected Failed, got {other:?}"),
+        Err(CallError::Job(error)) => assert_eq!(error.message(), "disk full"),
+        other => panic!("expected the job's error, got {other:?}"),
     }
     const MISSING: Job<(), ()> = Job::new("not.registered");
     match pool.call(&MISSING, ()).await {
@@ -417,5 +417,81 @@ async fn every_public_handle_has_a_useful_debug() {
         .unwrap();
     assert!(format!("{stash:?}").contains(&stash.runner().to_string()));
     drop(stash);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_job_declared_with_the_attribute_gives_its_error_back_typed() {
+    use firebrand_runner::{divide, parse, DivideError};
+    let pool = one_runner(4).await;
+    assert_eq!(pool.call(&divide, (7, 2)).await.unwrap(), 3);
+    match pool.call(&divide, (7, 0)).await {
+        Err(CallError::Job(DivideError::ByZero(7))) => {}
+        other => panic!("expected the job's own error, got {other:?}"),
+    }
+    // Retried attempts carry the typed error too.
+    let attempts = pool
+        .call(&divide, (9, 0))
+        .idempotent()
+        .retries(1)
+        .retry_job_errors()
+        .await
+        .unwrap_err();
+    match attempts {
+        CallError::Attempts { attempts } => assert!(
+            attempts
+                .iter()
+                .all(|e| matches!(e, CallError::Job(DivideError::ByZero(9)))),
+            "{attempts:?}"
+        ),
+        other => panic!("expected every attempt, got {other:?}"),
+    }
+    // An error that does not serialize crosses as its text.
+    assert_eq!(pool.call(&parse, " 42 ".into()).await.unwrap(), 42);
+    match pool.call(&parse, "forty-two".into()).await {
+        Err(CallError::Job(error)) => {
+            assert_eq!(error.message(), "invalid digit found in string")
+        }
+        other => panic!("expected the error's text, got {other:?}"),
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_jobs_declared_timeout_bounds_await_spawn_and_map_and_a_call_overrides_it() {
+    use firebrand_runner::sleep_bounded;
+    let pool = one_runner(4).await;
+    let declared = Duration::from_millis(300);
+    let timed_out = |result: Result<(), CallError>| match result {
+        Err(CallError::Timeout { after }) => {
+            assert_eq!(after, declared);
+            let text = CallError::<firebrand::RemoteError>::Timeout { after }.to_string();
+            assert!(text.contains("300ms"), "{text}");
+        }
+        other => panic!("expected the job's 300 ms timeout, got {other:?}"),
+    };
+    timed_out(pool.call(&sleep_bounded, 3_000).await);
+    timed_out(pool.call(&sleep_bounded, 3_000).spawn().await);
+    for result in pool.map(&sleep_bounded, [3_000, 3_000]).results().await {
+        timed_out(result);
+    }
+    pool.call(&sleep_bounded, 0).await.unwrap();
+    within(
+        20 * SECOND,
+        pool.call(&sleep_bounded, 600).timeout(10 * SECOND),
+    )
+    .await
+    .expect("the call's own timeout overrides the job's");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resource_job_and_a_job_using_it_declared_with_the_attribute() {
+    use firebrand_runner::{square_at, squares};
+    let pool = one_runner(4).await;
+    let table = pool.resource(&squares, 100).await.unwrap();
+    assert_eq!(table.call(&square_at, 9).await.unwrap(), Some(81));
+    assert_eq!(table.call(&square_at, 100).await.unwrap(), None);
+    drop(table);
     pool.shutdown().await;
 }

@@ -347,7 +347,7 @@ async fn job_errors_are_retried_only_when_the_caller_opts_in() {
     const FLAKY: firebrand::Job<String, ()> = FAIL.idempotent().retries(2);
     let pool = pool().min(1).max(1).build().await.unwrap();
     match pool.call(&FLAKY, "no".into()).await {
-        Err(CallError::Failed { message }) => assert_eq!(message, "no"),
+        Err(CallError::Job(error)) => assert_eq!(error.message(), "no"),
         other => panic!("a job error is not retried by default: {other:?}"),
     }
     assert_eq!(pool.call(&STATS, ()).await.unwrap().failed, 1);
@@ -356,7 +356,7 @@ async fn job_errors_are_retried_only_when_the_caller_opts_in() {
             assert_eq!(attempts.len(), 3, "{attempts:?}");
             assert!(attempts
                 .iter()
-                .all(|e| matches!(e, CallError::Failed { message } if message == "again")));
+                .all(|e| matches!(e, CallError::Job(error) if error.message() == "again")));
         }
         other => panic!("expected every attempt's cause, got {other:?}"),
     }

@@ -218,7 +218,8 @@ async fn a_runner_with_a_different_registry_is_refused_at_connect() {
         .register(&EXTRA, |n: u32| async move { Ok::<_, String>(n) })
         .unwrap();
     common::init_tracing();
-    let pool = Pool::builder(&registry)
+    let pool = Pool::builder()
+        .registry(&registry)
         .backend(local_backend())
         .boot_timeout(Duration::from_secs(20))
         .boot_attempts(1)

@@ -65,7 +65,8 @@ fn settings() -> Vec<Setting> {
 /// Builds the pool `setting` makes; if it is accepted, runs a call, a stream and a resource on
 /// it, resizes it, and shuts it down, all without a panic anywhere.
 async fn accepted_or_refused(name: &str, setting: Box<dyn FnOnce(PoolBuilder) -> PoolBuilder>) {
-    let builder = firebrand::Pool::builder(&firebrand_runner::registry())
+    let builder = firebrand::Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(local_backend())
         .boot_timeout(Duration::from_secs(20))
         .queue_timeout(Duration::from_secs(20));
@@ -146,19 +147,26 @@ fn settings_beyond_the_limits_are_refused_by_name() {
     for (method, builder) in [
         (
             "boot_timeout",
-            firebrand::Pool::builder(&firebrand_runner::registry()).boot_timeout(Duration::MAX),
+            firebrand::Pool::builder()
+                .registry(&firebrand_runner::registry())
+                .boot_timeout(Duration::MAX),
         ),
         (
             "drain_grace",
-            firebrand::Pool::builder(&firebrand_runner::registry()).drain_grace(Duration::MAX),
+            firebrand::Pool::builder()
+                .registry(&firebrand_runner::registry())
+                .drain_grace(Duration::MAX),
         ),
         (
             "max",
-            firebrand::Pool::builder(&firebrand_runner::registry()).max(usize::MAX),
+            firebrand::Pool::builder()
+                .registry(&firebrand_runner::registry())
+                .max(usize::MAX),
         ),
         (
             "runner_log_level",
-            firebrand::Pool::builder(&firebrand_runner::registry())
+            firebrand::Pool::builder()
+                .registry(&firebrand_runner::registry())
                 .runner_log_level("info,my_app=loud"),
         ),
     ] {

@@ -191,7 +191,8 @@ fn tcp_peer(addr: &str) {
 
 /// A pool of `runners` warm stock runners.
 pub async fn warm_pool(runners: usize) -> Pool {
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(LocalBackend::builder().command(RUNNER).build())
         .min(runners)
         .max(runners)

@@ -9,7 +9,7 @@ use firebrand::runner::RunnerStats;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use firebrand::{Job, Registry, ResourceJob, StreamJob};
+use firebrand::{job, Job, Registry, ResourceJob, StreamJob, UsingJob};
 use serde::{Deserialize, Serialize};
 pub use serde_bytes::ByteBuf;
 
@@ -53,9 +53,7 @@ pub const BYTES: Job<u32, ByteBuf> = Job::new("firebrand.bytes");
 /// Keeps its argument on the runner as a resource.
 pub const STASH: ResourceJob<Vec<u8>, Vec<u8>> = ResourceJob::new("firebrand.stash");
 /// The length of a [`STASH`] resource, and the runner's pid.
-pub const STASH_LEN: Job<(), (usize, u32)> = Job::new("firebrand.stash_len");
-/// Uses a resource as a `String`, which no stock resource job makes: a type mismatch.
-pub const WRONG_KIND: Job<(), ()> = Job::new("firebrand.wrong_kind");
+pub const STASH_LEN: UsingJob<Vec<u8>, (), (usize, u32)> = UsingJob::new("firebrand.stash_len");
 
 /// Items [`BLOBS`] has handed to the runtime to send.
 static PRODUCED_ITEMS: AtomicU64 = AtomicU64::new(0);
@@ -102,7 +100,8 @@ pub fn init_logging() {
 /// Never: the names are unique.
 #[must_use]
 pub fn registry() -> Registry {
-    let mut registry = Registry::new();
+    // The `#[job]` functions below, then the jobs declared by hand.
+    let mut registry = Registry::collected().expect("stock job names are unique");
     registry
         .register(&ECHO, |bytes: Vec<u8>| async move { ok(bytes) })
         .and_then(|r| r.register(&ECHO_BYTES, |bytes: ByteBuf| async move { ok(bytes) }))
@@ -167,7 +166,6 @@ pub fn registry() -> Registry {
                 ok((bytes.len(), std::process::id()))
             })
         })
-        .and_then(|r| r.register_using(&WRONG_KIND, |_: Arc<String>, ()| async { ok(()) }))
         .and_then(|r| {
             r.register(&BYTES, |n: u32| async move {
                 ok(ByteBuf::from(vec![7; n as usize]))
@@ -180,6 +178,59 @@ pub fn registry() -> Registry {
         })
         .expect("stock job names are unique");
     registry
+}
+
+/// Why [`divide`] refused: a typed job error, which its caller gets back as itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum DivideError {
+    /// The divisor was zero.
+    #[error("cannot divide {0} by zero")]
+    ByZero(u64),
+}
+
+/// Divides the first number by the second: a `#[job]` whose error comes back typed.
+#[job(name = "firebrand.divide")]
+pub async fn divide(dividend: u64, divisor: u64) -> Result<u64, DivideError> {
+    dividend
+        .checked_div(divisor)
+        .ok_or(DivideError::ByZero(dividend))
+}
+
+/// Parses a number: a blocking `#[job]` whose error (`ParseIntError`, which does not
+/// serialize) crosses as text.
+#[job(name = "firebrand.parse", error = text)]
+pub fn parse(text: String) -> Result<u64, std::num::ParseIntError> {
+    text.trim().parse()
+}
+
+/// Spins the CPU for the given milliseconds without awaiting, as [`SPIN`] does: a `#[job]`
+/// with no deadline of its own (`timeout = "none"`) that cannot fail.
+#[job(name = "firebrand.spin_unbounded", timeout = "none")]
+pub async fn spin_unbounded(ms: u64) -> u64 {
+    spin(ms)
+}
+
+/// Sleeps for the given milliseconds under a declared 300 ms deadline: a `#[job]` whose
+/// timeout applies to every way of calling it.
+#[job(name = "firebrand.sleep_300ms", timeout = "300ms")]
+pub async fn sleep_bounded(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// A table of squares, kept on a runner by [`squares`].
+#[derive(Debug)]
+pub struct Squares(pub Vec<u64>);
+
+/// Makes a table of `n` squares that stays on the runner: a `#[job(resource)]`.
+#[job(name = "firebrand.squares", resource)]
+pub async fn squares(n: u64) -> Squares {
+    Squares((0..n).map(|i| i * i).collect())
+}
+
+/// Reads one entry of a [`squares`] table: a `#[job]` that runs with its resource.
+#[job(name = "firebrand.square_at")]
+pub async fn square_at(table: &Squares, index: usize) -> Option<u64> {
+    table.0.get(index).copied()
 }
 
 fn ok<T>(value: T) -> Result<T, String> {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // First: started by a pool, the runner sends its logs to the parent, and installs that
     // itself when no subscriber is set.
-    firebrand::run_if_child(&firebrand_runner::registry());
+    firebrand::run_if_child_with(&firebrand_runner::registry());
     firebrand_runner::init_logging();
     eprintln!(
         "firebrand-runner serves jobs for a Firebrand pool, which starts it with {} set.\n\

@@ -19,67 +19,102 @@ impl fmt::Display for RunnerId {
 }
 
 /// Why a call did not return a result.
+///
+/// `E` is the job's error type (see [`Job`](crate::Job)): a job's own error comes back as
+/// [`CallError::Job`], typed, so a caller can match on it.
+///
+/// ```no_run
+/// # #[derive(Debug, serde::Serialize, serde::Deserialize, thiserror::Error)]
+/// # enum ResizeError { #[error("too large")] TooLarge }
+/// # async fn f(pool: firebrand::Pool) {
+/// # const RESIZE: firebrand::Job<u32, u32, ResizeError> = firebrand::Job::new("resize");
+/// use firebrand::CallError;
+///
+/// match pool.call(&RESIZE, 4096).await {
+///     Ok(size) => println!("{size}"),
+///     Err(CallError::Job(ResizeError::TooLarge)) => println!("pick a smaller size"),
+///     Err(other) => println!("{other}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum CallError {
+pub enum CallError<E = RemoteError> {
     /// No runner slot came free within the queue timeout.
-    #[error("no runner slot came free within {waited:?}")]
+    #[error(
+        "no runner slot came free within {} (the queue timeout): raise the pool's `max` or \
+         `max_concurrency`, or the call's `queue_timeout`",
+        Shown(waited)
+    )]
     QueueTimeout {
         /// How long the call waited.
         waited: Duration,
     },
     /// The queue was full (`max_queued` callers already waiting): refused at once.
-    #[error("pool is overloaded: {queued} calls are already waiting")]
+    #[error(
+        "the pool is overloaded: {queued} calls are already waiting (its `max_queued`); \
+         retry later, or raise `max`, `max_concurrency` or `max_queued`"
+    )]
     Overloaded {
         /// How many calls were waiting.
         queued: usize,
     },
     /// The job ran past its execution timeout; it was aborted on the runner.
-    #[error("job did not finish within {after:?} and was aborted")]
+    #[error(
+        "the job did not finish within its timeout of {} and was aborted on its runner: give \
+         it a longer `timeout` (on the job or the call), or `None` for no deadline",
+        Shown(after)
+    )]
     Timeout {
         /// The execution timeout.
         after: Duration,
     },
     /// The runner was lost while the call ran. The job may or may not have run.
-    #[error("runner {runner} was lost mid-call: {reason}")]
+    #[error(
+        "runner {runner} was lost mid-call ({reason}); the job may or may not have run: mark \
+         the job `idempotent` with `retries` to run it again elsewhere"
+    )]
     RunnerLost {
         /// The runner that was lost.
         runner: RunnerId,
         /// What the transport or backend reported.
         reason: String,
     },
-    /// The job returned an error.
-    #[error("job failed: {message}")]
-    Failed {
-        /// The error's `Display` text, from the runner.
-        message: String,
-    },
+    /// The job returned an error: the job's own error type, or its text ([`RemoteError`]).
+    #[error("the job failed: {0}")]
+    Job(E),
     /// The job panicked. The runner keeps serving.
-    #[error("job panicked: {message}")]
+    #[error("the job panicked on its runner: {message}")]
     Panicked {
         /// The panic message.
         message: String,
     },
     /// No job of that name is registered.
-    #[error("no job named `{job}` is registered")]
+    #[error(
+        "no job named `{job}` is registered on the runner: is the runner built from the same \
+         code as the parent, with every `#[job]` linked in?"
+    )]
     UnknownJob {
         /// The name called.
         job: String,
     },
     /// The argument (on the parent) or the result (on the runner) did not encode.
-    #[error("encoding failed: {message}")]
+    #[error("the job's argument or result did not encode: {message}")]
     Encode {
         /// The encoder's error.
         message: String,
     },
     /// The result (on the parent) or the argument (on the runner) did not decode.
-    #[error("decoding failed: {message}")]
+    #[error(
+        "the job's result or argument did not decode: {message}; the parent and the runner must \
+         be built from the same code"
+    )]
     Decode {
         /// The decoder's error.
         message: String,
     },
     /// No runner could be booted to serve the call.
-    #[error("runner boot failed: {0}")]
+    #[error("no runner could be booted for the call: {0}")]
     BootFailed(Arc<BootError>),
     /// A peer broke the wire protocol.
     #[error("protocol error: {message}")]
@@ -88,7 +123,10 @@ pub enum CallError {
         message: String,
     },
     /// Retries were asked of a call that is not marked idempotent.
-    #[error("job `{job}` is not marked idempotent, so its calls cannot be retried")]
+    #[error(
+        "job `{job}` is not marked idempotent, so its calls cannot be retried: mark it \
+         `idempotent` if running it twice for one call is safe"
+    )]
     NotIdempotent {
         /// The job called.
         job: String,
@@ -97,17 +135,126 @@ pub enum CallError {
     #[error("{} attempts failed: {}", attempts.len(), list_attempts(attempts))]
     Attempts {
         /// Each attempt's error, first to last.
-        attempts: Vec<CallError>,
+        attempts: Vec<CallError<E>>,
     },
     /// The pool is shut down or shutting down.
-    #[error("pool is closed")]
+    #[error("the pool is shut down: make calls before `Pool::shutdown`")]
     Closed,
     /// A [`RemoteTask`](crate::RemoteTask) was aborted; its job was cancelled on the runner.
-    #[error("the task was aborted")]
+    #[error("the task was aborted, and its job cancelled on the runner")]
     Aborted,
 }
 
-fn list_attempts(attempts: &[CallError]) -> String {
+/// A duration as people read it: `250ms`, `30s`, `1.5s`, never `0ns`.
+struct Shown<'a>(&'a Duration);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = *self.0;
+        if d >= Duration::from_secs(1) {
+            let secs = d.as_secs_f64();
+            if d.subsec_millis() == 0 {
+                write!(f, "{}s", d.as_secs())
+            } else {
+                write!(f, "{secs:.1}s")
+            }
+        } else if d >= Duration::from_millis(1) {
+            write!(f, "{}ms", d.as_millis())
+        } else {
+            // Under a millisecond only when a setting was that small.
+            write!(f, "under 1ms")
+        }
+    }
+}
+
+/// A job's error as its `Display` text: the error type of jobs whose error does not
+/// serialize (`anyhow::Error`, `std::io::Error`), and of jobs declared without one.
+#[derive(Clone)]
+pub struct RemoteError {
+    message: String,
+    /// The error as the runner encoded it, for a job whose error type is typed: kept until the
+    /// call's end decodes it as that type.
+    encoded: Option<Vec<u8>>,
+}
+
+impl RemoteError {
+    /// An error with this text.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            encoded: None,
+        }
+    }
+
+    /// An error as a runner sent it: its text, and its encoding if the job's error is typed.
+    pub(crate) fn from_runner(message: String, encoded: Option<Vec<u8>>) -> Self {
+        Self { message, encoded }
+    }
+
+    /// The error's `Display` text, as the job's runner wrote it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for RemoteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RemoteError").field(&self.message).finish()
+    }
+}
+
+impl PartialEq for RemoteError {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message
+    }
+}
+
+impl Eq for RemoteError {}
+
+impl std::error::Error for RemoteError {}
+
+impl From<std::convert::Infallible> for RemoteError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
+impl CallError<RemoteError> {
+    /// This error with the job's error, if any, decoded as `E`.
+    pub(crate) fn typed<E: crate::job::JobError>(self) -> CallError<E> {
+        use CallError as C;
+        match self {
+            C::Job(RemoteError { message, encoded }) => match E::from_runner(message, encoded) {
+                Ok(error) => C::Job(error),
+                Err(message) => C::Decode { message },
+            },
+            C::Attempts { attempts } => C::Attempts {
+                attempts: attempts.into_iter().map(CallError::typed).collect(),
+            },
+            C::QueueTimeout { waited } => C::QueueTimeout { waited },
+            C::Overloaded { queued } => C::Overloaded { queued },
+            C::Timeout { after } => C::Timeout { after },
+            C::RunnerLost { runner, reason } => C::RunnerLost { runner, reason },
+            C::Panicked { message } => C::Panicked { message },
+            C::UnknownJob { job } => C::UnknownJob { job },
+            C::Encode { message } => C::Encode { message },
+            C::Decode { message } => C::Decode { message },
+            C::BootFailed(error) => C::BootFailed(error),
+            C::Protocol { message } => C::Protocol { message },
+            C::NotIdempotent { job } => C::NotIdempotent { job },
+            C::Closed => C::Closed,
+            C::Aborted => C::Aborted,
+        }
+    }
+}
+
+fn list_attempts<E: fmt::Display>(attempts: &[CallError<E>]) -> String {
     attempts
         .iter()
         .enumerate()
@@ -276,6 +423,9 @@ pub enum PoolError {
     /// A `min` runner failed to boot at start.
     #[error("a min runner failed to boot: {0}")]
     Boot(Arc<BootError>),
+    /// The collected jobs do not make a registry: two share a name.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// An error with its chain of causes, `error: cause: cause`, for log lines: the errors here

@@ -21,10 +21,10 @@
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let registry = registry();
 //!     // In a runner process this serves jobs and exits; in the parent it returns at once.
-//!     firebrand::run_if_child(&registry);
+//!     firebrand::run_if_child_with(&registry);
 //!
 //!     tokio::runtime::Runtime::new()?.block_on(async {
-//!         let pool = Pool::builder(&registry).max(2).build().await?;
+//!         let pool = Pool::builder().registry(&registry).max(2).build().await?;
 //!         assert_eq!(pool.call(&SQUARE, 7).await?, 49);
 //!         pool.shutdown().await;
 //!         Ok(())
@@ -61,17 +61,33 @@ pub use backend::fly::FlyBackend;
 #[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
 pub use backend::kubernetes::KubernetesBackend;
 pub use backend::{Backend, LocalBackend};
-pub use error::{BackendError, BootError, CallError, PoolError, ProviderError, RunnerId};
-pub use job::{Job, Payload, ResourceJob, StreamJob};
+pub use error::{
+    BackendError, BootError, CallError, PoolError, ProviderError, RemoteError, RunnerId,
+};
+pub use job::{
+    IntoJobError, Job, JobError, Payload, ResourceJob, StreamJob, TypedJobError, UsingJob,
+};
 pub use manifest::{JobSignature, Manifest};
 pub use pool::{
     Call, CallOutcome, GrowEnd, GrowStart, Limits, MakeResource, Map, Placement, Pool, PoolBuilder,
     PoolEvent, PoolStats, Progress, RemoteStream, RemoteTask, Resource, ResourceCall, Shrink,
 };
 pub use registry::{Registry, RegistryError};
-pub use runner::run_if_child;
+pub use runner::{run_if_child, run_if_child_with};
 pub use settings::{defaults, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION};
 pub use trace::TraceId;
+
+#[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
+#[doc = include_str!("job_attribute.md")]
+pub use firebrand_macros::job;
+
+/// Not public API: what `#[job]` expands to names these.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::CollectedJob;
+    pub use inventory;
+}
 
 /// Not public API: what the project's own tests and benches reach inside for. It may change in
 /// any release.

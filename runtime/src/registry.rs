@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use serde::Serialize;
 
-use crate::job::{Job, Payload, ResourceJob, StreamJob};
+use crate::job::{IntoJobError, Job, Payload, ResourceJob, StreamJob, UsingJob};
 use crate::manifest::{JobSignature, Manifest};
 use crate::wire;
 
@@ -57,10 +57,29 @@ pub(crate) enum Body {
 pub(crate) enum JobFailure {
     /// The argument bytes did not decode as the job's argument type.
     BadArgs(String),
-    /// The job returned an error.
-    Failed(String),
+    /// The job returned an error: its text and, for a typed error, its encoding.
+    Failed {
+        message: String,
+        encoded: Option<Vec<u8>>,
+    },
     /// The job's result did not encode.
     BadResult(String),
+}
+
+impl JobFailure {
+    /// A failure that crosses as text.
+    pub(crate) fn text(message: impl fmt::Display) -> Self {
+        JobFailure::Failed {
+            message: message.to_string(),
+            encoded: None,
+        }
+    }
+
+    /// A job's own error, as its job's error type `E` sends it.
+    fn of<E, H: IntoJobError<E>>(error: H) -> Self {
+        let (message, encoded) = error.into_runner_error();
+        JobFailure::Failed { message, encoded }
+    }
 }
 
 /// An error building a [`Registry`].
@@ -72,6 +91,19 @@ pub enum RegistryError {
     Duplicate {
         /// The name registered twice.
         name: String,
+    },
+    /// Two `#[job]` functions declare one name.
+    #[error(
+        "two jobs are named `{name}`: `{first}` and `{second}`; rename one, or give it \
+         `#[job(name = \"...\")]`"
+    )]
+    DuplicateFunction {
+        /// The name declared twice.
+        name: String,
+        /// One function, by its path.
+        first: String,
+        /// The other.
+        second: String,
     },
     /// A job name was empty or longer than 256 bytes.
     #[error("job name `{name}` is invalid: it must be 1 to 256 bytes long")]
@@ -112,28 +144,31 @@ impl Registry {
         Self::default()
     }
 
-    /// Registers `handler` as the body of `job`.
+    /// Registers `handler` as the body of `job`: for jobs made at run time, where
+    /// [`#[job]`](crate::job) cannot declare them.
     ///
-    /// The handler gets the decoded argument and returns `Result<R, E>`. An `Err` reaches the
-    /// caller as [`CallError::Failed`](crate::CallError::Failed) carrying `E`'s `Display` text.
+    /// The handler gets the decoded argument and returns `Result<R, H>`. An `Err` reaches the
+    /// caller as [`CallError::Job`](crate::CallError::Job): the error itself when the job's
+    /// error type `E` is typed (then `H` is `E`), its `Display` text as a
+    /// [`RemoteError`](crate::RemoteError) when `E` is that.
     ///
     /// # Errors
     /// [`RegistryError::Duplicate`] if the name is taken; a name is never silently overwritten.
-    pub fn register<A, R, E, F, Fut>(
+    pub fn register<A, R, E, H, F, Fut>(
         &mut self,
-        job: &Job<A, R>,
+        job: &Job<A, R, E>,
         handler: F,
     ) -> Result<&mut Self, RegistryError>
     where
         A: Payload,
         R: Payload,
-        E: Display,
+        H: IntoJobError<E>,
         F: Fn(A) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        Fut: Future<Output = Result<R, H>> + Send + 'static,
     {
         let name = job.name();
         self.check_name(name)?;
-        let handler: Handler = Arc::new(move |args| run_decoded(args, &handler));
+        let handler: Handler = Arc::new(move |args| run_decoded::<A, R, E, H, Fut>(args, &handler));
         let output = std::any::type_name::<R>().into();
         self.insert(
             name,
@@ -173,16 +208,16 @@ impl Registry {
     ///
     /// # Errors
     /// [`RegistryError::Duplicate`] if the name is taken.
-    pub fn register_blocking<A, R, E, F>(
+    pub fn register_blocking<A, R, E, H, F>(
         &mut self,
-        job: &Job<A, R>,
+        job: &Job<A, R, E>,
         handler: F,
     ) -> Result<&mut Self, RegistryError>
     where
         A: Payload,
         R: Payload,
-        E: Display,
-        F: Fn(A) -> Result<R, E> + Send + Sync + 'static,
+        H: IntoJobError<E>,
+        F: Fn(A) -> Result<R, H> + Send + Sync + 'static,
     {
         let name = job.name();
         self.check_name(name)?;
@@ -190,7 +225,7 @@ impl Registry {
             let args = args
                 .decode::<A>()
                 .map_err(|e| JobFailure::BadArgs(e.to_string()))?;
-            let output = handler(args).map_err(|e| JobFailure::Failed(e.to_string()))?;
+            let output = handler(args).map_err(JobFailure::of::<E, H>)?;
             ok_reply(&output)
         });
         self.insert(
@@ -240,7 +275,7 @@ impl Registry {
                 .decode::<A>()
                 .map_err(|e| JobFailure::BadArgs(e.to_string()))?;
             let items = handler(args).map(|item| {
-                let item = item.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                let item = item.map_err(JobFailure::text)?;
                 let mut frames = wire::Chunks::new();
                 frames
                     .push_frame(&wire::ReplyHead::Item)
@@ -303,7 +338,7 @@ impl Registry {
                 Ok(args) => {
                     let made = handler(args);
                     Box::pin(async move {
-                        let value = made.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                        let value = made.await.map_err(JobFailure::text)?;
                         Ok(Arc::new(value) as AnyResource)
                     })
                 }
@@ -318,34 +353,33 @@ impl Registry {
         Ok(self)
     }
 
-    /// Registers `handler` as the body of `job`, which runs with a resource that a
+    /// Registers `handler` as the body of `job`, which runs with the `T` that a
     /// [`ResourceJob`] made on the same runner: call it with
-    /// [`Resource::call`](crate::Resource::call). A call naming a resource of another type
-    /// fails with [`CallError::Failed`](crate::CallError::Failed).
+    /// [`Resource::call`](crate::Resource::call), which takes only a `Resource<T>`.
     ///
     /// # Errors
     /// [`RegistryError::Duplicate`] if the name is taken.
-    pub fn register_using<A, R, T, E, F, Fut>(
+    pub fn register_using<A, R, T, E, H, F, Fut>(
         &mut self,
-        job: &Job<A, R>,
+        job: &UsingJob<T, A, R, E>,
         handler: F,
     ) -> Result<&mut Self, RegistryError>
     where
         A: Payload,
         R: Payload,
         T: Send + Sync + 'static,
-        E: Display,
+        H: IntoJobError<E>,
         F: Fn(Arc<T>, A) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        Fut: Future<Output = Result<R, H>> + Send + 'static,
     {
         let name = job.name();
         self.check_name(name)?;
         let handler: UsingHandler = Arc::new(move |resource: AnyResource, args| {
             let Ok(resource) = resource.downcast::<T>() else {
                 let message = format!("the resource is not a `{}`", std::any::type_name::<T>());
-                return Box::pin(std::future::ready(Err(JobFailure::Failed(message))));
+                return Box::pin(std::future::ready(Err(JobFailure::text(message))));
             };
-            run_decoded(args, |args| handler(resource, args))
+            run_decoded::<A, R, E, H, Fut>(args, |args| handler(resource, args))
         });
         let args = format!(
             "{} using {}",
@@ -395,20 +429,69 @@ impl Registry {
     }
 }
 
+/// A `#[job]` function, as the attribute submits it for [`Registry::collected`].
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct CollectedJob {
+    /// The job's name on the wire.
+    pub name: &'static str,
+    /// The function's path, for errors.
+    pub function: &'static str,
+    /// Registers the job's body.
+    pub register: fn(&mut Registry) -> Result<(), RegistryError>,
+}
+
+inventory::collect!(CollectedJob);
+
+/// The registry of every `#[job]` in the binary, built once.
+static COLLECTED: std::sync::OnceLock<Result<Registry, RegistryError>> = std::sync::OnceLock::new();
+
+impl Registry {
+    /// Every job that a [`#[job]`](crate::job) function linked into this binary declares:
+    /// what [`run_if_child`](crate::run_if_child) serves and [`Pool::builder`](crate::Pool::builder)
+    /// calls, unless given a registry of their own. Built once, on first use.
+    ///
+    /// # Errors
+    /// [`RegistryError::DuplicateFunction`] naming both functions when two declare one name;
+    /// [`RegistryError::InvalidName`] for a name over 256 bytes.
+    pub fn collected() -> Result<Registry, RegistryError> {
+        COLLECTED
+            .get_or_init(|| {
+                let mut jobs: Vec<&CollectedJob> = inventory::iter::<CollectedJob>().collect();
+                // Link order is not defined: sort, so that the error names the same pair
+                // every time.
+                jobs.sort_by_key(|job| (job.name, job.function));
+                if let Some(pair) = jobs.windows(2).find(|pair| pair[0].name == pair[1].name) {
+                    return Err(RegistryError::DuplicateFunction {
+                        name: pair[0].name.into(),
+                        first: pair[0].function.into(),
+                        second: pair[1].function.into(),
+                    });
+                }
+                let mut registry = Registry::new();
+                for job in jobs {
+                    (job.register)(&mut registry)?;
+                }
+                Ok(registry)
+            })
+            .clone()
+    }
+}
+
 /// Decodes the argument and starts the job with it, or fails with `BadArgs`. The job's output
 /// becomes the `Ok` reply; its error, a `Failed` one.
-fn run_decoded<A, R, E, Fut>(args: wire::Message, start: impl FnOnce(A) -> Fut) -> HandlerFuture
+fn run_decoded<A, R, E, H, Fut>(args: wire::Message, start: impl FnOnce(A) -> Fut) -> HandlerFuture
 where
     A: Payload,
     R: Serialize + Send + 'static,
-    E: Display,
-    Fut: Future<Output = Result<R, E>> + Send + 'static,
+    H: IntoJobError<E>,
+    Fut: Future<Output = Result<R, H>> + Send + 'static,
 {
     match args.decode::<A>() {
         Ok(args) => {
             let run = start(args);
             Box::pin(async move {
-                let output = run.await.map_err(|e| JobFailure::Failed(e.to_string()))?;
+                let output = run.await.map_err(JobFailure::of::<E, H>)?;
                 ok_reply(&output)
             })
         }

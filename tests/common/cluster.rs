@@ -223,7 +223,8 @@ pub fn backend(namespace: &str, kubeconfig: PathBuf) -> KubernetesBackendBuilder
 }
 
 pub fn pool(backend: KubernetesBackend) -> PoolBuilder {
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(backend)
         .boot_timeout(30 * SECOND)
         .queue_timeout(60 * SECOND)

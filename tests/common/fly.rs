@@ -37,7 +37,8 @@ pub fn backend(fly: &FakeFly) -> FlyBackendBuilder {
 }
 
 pub fn pool(backend: FlyBackend) -> PoolBuilder {
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(backend)
         .boot_timeout(20 * SECOND)
         .queue_timeout(30 * SECOND)

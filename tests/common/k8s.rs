@@ -45,7 +45,8 @@ pub fn backend(kube: &FakeKube) -> KubernetesBackendBuilder {
 }
 
 pub fn pool(backend: KubernetesBackend) -> PoolBuilder {
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(backend)
         .boot_timeout(20 * SECOND)
         .queue_timeout(30 * SECOND)

@@ -36,7 +36,8 @@ pub fn local_backend() -> LocalBackend {
 /// A pool of stock runners, with short timeouts suited to tests.
 pub fn pool() -> PoolBuilder {
     init_tracing();
-    Pool::builder(&firebrand_runner::registry())
+    Pool::builder()
+        .registry(&firebrand_runner::registry())
         .backend(local_backend())
         .boot_timeout(Duration::from_secs(20))
         .queue_timeout(Duration::from_secs(20))

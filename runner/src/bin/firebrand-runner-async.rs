@@ -9,7 +9,7 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     // First: started by a pool, the runner sends its logs to the parent, and installs that
     // itself when no subscriber is set.
-    firebrand::run_if_child(&firebrand_runner::registry());
+    firebrand::run_if_child_with(&firebrand_runner::registry());
     firebrand_runner::init_logging();
     eprintln!("firebrand-runner-async serves jobs for a Firebrand pool");
     ExitCode::from(2)

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::backend::{Backend, LocalBackend};
 use crate::error::PoolError;
 use crate::manifest::Manifest;
+use crate::registry::Registry;
 use crate::token::RunnerSettings;
 
 use super::Pool;
@@ -142,7 +143,7 @@ impl PoolConfig {
 /// use std::time::Duration;
 /// use firebrand::{LocalBackend, Pool};
 ///
-/// let pool = Pool::builder(&registry)
+/// let pool = Pool::builder().registry(&registry)
 ///     .backend(LocalBackend::default())
 ///     .min(0)
 ///     .max(8)
@@ -154,7 +155,10 @@ impl PoolConfig {
 /// ```
 #[must_use = "a builder does nothing until `build` is awaited"]
 pub struct PoolBuilder {
-    manifest: Manifest,
+    /// The jobs' manifest; `None`: the [`Registry::collected`] jobs'.
+    manifest: Option<Manifest>,
+    /// Whether `max` was set; if not, a backend's capacity is the pool's `max`.
+    max_set: bool,
     backend: Option<Arc<dyn Backend>>,
     config: PoolConfig,
 }
@@ -162,7 +166,7 @@ pub struct PoolBuilder {
 impl std::fmt::Debug for PoolBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PoolBuilder")
-            .field("jobs", &self.manifest.jobs().len())
+            .field("jobs", &self.manifest.as_ref().map(|m| m.jobs().len()))
             .field(
                 "backend",
                 &self.backend.as_ref().map_or("local (default)", |_| "set"),
@@ -173,9 +177,10 @@ impl std::fmt::Debug for PoolBuilder {
 }
 
 impl PoolBuilder {
-    pub(crate) fn new(manifest: Manifest) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            manifest,
+            manifest: None,
+            max_set: false,
             backend: None,
             config: PoolConfig {
                 name: defaults::NAME.into(),
@@ -224,8 +229,20 @@ impl PoolBuilder {
         self
     }
 
-    /// The most runners, booted and booting. Default: [`defaults::MAX`], one.
+    /// The jobs this pool's runners serve: `registry`'s, for a registry built at run time.
+    /// Runners must serve the same jobs: one whose registry differs is refused when it
+    /// connects. Default: every [`#[job]`](crate::job) linked into the binary
+    /// ([`Registry::collected`]).
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.manifest = Some(registry.manifest());
+        self
+    }
+
+    /// The most runners, booted and booting. Default: the backend's capacity when it reports
+    /// one ([`Backend::max_runners`](crate::Backend::max_runners): a GPU machine's GPUs, one
+    /// runner each), else [`defaults::MAX`], one.
     pub fn max(mut self, max: usize) -> Self {
+        self.max_set = true;
         self.config.max = max;
         self
     }
@@ -318,7 +335,7 @@ impl PoolBuilder {
     ///
     /// ```
     /// # fn f(registry: &firebrand::Registry) {
-    /// let builder = firebrand::Pool::builder(registry)
+    /// let builder = firebrand::Pool::builder().registry(registry)
     ///     .runner_log_level("warn,my_app::jobs=debug");
     /// # }
     /// ```
@@ -400,12 +417,22 @@ impl PoolBuilder {
     ///
     /// # Errors
     /// [`PoolError::InvalidConfig`] for a bad setting, before anything starts;
-    /// [`PoolError::Boot`] if a `min` runner fails to boot (nothing is left running).
-    pub async fn build(self) -> Result<Pool, PoolError> {
-        self.config.validate()?;
+    /// [`PoolError::Boot`] if a `min` runner fails to boot (nothing is left running);
+    /// [`PoolError::Registry`] if two collected jobs share a name.
+    pub async fn build(mut self) -> Result<Pool, PoolError> {
+        let manifest = match self.manifest.take() {
+            Some(manifest) => manifest,
+            None => Registry::collected()?.manifest(),
+        };
         let backend = self
             .backend
             .unwrap_or_else(|| Arc::new(LocalBackend::default()));
-        Pool::start(self.config, self.manifest, backend).await
+        if !self.max_set {
+            if let Some(capacity) = backend.max_runners().filter(|n| *n > 0) {
+                self.config.max = capacity;
+            }
+        }
+        self.config.validate()?;
+        Pool::start(self.config, manifest, backend).await
     }
 }

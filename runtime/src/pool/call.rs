@@ -18,8 +18,8 @@ use super::observe::CallOutcome;
 use super::task::RemoteTask;
 use super::Shared;
 use crate::backoff::Backoff;
-use crate::error::{CallError, RunnerId};
-use crate::job::{Job, Payload};
+use crate::error::{CallError, RemoteError, RunnerId};
+use crate::job::{Job, JobDefaults, JobError, Payload};
 use crate::trace::TraceId;
 use crate::wire;
 
@@ -35,9 +35,9 @@ use crate::wire;
 /// # Ok(()) }
 /// ```
 #[must_use = "a call does nothing unless awaited"]
-pub struct Call<A, R> {
+pub struct Call<A, R, E = RemoteError> {
     shared: Arc<Shared>,
-    job: Job<A, R>,
+    job: Job<A, R, E>,
     // Wrapped so that a `Call` is `Sync` whatever `A` is: both are only reached through
     // `&mut self`.
     args: SyncWrapper<Option<A>>,
@@ -46,7 +46,7 @@ pub struct Call<A, R> {
     running: SyncWrapper<Option<futures_util::future::BoxFuture<'static, Result<R, CallError>>>>,
 }
 
-impl<A, R> std::fmt::Debug for Call<A, R> {
+impl<A, R, E> std::fmt::Debug for Call<A, R, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Call")
             .field("job", &self.job.name())
@@ -77,6 +77,17 @@ impl Options {
         }
     }
 
+    /// These options with what a job declares in place of the pool's.
+    pub(super) fn with(mut self, job: JobDefaults) -> Self {
+        if let Some(timeout) = job.timeout {
+            self.timeout = timeout;
+        }
+        if let Some(timeout) = job.queue_timeout {
+            self.queue_timeout = timeout;
+        }
+        self
+    }
+
     /// The trace id to send: the one set, or a new one.
     pub(super) fn trace_id(&self) -> TraceId {
         self.trace_id.unwrap_or_else(TraceId::next)
@@ -102,7 +113,7 @@ impl Retry {
     fn covers(&self, error: &CallError) -> bool {
         match error {
             CallError::RunnerLost { .. } | CallError::BootFailed(_) => true,
-            CallError::Failed { .. } | CallError::Panicked { .. } | CallError::Timeout { .. } => {
+            CallError::Job(_) | CallError::Panicked { .. } | CallError::Timeout { .. } => {
                 self.job_errors
             }
             _ => false,
@@ -117,12 +128,12 @@ impl Retry {
 }
 
 // `Call` never pins its argument: it is moved out, encoded, on the first poll.
-impl<A, R> Unpin for Call<A, R> {}
+impl<A, R, E> Unpin for Call<A, R, E> {}
 
-impl<A: Payload, R: Payload> Call<A, R> {
-    pub(super) fn new(shared: Arc<Shared>, job: &Job<A, R>, args: A) -> Self {
+impl<A: Payload, R: Payload, E: JobError> Call<A, R, E> {
+    pub(super) fn new(shared: Arc<Shared>, job: &Job<A, R, E>, args: A) -> Self {
         Call {
-            options: Options::of(&shared),
+            options: Options::of(&shared).with(job.defaults()),
             shared,
             job: *job,
             args: SyncWrapper::new(Some(args)),
@@ -135,14 +146,16 @@ impl<A: Payload, R: Payload> Call<A, R> {
         }
     }
 
-    /// The execution deadline for this call; `None` for none. Default: the pool's
+    /// The execution deadline for this call; `None` for none. Default: the job's
+    /// [`timeout`](Job::timeout) if it declares one, else the pool's
     /// [`timeout`](crate::PoolBuilder::timeout).
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.options.timeout = timeout.into();
         self
     }
 
-    /// How long this call may wait for a slot. Default: the pool's
+    /// How long this call may wait for a slot. Default: the job's
+    /// [`queue_timeout`](Job::queue_timeout) if it declares one, else the pool's
     /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.options.queue_timeout = timeout;
@@ -194,7 +207,7 @@ impl<A: Payload, R: Payload> Call<A, R> {
     ///
     /// # Panics
     /// Outside a Tokio runtime.
-    pub fn spawn(self) -> RemoteTask<R> {
+    pub fn spawn(self) -> RemoteTask<R, E> {
         let tasks = self.shared.tasks.clone();
         RemoteTask::new(tasks.spawn(self))
     }
@@ -209,8 +222,8 @@ impl<A: Payload, R: Payload> Call<A, R> {
     ///
     /// # Panics
     /// Outside a Tokio runtime.
-    pub fn cast(mut self) -> Result<(), CallError> {
-        let prepared = self.prepare()?;
+    pub fn cast(mut self) -> Result<(), CallError<E>> {
+        let prepared = self.prepare().map_err(CallError::typed)?;
         let shared = Arc::clone(&self.shared);
         let name = self.job.name();
         self.shared.tasks.spawn(async move {
@@ -460,7 +473,10 @@ pub(super) async fn exchange<R: Payload>(
 ) -> Result<R, CallError> {
     let runner = slot.borrow();
     let mut running = Running::start(shared, job, runner.id, queued_for);
-    let reply = runner.reply(stream, timeout).await;
+    let reply = runner
+        .reply(stream, timeout)
+        .await
+        .map_err(|e| super::handle::named(e, job));
     drop(slot);
     let output = match reply {
         Ok(reply) => decode_reply(reply).await,
@@ -500,7 +516,7 @@ pub(super) async fn decode_reply<R: Payload>(reply: super::handle::Reply) -> Res
 /// otherwise: a caller that drops its future cancels the call.
 pub(super) struct Running<S: std::ops::Deref<Target = Shared>> {
     shared: S,
-    job: &'static str,
+    pub(super) job: &'static str,
     runner: RunnerId,
     started: Instant,
     pub(super) outcome: CallOutcome,
@@ -533,8 +549,8 @@ impl<S: std::ops::Deref<Target = Shared>> Drop for Running<S> {
     }
 }
 
-impl<A: Payload, R: Payload> Future for Call<A, R> {
-    type Output = Result<R, CallError>;
+impl<A: Payload, R: Payload, E: JobError> Future for Call<A, R, E> {
+    type Output = Result<R, CallError<E>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -549,5 +565,6 @@ impl<A: Payload, R: Payload> Future for Call<A, R> {
             .expect("set above")
             .as_mut()
             .poll(cx)
+            .map_err(CallError::typed)
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::Shared;
 use crate::backend::{Machine, Park, ParkTicket, Parked};
-use crate::error::{CallError, Report, RunnerId};
+use crate::error::{CallError, RemoteError, Report, RunnerId};
 use crate::wire::{self, close, ControlMessage, ReplyHead, WireError};
 
 /// The largest frame the parent reads from a runner's control stream: a log line of
@@ -233,13 +233,22 @@ impl<E: Into<WireError>> From<E> for Failure {
     }
 }
 
+/// `error` with the job it names set to `job`: a runner's reply does not repeat the name.
+pub(crate) fn named(error: CallError, job: &str) -> CallError {
+    match error {
+        CallError::UnknownJob { .. } => CallError::UnknownJob { job: job.into() },
+        other => other,
+    }
+}
+
 pub(crate) fn reply_error(head: ReplyHead) -> CallError {
     match head {
-        ReplyHead::Failed { message } => CallError::Failed { message },
+        ReplyHead::Failed { message, encoded } => {
+            CallError::Job(RemoteError::from_runner(message, encoded))
+        }
         ReplyHead::Panicked { message } => CallError::Panicked { message },
-        ReplyHead::UnknownJob => CallError::UnknownJob {
-            job: "(not registered on the runner)".into(),
-        },
+        // The caller names the job: see `named`.
+        ReplyHead::UnknownJob => CallError::UnknownJob { job: String::new() },
         ReplyHead::BadArgs { message } => CallError::Decode { message },
         ReplyHead::BadResult { message } => CallError::Encode { message },
         ReplyHead::Malformed { message } => CallError::Protocol { message },

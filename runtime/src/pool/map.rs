@@ -7,8 +7,8 @@ use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use sync_wrapper::SyncWrapper;
 
 use super::Pool;
-use crate::error::CallError;
-use crate::job::{Job, Payload};
+use crate::error::{CallError, RemoteError};
+use crate::job::{Job, JobError, Payload};
 
 /// How far a [`Map`] has got, passed to its [`on_progress`](Map::on_progress) hook after each
 /// result.
@@ -26,7 +26,7 @@ pub struct Progress {
 type Hook = Box<dyn FnMut(Progress) + Send>;
 
 /// The results of a running map, each with its input's index.
-type Results<R> = BoxStream<'static, (usize, Result<R, CallError>)>;
+type Results<R, E> = BoxStream<'static, (usize, Result<R, CallError<E>>)>;
 
 /// A job mapped over inputs, from [`Pool::map`]. A [`Stream`] of `(input index, result)`.
 ///
@@ -50,20 +50,20 @@ type Results<R> = BoxStream<'static, (usize, Result<R, CallError>)>;
 /// # Ok(()) }
 /// ```
 #[must_use = "a map does nothing unless polled or collected"]
-pub struct Map<A, R> {
+pub struct Map<A, R, E = RemoteError> {
     pool: Pool,
-    job: Job<A, R>,
+    job: Job<A, R, E>,
     // Wrapped so that a `Map` is `Sync`: they are only ever reached through `&mut self`.
     inputs: SyncWrapper<Option<(BoxStream<'static, A>, Option<usize>)>>,
     ordered: bool,
     in_flight: Option<usize>,
     stop_on_error: bool,
     progress: SyncWrapper<Option<Hook>>,
-    running: SyncWrapper<Option<Results<R>>>,
+    running: SyncWrapper<Option<Results<R, E>>>,
     stopped: bool,
 }
 
-impl<A, R> std::fmt::Debug for Map<A, R> {
+impl<A, R, E> std::fmt::Debug for Map<A, R, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Map")
             .field("job", &self.job.name())
@@ -74,10 +74,10 @@ impl<A, R> std::fmt::Debug for Map<A, R> {
     }
 }
 
-impl<A: Payload, R: Payload> Map<A, R> {
+impl<A: Payload, R: Payload, E: JobError> Map<A, R, E> {
     pub(super) fn new(
         pool: Pool,
-        job: Job<A, R>,
+        job: Job<A, R, E>,
         inputs: impl Stream<Item = A> + Send + 'static,
     ) -> Self {
         let total = match inputs.size_hint() {
@@ -123,8 +123,8 @@ impl<A: Payload, R: Payload> Map<A, R> {
     }
 
     /// Every input's result, in input order.
-    pub async fn results(self) -> Vec<Result<R, CallError>> {
-        let mut all: Vec<(usize, Result<R, CallError>)> = self.collect().await;
+    pub async fn results(self) -> Vec<Result<R, CallError<E>>> {
+        let mut all: Vec<(usize, Result<R, CallError<E>>)> = self.collect().await;
         all.sort_unstable_by_key(|(index, _)| *index);
         all.into_iter().map(|(_, result)| result).collect()
     }
@@ -133,7 +133,7 @@ impl<A: Payload, R: Payload> Map<A, R> {
     ///
     /// # Errors
     /// The first input's error, in the order results arrived.
-    pub async fn outputs(self) -> Result<Vec<R>, CallError> {
+    pub async fn outputs(self) -> Result<Vec<R>, CallError<E>> {
         let mut all = Vec::new();
         let mut stream = self.stop_on_error();
         while let Some((index, result)) = stream.next().await {
@@ -143,7 +143,7 @@ impl<A: Payload, R: Payload> Map<A, R> {
         Ok(all.into_iter().map(|(_, output)| output).collect())
     }
 
-    fn start(&mut self) -> Results<R> {
+    fn start(&mut self) -> Results<R, E> {
         let (inputs, total) = self.inputs.get_mut().take().expect("started once");
         let pool = self.pool.clone();
         let job = self.job;
@@ -175,8 +175,8 @@ impl<A: Payload, R: Payload> Map<A, R> {
     }
 }
 
-impl<A: Payload, R: Payload> Stream for Map<A, R> {
-    type Item = (usize, Result<R, CallError>);
+impl<A: Payload, R: Payload, E: JobError> Stream for Map<A, R, E> {
+    type Item = (usize, Result<R, CallError<E>>);
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.stopped {
@@ -204,4 +204,4 @@ impl<A: Payload, R: Payload> Stream for Map<A, R> {
 }
 
 // Nothing in a `Map` is pinned in place: its streams are boxed.
-impl<A, R> Unpin for Map<A, R> {}
+impl<A, R, E> Unpin for Map<A, R, E> {}

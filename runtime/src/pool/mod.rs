@@ -33,9 +33,8 @@ pub use task::RemoteTask;
 
 use crate::backend::{Backend, ParkedSet, Parking, PoolKey};
 use crate::error::{BootError, PoolError};
-use crate::job::{Job, Payload, StreamJob};
+use crate::job::{Job, JobError, Payload, StreamJob};
 use crate::manifest::Manifest;
-use crate::registry::Registry;
 use crate::tls::{self, PoolCa};
 use crate::{transport, wire};
 use builder::PoolConfig;
@@ -74,7 +73,7 @@ pub struct PoolStats {
 ///
 /// const DOUBLE: Job<u64, u64> = Job::new("double");
 ///
-/// let pool = Pool::builder(&registry).max(4).build().await?;
+/// let pool = Pool::builder().registry(&registry).max(4).build().await?;
 /// let four = pool.call(&DOUBLE, 2).await?;
 /// assert_eq!(four, 4);
 /// pool.shutdown().await;
@@ -132,10 +131,11 @@ pub(crate) struct Shared {
 }
 
 impl Pool {
-    /// A builder for a pool whose runners serve `registry`'s jobs. Runners must be built with
-    /// the same registry: one that differs is refused when it connects.
-    pub fn builder(registry: &Registry) -> PoolBuilder {
-        PoolBuilder::new(registry.manifest())
+    /// A builder for a pool whose runners serve every [`#[job]`](crate::job) linked into the
+    /// binary; [`registry`](PoolBuilder::registry) gives it a [`Registry`](crate::Registry) built at run time
+    /// instead.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::new()
     }
 
     async fn start(
@@ -252,7 +252,11 @@ impl Pool {
     /// pool.call(&JOB, 3).cast()?;
     /// # Ok(()) }
     /// ```
-    pub fn call<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> Call<A, R> {
+    pub fn call<A: Payload, R: Payload, E: JobError>(
+        &self,
+        job: &Job<A, R, E>,
+        args: A,
+    ) -> Call<A, R, E> {
         Call::new(Arc::clone(&self.inner.shared), job, args)
     }
 
@@ -277,7 +281,11 @@ impl Pool {
     /// let squares: Vec<u64> = pool.map(&SQUARE, 0..10_000).outputs().await?;
     /// # Ok(()) }
     /// ```
-    pub fn map<A: Payload, R: Payload, I>(&self, job: &Job<A, R>, inputs: I) -> Map<A, R>
+    pub fn map<A: Payload, R: Payload, E: JobError, I>(
+        &self,
+        job: &Job<A, R, E>,
+        inputs: I,
+    ) -> Map<A, R, E>
     where
         I: IntoIterator<Item = A>,
         I::IntoIter: Send + 'static,
@@ -286,7 +294,11 @@ impl Pool {
     }
 
     /// [`map`](Pool::map) over a stream of inputs, read as slots come free.
-    pub fn map_stream<A: Payload, R: Payload, S>(&self, job: &Job<A, R>, inputs: S) -> Map<A, R>
+    pub fn map_stream<A: Payload, R: Payload, E: JobError, S>(
+        &self,
+        job: &Job<A, R, E>,
+        inputs: S,
+    ) -> Map<A, R, E>
     where
         S: futures_util::Stream<Item = A> + Send + 'static,
     {

@@ -138,7 +138,7 @@ impl CallOutcome {
     pub(crate) fn of(result: &Result<(), &CallError>) -> Self {
         match result {
             Ok(()) => CallOutcome::Ok,
-            Err(CallError::Failed { .. } | CallError::Panicked { .. }) => CallOutcome::Failed,
+            Err(CallError::Job(_) | CallError::Panicked { .. }) => CallOutcome::Failed,
             Err(CallError::Timeout { .. }) => CallOutcome::TimedOut,
             Err(CallError::RunnerLost { .. }) => CallOutcome::RunnerLost,
             Err(_) => CallOutcome::Error,

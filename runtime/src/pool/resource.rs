@@ -13,8 +13,8 @@ use super::driver::Lease;
 use super::handle::RunnerHandle;
 use super::observe::CallOutcome;
 use super::{Pool, Shared};
-use crate::error::{CallError, RunnerId};
-use crate::job::{Job, Payload, ResourceJob};
+use crate::error::{CallError, RemoteError, RunnerId};
+use crate::job::{JobError, Payload, ResourceJob, UsingJob};
 use crate::trace::TraceId;
 use crate::wire;
 
@@ -173,14 +173,18 @@ impl<T> Resource<T> {
     /// Calls `job` on the resource's runner, with the resource; set the call's options, then
     /// `.await` it. The call does not queue for a pool slot (the handle holds one); the
     /// runner's own concurrency limit applies.
-    pub fn call<A: Payload, R: Payload>(&self, job: &Job<A, R>, args: A) -> ResourceCall<'_, A, R> {
+    pub fn call<A: Payload, R: Payload, E: JobError>(
+        &self,
+        job: &UsingJob<T, A, R, E>,
+        args: A,
+    ) -> ResourceCall<'_, A, R, E> {
         ResourceCall {
             resource_id: self.id,
             runner: &self.runner,
             shared: &self.shared,
             job: job.name(),
             args: SyncWrapper::new(args),
-            options: Options::of(&self.shared),
+            options: Options::of(&self.shared).with(job.job().defaults()),
             output: PhantomData,
         }
     }
@@ -216,7 +220,7 @@ impl<T> Drop for Resource<T> {
 
 /// A call on a resource, from [`Resource::call`]: set its options, then `.await` it.
 #[must_use = "a call does nothing unless awaited"]
-pub struct ResourceCall<'a, A, R> {
+pub struct ResourceCall<'a, A, R, E = RemoteError> {
     resource_id: u64,
     runner: &'a Arc<RunnerHandle>,
     shared: &'a Arc<Shared>,
@@ -224,10 +228,10 @@ pub struct ResourceCall<'a, A, R> {
     // Wrapped so that this is `Sync` whatever `A` is: it is only moved, never shared.
     args: SyncWrapper<A>,
     options: Options,
-    output: PhantomData<fn() -> R>,
+    output: PhantomData<fn() -> (R, E)>,
 }
 
-impl<A, R> std::fmt::Debug for ResourceCall<'_, A, R> {
+impl<A, R, E> std::fmt::Debug for ResourceCall<'_, A, R, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResourceCall")
             .field("job", &self.job)
@@ -237,8 +241,8 @@ impl<A, R> std::fmt::Debug for ResourceCall<'_, A, R> {
     }
 }
 
-impl<'a, A: Payload, R: Payload> ResourceCall<'a, A, R> {
-    /// The execution deadline; `None` for none. Default: the pool's
+impl<'a, A: Payload, R: Payload, E: JobError> ResourceCall<'a, A, R, E> {
+    /// The execution deadline; `None` for none. Default: the job's, else the pool's
     /// [`timeout`](crate::PoolBuilder::timeout).
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.options.timeout = timeout.into();
@@ -280,13 +284,13 @@ impl<'a, A: Payload, R: Payload> ResourceCall<'a, A, R> {
     }
 }
 
-impl<'a, A: Payload, R: Payload> IntoFuture for ResourceCall<'a, A, R> {
-    type Output = Result<R, CallError>;
+impl<'a, A: Payload, R: Payload, E: JobError> IntoFuture for ResourceCall<'a, A, R, E> {
+    type Output = Result<R, CallError<E>>;
     type IntoFuture = BoxFuture<'a, Self::Output>;
 
     /// # Errors
     /// As for [`Pool::call`].
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
+        Box::pin(async move { self.run().await.map_err(CallError::typed) })
     }
 }

@@ -271,7 +271,7 @@ async fn read_item<T: Payload>(open: &mut Open) -> Read<T> {
         ReplyHead::Ok => CallError::Protocol {
             message: "a stream was answered as a call: is the job registered as a call?".into(),
         },
-        other => reply_error(other),
+        other => super::handle::named(reply_error(other), open.running.job),
     };
     open.stream.done = true;
     Read::Failed(failure)

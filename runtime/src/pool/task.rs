@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::error::CallError;
+use crate::error::{CallError, RemoteError};
 
 /// A job running on a runner in the background, from [`Call::spawn`](super::Call::spawn).
 ///
@@ -22,12 +22,12 @@ use crate::error::CallError;
 /// # Ok(()) }
 /// ```
 #[must_use = "dropping a RemoteTask aborts it; call `.detach()` to let it run"]
-pub struct RemoteTask<R> {
-    handle: tokio::task::JoinHandle<Result<R, CallError>>,
+pub struct RemoteTask<R, E = RemoteError> {
+    handle: tokio::task::JoinHandle<Result<R, CallError<E>>>,
     detached: bool,
 }
 
-impl<R> std::fmt::Debug for RemoteTask<R> {
+impl<R, E> std::fmt::Debug for RemoteTask<R, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteTask")
             .field("finished", &self.handle.is_finished())
@@ -36,8 +36,8 @@ impl<R> std::fmt::Debug for RemoteTask<R> {
     }
 }
 
-impl<R> RemoteTask<R> {
-    pub(super) fn new(handle: tokio::task::JoinHandle<Result<R, CallError>>) -> Self {
+impl<R, E> RemoteTask<R, E> {
+    pub(super) fn new(handle: tokio::task::JoinHandle<Result<R, CallError<E>>>) -> Self {
         Self {
             handle,
             detached: false,
@@ -64,8 +64,8 @@ impl<R> RemoteTask<R> {
     }
 }
 
-impl<R> Future for RemoteTask<R> {
-    type Output = Result<R, CallError>;
+impl<R, E> Future for RemoteTask<R, E> {
+    type Output = Result<R, CallError<E>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.handle)
@@ -80,7 +80,7 @@ impl<R> Future for RemoteTask<R> {
     }
 }
 
-impl<R> Drop for RemoteTask<R> {
+impl<R, E> Drop for RemoteTask<R, E> {
     fn drop(&mut self) {
         if !self.detached {
             self.handle.abort();

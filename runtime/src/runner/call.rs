@@ -197,7 +197,7 @@ fn start_job<S: Send + 'static>(
             Body::Call(handler) => handler(args).await.map(Made::from),
             Body::Using(handler) => match resources.get(resource) {
                 Some(resource) => handler(resource, args).await.map(Made::from),
-                None => Err(JobFailure::Failed(format!(
+                None => Err(JobFailure::text(format!(
                     "resource {resource} is not held on this runner"
                 ))),
             },

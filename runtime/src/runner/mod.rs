@@ -10,7 +10,7 @@
 //! fn main() {
 //!     let registry = registry();
 //!     // Serves jobs and exits when started by a pool; returns at once otherwise.
-//!     firebrand::run_if_child(&registry);
+//!     firebrand::run_if_child_with(&registry);
 //!     // ... the app's own main, which may build a pool with the same registry ...
 //! }
 //! ```
@@ -102,6 +102,44 @@ pub fn stats() -> RunnerStats {
     STATS.snapshot()
 }
 
+/// Serves every [`#[job]`](crate::job) linked into the binary and exits the process if
+/// [`FIREBRAND_PARENT`](PARENT_ENV) or [`FIREBRAND_PARENT_FD`](PARENT_FD_ENV) is set; returns at
+/// once otherwise. [`run_if_child_with`] serves a [`Registry`] built at run time instead.
+///
+/// ```no_run
+/// #[firebrand::job]
+/// async fn double(n: u64) -> u64 {
+///     n * 2
+/// }
+///
+/// fn main() {
+///     firebrand::run_if_child(); // a runner serves here and exits; the parent goes on
+///     // ... the app, which builds a `Pool` ...
+/// }
+/// ```
+///
+/// Two collected jobs with one name make a runner print both functions and exit (see
+/// [`Registry::collected`]); the parent's `Pool::build` fails with the same error.
+pub fn run_if_child() {
+    if !is_child() {
+        return;
+    }
+    match Registry::collected() {
+        Ok(registry) => run_if_child_with(&registry),
+        Err(e) => {
+            eprintln!("firebrand runner: {e}");
+            std::process::exit(exit_code::SETUP);
+        }
+    }
+}
+
+/// Whether this process was started as a runner or a fork server template.
+fn is_child() -> bool {
+    [PARENT_ENV, PARENT_FD_ENV, crate::token::FORK_SERVER_ENV]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some())
+}
+
 /// Serves `registry` and exits the process if [`FIREBRAND_PARENT`](PARENT_ENV) or
 /// [`FIREBRAND_PARENT_FD`](PARENT_FD_ENV) is set; returns at once otherwise.
 ///
@@ -115,7 +153,7 @@ pub fn stats() -> RunnerStats {
 /// Started as the template of a [fork server](crate::backend::LocalBackendBuilder::fork_server),
 /// it forks runners on its parent's request instead, and returns from here only in each forked
 /// runner, to serve as above.
-pub fn run_if_child(registry: &Registry) {
+pub fn run_if_child_with(registry: &Registry) {
     #[cfg(target_os = "linux")]
     if std::env::var_os(crate::token::FORK_SERVER_ENV).is_some() {
         std::env::remove_var(crate::token::FORK_SERVER_ENV);

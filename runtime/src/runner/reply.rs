@@ -9,7 +9,7 @@ use crate::wire::{self, ReplyHead, WireError};
 /// The reply head for a job's failure.
 pub(super) fn failure_head(failure: JobFailure) -> ReplyHead {
     match failure {
-        JobFailure::Failed(message) => ReplyHead::Failed { message },
+        JobFailure::Failed { message, encoded } => ReplyHead::Failed { message, encoded },
         JobFailure::BadArgs(message) => ReplyHead::BadArgs { message },
         JobFailure::BadResult(message) => ReplyHead::BadResult { message },
     }

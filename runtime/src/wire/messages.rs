@@ -97,6 +97,9 @@ pub enum ReplyHead {
     Failed {
         /// The error's `Display` text.
         message: String,
+        /// The error value, encoded, for a job whose error type serializes; `None` for one
+        /// that crosses as text.
+        encoded: Option<Vec<u8>>,
     },
     /// The job panicked; the runner keeps serving.
     Panicked {

@@ -11,7 +11,7 @@
 //! use firebrand::{Pool, Registry};
 //!
 //! # async fn run(registry: Registry) -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = Pool::builder(&registry)
+//! let pool = Pool::builder().registry(&registry)
 //!     .backend(FlyBackend::from_env()?)
 //!     .max(10)
 //!     .build()

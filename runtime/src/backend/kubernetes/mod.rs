@@ -17,7 +17,7 @@
 //! use firebrand::{Pool, Registry};
 //!
 //! # async fn run(registry: Registry) -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = Pool::builder(&registry)
+//! let pool = Pool::builder().registry(&registry)
 //!     .backend(KubernetesBackend::from_env().await?)
 //!     .max(10)
 //!     .build()
