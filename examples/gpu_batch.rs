@@ -19,11 +19,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use firebrand::{Backend as _, Job, LocalBackend, Pool, Registry};
+use firebrand::{job, Backend as _, LocalBackend, Pool};
 use serde::{Deserialize, Serialize};
-
-/// One chunk of the batch: `elements` values, each run through `iters` fused multiply-adds.
-const BURN: Job<Chunk, Burned> = Job::new("gpu_batch.burn").idempotent();
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Chunk {
@@ -45,27 +42,23 @@ struct Burned {
     checksum: f64,
 }
 
-fn registry() -> Registry {
-    let mut registry = Registry::new();
-    registry
-        .register_blocking(&BURN, |chunk: Chunk| {
-            let (gpu, gpu_uuid, kernel, checksum) = gpu::burn(&chunk)?;
-            let visible = ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"]
-                .iter()
-                .find_map(|name| std::env::var(name).ok())
-                .unwrap_or_else(|| "(all)".into());
-            Ok::<_, String>(Burned {
-                index: chunk.index,
-                pid: std::process::id(),
-                visible,
-                gpu,
-                gpu_uuid,
-                kernel,
-                checksum,
-            })
-        })
-        .expect("unique job names");
-    registry
+/// One chunk of the batch: `elements` values, each run through `iters` fused multiply-adds.
+#[job(idempotent)]
+fn burn(chunk: Chunk) -> Result<Burned, String> {
+    let (gpu, gpu_uuid, kernel, checksum) = gpu::burn(&chunk)?;
+    let visible = ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .unwrap_or_else(|| "(all)".into());
+    Ok(Burned {
+        index: chunk.index,
+        pid: std::process::id(),
+        visible,
+        gpu,
+        gpu_uuid,
+        kernel,
+        checksum,
+    })
 }
 
 #[cfg(feature = "cuda")]
@@ -263,22 +256,21 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let registry = registry();
     // A runner serves chunks here and exits; the parent carries on.
-    firebrand::run_if_child_with(&registry);
+    firebrand::run_if_child();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let options = options()?;
-    tokio::runtime::Runtime::new()?.block_on(parent(registry, options))
+    tokio::runtime::Runtime::new()?.block_on(parent(options))
 }
 
-async fn parent(registry: Registry, options: Options) -> anyhow::Result<()> {
+async fn parent(options: Options) -> anyhow::Result<()> {
     let builder = Pool::builder()
-        .registry(&registry)
         .min(0)
         .max_concurrency(1)
         .boot_timeout(Duration::from_secs(300))
@@ -301,7 +293,8 @@ async fn parent(registry: Registry, options: Options) -> anyhow::Result<()> {
             "gpu_batch: {runners} local runners, {} GPU(s) each",
             options.gpus_per_runner
         );
-        builder.backend(backend).max(runners).build().await?
+        // The pool's `max` is the backend's capacity: one runner per GPU (or group).
+        builder.backend(backend).build().await?
     };
     if !cfg!(feature = "cuda") {
         println!("{NO_CUDA}");
@@ -315,7 +308,7 @@ async fn parent(registry: Registry, options: Options) -> anyhow::Result<()> {
         iters,
     });
     let started = Instant::now();
-    let results = pool.map(&BURN, chunks).outputs().await;
+    let results = pool.map(&burn, chunks).outputs().await;
     let wall = started.elapsed();
     pool.shutdown().await;
     let results = results?;

@@ -17,42 +17,35 @@
 use std::time::{Duration, Instant};
 
 use firebrand::backend::kubernetes::{KubernetesBackend, KubernetesBackendBuilder};
-use firebrand::{Job, Pool, Registry};
+use firebrand::{job, Pool};
 
 /// Count the primes below a bound: stand-in CPU work for a runner pod.
-const COUNT_PRIMES: Job<u64, (u64, String)> = Job::new("k8s_app.count_primes").idempotent();
-
-fn registry() -> Registry {
-    let mut registry = Registry::new();
-    registry
-        .register_blocking(&COUNT_PRIMES, |below: u64| {
-            let count = (2..below)
-                .filter(|n| (2..).take_while(|d| d * d <= *n).all(|d| n % d != 0))
-                .count() as u64;
-            // Which pod did the work: a pod's hostname is its name.
-            let pod = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into());
-            Ok::<_, std::convert::Infallible>((count, pod))
-        })
-        .expect("unique job names");
-    registry
+#[job(idempotent)]
+fn count_primes(below: u64) -> (u64, String) {
+    let count = (2..below)
+        .filter(|n| (2..).take_while(|d| d * d <= *n).all(|d| n % d != 0))
+        .count() as u64;
+    // Which pod did the work: a pod's hostname is its name.
+    let pod = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into());
+    (count, pod)
 }
 
 fn main() -> anyhow::Result<()> {
-    let registry = registry();
     // In a runner pod this serves jobs and exits: the pod runs this binary, as its parent does.
-    firebrand::run_if_child_with(&registry);
+    firebrand::run_if_child();
 
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let fake = std::env::args().any(|arg| arg == "--fake");
-    tokio::runtime::Runtime::new()?.block_on(parent(registry, fake))
+    tokio::runtime::Runtime::new()?.block_on(parent(fake))
 }
 
-async fn parent(registry: Registry, fake: bool) -> anyhow::Result<()> {
+async fn parent(fake: bool) -> anyhow::Result<()> {
     // Keep the fake alive as long as the pool.
     let (backend, kube) = if fake {
         let (builder, kube) = fake_cluster().await?;
@@ -66,7 +59,6 @@ async fn parent(registry: Registry, fake: bool) -> anyhow::Result<()> {
         backend.image()
     );
     let pool = Pool::builder()
-        .registry(&registry)
         .backend(backend)
         .max(3)
         .max_concurrency(2)
@@ -76,7 +68,7 @@ async fn parent(registry: Registry, fake: bool) -> anyhow::Result<()> {
         .await?;
 
     let started = Instant::now();
-    let calls = (1..=12).map(|i| pool.call(&COUNT_PRIMES, 20_000 * i));
+    let calls = (1..=12).map(|i| pool.call(&count_primes, 20_000 * i));
     for result in futures_util::future::try_join_all(calls).await? {
         println!("{:>6} primes, counted in pod {}", result.0, result.1);
     }

@@ -7,13 +7,16 @@
 
 use std::time::{Duration, Instant};
 
-use firebrand::{Job, Pool, Registry};
+use firebrand::{job, Pool};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Collatz steps to reach 1: a small, checkable piece of CPU work.
-const COLLATZ: Job<u64, u32> = Job::new("map_progress.collatz").idempotent();
+#[job(idempotent)]
+async fn collatz(n: u64) -> u32 {
+    collatz_steps(n)
+}
 
-fn collatz(mut n: u64) -> u32 {
+fn collatz_steps(mut n: u64) -> u32 {
     let mut steps = 0;
     while n > 1 {
         n = if n % 2 == 0 { n / 2 } else { 3 * n + 1 };
@@ -22,23 +25,11 @@ fn collatz(mut n: u64) -> u32 {
     steps
 }
 
-fn registry() -> Registry {
-    let mut registry = Registry::new();
-    registry
-        .register(&COLLATZ, |n: u64| async move {
-            Ok::<_, std::convert::Infallible>(collatz(n))
-        })
-        .expect("unique job names");
-    registry
-}
-
 fn main() -> anyhow::Result<()> {
-    let registry = registry();
-    firebrand::run_if_child_with(&registry);
+    firebrand::run_if_child();
     tokio::runtime::Runtime::new()?.block_on(async {
         const INPUTS: u64 = 10_000;
         let pool = Pool::builder()
-            .registry(&registry)
             .max(4)
             .max_concurrency(32)
             .idle_shutdown_after(Duration::from_secs(2))
@@ -50,13 +41,13 @@ fn main() -> anyhow::Result<()> {
         let hook_bar = bar.clone();
         let started = Instant::now();
         let steps = pool
-            .map(&COLLATZ, 1..=INPUTS)
+            .map(&collatz, 1..=INPUTS)
             .on_progress(move |p| hook_bar.set_position(p.done as u64))
             .outputs()
             .await?;
         bar.finish();
         for (n, steps) in (1..=INPUTS).zip(&steps) {
-            anyhow::ensure!(*steps == collatz(n), "wrong result for {n}");
+            anyhow::ensure!(*steps == collatz_steps(n), "wrong result for {n}");
         }
         let (longest, most) = (1..=INPUTS).zip(&steps).max_by_key(|(_, s)| **s).unwrap();
         println!(

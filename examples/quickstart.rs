@@ -6,24 +6,15 @@
 //! ```
 //!
 //! This binary is both the parent and its runners (embedded mode): the pool starts copies of it
-//! with a boot token, and `run_if_child` turns those copies into runners. The job computes
-//! without awaiting, so it is registered with `register_blocking`: it runs on the runner's
-//! blocking pool, and cheap calls and the runner's connection never wait behind it.
+//! with a boot token, and `run_if_child` turns those copies into runners. The job is a plain
+//! `fn` that computes without awaiting, so it runs on the runner's blocking threads: cheap calls
+//! and the runner's connection never wait behind it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use firebrand::{Job, Pool, Registry};
+use firebrand::{job, Pool};
 use serde::{Deserialize, Serialize};
-
-/// Hash a seed many times: a stand-in for real CPU-bound work.
-const CRUNCH: Job<Crunch, Crunched> = Job::new("quickstart.crunch");
-
-#[derive(Serialize, Deserialize)]
-struct Crunch {
-    item: u32,
-    rounds: u32,
-}
 
 #[derive(Serialize, Deserialize)]
 struct Crunched {
@@ -32,45 +23,37 @@ struct Crunched {
     digest: String,
 }
 
-fn registry() -> Registry {
-    let mut registry = Registry::new();
-    registry
-        .register_blocking(&CRUNCH, |job: Crunch| {
-            let mut d = ring::digest::digest(&ring::digest::SHA256, &job.item.to_le_bytes());
-            for _ in 1..job.rounds {
-                d = ring::digest::digest(&ring::digest::SHA256, d.as_ref());
-            }
-            let digest = d.as_ref()[..6]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>();
-            Ok::<_, std::convert::Infallible>(Crunched {
-                item: job.item,
-                pid: std::process::id(),
-                digest,
-            })
-        })
-        .expect("unique job names");
-    registry
+/// Hashes a seed many times: a stand-in for real CPU-bound work.
+#[job]
+fn crunch(item: u32, rounds: u32) -> Crunched {
+    let mut d = ring::digest::digest(&ring::digest::SHA256, &item.to_le_bytes());
+    for _ in 1..rounds {
+        d = ring::digest::digest(&ring::digest::SHA256, d.as_ref());
+    }
+    let digest = d.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    Crunched {
+        item,
+        pid: std::process::id(),
+        digest,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let registry = registry();
     // A runner serves here and exits; the parent carries on.
-    firebrand::run_if_child_with(&registry);
+    firebrand::run_if_child();
 
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    tokio::runtime::Runtime::new()?.block_on(parent(registry))
+    tokio::runtime::Runtime::new()?.block_on(parent())
 }
 
-async fn parent(registry: Registry) -> anyhow::Result<()> {
+async fn parent() -> anyhow::Result<()> {
     let pool = Pool::builder()
-        .registry(&registry)
         .min(0)
         .max(4)
         .max_concurrency(2)
@@ -82,16 +65,7 @@ async fn parent(registry: Registry) -> anyhow::Result<()> {
     let started = Instant::now();
     let calls = (0..24).map(|item| {
         let pool = pool.clone();
-        async move {
-            pool.call(
-                &CRUNCH,
-                Crunch {
-                    item,
-                    rounds: 200_000,
-                },
-            )
-            .await
-        }
+        async move { pool.call(&crunch, (item, 200_000)).await }
     });
     let results = futures::future::try_join_all(calls).await?;
     println!(

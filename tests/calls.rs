@@ -240,36 +240,52 @@ async fn shutdown_lets_running_calls_finish() {
 }
 
 #[tokio::test]
-async fn runners_get_an_explicit_environment() {
+async fn runners_get_the_parents_environment_but_firebrands_own_and_the_denied() {
     use firebrand_runner::ENV;
-    // Cargo sets both of these for test binaries; setting variables here would race with the
-    // other tests' threads.
+    // Cargo sets these for test binaries; setting variables here would race with the other
+    // tests' threads.
     let backend = firebrand::LocalBackend::builder()
         .command(common::RUNNER)
         .env("FIREBRAND_TEST_SET", "set-value")
-        .forward("CARGO_PKG_NAME")
+        .deny("CARGO_PKG_VERSION")
         .build();
     let pool = pool().backend(backend).build().await.unwrap();
     let get = |name: &str| pool.call(&ENV, name.to_string());
     assert_eq!(
         get("FIREBRAND_TEST_SET").await.unwrap().as_deref(),
-        Some("set-value")
+        Some("set-value"),
+        "set with env"
     );
     assert_eq!(
-        get("CARGO_PKG_NAME").await.unwrap().as_deref(),
-        Some(env!("CARGO_PKG_NAME"))
+        get("CARGO_MANIFEST_DIR").await.unwrap().as_deref(),
+        Some(env!("CARGO_MANIFEST_DIR")),
+        "forwarded by default"
     );
-    assert_eq!(
-        get("CARGO_MANIFEST_DIR").await.unwrap(),
-        None,
-        "not forwarded"
-    );
+    assert_eq!(get("CARGO_PKG_VERSION").await.unwrap(), None, "denied");
     assert_eq!(
         get(firebrand::internals::token::PARENT_ENV).await.unwrap(),
         None,
         "the boot token is removed from the runner's environment"
     );
     pool.shutdown().await;
+
+    let explicit = firebrand::LocalBackend::builder()
+        .command(common::RUNNER)
+        .forward_none()
+        .forward("CARGO_PKG_NAME")
+        .build();
+    let pool = pool_with(explicit).await;
+    let get = |name: &str| pool.call(&ENV, name.to_string());
+    assert_eq!(
+        get("CARGO_PKG_NAME").await.unwrap().as_deref(),
+        Some(env!("CARGO_PKG_NAME"))
+    );
+    assert_eq!(get("CARGO_MANIFEST_DIR").await.unwrap(), None, "not named");
+    pool.shutdown().await;
+}
+
+async fn pool_with(backend: firebrand::LocalBackend) -> Pool {
+    pool().backend(backend).build().await.unwrap()
 }
 
 #[tokio::test]

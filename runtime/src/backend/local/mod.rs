@@ -25,12 +25,21 @@ use fork_server::client::ForkServers;
 #[cfg(target_os = "linux")]
 pub(crate) mod fork_server;
 
+/// Firebrand's own variables (the boot token, the fork server's and relayed output's flags, a
+/// parent's own `FIREBRAND_PARENT` if it is itself a runner) are never forwarded: each runner
+/// gets its own.
+const FIREBRAND_ENV_PREFIX: &str = "FIREBRAND_";
+
 /// Boots runners as processes on this machine: by default the current executable, which
 /// serves jobs through [`run_if_child`](crate::run_if_child) (embedded mode).
 ///
-/// The environment is explicit: a runner gets the variables set with
-/// [`env`](LocalBackendBuilder::env), those named with [`forward`](LocalBackendBuilder::forward)
-/// that the parent has, and the boot token; nothing else of the parent's.
+/// A runner sees its parent's environment, as a FLAME runner sees its machine's: by default it
+/// gets every variable of the parent's but Firebrand's own (`FIREBRAND_*`) and those held back
+/// with [`deny`](LocalBackendBuilder::deny), then the variables set with
+/// [`env`](LocalBackendBuilder::env), then its boot token. So a job that reads `DATABASE_URL`
+/// reads it locally as it does on Fly, where the parent forwards it.
+/// [`forward_none`](LocalBackendBuilder::forward_none) makes it explicit instead: only the
+/// variables named with [`forward`](LocalBackendBuilder::forward).
 ///
 /// ```no_run
 /// use firebrand::LocalBackend;
@@ -38,7 +47,7 @@ pub(crate) mod fork_server;
 /// let backend = LocalBackend::builder()
 ///     .command("target/release/firebrand-runner")
 ///     .env("MODEL_DIR", "/srv/models")
-///     .forward("HOME")
+///     .deny("AWS_SECRET_ACCESS_KEY")
 ///     .build();
 /// ```
 ///
@@ -58,7 +67,12 @@ pub struct LocalBackend {
     program: Option<PathBuf>,
     args: Vec<OsString>,
     env: BTreeMap<String, String>,
+    /// Whether every variable of the parent's not denied is forwarded.
+    forward_all: bool,
+    /// With `forward_all` off: the variables forwarded.
     forward: Vec<String>,
+    /// Variables never forwarded.
+    deny: Vec<String>,
     gpus_per_runner: usize,
     gpu_list: Option<Vec<String>>,
     gpus: Option<Arc<GpuSet>>,
@@ -73,7 +87,9 @@ impl std::fmt::Debug for LocalBackend {
             .field("program", &self.program)
             .field("args", &self.args)
             .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("forward_all", &self.forward_all)
             .field("forward", &self.forward)
+            .field("deny", &self.deny)
             .field("gpus_per_runner", &self.gpus_per_runner)
             .field("gpus", &self.gpus.as_ref().map(|g| g.len()))
             .field("inherit_output", &self.inherit_output)
@@ -96,17 +112,17 @@ impl Default for LocalBackend {
 }
 
 impl LocalBackend {
-    /// A builder with the defaults: the current executable, no arguments, and `RUST_LOG`,
-    /// `RUST_BACKTRACE` and `PATH` forwarded.
+    /// A builder with the defaults: the current executable, no arguments, and the parent's
+    /// environment but Firebrand's own variables forwarded.
     pub fn builder() -> LocalBackendBuilder {
         LocalBackendBuilder {
             backend: LocalBackend {
                 program: None,
                 args: Vec::new(),
                 env: BTreeMap::new(),
-                forward: ["RUST_LOG", "RUST_BACKTRACE", "PATH"]
-                    .map(String::from)
-                    .to_vec(),
+                forward_all: true,
+                forward: Vec::new(),
+                deny: Vec::new(),
                 gpus_per_runner: 0,
                 gpu_list: None,
                 gpus: None,
@@ -114,6 +130,26 @@ impl LocalBackend {
                 #[cfg(target_os = "linux")]
                 fork_server: None,
             },
+        }
+    }
+
+    /// The parent's variables a runner gets.
+    fn forwarded(&self) -> Vec<(OsString, OsString)> {
+        let denied = |name: &std::ffi::OsStr| {
+            name.to_str().is_some_and(|name| {
+                name.starts_with(FIREBRAND_ENV_PREFIX) || self.deny.iter().any(|d| d == name)
+            })
+        };
+        if self.forward_all {
+            std::env::vars_os()
+                .filter(|(name, _)| !denied(name))
+                .collect()
+        } else {
+            self.forward
+                .iter()
+                .filter(|name| !denied(std::ffi::OsStr::new(name)))
+                .filter_map(|name| Some((name.into(), std::env::var_os(name)?)))
+                .collect()
         }
     }
 
@@ -139,6 +175,11 @@ impl LocalBackend {
             .args(&self.args)
             .env_clear()
             .stdin(Stdio::null())
+            // A process group of its own: Ctrl-C in a terminal signals the whole foreground
+            // group, and a runner that died of it would fail its in-flight calls while the
+            // parent drains. The parent decides a runner's end (SIGTERM, then SIGKILL), and a
+            // runner whose parent is gone stops by itself.
+            .process_group(0)
             .kill_on_drop(true);
         if !self.inherit_output {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -147,10 +188,8 @@ impl LocalBackend {
             // The runner's output must outlive the pipes if the parent dies.
             command.env(crate::token::RELAYED_OUTPUT_ENV, "1");
         }
-        for name in &self.forward {
-            if let Some(value) = std::env::var_os(name) {
-                command.env(name, value);
-            }
+        for (name, value) in self.forwarded() {
+            command.env(name, value);
         }
         command.envs(&self.env);
         let name = format!("{:?}", command.as_std().get_program());
@@ -177,15 +216,27 @@ impl LocalBackendBuilder {
         self
     }
 
-    /// Forwards the parent's value of `name`, when it has one.
+    /// Forwards the parent's value of `name`, when it has one: after
+    /// [`forward_none`](Self::forward_none), which makes the environment explicit (the whole
+    /// environment is forwarded by default).
     pub fn forward(mut self, name: impl Into<String>) -> Self {
         self.backend.forward.push(name.into());
         self
     }
 
-    /// Forwards none of the default variables; only those named afterwards.
+    /// Forwards none of the parent's environment; only the variables named with
+    /// [`forward`](Self::forward). Default: all of it, but Firebrand's own variables and
+    /// those [`deny`](Self::deny) names.
     pub fn forward_none(mut self) -> Self {
+        self.backend.forward_all = false;
         self.backend.forward.clear();
+        self
+    }
+
+    /// Never forwards the parent's `name` (a credential a job must not see, say). Variables
+    /// set with [`env`](Self::env) are still set.
+    pub fn deny(mut self, name: impl Into<String>) -> Self {
+        self.backend.deny.push(name.into());
         self
     }
 
