@@ -38,7 +38,10 @@ fn two_jobs_with_one_name_are_refused_naming_both_functions() {
 async fn a_pool_of_the_collected_jobs_does_not_start() {
     match firebrand::Pool::builder().build().await {
         Err(firebrand::PoolError::Registry(error)) => {
-            assert!(error.to_string().contains("two jobs are named `resize`"), "{error}")
+            assert!(
+                error.to_string().contains("two jobs are named `resize`"),
+                "{error}"
+            )
         }
         other => panic!("expected the duplicate, got {:?}", other.map(|_| ())),
     }

@@ -162,3 +162,30 @@ async fn a_multi_threaded_fork_template_is_refused_with_the_cause_in_the_boot_er
     assert!(message.contains("other thread"), "{message}");
     assert!(message.contains("run_if_child"), "{message}");
 }
+
+/// More non-yielding async jobs than cores, up to `max_concurrency`, run side by side: each
+/// slot has a worker thread of its own, and the kernel shares the cores among them. With a
+/// worker per core, the jobs past the cores waited for the first ones to end: eight 4 s jobs
+/// on two cores took 16 s, and the later ones timed out at 12 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_to_max_concurrency_non_yielding_async_jobs_all_make_progress() {
+    const JOBS: usize = 8;
+    const SPIN_MS: u64 = 4_000;
+    let pool = pool()
+        .max(1)
+        .max_concurrency(JOBS as u32)
+        .timeout(Duration::from_millis(3 * SPIN_MS))
+        .build()
+        .await
+        .unwrap();
+    pool.call(&ECHO, vec![1]).await.unwrap();
+    let calls: Vec<_> = (0..JOBS)
+        .map(|_| tokio::spawn(pool.call(&SPIN, SPIN_MS)))
+        .collect();
+    for call in calls {
+        let outcome = call.await.unwrap();
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    assert_eq!(pool.stats().ready, 1, "one runner ran them all");
+    pool.shutdown().await;
+}

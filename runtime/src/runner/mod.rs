@@ -218,9 +218,11 @@ pub fn run_if_child_with(registry: &Registry) {
 
 /// Serves on a runtime of its own for the jobs, and returns the process's exit code.
 fn serve_on_own_runtime(token: BootToken, registry: &Registry) -> i32 {
-    // The jobs' runtime: one worker per core, and tokio's blocking pool for
-    // `register_blocking` jobs. The connection gets a thread of its own in `serve`.
+    // The jobs' runtime, and tokio's blocking pool for blocking jobs. The connection gets a
+    // thread of its own in `serve`.
+    let workers = job_workers(token.settings.max_concurrency);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .thread_name("firebrand-job")
         .enable_all()
         .build()
@@ -234,6 +236,23 @@ fn serve_on_own_runtime(token: BootToken, registry: &Registry) -> i32 {
     let result = runtime.block_on(serve_token(token, registry.clone()));
     runtime.shutdown_timeout(Duration::from_millis(200));
     exit_code_of(&result)
+}
+
+/// The most worker threads a runner's jobs' runtime gets, whatever its `max_concurrency`.
+///
+/// An async job that computes without awaiting holds its worker until it ends. With one worker
+/// per core, a third such job on two cores waited for the first to end (16 s, and then its
+/// timeout). With a worker per concurrency slot the kernel shares the cores among them, as the
+/// BEAM's scheduler shares them among FLAME's processes. Past this many, an idle worker costs
+/// more than the rare job that needs it: a runner with a higher `max_concurrency` runs its
+/// jobs beyond the 64th non-yielding one as before, each on the next free worker.
+pub const MAX_JOB_WORKERS: usize = 64;
+
+/// Worker threads for a runner serving `max_concurrency` calls at once: one per slot, at least
+/// one per core, at most [`MAX_JOB_WORKERS`].
+fn job_workers(max_concurrency: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (max_concurrency as usize).clamp(cores.min(MAX_JOB_WORKERS), MAX_JOB_WORKERS)
 }
 
 /// The exit code for how [`serve`] ended.
