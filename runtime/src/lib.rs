@@ -2,35 +2,31 @@
 //!
 //! Application code calls `pool.call(&JOB, args).await`. The [`Pool`] boots runners on demand
 //! through a [`Backend`] (local processes by default), each of which dials back over QUIC with
-//! mutual TLS and serves the jobs of a [`Registry`]. Runners stop themselves when idle, when their
+//! mutual TLS and serves the jobs declared with [`#[job]`](job). Runners stop themselves when idle, when their
 //! parent is lost, and when they never reach it.
 //!
 //! ```no_run
-//! use firebrand::{Job, Pool, Registry};
+//! use firebrand::{job, Pool};
 //!
-//! const SQUARE: Job<u64, u64> = Job::new("square");
-//!
-//! fn registry() -> Registry {
-//!     let mut registry = Registry::new();
-//!     registry
-//!         .register(&SQUARE, |n: u64| async move { Ok::<_, std::convert::Infallible>(n * n) })
-//!         .expect("unique job names");
-//!     registry
+//! #[job]
+//! async fn square(n: u64) -> u64 {
+//!     n * n
 //! }
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let registry = registry();
 //!     // In a runner process this serves jobs and exits; in the parent it returns at once.
-//!     firebrand::run_if_child_with(&registry);
+//!     firebrand::run_if_child();
 //!
 //!     tokio::runtime::Runtime::new()?.block_on(async {
-//!         let pool = Pool::builder().registry(&registry).max(2).build().await?;
-//!         assert_eq!(pool.call(&SQUARE, 7).await?, 49);
+//!         let pool = Pool::builder().max(2).build().await?;
+//!         assert_eq!(pool.call(&square, 7).await?, 49);
 //!         pool.shutdown().await;
 //!         Ok(())
 //!     })
 //! }
 //! ```
+//!
+//! [`#[job]`](job) declares each job once; a [`Registry`] holds jobs made at run time.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub)]

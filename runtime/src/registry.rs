@@ -122,8 +122,8 @@ pub enum RegistryError {
 /// const DOUBLE: Job<u64, u64> = Job::new("double");
 ///
 /// let mut registry = Registry::new();
-/// registry.register(&DOUBLE, |n: u64| async move { Ok::<_, std::convert::Infallible>(n * 2) })?;
-/// assert!(registry.register(&DOUBLE, |n: u64| async move { Ok::<_, std::convert::Infallible>(n) }).is_err());
+/// registry.register(&DOUBLE, |n: u64| async move { Ok::<_, String>(n * 2) })?;
+/// assert!(registry.register(&DOUBLE, |n: u64| async move { Ok::<_, String>(n) }).is_err());
 /// # Ok::<(), firebrand::RegistryError>(())
 /// ```
 #[derive(Clone, Default)]
@@ -202,7 +202,7 @@ impl Registry {
     /// }
     ///
     /// let mut registry = Registry::new();
-    /// registry.register_blocking(&FIB, |n: u32| Ok::<_, std::convert::Infallible>(fib(n)))?;
+    /// registry.register_blocking(&FIB, |n: u32| Ok::<_, String>(fib(n)))?;
     /// # Ok::<(), firebrand::RegistryError>(())
     /// ```
     ///
@@ -249,7 +249,7 @@ impl Registry {
     ///
     /// let mut registry = Registry::new();
     /// registry.register_stream(&COUNT, |n: u32| {
-    ///     futures_util::stream::iter((0..n).map(Ok::<_, std::convert::Infallible>))
+    ///     futures_util::stream::iter((0..n).map(Ok::<_, String>))
     /// })?;
     /// # Ok::<(), firebrand::RegistryError>(())
     /// ```
@@ -309,7 +309,7 @@ impl Registry {
     /// let mut registry = Registry::new();
     /// registry
     ///     .register_resource(&BUILD, |n: u64| async move {
-    ///         Ok::<_, std::convert::Infallible>(Cache((0..n).map(|i| i * i).collect()))
+    ///         Ok::<_, String>(Cache((0..n).map(|i| i * i).collect()))
     ///     })?
     ///     .register_using(&LOOKUP, |cache: Arc<Cache>, i: usize| async move {
     ///         cache.0.get(i).copied().ok_or("out of range")
