@@ -443,3 +443,86 @@ impl fmt::Display for Report<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them_and_never_as_0ns() {
+        let shown = |d: Duration| Shown(&d).to_string();
+        assert_eq!(shown(Duration::from_millis(300)), "300ms");
+        assert_eq!(shown(Duration::from_secs(30)), "30s");
+        assert_eq!(shown(Duration::from_millis(1_500)), "1.5s");
+        assert_eq!(shown(Duration::ZERO), "under 1ms");
+        let timeout = CallError::<RemoteError>::Timeout {
+            after: Duration::ZERO,
+        };
+        assert!(!timeout.to_string().contains("0ns"), "{timeout}");
+    }
+
+    #[test]
+    fn each_call_error_says_what_happened_and_what_to_change() {
+        let runner = RunnerId(Uuid::nil());
+        let cases: Vec<(CallError, &str)> = vec![
+            (
+                CallError::QueueTimeout {
+                    waited: Duration::from_secs(5),
+                },
+                "raise the pool's `max`",
+            ),
+            (CallError::Overloaded { queued: 9 }, "raise `max`"),
+            (
+                CallError::Timeout {
+                    after: Duration::from_secs(30),
+                },
+                "give it a longer `timeout`",
+            ),
+            (
+                CallError::RunnerLost {
+                    runner,
+                    reason: "connection lost".into(),
+                },
+                "mark the job `idempotent`",
+            ),
+            (
+                CallError::UnknownJob {
+                    job: "resize".into(),
+                },
+                "no job named `resize` is registered on the runner",
+            ),
+            (
+                CallError::Decode {
+                    message: "bad".into(),
+                },
+                "built from the same code",
+            ),
+            (
+                CallError::NotIdempotent {
+                    job: "resize".into(),
+                },
+                "mark it `idempotent`",
+            ),
+            (CallError::Closed, "before `Pool::shutdown`"),
+            (
+                CallError::Job(RemoteError::new("disk full")),
+                "the job failed: disk full",
+            ),
+        ];
+        for (error, says) in cases {
+            assert!(error.to_string().contains(says), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_typed_error_that_arrives_as_text_only_is_a_decode_error_naming_its_type() {
+        let error = CallError::Job(RemoteError::from_runner("disk full".into(), None));
+        match error.typed::<String>() {
+            CallError::Decode { message } => {
+                assert!(message.contains("as text only"), "{message}");
+                assert!(message.contains("alloc::string::String"), "{message}");
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+    }
+}

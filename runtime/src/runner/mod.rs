@@ -245,8 +245,10 @@ fn serve_on_own_runtime(token: BootToken, registry: &Registry) -> i32 {
 /// timeout). With a worker per concurrency slot the kernel shares the cores among them, as the
 /// BEAM's scheduler shares them among FLAME's processes. Past this many, an idle worker costs
 /// more than the rare job that needs it: a runner with a higher `max_concurrency` runs its
-/// jobs beyond the 64th non-yielding one as before, each on the next free worker.
-pub const MAX_JOB_WORKERS: usize = 64;
+/// jobs beyond the 16th non-yielding one as before, each on the next free worker. The cap was 64
+/// at first: with 4 runners of `max_concurrency(256)` on two cores (256 workers) throughput at
+/// 256 in flight fell to 0.36x the QUIC floor, from 0.50x; at 16 it is 0.56x (BENCHMARKS.md).
+pub const MAX_JOB_WORKERS: usize = 16;
 
 /// Worker threads for a runner serving `max_concurrency` calls at once: one per slot, at least
 /// one per core, at most [`MAX_JOB_WORKERS`].
