@@ -4,21 +4,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The example's binary, which `cargo test` builds with the tests.
+#[path = "common/example_binary.rs"]
+mod example_binary;
+
+/// The example's binary.
 fn example() -> PathBuf {
-    let test = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/gpu_batch-<hash> -> target/<profile>/examples/gpu_batch
-    let profile = test
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    let example = profile.join("examples").join("gpu_batch");
-    assert!(
-        example.exists(),
-        "{} is missing: run `cargo test` (which builds the examples) or `cargo build --example gpu_batch` first",
-        example.display()
-    );
-    example
+    example_binary::example_binary("gpu_batch")
 }
 
 #[test]

@@ -11,20 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The example's binary, which `cargo test` builds with the tests.
+#[path = "common/example_binary.rs"]
+mod example_binary;
+
+/// The example's binary.
 fn example() -> PathBuf {
-    let test = std::env::current_exe().expect("the test's own path");
-    let profile = test
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    let example = profile.join("examples").join("web_app");
-    assert!(
-        example.exists(),
-        "{} is missing: run `cargo test` (which builds the examples) first",
-        example.display()
-    );
-    example
+    example_binary::example_binary("web_app")
 }
 
 fn fib(n: u32) -> u64 {

@@ -239,7 +239,7 @@ impl Registry {
 
     /// Registers `handler` as the body of the streaming `job`: it gets the decoded argument and
     /// returns a stream of `Result<T, E>`. Each `Ok` reaches the caller as an item; the first
-    /// `Err` ends the stream with [`CallError::Failed`](crate::CallError::Failed). The stream
+    /// `Err` ends the stream with [`CallError::Job`](crate::CallError::Job). The stream
     /// is polled only as fast as the caller reads: a slow reader slows the job down.
     ///
     /// ```
