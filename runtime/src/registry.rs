@@ -300,11 +300,11 @@ impl Registry {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use firebrand::{Job, Registry, ResourceJob};
+    /// use firebrand::{Registry, ResourceJob, UsingJob};
     ///
     /// struct Cache(Vec<u64>);
     /// const BUILD: ResourceJob<u64, Cache> = ResourceJob::new("cache.build");
-    /// const LOOKUP: Job<usize, u64> = Job::new("cache.lookup");
+    /// const LOOKUP: UsingJob<Cache, usize, u64> = UsingJob::new("cache.lookup");
     ///
     /// let mut registry = Registry::new();
     /// registry

@@ -24,15 +24,15 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A handle to a `T` that a [`ResourceJob`] made on one runner (FLAME's `track_resources`).
 ///
 /// While the handle lives, the resource stays on its runner, the runner stays up, and the
-/// handle holds one of the runner's slots. [`call`](Resource::call) runs jobs registered with
-/// [`Registry::register_using`](crate::Registry::register_using) on that runner, with the
-/// resource. Dropping the handle releases the resource and the slot.
+/// handle holds one of the runner's slots. [`call`](Resource::call) runs a
+/// [`UsingJob`](crate::UsingJob) of `T` (a [`#[job]`](crate::job) whose first parameter is `&T`)
+/// on that runner, with the resource. Dropping the handle releases the resource and the slot.
 ///
 /// ```no_run
 /// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
 /// # struct Model;
 /// # const LOAD: firebrand::ResourceJob<String, Model> = firebrand::ResourceJob::new("load");
-/// # const INFER: firebrand::Job<String, String> = firebrand::Job::new("infer");
+/// # const INFER: firebrand::UsingJob<Model, String, String> = firebrand::UsingJob::new("infer");
 /// let model = pool.resource(&LOAD, "llama-8b".into()).await?;
 /// let answer = model.call(&INFER, "Why is the sky blue?".into()).await?;
 /// drop(model); // unloaded on the runner
