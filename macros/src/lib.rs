@@ -446,11 +446,6 @@ fn expand(options: Options, function: ItemFn) -> syn::Result<TokenStream2> {
             },
         )
     };
-    let settings = if options.resource {
-        TokenStream2::new()
-    } else {
-        settings
-    };
     let constructor = if options.resource {
         quote!(::firebrand::ResourceJob::new(#wire_name))
     } else if resource_type.is_some() {
