@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod fly;
 pub mod k8s;
+pub mod relay;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
