@@ -57,7 +57,13 @@ async fn dropping_the_pool_leaves_no_runner_behind() {
 /// The runners' drain grace in the parent helper: long enough to tell a runner that waits it
 /// out from one killed at once.
 const HELPER_DRAIN_GRACE: Duration = Duration::from_secs(4);
-const HELPER_PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// The helper's peer timeout, and a keep-alive as long as it may be (a third of it): the
+/// keep-alive a runner sends after the parent's last packet must not add to the bound.
+const HELPER_PEER_TIMEOUT: Duration = Duration::from_millis(1_500);
+const HELPER_KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// Set for the parent helper to boot its runners on the fake Fly API at this address (with
+/// its token and app after spaces), which the test process runs and which outlives the helper.
+const FLY_ENV: &str = "FIREBRAND_TEST_FLY";
 
 /// The parent in `parent_killed_*`: a pool with two runners, one of them running a detached
 /// spawn that outlives everything, whose pids it prints before waiting to be killed. Runs only
@@ -69,16 +75,30 @@ fn parent_helper() {
         return;
     }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (pool, backend) = two_runners(
-            pool()
-                .peer_timeout(HELPER_PEER_TIMEOUT)
-                .keep_alive(Duration::from_millis(300))
-                .drain_grace(HELPER_DRAIN_GRACE)
-                // Pack puts the round trip below on the runner with the spawn, over the same
-                // connection; Spread would send it to the other runner, proving nothing.
-                .placement(firebrand::Placement::Pack),
-        )
-        .await;
+        let builder = pool()
+            .peer_timeout(HELPER_PEER_TIMEOUT)
+            .keep_alive(HELPER_KEEP_ALIVE)
+            .drain_grace(HELPER_DRAIN_GRACE)
+            // Pack puts the round trip below on the runner with the spawn, over the same
+            // connection; Spread would send it to the other runner, proving nothing.
+            .placement(firebrand::Placement::Pack);
+        let pool = match std::env::var(FLY_ENV) {
+            Ok(fly) => {
+                let mut fly = fly.split(' ');
+                let mut next = || fly.next().unwrap().to_owned();
+                let backend = common::fly::backend_at(next(), next(), next());
+                let pool = builder.backend(backend).min(2).max(2).build().await.unwrap();
+                pool.call(&PID, ()).await.unwrap();
+                pool
+            }
+            Err(_) => {
+                let (pool, backend) = two_runners(builder).await;
+                for pid in backend.pids() {
+                    println!("RUNNER_PID {pid}");
+                }
+                pool
+            }
+        };
         use futures_util::StreamExt as _;
         let mut events = pool.events();
         pool.call(&SLEEP, 600_000).timeout(None).spawn().detach();
@@ -90,9 +110,6 @@ fn parent_helper() {
             Some(firebrand::PoolEvent::CallStarted { .. })
         ) {}
         pool.call(&PID, ()).await.unwrap();
-        for pid in backend.pids() {
-            println!("RUNNER_PID {pid}");
-        }
         println!("READY");
         std::future::pending::<()>().await;
     });
@@ -100,17 +117,30 @@ fn parent_helper() {
 
 #[tokio::test]
 async fn parent_killed_runners_drain_then_exit() {
-    parent_killed_runners_exit(false).await;
+    parent_killed_runners_exit(Runners::Exec).await;
 }
 
 #[tokio::test]
 async fn parent_killed_forked_runners_drain_then_exit_and_so_does_their_template() {
-    parent_killed_runners_exit(true).await;
+    parent_killed_runners_exit(Runners::Forked).await;
+}
+
+#[tokio::test]
+async fn parent_killed_fly_runners_drain_then_exit() {
+    parent_killed_runners_exit(Runners::Fly).await;
+}
+
+#[derive(PartialEq)]
+enum Runners {
+    Exec,
+    Forked,
+    Fly,
 }
 
 /// One rule on every backend: after its parent is killed, a runner lets the calls it runs go on
-/// for the drain grace, then exits; the idle one exits once it sees the parent gone.
-async fn parent_killed_runners_exit(fork: bool) {
+/// for the drain grace, then exits; the idle one exits once it sees the parent gone. Neither
+/// outlives the parent by more than `peer_timeout + drain_grace`, the bound the README states.
+async fn parent_killed_runners_exit(runners: Runners) {
     let mut helper = std::process::Command::new(std::env::current_exe().unwrap());
     helper
         .args([
@@ -122,9 +152,18 @@ async fn parent_killed_runners_exit(fork: bool) {
         ])
         .env(HELPER_ENV, "1")
         .stdout(std::process::Stdio::piped());
-    if fork {
-        helper.env(FORK_ENV, "1");
-    }
+    let fly = match runners {
+        Runners::Exec => None,
+        Runners::Forked => {
+            helper.env(FORK_ENV, "1");
+            None
+        }
+        Runners::Fly => {
+            let fly = common::fly::fake().await;
+            helper.env(FLY_ENV, format!("{} {} {}", fly.url(), fly.token(), fly.app()));
+            Some(fly)
+        }
+    };
     let mut parent = KillOnDrop(helper.spawn().unwrap());
     let stdout = parent.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -141,13 +180,19 @@ async fn parent_killed_runners_exit(fork: bool) {
             }
         }
     });
-    let pids = rx.recv_timeout(Duration::from_secs(60));
-    let pids = pids.expect("parent helper became ready");
+    // Waited for off the runtime's thread: the fake Fly API runs on it.
+    let pids = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)));
+    let mut pids = pids.await.unwrap().expect("parent helper became ready");
+    if let Some(fly) = &fly {
+        pids = fly.machines().iter().filter_map(|m| m.pid).collect();
+    }
     assert_eq!(pids.len(), 2);
     assert!(pids.iter().all(|p| alive(*p)));
     // A forked runner's parent is the template, which must go too.
-    let template = fork.then(|| parent_of(pids[0]));
-    assert_eq!(fork, template != Some(parent.0.id()) && template.is_some());
+    let template = (runners == Runners::Forked).then(|| parent_of(pids[0]));
+    if let Some(template) = template {
+        assert_ne!(template, parent.0.id());
+    }
     sigkill(parent.0.id());
     parent.0.wait().unwrap();
     let killed = Instant::now();
@@ -162,6 +207,13 @@ async fn parent_killed_runners_exit(fork: bool) {
     assert!(
         *longest >= HELPER_DRAIN_GRACE,
         "no runner waited out the drain grace for its running call: {lifetimes:?}"
+    );
+    // The bound, with room for the exit itself and for the 50 ms polls that see it.
+    let bound = HELPER_PEER_TIMEOUT + HELPER_DRAIN_GRACE;
+    assert!(
+        *longest <= bound + Duration::from_millis(400),
+        "a runner outlived its parent by more than peer_timeout + drain_grace ({bound:?}): \
+         {lifetimes:?}"
     );
 }
 

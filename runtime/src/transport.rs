@@ -43,7 +43,7 @@ pub fn transport_config(
 ) -> Arc<TransportConfig> {
     let mut config = TransportConfig::default();
     config
-        .max_idle_timeout(IdleTimeout::try_from(peer_timeout).ok())
+        .max_idle_timeout(IdleTimeout::try_from(idle_timeout(peer_timeout, keep_alive)).ok())
         .keep_alive_interval(Some(keep_alive))
         .max_concurrent_bidi_streams(VarInt::from_u32(
             incoming_bidi
@@ -60,6 +60,18 @@ pub fn transport_config(
             mtu
         }));
     Arc::new(config)
+}
+
+/// The QUIC idle timeout that makes a silent peer lost within `peer_timeout` of its last packet.
+///
+/// QUIC restarts the idle timer when an endpoint sends its first ack-eliciting packet after
+/// receiving one (RFC 9000, 10.1), and the keep-alive sent up to `keep_alive` after the peer's
+/// last packet is such a packet: with an idle timeout of `peer_timeout`, a dead peer was noticed
+/// up to `peer_timeout + keep_alive` after it fell silent (measured: 6 s for 5 s). Less one
+/// keep-alive, it is noticed between `peer_timeout - keep_alive` and `peer_timeout`. The pool
+/// keeps `keep_alive` at most a third of `peer_timeout`, so that two keep-alives fit in it.
+pub fn idle_timeout(peer_timeout: Duration, keep_alive: Duration) -> Duration {
+    peer_timeout.saturating_sub(keep_alive).max(keep_alive)
 }
 
 /// The runner's client endpoint, bound to the wildcard address of `target`'s family.

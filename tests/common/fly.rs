@@ -25,10 +25,19 @@ pub async fn fake() -> FakeFly {
 
 /// A backend on the fake, as a parent on Fly would configure it from its env.
 pub fn backend(fly: &FakeFly) -> FlyBackendBuilder {
+    builder_at(fly.url(), fly.token(), fly.app().to_owned())
+}
+
+/// A backend on a fake that another process runs, at `url`.
+pub fn backend_at(url: String, token: String, app: String) -> FlyBackend {
+    builder_at(url, token, app).build().unwrap()
+}
+
+fn builder_at(url: String, token: String, app: String) -> FlyBackendBuilder {
     FlyBackendBuilder::from_vars(|_| None)
-        .api_base(fly.url())
-        .token(fly.token())
-        .app(fly.app())
+        .api_base(url)
+        .token(token)
+        .app(app)
         .image(IMAGE)
         .region("ord")
         .private_ip("::1")

@@ -112,9 +112,11 @@ impl PoolConfig {
                 ));
             }
         }
-        if self.keep_alive >= self.peer_timeout {
+        if self.keep_alive.saturating_mul(3) > self.peer_timeout {
             return invalid(format!(
-                "keep_alive ({:?}) must be shorter than peer_timeout ({:?})",
+                "keep_alive ({:?}) must be at most a third of peer_timeout ({:?}): a peer \
+                 counts as lost after peer_timeout less one keep-alive of silence, which must \
+                 hold two keep-alives; lower keep_alive or raise peer_timeout",
                 self.keep_alive, self.peer_timeout
             ));
         }
@@ -318,8 +320,11 @@ impl PoolBuilder {
         self
     }
 
-    /// A peer silent for this long is lost (the QUIC idle timeout). It bounds how long a
-    /// runner outlives a parent that died without closing. Default: [`defaults::PEER_TIMEOUT`], 5 s.
+    /// A peer silent for this long is lost: a runner whose parent died, or a parent whose
+    /// runner was cut off, notices within `peer_timeout` of the peer's last packet (and no
+    /// sooner than `peer_timeout - keep_alive`). It bounds how long a runner outlives a parent
+    /// that died without closing: `peer_timeout + drain_grace`. Default:
+    /// [`defaults::PEER_TIMEOUT`], 5 s.
     pub fn peer_timeout(mut self, timeout: Duration) -> Self {
         self.config.peer_timeout = timeout;
         self
@@ -344,7 +349,9 @@ impl PoolBuilder {
         self
     }
 
-    /// The QUIC keep-alive interval; below `peer_timeout`. Default: [`defaults::KEEP_ALIVE`], 1 s.
+    /// The QUIC keep-alive interval: at most a third of `peer_timeout`, or
+    /// [`build`](Self::build) fails with [`PoolError::InvalidConfig`]. Default:
+    /// [`defaults::KEEP_ALIVE`], 1 s.
     pub fn keep_alive(mut self, interval: Duration) -> Self {
         self.config.keep_alive = interval;
         self
