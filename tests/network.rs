@@ -194,3 +194,43 @@ async fn a_megabyte_crosses_an_mtu_of_1280_over_ipv4() {
 async fn a_megabyte_crosses_an_mtu_of_1280_over_ipv6() {
     large_payload_crosses_mtu_1280(true).await;
 }
+
+/// Issue 22: a 16 MiB echo across a lossy link once failed as "job did not finish within 90s"
+/// although the job was instant: the transfer counted as the job's time. The call timeout
+/// bounds the job's run; the argument's and the result's transfer are not part of it.
+#[tokio::test]
+async fn the_call_timeout_bounds_the_job_not_the_transfer() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // 1 MiB/s each way: 3 MiB take 3 s to cross, each way.
+    let relay = Arc::new(Relay::start(
+        Link::rtt(Duration::from_millis(20)).rate(1 << 20),
+        false,
+    ));
+    let pool = pool_across(&relay).build().await.unwrap();
+    let timeout = Duration::from_secs(1);
+    let payload: Vec<u8> = (0..3 << 20).map(|i| (i % 253) as u8).collect();
+    let started = Instant::now();
+    let echoed = within(
+        Duration::from_secs(60),
+        pool.call(&ECHO, payload.clone()).timeout(timeout),
+    )
+    .await
+    .expect("an instant job is not timed out by its transfer");
+    assert!(echoed == payload);
+    assert!(
+        started.elapsed() > 4 * timeout,
+        "the transfer took {:?}: the test proves nothing",
+        started.elapsed()
+    );
+    // A job that does outrun it is still timed out, and says so.
+    let slow = within(
+        Duration::from_secs(30),
+        pool.call(&SLEEP, 3_000).timeout(timeout),
+    )
+    .await;
+    assert!(
+        matches!(slow, Err(CallError::Timeout { after }) if after == timeout),
+        "{slow:?}"
+    );
+    pool.shutdown().await;
+}

@@ -360,6 +360,7 @@ async fn a_runner_that_never_reaches_its_parent_exits_at_the_failsafe() {
             max_payload_len: 1 << 20,
             peer_timeout: Duration::from_secs(1),
             keep_alive: Duration::from_millis(300),
+            congestion: Default::default(),
             log_filter: "off".into(),
             forward_output: false,
         },

@@ -70,7 +70,7 @@ fn test_parent() -> (quinn::Endpoint, BootToken) {
     let endpoint = transport::server_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         tls::server_crypto(ca.cert(), &server).unwrap(),
-        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1),
+        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1, Default::default()),
     )
     .unwrap();
     let id = uuid::Uuid::new_v4();
@@ -88,6 +88,7 @@ fn test_parent() -> (quinn::Endpoint, BootToken) {
             max_payload_len: 1 << 30,
             peer_timeout: PEER_TIMEOUT,
             keep_alive: KEEP_ALIVE,
+            congestion: Default::default(),
             // The raw parent reads no control stream.
             log_filter: "off".into(),
             forward_output: false,
@@ -131,7 +132,7 @@ async fn quic_peer(token: BootToken) {
     let endpoint = transport::client_endpoint(
         target,
         crypto,
-        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, CONCURRENCY),
+        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, CONCURRENCY, Default::default()),
     )
     .unwrap();
     let connection = endpoint

@@ -72,6 +72,7 @@ pub use registry::{Registry, RegistryError};
 pub use runner::{run_if_child, run_if_child_with};
 pub use settings::{defaults, MAX_CONCURRENCY, MAX_RUNNERS, MAX_SETTING_DURATION};
 pub use trace::TraceId;
+pub use transport::CongestionControl;
 
 #[cfg(feature = "macros")]
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]

@@ -52,6 +52,8 @@ pub struct RunnerSettings {
     pub peer_timeout: Duration,
     /// The QUIC keep-alive interval.
     pub keep_alive: Duration,
+    /// The congestion controller, the same as the parent's.
+    pub congestion: crate::transport::CongestionControl,
     /// Which of its `tracing` events the runner sends its parent (and writes to its own
     /// stderr where the parent does not see it): an `EnvFilter` directive, checked by the
     /// pool; `off` for none.
@@ -248,6 +250,7 @@ mod tests {
             max_payload_len: 1 << 20,
             peer_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(1),
+            congestion: crate::transport::CongestionControl::default(),
             log_filter: "off".into(),
             forward_output: false,
         }

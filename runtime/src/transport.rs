@@ -31,6 +31,40 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// which costs 60 bytes a packet; 1350 fits it and most other tunnels with room to spare.
 pub const MAX_UDP_PAYLOAD: u16 = 1350;
 
+/// How a connection paces what it sends: the congestion controller both ends of a runner
+/// connection use, chosen with
+/// [`PoolBuilder::congestion_control`](crate::PoolBuilder::congestion_control).
+///
+/// Loss-based controllers (CUBIC, NewReno) read every lost packet as congestion and halve
+/// their window: on a link that drops packets at random (Wi-Fi, a lossy long-haul path, an
+/// overloaded tunnel) a large argument or result crawls. BBR models the path's bandwidth and
+/// round trip instead, and keeps sending at that rate through random loss. Measured across the
+/// test relay at 50 ms and 1 % loss, and on loopback, in `BENCHMARKS.md`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum CongestionControl {
+    /// CUBIC (RFC 9438), quinn's default and Linux TCP's: fair to other flows, best on clean
+    /// links. The default.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002's reference controller): slower to grow than CUBIC.
+    NewReno,
+    /// BBR: for links that lose packets without being congested. Quinn marks its BBR as
+    /// experimental.
+    Bbr,
+}
+
+impl CongestionControl {
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        match self {
+            CongestionControl::Cubic => Arc::new(CubicConfig::default()),
+            CongestionControl::NewReno => Arc::new(NewRenoConfig::default()),
+            CongestionControl::Bbr => Arc::new(BbrConfig::default()),
+        }
+    }
+}
+
 /// The transport both ends of a runner connection use.
 ///
 /// `incoming_bidi` is how many calls the *peer* may run at once: the runner's concurrency on the
@@ -40,10 +74,18 @@ pub fn transport_config(
     peer_timeout: Duration,
     keep_alive: Duration,
     incoming_bidi: u32,
+    congestion: CongestionControl,
 ) -> Arc<TransportConfig> {
     let mut config = TransportConfig::default();
     config
-        .max_idle_timeout(IdleTimeout::try_from(idle_timeout(peer_timeout, keep_alive)).ok())
+        .congestion_controller_factory(congestion.factory())
+        // QUIC restarts the idle timer when an endpoint sends its first ack-eliciting packet after
+        // receiving one (RFC 9000, 10.1): a keep-alive sent after the peer's last packet does,
+        // so a silent peer is noticed between `peer_timeout` and `peer_timeout + keep_alive`
+        // after its last packet. Not shortened to make that exact: at 50 ms RTT, the probes
+        // of a connection in a 3 s cut back off to gaps that a 4 s idle timeout does not ride
+        // out. The runner's drain on parent loss allows for the keep-alive instead.
+        .max_idle_timeout(IdleTimeout::try_from(peer_timeout).ok())
         .keep_alive_interval(Some(keep_alive))
         .max_concurrent_bidi_streams(VarInt::from_u32(
             incoming_bidi
@@ -60,18 +102,6 @@ pub fn transport_config(
             mtu
         }));
     Arc::new(config)
-}
-
-/// The QUIC idle timeout that makes a silent peer lost within `peer_timeout` of its last packet.
-///
-/// QUIC restarts the idle timer when an endpoint sends its first ack-eliciting packet after
-/// receiving one (RFC 9000, 10.1), and the keep-alive sent up to `keep_alive` after the peer's
-/// last packet is such a packet: with an idle timeout of `peer_timeout`, a dead peer was noticed
-/// up to `peer_timeout + keep_alive` after it fell silent (measured: 6 s for 5 s). Less one
-/// keep-alive, it is noticed between `peer_timeout - keep_alive` and `peer_timeout`. The pool
-/// keeps `keep_alive` at most a third of `peer_timeout`, so that two keep-alives fit in it.
-pub fn idle_timeout(peer_timeout: Duration, keep_alive: Duration) -> Duration {
-    peer_timeout.saturating_sub(keep_alive).max(keep_alive)
 }
 
 /// The runner's client endpoint, bound to the wildcard address of `target`'s family.

@@ -266,6 +266,7 @@ pub fn raw_settings() -> firebrand::internals::token::RunnerSettings {
         max_payload_len: 1 << 20,
         peer_timeout: Duration::from_secs(10),
         keep_alive: Duration::from_secs(1),
+        congestion: Default::default(),
         log_filter: "off".into(),
         forward_output: false,
     }

@@ -9,6 +9,7 @@ use crate::error::PoolError;
 use crate::manifest::Manifest;
 use crate::registry::Registry;
 use crate::token::RunnerSettings;
+use crate::transport::CongestionControl;
 
 use super::Pool;
 use crate::settings::{defaults, MAX_SETTING_DURATION};
@@ -33,6 +34,7 @@ pub(crate) struct PoolConfig {
     pub(crate) boot_attempts: u32,
     pub(crate) peer_timeout: Duration,
     pub(crate) keep_alive: Duration,
+    pub(crate) congestion: CongestionControl,
     pub(crate) connect_failsafe: Duration,
     pub(crate) max_payload_len: u64,
     pub(crate) bind: Option<SocketAddr>,
@@ -68,6 +70,7 @@ impl PoolConfig {
             max_payload_len: self.max_payload_len,
             peer_timeout: self.peer_timeout,
             keep_alive: self.keep_alive,
+            congestion: self.congestion,
             log_filter: self.runner_log_level.clone(),
             forward_output: false,
         }
@@ -112,11 +115,9 @@ impl PoolConfig {
                 ));
             }
         }
-        if self.keep_alive.saturating_mul(3) > self.peer_timeout {
+        if self.keep_alive >= self.peer_timeout {
             return invalid(format!(
-                "keep_alive ({:?}) must be at most a third of peer_timeout ({:?}): a peer \
-                 counts as lost after peer_timeout less one keep-alive of silence, which must \
-                 hold two keep-alives; lower keep_alive or raise peer_timeout",
+                "keep_alive ({:?}) must be shorter than peer_timeout ({:?})",
                 self.keep_alive, self.peer_timeout
             ));
         }
@@ -201,6 +202,7 @@ impl PoolBuilder {
                 boot_attempts: defaults::BOOT_ATTEMPTS,
                 peer_timeout: defaults::PEER_TIMEOUT,
                 keep_alive: defaults::KEEP_ALIVE,
+                congestion: CongestionControl::default(),
                 runner_log_level: defaults::RUNNER_LOG_LEVEL.to_owned(),
                 connect_failsafe: defaults::CONNECT_FAILSAFE,
                 max_payload_len: defaults::MAX_PAYLOAD_LEN,
@@ -275,7 +277,11 @@ impl PoolBuilder {
     }
 
     /// The execution deadline of a call, enforced on the parent and the runner; `None` for
-    /// none. Default: [`defaults::TIMEOUT`], 30 s. Queue time does not count against it.
+    /// none. Default: [`defaults::TIMEOUT`], 30 s. It bounds the job's run: from when the
+    /// runner has the whole argument until its reply starts back. Queue time does not count
+    /// against it, and neither does the transfer of the argument or the result, which on a
+    /// slow or lossy link can take longer than the job (a link that stops carrying anything is
+    /// caught by [`peer_timeout`](Self::peer_timeout)).
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.call_timeout = timeout.into();
         self
@@ -320,10 +326,10 @@ impl PoolBuilder {
         self
     }
 
-    /// A peer silent for this long is lost: a runner whose parent died, or a parent whose
-    /// runner was cut off, notices within `peer_timeout` of the peer's last packet (and no
-    /// sooner than `peer_timeout - keep_alive`). It bounds how long a runner outlives a parent
-    /// that died without closing: `peer_timeout + drain_grace`. Default:
+    /// A peer silent for this long is lost (the QUIC idle timeout): a runner whose parent
+    /// died, or a parent whose runner was cut off, notices between `peer_timeout` and
+    /// `peer_timeout + keep_alive` after the peer's last packet. A busy runner outlives a
+    /// parent that died without closing by at most `peer_timeout + drain_grace`. Default:
     /// [`defaults::PEER_TIMEOUT`], 5 s.
     pub fn peer_timeout(mut self, timeout: Duration) -> Self {
         self.config.peer_timeout = timeout;
@@ -349,9 +355,22 @@ impl PoolBuilder {
         self
     }
 
-    /// The QUIC keep-alive interval: at most a third of `peer_timeout`, or
-    /// [`build`](Self::build) fails with [`PoolError::InvalidConfig`]. Default:
-    /// [`defaults::KEEP_ALIVE`], 1 s.
+    /// The congestion controller of every runner connection, both ways: see
+    /// [`CongestionControl`] for when to pick which. Default: [`CongestionControl::Cubic`].
+    ///
+    /// ```
+    /// # fn f(registry: &firebrand::Registry) {
+    /// // Runners across a lossy link: BBR keeps large payloads moving through random loss.
+    /// let builder = firebrand::Pool::builder().registry(registry)
+    ///     .congestion_control(firebrand::CongestionControl::Bbr);
+    /// # }
+    /// ```
+    pub fn congestion_control(mut self, controller: CongestionControl) -> Self {
+        self.config.congestion = controller;
+        self
+    }
+
+    /// The QUIC keep-alive interval; below `peer_timeout`. Default: [`defaults::KEEP_ALIVE`], 1 s.
     pub fn keep_alive(mut self, interval: Duration) -> Self {
         self.config.keep_alive = interval;
         self

@@ -125,13 +125,21 @@ impl RunnerHandle {
         Ok(stream)
     }
 
-    /// Reads the reply to a call whose request was sent on `stream`, within `timeout`.
+    /// Reads the reply to a call whose request was sent on `stream`, the job's run bounded by
+    /// `timeout` (see [`within`](Self::within)).
     pub(crate) async fn reply(
         &self,
         mut stream: CallStream,
         timeout: Option<Duration>,
     ) -> Result<Reply, CallError> {
-        self.within(timeout, self.read_reply(&mut stream)).await
+        let CallStream { send, recv, .. } = &mut stream;
+        let first = self
+            .within(timeout, send, async { Ok(recv.read_chunk(usize::MAX, true).await?) })
+            .await?;
+        // The reply is on its way: its transfer is not the job's time.
+        self.read_reply(&mut stream, first)
+            .await
+            .map_err(|failure| self.failure_error(failure, timeout))
     }
 
     /// Reads the reply to a resource call, within `timeout`: the new resource's id. The runner
@@ -141,48 +149,99 @@ impl RunnerHandle {
         stream: &mut CallStream,
         timeout: Option<Duration>,
     ) -> Result<u64, CallError> {
+        let CallStream { send, recv, .. } = stream;
         let read = async {
-            let head: ReplyHead = wire::read_head(&mut stream.recv).await?;
+            let head: ReplyHead = wire::read_head(recv).await?;
             match head {
                 ReplyHead::Ok => {
-                    let id = wire::read_frame(&mut stream.recv, wire::MAX_HEAD_LEN).await?;
+                    let id = wire::read_frame(recv, wire::MAX_HEAD_LEN).await?;
                     Ok(id.decode::<u64>()?)
                 }
                 other => Err(Failure::Reply(other)),
             }
         };
-        self.within(timeout, read).await
+        self.within(timeout, send, read).await
     }
 
-    /// Runs a read of a reply within the call's `timeout`, and says what went wrong as a
-    /// [`CallError`].
+    /// Runs `read`, the wait for a reply to start, with the call's `timeout` on the job's run.
+    ///
+    /// The runner enforces the timeout from the moment it has the whole argument, and answers
+    /// [`ReplyHead::TimedOut`] when it passes; this is the parent's backstop. Time the argument
+    /// spends in transit is not the job's: when `timeout` passes before the runner has
+    /// acknowledged all of the argument (a large one on a slow or lossy link), the wait goes on
+    /// until it has, and then for `timeout` more. A link that carries nothing at all is caught
+    /// by `peer_timeout` instead.
     async fn within<T>(
         &self,
         timeout: Option<Duration>,
+        send: &SendStream,
         read: impl std::future::Future<Output = Result<T, Failure>>,
     ) -> Result<T, CallError> {
-        match timeout {
+        let outcome = match timeout {
             None => read.await,
-            Some(after) => tokio::time::timeout(after, read)
-                .await
-                .map_err(|_| CallError::Timeout { after })?,
-        }
-        .map_err(|failure| match failure {
+            Some(after) => {
+                tokio::pin!(read);
+                match tokio::time::timeout(after, &mut read).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        // Looked at only now, not on every call: waiting on `stopped` costs a
+                        // wake-up when the acknowledgement comes.
+                        let delivered = send.stopped();
+                        tokio::pin!(delivered);
+                        let in_transit = futures_util::FutureExt::now_or_never(&mut delivered)
+                            .is_none();
+                        if in_transit {
+                            tracing::debug!(
+                                timeout = ?after,
+                                "the argument is still in transit at the call timeout"
+                            );
+                            tokio::select! {
+                                outcome = &mut read => return self.outcome(outcome, timeout),
+                                _ = delivered => {}
+                            }
+                            tokio::time::timeout(after, &mut read)
+                                .await
+                                .map_err(|_| CallError::Timeout { after })?
+                        } else {
+                            return Err(CallError::Timeout { after });
+                        }
+                    }
+                }
+            }
+        };
+        self.outcome(outcome, timeout)
+    }
+
+    fn outcome<T>(
+        &self,
+        outcome: Result<T, Failure>,
+        timeout: Option<Duration>,
+    ) -> Result<T, CallError> {
+        outcome.map_err(|failure| self.failure_error(failure, timeout))
+    }
+
+    fn failure_error(&self, failure: Failure, timeout: Option<Duration>) -> CallError {
+        match failure {
             Failure::Reply(ReplyHead::TimedOut) => CallError::Timeout {
                 after: timeout.unwrap_or_default(),
             },
             Failure::Reply(head) => reply_error(head),
             Failure::Wire(e) => self.wire_error(e),
-        })
+        }
     }
 
     pub(crate) fn max_payload_len(&self) -> usize {
         self.max_payload_len
     }
 
-    async fn read_reply(&self, stream: &mut CallStream) -> Result<Reply, Failure> {
+    /// Reads the rest of a reply whose first chunk is `first`.
+    async fn read_reply(
+        &self,
+        stream: &mut CallStream,
+        first: Option<quinn::Chunk>,
+    ) -> Result<Reply, Failure> {
         let limit = wire::message_limit(self.max_payload_len);
-        let mut reply = wire::read_message(&mut stream.recv, limit).await?;
+        let mut reply = wire::read_message_after(first, &mut stream.recv, limit).await?;
         stream.done = true;
         match reply
             .split_frame(wire::MAX_HEAD_LEN)?

@@ -148,7 +148,12 @@ impl Pool {
         let server = ca.issue_server()?;
         let crypto = tls::server_crypto(ca.cert(), &server)?;
         // Runners open one control stream each; calls go the other way.
-        let transport = transport::transport_config(config.peer_timeout, config.keep_alive, 1);
+        let transport = transport::transport_config(
+            config.peer_timeout,
+            config.keep_alive,
+            1,
+            config.congestion,
+        );
         let bind = config.bind.unwrap_or_else(|| backend.bind_addr());
         let endpoint = transport::server_endpoint(bind, crypto, transport)
             .map_err(|source| PoolError::Bind { addr: bind, source })?;

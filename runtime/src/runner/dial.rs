@@ -49,6 +49,7 @@ pub(super) async fn connect(
         settings.peer_timeout,
         settings.keep_alive,
         settings.max_concurrency,
+        settings.congestion,
     );
     let hello = Hello {
         runner_id: token.runner_id,

@@ -438,7 +438,9 @@ async fn serve_connection(
     }
     // Nobody can use them any more; calls still running keep theirs until they end.
     cx.resources.clear();
-    terminator.drain_calls().await;
+    terminator
+        .drain_calls(matches!(exit, ServeExit::ParentLost(_)))
+        .await;
     connection.close(close::RUNNER_EXIT, b"runner exiting");
     // Give the close frame a moment to leave; the parent also sees the process exit.
     let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;

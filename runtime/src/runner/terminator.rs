@@ -5,7 +5,9 @@
 //!   release the runner within `drain_grace` plus `peer_timeout`;
 //! - **SIGTERM:** drain, then exit after `drain_grace`;
 //! - **parent lost:** the serve loop sees the connection end; the terminator then lets running
-//!   calls finish for at most `drain_grace`;
+//!   calls finish for at most `drain_grace` less one `keep_alive`, so that the runner exits by
+//!   `peer_timeout + drain_grace` after the parent's last packet (QUIC notices the loss up to
+//!   one keep-alive after `peer_timeout`);
 //! - **never connected:** dialling gives up at the `connect_failsafe`;
 //! - **parked:** the parent parked the runner to be suspended (`park.rs`): it waits to be
 //!   frozen and dials again once resumed, under a new terminator; it exits on SIGTERM, or if it
@@ -52,6 +54,7 @@ struct Policy {
     idle_shutdown_after: Option<Duration>,
     drain_grace: Duration,
     peer_timeout: Duration,
+    keep_alive: Duration,
     connect_failsafe: Duration,
 }
 
@@ -86,6 +89,7 @@ impl Terminator {
                 idle_shutdown_after: settings.idle_shutdown_after,
                 drain_grace: settings.drain_grace,
                 peer_timeout: settings.peer_timeout,
+                keep_alive: settings.keep_alive,
                 connect_failsafe: settings.connect_failsafe,
             },
             started: now,
@@ -111,9 +115,15 @@ impl Terminator {
         }
     }
 
-    /// Lets the calls still running finish, for at most the drain grace.
-    pub(crate) async fn drain_calls(&self) {
-        if tokio::time::timeout(self.policy.drain_grace, self.drained())
+    /// Lets the calls still running finish, for at most the drain grace: less one keep-alive
+    /// when the parent was lost, since the loss was noticed up to one keep-alive late.
+    pub(crate) async fn drain_calls(&self, parent_lost: bool) {
+        let grace = if parent_lost {
+            self.policy.drain_grace.saturating_sub(self.policy.keep_alive)
+        } else {
+            self.policy.drain_grace
+        };
+        if tokio::time::timeout(grace, self.drained())
             .await
             .is_err()
         {

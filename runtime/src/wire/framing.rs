@@ -89,8 +89,20 @@ pub async fn read_message(
     recv: &mut quinn::RecvStream,
     limit: usize,
 ) -> Result<Message, WireError> {
+    let first = recv.read_chunk(usize::MAX, true).await?;
+    read_message_after(first, recv, limit).await
+}
+
+/// [`read_message`], for a message whose first chunk was read already (`None`: the stream
+/// ended before any).
+pub async fn read_message_after(
+    first: Option<quinn::Chunk>,
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Message, WireError> {
     let mut message = Message::default();
-    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+    let mut next = first;
+    while let Some(chunk) = next {
         if message.len() + chunk.bytes.len() > limit {
             return Err(WireError::TooLarge {
                 len: (message.len() + chunk.bytes.len()) as u64,
@@ -98,6 +110,7 @@ pub async fn read_message(
             });
         }
         message.push(chunk.bytes);
+        next = recv.read_chunk(usize::MAX, true).await?;
     }
     Ok(message)
 }

@@ -31,7 +31,10 @@ mod messages;
 pub use buffers::{Chunks, Message};
 pub use codec::decode_payload;
 pub(crate) use codec::encode_value;
-pub use framing::{encode_frame, message_limit, read_frame, read_head, read_message, write_frame};
+pub use framing::{
+    encode_frame, message_limit, read_frame, read_head, read_message, read_message_after,
+    write_frame,
+};
 pub(crate) use messages::{encode_request, encode_small_request, CallHeadRef};
 pub use messages::{CallHead, ControlMessage, DrainReason, Hello, HelloReply, LogLine, ReplyHead};
 
