@@ -87,7 +87,13 @@ fn parent_helper() {
                 let mut fly = fly.split(' ');
                 let mut next = || fly.next().unwrap().to_owned();
                 let backend = common::fly::backend_at(next(), next(), next());
-                let pool = builder.backend(backend).min(2).max(2).build().await.unwrap();
+                let pool = builder
+                    .backend(backend)
+                    .min(2)
+                    .max(2)
+                    .build()
+                    .await
+                    .unwrap();
                 pool.call(&PID, ()).await.unwrap();
                 pool
             }
@@ -160,7 +166,10 @@ async fn parent_killed_runners_exit(runners: Runners) {
         }
         Runners::Fly => {
             let fly = common::fly::fake().await;
-            helper.env(FLY_ENV, format!("{} {} {}", fly.url(), fly.token(), fly.app()));
+            helper.env(
+                FLY_ENV,
+                format!("{} {} {}", fly.url(), fly.token(), fly.app()),
+            );
             Some(fly)
         }
     };

@@ -337,7 +337,7 @@ async fn api_errors_carry_fly_s_status_and_request_id() {
     }
     let wrong_token = backend(&fly).token("fm2_wrong").build().unwrap();
     let error = wrong_token.reap_orphans().await.unwrap_err();
-    // Refused, resolved again (to the same token), refused again: the error says where the
+    // Refused, resolved again to the same token, and not sent again: the error says where the
     // token came from and what to do.
     match &error {
         FlyError::Unauthorized { origin, last } => {
@@ -354,8 +354,8 @@ async fn api_errors_carry_fly_s_status_and_request_id() {
     assert!(error.is_permanent());
     assert_eq!(
         fly.counts().unauthorized,
-        2,
-        "one retry after resolving again"
+        1,
+        "the token read again is the refused one: no repeat"
     );
 }
 
@@ -721,8 +721,8 @@ async fn refusals_that_cannot_change_fail_the_call_after_one_create() {
         .unwrap();
     let error = within(10 * SECOND, pool.call(&PID, ())).await.unwrap_err();
     assert!(boot_failure(&error).contains("401"), "{error}");
-    // The one repeat after resolving the token again, and no boot retry.
-    assert_eq!(answered_creates(&fly) - before, 2);
+    // No repeat (the token read again is the same), and no boot retry.
+    assert_eq!(answered_creates(&fly) - before, 1);
     pool.shutdown().await;
     // A GPU refusal through a pool, too.
     fly.refuse_gpus();

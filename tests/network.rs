@@ -126,7 +126,11 @@ async fn a_three_second_cut_is_ridden_out() {
         .await
         .unwrap()
         .expect("the call in flight during the cut succeeds");
-    assert_eq!(pool.call(&PID, ()).await.unwrap(), runner, "the same runner");
+    assert_eq!(
+        pool.call(&PID, ()).await.unwrap(),
+        runner,
+        "the same runner"
+    );
     pool.shutdown().await;
 }
 
@@ -180,7 +184,10 @@ async fn large_payload_crosses_mtu_1280(v6: bool) {
         .unwrap();
     assert!(echoed == payload, "the payload came back intact");
     // Path-MTU discovery probed past the link's MTU, and the connection carried on.
-    let too_big = relay.counts().too_big.load(std::sync::atomic::Ordering::Relaxed);
+    let too_big = relay
+        .counts()
+        .too_big
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(too_big > 0, "no datagram was over the MTU");
     pool.shutdown().await;
 }

@@ -197,10 +197,19 @@ async fn a_refused_suspend_parks_the_machine_stopped() {
     let mut events = pool.events();
     fly.refuse_next_suspend();
     let first = pids_of(&pool, &fly, 1).await;
+    let idle_from = std::time::Instant::now();
     let parked_as = next_matching(&mut events, |e| matches!(e, PoolEvent::RunnerParked { .. }));
+    let parked_as = parked_as.await;
+    // Stopped at once: the runner, closed to be suspended, waits to be frozen and would never
+    // exit by itself within the 5 s stop grace that a refused suspend once waited out.
+    let took = idle_from.elapsed();
+    assert!(
+        took < IDLE + 2 * SECOND,
+        "parked as stopped {took:?} after the last call (idle after {IDLE:?})"
+    );
     assert!(
         matches!(
-            parked_as.await,
+            parked_as,
             PoolEvent::RunnerParked {
                 mode: Park::Stop,
                 ..

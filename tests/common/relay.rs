@@ -278,9 +278,13 @@ async fn serve(listen: Arc<UdpSocket>, shared: Arc<Shared>) {
             continue;
         };
         if !flows.contains_key(&from) {
-            let bind: SocketAddr = if parent.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }
-                .parse()
-                .unwrap();
+            let bind: SocketAddr = if parent.is_ipv6() {
+                "[::1]:0"
+            } else {
+                "127.0.0.1:0"
+            }
+            .parse()
+            .unwrap();
             let Ok(upstream) = UdpSocket::bind(bind).await else {
                 continue;
             };

@@ -356,13 +356,13 @@ impl PoolBuilder {
     }
 
     /// The congestion controller of every runner connection, both ways: see
-    /// [`CongestionControl`] for when to pick which. Default: [`CongestionControl::Cubic`].
+    /// [`CongestionControl`] for when to pick which. Default: [`CongestionControl::Bbr`].
     ///
     /// ```
     /// # fn f(registry: &firebrand::Registry) {
-    /// // Runners across a lossy link: BBR keeps large payloads moving through random loss.
+    /// // Runner traffic shares a congested link: CUBIC is fairer to the other flows.
     /// let builder = firebrand::Pool::builder().registry(registry)
-    ///     .congestion_control(firebrand::CongestionControl::Bbr);
+    ///     .congestion_control(firebrand::CongestionControl::Cubic);
     /// # }
     /// ```
     pub fn congestion_control(mut self, controller: CongestionControl) -> Self {

@@ -130,6 +130,8 @@ impl Shared {
         let mut boots = SmallVec::<[CancellationToken; 2]>::new();
         let out = {
             let mut state = self.state.lock();
+            // Placement measures boots and the queue's pace on the pool's clock.
+            state.scheduler.advance(self.now());
             let out = event(&mut state);
             state.scheduler.drain_actions(&mut actions);
             // Boots are registered and cancelled under the lock, so that a cancel can never
@@ -219,6 +221,7 @@ impl Shared {
         let parked = self.with_parked(PoolStats::default()).parked;
         let mut state = self.state.lock();
         state.parked = parked;
+        state.scheduler.set_parked(parked);
         self.publish(&mut state);
     }
 

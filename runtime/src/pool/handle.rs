@@ -134,7 +134,9 @@ impl RunnerHandle {
     ) -> Result<Reply, CallError> {
         let CallStream { send, recv, .. } = &mut stream;
         let first = self
-            .within(timeout, send, async { Ok(recv.read_chunk(usize::MAX, true).await?) })
+            .within(timeout, send, async {
+                Ok(recv.read_chunk(usize::MAX, true).await?)
+            })
             .await?;
         // The reply is on its way: its transfer is not the job's time.
         self.read_reply(&mut stream, first)
@@ -188,8 +190,8 @@ impl RunnerHandle {
                         // wake-up when the acknowledgement comes.
                         let delivered = send.stopped();
                         tokio::pin!(delivered);
-                        let in_transit = futures_util::FutureExt::now_or_never(&mut delivered)
-                            .is_none();
+                        let in_transit =
+                            futures_util::FutureExt::now_or_never(&mut delivered).is_none();
                         if in_transit {
                             tracing::debug!(
                                 timeout = ?after,

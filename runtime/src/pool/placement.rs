@@ -26,6 +26,18 @@ use super::PoolStats;
 use crate::backoff::Backoff;
 use crate::error::{BootError, CallError, RunnerId};
 
+/// The weight of the newest sample in the boot-time and serve-interval estimates: about the
+/// last eight count.
+const ESTIMATE_WEIGHT: f64 = 0.125;
+
+/// Call ends seen while callers waited after which the queue's pace counts as measured: about
+/// what [`ESTIMATE_WEIGHT`] averages over.
+pub const PACE_SAMPLES: u32 = 8;
+
+/// Call ends missed in a row, at the measured pace, after which the pace is taken to be stale
+/// and a boot for demand starts (but never sooner than a quarter of a boot's time).
+const STALL_INTERVALS: u32 = 4;
+
 /// How long after a failed boot the next one starts, at most: the delay doubles with each
 /// failure in a row, up to 2^`MAX_BACKOFF_DOUBLINGS` times the pool's `boot_retry_after`.
 const MAX_BACKOFF_DOUBLINGS: u32 = 5;
@@ -146,6 +158,10 @@ struct Share {
 #[derive(Debug, Clone, Copy)]
 struct Booting {
     min: bool,
+    /// When it started, on the pool's clock.
+    started: Duration,
+    /// It started while machines were parked: it will most likely claim one.
+    claim: bool,
     /// Its place among the boots for demand, newest last; `None` for `min` and cancelled ones.
     demand: Option<u64>,
 }
@@ -163,7 +179,8 @@ pub struct Scheduler<W, H> {
     booting_min: usize,
     /// Boots for demand that may still be cancelled, oldest first.
     demand_boots: BTreeMap<u64, RunnerId>,
-    waiters: VecDeque<(WaiterId, W)>,
+    /// The waiting callers in arrival order, with when each arrived on the pool's clock.
+    waiters: VecDeque<(WaiterId, Duration, W)>,
     next_waiter: u64,
     live: usize,
     live_min: usize,
@@ -175,6 +192,23 @@ pub struct Scheduler<W, H> {
     last_boot_error: Option<Arc<BootError>>,
     /// When the retry of a failed boot is due, on the pool's clock.
     retry_at: Option<Duration>,
+    /// The pool's clock, as of the last [`Scheduler::advance`].
+    now: Duration,
+    /// How long a boot takes, from the boots that came up; `None` before the first.
+    boot_time: Option<Duration>,
+    /// The time between call ends while callers wait: how fast the ready runners work off the
+    /// queue. `None` before it was seen.
+    serve_interval: Option<Duration>,
+    /// When the last call ended, on the pool's clock.
+    last_end: Option<Duration>,
+    /// How many samples `serve_interval` has taken.
+    serve_samples: u32,
+    /// When a boot put off for demand is due to be reconsidered.
+    demand_check_at: Option<Duration>,
+    /// Machines the backend holds parked for this pool: a boot claims one before it creates.
+    parked: usize,
+    /// Boots under way that started while machines were parked.
+    claims: usize,
     actions: Vec<Action<W, H>>,
 }
 
@@ -201,6 +235,14 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             boot_failures: 0,
             last_boot_error: None,
             retry_at: None,
+            now: Duration::ZERO,
+            boot_time: None,
+            serve_interval: None,
+            last_end: None,
+            serve_samples: 0,
+            demand_check_at: None,
+            parked: 0,
+            claims: 0,
             actions: Vec::new(),
         }
     }
@@ -255,13 +297,23 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     // ---- events ----
 
+    /// The pool's clock reads `now`: the time every later event happened at. Never goes back.
+    pub fn advance(&mut self, now: Duration) {
+        self.now = self.now.max(now);
+    }
+
+    /// The backend holds `count` parked machines for this pool, which boots claim first.
+    pub fn set_parked(&mut self, count: usize) {
+        self.parked = count;
+    }
+
     /// A call arrives. It takes a slot at once when nobody waits and one is free; otherwise it
     /// waits as `waiter()` (boots may follow), or is refused.
     pub fn call_arrived(&mut self, waiter: impl FnOnce() -> W) -> Arrival<H> {
         if self.closed {
             return Arrival::Refused(CallError::Closed);
         }
-        while self.waiters.front().is_some_and(|(_, w)| w.is_gone()) {
+        while self.waiters.front().is_some_and(|(_, _, w)| w.is_gone()) {
             self.waiters.pop_front();
         }
         // Only when nobody waits: a free slot goes to the oldest caller first.
@@ -276,7 +328,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         if let Some(max) = self.rules.max_queued {
             if self.waiters.len() >= max {
                 // Callers who gave up may still hold places; count only the living.
-                self.waiters.retain(|(_, w)| !w.is_gone());
+                self.waiters.retain(|(_, _, w)| !w.is_gone());
                 if self.waiters.len() >= max {
                     return Arrival::Refused(CallError::Overloaded {
                         queued: self.waiters.len(),
@@ -286,7 +338,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         }
         let id = WaiterId(self.next_waiter);
         self.next_waiter += 1;
-        self.waiters.push_back((id, waiter()));
+        self.waiters.push_back((id, self.now, waiter()));
         self.plan_boots();
         Arrival::Queued(id)
     }
@@ -294,14 +346,25 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     /// A waiting caller gave up (timed out, or was dropped). A no-op if it was served already.
     pub fn waiter_left(&mut self, id: WaiterId) {
         // Places are handed out in increasing order, so the queue is sorted by them.
-        if let Ok(at) = self.waiters.binary_search_by_key(&id, |(w, _)| *w) {
+        if let Ok(at) = self.waiters.binary_search_by_key(&id, |(w, _, _)| *w) {
             self.waiters.remove(at);
+            // Boots no remaining caller needs are cancelled now, not at the next dispatch: on
+            // Fly a boot for nobody is a billed machine until it idles out.
+            self.cancel_unneeded_boots(true);
         }
     }
 
     /// A call on `runner` ended: its slot goes to the oldest waiting caller, and a draining
     /// runner with no call left is released.
     pub fn slot_freed(&mut self, runner: RunnerId) {
+        if !self.waiters.is_empty() {
+            if let Some(last) = self.last_end {
+                let sample = self.now.saturating_sub(last);
+                self.serve_interval = Some(estimate(self.serve_interval, sample));
+                self.serve_samples = self.serve_samples.saturating_add(1);
+            }
+        }
+        self.last_end = Some(self.now);
         self.update(runner, |slot| {
             slot.in_flight = slot.in_flight.saturating_sub(1)
         });
@@ -338,7 +401,12 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     /// A booted runner is ready, able to run `capacity` calls at once. Returns `false` when the
     /// pool closed meanwhile: the driver then lets the runner go.
     pub fn runner_up(&mut self, runner: RunnerId, handle: H, capacity: u32) -> bool {
-        let min = self.boot_ended(runner).is_some_and(|boot| boot.min);
+        let boot = self.boot_ended(runner);
+        if let Some(boot) = boot {
+            let took = self.now.saturating_sub(boot.started);
+            self.boot_time = Some(estimate(self.boot_time, took));
+        }
+        let min = boot.is_some_and(|boot| boot.min);
         if self.closed {
             return false;
         }
@@ -388,7 +456,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         let given_up = self.boot_failures >= self.rules.boot_attempts || permanent;
         if given_up && self.runners.is_empty() && self.booting.is_empty() {
             let failed = CallError::BootFailed(Arc::clone(&error));
-            for (_, waiter) in self.waiters.drain(..) {
+            for (_, _, waiter) in self.waiters.drain(..) {
                 self.actions.push(Action::Fail {
                     waiter,
                     error: failed.clone(),
@@ -408,8 +476,13 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     /// Time passed: `now` on the pool's clock. A boot retry that is due starts.
     pub fn tick(&mut self, now: Duration) {
+        self.advance(now);
         if self.retry_at.is_some_and(|at| at <= now) {
             self.retry_at = None;
+            self.plan_boots();
+        }
+        if self.demand_check_at.is_some_and(|at| at <= now) {
+            self.demand_check_at = None;
             self.plan_boots();
         }
     }
@@ -473,7 +546,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     pub fn close(&mut self) -> bool {
         self.closed = true;
         self.retry_at = None;
-        for (_, waiter) in self.waiters.drain(..) {
+        for (_, _, waiter) in self.waiters.drain(..) {
             self.actions.push(Action::Fail {
                 waiter,
                 error: CallError::Closed,
@@ -567,7 +640,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     /// Hands free slots to waiting callers, oldest first, then cancels boots nobody needs.
     fn dispatch(&mut self) {
-        while let Some((_, waiter)) = self.waiters.front() {
+        while let Some((_, _, waiter)) = self.waiters.front() {
             if waiter.is_gone() {
                 self.waiters.pop_front();
                 continue;
@@ -575,17 +648,32 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             let Some(runner) = self.take_best() else {
                 break;
             };
-            let (_, waiter) = self.waiters.pop_front().expect("looked at above");
+            let (_, _, waiter) = self.waiters.pop_front().expect("looked at above");
             self.actions.push(Action::Grant { waiter, runner });
         }
-        self.cancel_unneeded_boots();
+        self.cancel_unneeded_boots(false);
     }
 
     /// Cancels the newest boots for demand beyond what the waiting callers still need: their
-    /// calls were served by runners that freed up, so the boots would only make runners that
-    /// serve nothing (and, on Fly, bill for it until they idle down). `min` boots stay.
-    fn cancel_unneeded_boots(&mut self) {
+    /// callers left (`left`), or their calls were served by runners that freed up, so the boots
+    /// would only make runners that serve nothing (and, on Fly, bill for it until they idle
+    /// down). `min` boots stay.
+    ///
+    /// When callers leave, at once. After a dispatch, only before the pool has measured a boot
+    /// and the queue's pace ([`PACE_SAMPLES`] call ends while callers waited: a first burst),
+    /// and only while a ready runner has a free slot:
+    /// once it has, boots start only for demand that lasts (see
+    /// [`demand_boots_now`](Self::demand_boots_now)), and a boot that started for it is kept,
+    /// though the queue empties for a moment between one call and the next. Cancelling those
+    /// is what made a steady stream of calls start and cancel a boot for every momentary
+    /// queue, and it bounds the boots that serve nobody: after the first measurements, only
+    /// callers that leave cancel boots.
+    fn cancel_unneeded_boots(&mut self, left: bool) {
         if self.demand_boots.is_empty() || self.closed {
+            return;
+        }
+        let measured = self.boot_time.is_some() && self.serve_samples >= PACE_SAMPLES;
+        if !left && (measured || self.free.is_empty()) {
             return;
         }
         let per_runner = self.limits.max_concurrency as usize;
@@ -609,6 +697,9 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         let boot = self.booting.remove(&runner)?;
         if boot.min {
             self.booting_min -= 1;
+        }
+        if boot.claim {
+            self.claims -= 1;
         }
         if let Some(order) = boot.demand {
             self.demand_boots.remove(&order);
@@ -647,8 +738,14 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             }
             _ => 0,
         };
+        let for_demand = if for_demand > 0 {
+            self.demand_boots_now(for_demand)
+        } else {
+            0
+        };
         let total = min_missing.max(for_demand).max(prewarm).min(room);
         let mins = min_missing.min(total);
+        let mut claims_left = self.parked.saturating_sub(self.claims);
         for i in 0..total {
             let runner = RunnerId(Uuid::new_v4());
             let min = i < mins;
@@ -658,12 +755,71 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
                 self.demand_boots.insert(order, runner);
                 order
             });
-            self.booting.insert(runner, Booting { min, demand });
+            let claim = claims_left > 0;
+            claims_left = claims_left.saturating_sub(1);
+            self.claims += usize::from(claim);
+            self.booting.insert(
+                runner,
+                Booting {
+                    min,
+                    started: self.now,
+                    claim,
+                    demand,
+                },
+            );
             if min {
                 self.booting_min += 1;
             }
             self.actions.push(Action::Boot { runner, min });
         }
+    }
+
+    /// How many of the `wanted` boots for demand start now. All of them, unless the pool has
+    /// seen enough to tell that they would serve nobody:
+    ///
+    /// - **parked machines first:** boots claim parked machines before they create; while
+    ///   machines are parked, no more boots start than there are parked machines, and what
+    ///   the claimed runners cannot serve once up is decided then;
+    /// - **hysteresis:** while ready runners work off the queue faster than a boot takes (the
+    ///   queue's length times the time between call ends, against the boot time, both
+    ///   measured), no boot starts; it starts once the oldest caller has waited a boot's time,
+    ///   or once no call has ended for [`STALL_INTERVALS`] times the measured pace (at least a
+    ///   quarter of a boot's time). Sub-millisecond calls that queue for a moment boot nothing;
+    ///   a burst of long calls boots at once on a pool that has not measured a pace, and within
+    ///   a quarter of a boot's time on one that measured a faster one.
+    fn demand_boots_now(&mut self, wanted: usize) -> usize {
+        if self.parked > 0 {
+            return wanted.min(self.parked.saturating_sub(self.claims));
+        }
+        if self.live == 0 {
+            // Claims come up soon, and their runner's arrival decides again.
+            return if self.claims > 0 { 0 } else { wanted };
+        }
+        let (Some(boot_time), Some(interval)) = (self.boot_time, self.serve_interval) else {
+            return wanted;
+        };
+        let Some(&(_, oldest, _)) = self.waiters.front() else {
+            return wanted;
+        };
+        let waited = self.now.saturating_sub(oldest);
+        let queued = u32::try_from(self.waiters.len()).unwrap_or(u32::MAX);
+        let drains_in = interval.saturating_mul(queued);
+        // The pace is stale when no call has ended for several intervals: calls slower than
+        // the ones it was measured on (a burst of long calls after short ones).
+        let stall = interval.saturating_mul(STALL_INTERVALS).max(boot_time / 4);
+        let last_end = self.last_end.unwrap_or(oldest);
+        let stalled = self.now.saturating_sub(last_end) >= stall;
+        if waited >= boot_time || drains_in >= boot_time || stalled {
+            return wanted;
+        }
+        let at = oldest
+            .saturating_add(boot_time)
+            .min(last_end.saturating_add(stall));
+        if self.demand_check_at.is_none_or(|due| due > at) {
+            self.demand_check_at = Some(at);
+            self.actions.push(Action::WakeAt(at));
+        }
+        0
     }
 
     /// Drains runners beyond `max`, and `min` runners beyond `min`, least busy first. A busy
@@ -690,6 +846,14 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
                 self.release_if_drained(runner);
             }
         }
+    }
+}
+
+/// An exponentially weighted average: `sample` weighs [`ESTIMATE_WEIGHT`].
+fn estimate(previous: Option<Duration>, sample: Duration) -> Duration {
+    match previous {
+        None => sample,
+        Some(previous) => previous.mul_f64(1.0 - ESTIMATE_WEIGHT) + sample.mul_f64(ESTIMATE_WEIGHT),
     }
 }
 
@@ -769,6 +933,8 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
                 "demand boot books"
             );
         }
+        let claims = self.booting.values().filter(|b| b.claim).count();
+        assert_eq!(claims, self.claims, "claims");
         let with_demand = self.booting.values().filter(|b| b.demand.is_some()).count();
         assert_eq!(with_demand, self.demand_boots.len(), "demand boots");
         assert!(

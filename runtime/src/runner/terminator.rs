@@ -119,14 +119,13 @@ impl Terminator {
     /// when the parent was lost, since the loss was noticed up to one keep-alive late.
     pub(crate) async fn drain_calls(&self, parent_lost: bool) {
         let grace = if parent_lost {
-            self.policy.drain_grace.saturating_sub(self.policy.keep_alive)
+            self.policy
+                .drain_grace
+                .saturating_sub(self.policy.keep_alive)
         } else {
             self.policy.drain_grace
         };
-        if tokio::time::timeout(grace, self.drained())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.drained()).await.is_err() {
             tracing::warn!(
                 in_flight = STATS.snapshot().in_flight,
                 "drain grace over; abandoning calls"

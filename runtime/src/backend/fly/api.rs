@@ -365,18 +365,27 @@ impl MachinesApi {
 
     /// [`send`](Self::send) without the telemetry: a success's status, request id and body.
     /// A 401 resolves the token again (once for all the requests it refused) and repeats the
-    /// request once; a second 401 is [`FlyError::Unauthorized`].
+    /// request once, if the token read again differs; a second 401, or the same token, is
+    /// [`FlyError::Unauthorized`]: repeating a request with a token Fly just refused would
+    /// only spend the rate limit.
     async fn send_authorized(
         &self,
         request: &Request<'_>,
     ) -> Result<(u16, Option<String>, bytes::Bytes), FlyError> {
         let token = self.credentials.token().await?;
-        match self.send_once(&token, request).await {
-            Err(FlyError::Api(api)) if api.status == 401 => {}
+        let first = match self.send_once(&token, request).await {
+            Err(FlyError::Api(api)) if api.status == 401 => api,
             done => return done,
-        }
+        };
         tracing::warn!(source = %token.origin(), "the Fly API refused the token (401): resolving it again");
-        let token = self.credentials.refresh(&token).await?;
+        let refused = token;
+        let token = self.credentials.refresh(&refused).await?;
+        if token.token().same_as(refused.token()) {
+            return Err(FlyError::Unauthorized {
+                origin: token.origin().to_string(),
+                last: first,
+            });
+        }
         match self.send_once(&token, request).await {
             Err(FlyError::Api(api)) if api.status == 401 => Err(FlyError::Unauthorized {
                 origin: token.origin().to_string(),

@@ -221,7 +221,7 @@ impl FlyBackendBuilder {
     /// `~/.fly/config.yml` (written by `fly auth login`), then the
     /// [`token_source`](Self::token_source). Macaroons (`fm1r_`, `fm1a_`, `fm2_`) are sent as
     /// `FlyV1`, other tokens as `Bearer`; a scheme already in the string is accepted. After a
-    /// 401 the token is looked for again, once, and the request repeated.
+    /// 401 the token is looked for again, once, and the request repeated if it changed.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self

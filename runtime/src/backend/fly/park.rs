@@ -55,12 +55,13 @@ impl FlyMachines {
 
     /// Whether the machine stopped: its runner exits by itself when parked to be stopped, and
     /// is stopped (SIGTERM) when it does not within `grace`.
-    async fn stopped(&self, machine: &MachineRef, grace: Duration) -> bool {
+    async fn stopped(&self, machine: &MachineRef, grace: Duration, exits_by_itself: bool) -> bool {
         let api = &self.api;
         let (id, version) = (machine.id.as_str(), machine.version.as_str());
-        let stopped_by_itself = tokio::time::timeout(grace, api.wait(id, version, &ENDED, grace))
-            .await
-            .is_ok_and(|waited| waited.unwrap_or(false));
+        let stopped_by_itself = exits_by_itself
+            && tokio::time::timeout(grace, api.wait(id, version, &ENDED, grace))
+                .await
+                .is_ok_and(|waited| waited.unwrap_or(false));
         if stopped_by_itself {
             return self.is_stopped(id).await;
         }
@@ -119,13 +120,17 @@ impl ParkPlatform for FlyMachines {
         Box::pin(async move {
             let id = &machine.id;
             let mut mode = mode;
+            // A runner closed to be stopped exits within `grace` by itself; one closed to be
+            // suspended stays up, waiting to be frozen, so a refused suspend stops it at once.
+            let mut exits_by_itself = true;
             if mode == Park::Suspend {
                 if let Err(error) = self.suspend(machine).await {
                     tracing::warn!(machine = id, %error, "suspend failed: stopping the machine instead");
                     mode = Park::Stop;
+                    exits_by_itself = false;
                 }
             }
-            if mode == Park::Stop && !self.stopped(machine, grace).await {
+            if mode == Park::Stop && !self.stopped(machine, grace, exits_by_itself).await {
                 tracing::warn!(machine = id, "the machine did not stop: destroying it");
                 return None;
             }

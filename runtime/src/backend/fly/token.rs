@@ -26,6 +26,11 @@ pub struct FlyToken {
 }
 
 impl FlyToken {
+    /// Whether `other` is the same token, sent the same way.
+    pub(crate) fn same_as(&self, other: &FlyToken) -> bool {
+        self.header.as_bytes() == other.header.as_bytes()
+    }
+
     /// Reads a token as `fly tokens deploy` or `fly auth token` print it, with or without a
     /// leading `Bearer ` or `FlyV1 `: the scheme is chosen from the token itself.
     ///

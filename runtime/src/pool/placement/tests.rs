@@ -120,6 +120,8 @@ fn up(s: &mut TestScheduler, capacity: u32) -> RunnerId {
         id,
         Booting {
             min: false,
+            started: s.now,
+            claim: false,
             demand: None,
         },
     );
@@ -403,35 +405,274 @@ fn a_runner_known_dead_gets_no_call() {
     assert!(releases(&taken(&mut s)).is_empty());
 }
 
-#[test]
-fn boots_no_caller_needs_any_more_are_cancelled_newest_first() {
-    let (mut s, ids) = with_runners(rules(), 1, 1);
-    s.resize(limits(0, 4, 1));
-    arrive(&mut s, 0).unwrap();
-    for i in 1..4 {
-        arrive(&mut s, i).unwrap_err();
+/// A caller arrives and must wait: its place in the queue.
+fn queue(s: &mut TestScheduler, id: u64) -> (TestWaiter, WaiterId) {
+    let waiter = TestWaiter {
+        id,
+        gone: Arc::default(),
+    };
+    let made = waiter.clone();
+    match s.call_arrived(move || made) {
+        Arrival::Queued(place) => (waiter, place),
+        other => panic!("expected to wait, got {other:?}"),
     }
-    let booted = boots(&taken(&mut s));
-    assert_eq!(booted.len(), 3);
-    // The running call ends and serves caller 1: two boots are still needed.
-    s.slot_freed(ids[0]);
-    let actions = taken(&mut s);
-    let cancelled: Vec<_> = actions
+}
+
+fn cancels(actions: &[TestAction]) -> Vec<RunnerId> {
+    actions
         .iter()
         .filter_map(|a| match a {
             Action::CancelBoot(r) => Some(*r),
             _ => None,
         })
-        .collect();
-    assert_eq!(cancelled, [booted[2].0], "the newest");
-    // Cancelled boots count against `max` until they end, but serve nobody: a new caller
-    // still gets a boot of its own once there is room.
+        .collect()
+}
+
+#[test]
+fn boots_no_caller_needs_any_more_are_cancelled_newest_first_when_callers_leave() {
+    let (mut s, ids) = with_runners(rules(), 1, 1);
+    s.resize(limits(0, 4, 1));
+    arrive(&mut s, 0).unwrap();
+    let places: Vec<_> = (1..4).map(|i| queue(&mut s, i)).collect();
+    let booted = boots(&taken(&mut s));
+    assert_eq!(booted.len(), 3);
+    // The newest caller gives up: its boot goes at once, not at the next dispatch.
+    let (waiter, place) = &places[2];
+    waiter.gone.store(true, Ordering::Relaxed);
+    s.waiter_left(*place);
+    assert_eq!(cancels(&taken(&mut s)), [booted[2].0], "the newest");
+    // The running call ends and serves caller 1; caller 2 still needs a boot.
     s.slot_freed(ids[0]);
-    taken(&mut s);
+    assert!(cancels(&taken(&mut s)).is_empty());
+    // Cancelled boots count against `max` until they end, but serve nobody.
     s.boot_failed(booted[2].0, Arc::new(BootError::NotNeeded), Duration::ZERO);
     assert!(taken(&mut s)
         .iter()
         .all(|a| !matches!(a, Action::WakeAt(_))));
+}
+
+#[test]
+fn boots_for_a_first_burst_are_cancelled_once_a_runner_is_free_and_nobody_waits() {
+    let (mut s, ids) = with_runners(rules(), 1, 1);
+    s.resize(limits(0, 4, 1));
+    arrive(&mut s, 0).unwrap();
+    for i in 1..4 {
+        queue(&mut s, i);
+    }
+    let booted = boots(&taken(&mut s));
+    assert_eq!(booted.len(), 3);
+    // The running call ends and serves caller 1: the runner is busy again, boots stay.
+    s.slot_freed(ids[0]);
+    assert!(cancels(&taken(&mut s)).is_empty());
+    // The other two are served in turn; then the runner is free and nobody waits.
+    for _ in 0..3 {
+        s.slot_freed(ids[0]);
+    }
+    assert_eq!(cancels(&taken(&mut s)).len(), 3);
+}
+
+const BOOT: Duration = Duration::from_millis(20);
+
+/// A discrete-event run of a scheduler: callers that each call again as soon as their call
+/// ends, boots that take [`BOOT`], and the scheduler's wake-ups, on the pool's clock.
+struct Sim {
+    s: TestScheduler,
+    now: Duration,
+    /// (when, what), earliest first.
+    events: std::collections::BinaryHeap<std::cmp::Reverse<(Duration, u64, Event)>>,
+    seq: u64,
+    call: Duration,
+    /// Whether a caller calls again when its call ends.
+    again: bool,
+    next_waiter: u64,
+    cancelled: HashSet<RunnerId>,
+    capacity: u32,
+    boots_started: Vec<Duration>,
+    served: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    End(RunnerId),
+    BootDone(RunnerId),
+    Wake,
+    Arrive,
+}
+
+impl Sim {
+    /// One ready runner of `capacity` that booted in [`BOOT`], with room for `max` in all.
+    fn one_runner(capacity: u32, max: usize, call: Duration) -> Sim {
+        let mut s = TestScheduler::new(rules(), limits(0, max, capacity));
+        let id = RunnerId(Uuid::new_v4());
+        s.booting.insert(
+            id,
+            Booting {
+                min: false,
+                started: Duration::ZERO,
+                claim: false,
+                demand: None,
+            },
+        );
+        s.advance(BOOT);
+        assert!(s.runner_up(id, id, capacity));
+        taken(&mut s);
+        Sim {
+            s,
+            now: BOOT,
+            events: Default::default(),
+            seq: 0,
+            call,
+            again: true,
+            next_waiter: 0,
+            cancelled: HashSet::new(),
+            capacity,
+            boots_started: Vec::new(),
+            served: 0,
+        }
+    }
+
+    fn at(&mut self, when: Duration, event: Event) {
+        self.seq += 1;
+        self.events.push(std::cmp::Reverse((when, self.seq, event)));
+    }
+
+    /// `n` callers arrive now.
+    fn callers(&mut self, n: usize) {
+        for _ in 0..n {
+            self.at(self.now, Event::Arrive);
+        }
+    }
+
+    fn apply(&mut self) {
+        let mut actions = Vec::new();
+        self.s.drain_actions(&mut actions);
+        for action in actions {
+            match action {
+                Action::Grant { runner, .. } => self.at(self.now + self.call, Event::End(runner)),
+                Action::Boot { runner, .. } => {
+                    self.boots_started.push(self.now);
+                    self.at(self.now + BOOT, Event::BootDone(runner));
+                }
+                Action::CancelBoot(runner) => {
+                    self.cancelled.insert(runner);
+                }
+                Action::WakeAt(at) => self.at(at, Event::Wake),
+                Action::Fail { error, .. } => panic!("a caller failed: {error}"),
+                Action::Release { .. } | Action::CallsDrained => {}
+            }
+        }
+    }
+
+    fn arrive(&mut self) {
+        let waiter = TestWaiter {
+            id: self.next_waiter,
+            gone: Arc::default(),
+        };
+        self.next_waiter += 1;
+        match self.s.call_arrived(move || waiter) {
+            Arrival::Granted(runner) => self.at(self.now + self.call, Event::End(runner)),
+            Arrival::Queued(_) => {}
+            Arrival::Refused(error) => panic!("refused: {error}"),
+        }
+    }
+
+    /// Runs every event until `until` on the pool's clock.
+    fn run_until(&mut self, until: Duration) {
+        while let Some(std::cmp::Reverse((when, _, event))) = self.events.peek().copied() {
+            if when > until {
+                break;
+            }
+            self.events.pop();
+            self.now = when;
+            self.s.advance(when);
+            match event {
+                Event::Arrive => self.arrive(),
+                Event::End(runner) => {
+                    self.served += 1;
+                    self.s.slot_freed(runner);
+                    self.apply();
+                    if self.again {
+                        self.arrive();
+                    }
+                }
+                Event::BootDone(runner) => {
+                    if self.cancelled.remove(&runner) {
+                        self.s
+                            .boot_failed(runner, Arc::new(BootError::NotNeeded), when);
+                    } else {
+                        assert!(self.s.runner_up(runner, runner, self.capacity));
+                    }
+                }
+                Event::Wake => self.s.tick(when),
+            }
+            self.apply();
+            self.s.check_invariants();
+        }
+        self.now = until;
+    }
+}
+
+/// Issue 22: embedded in a web server with one ready runner, room for a second and
+/// sub-millisecond calls, every momentary queue started a boot and the next dispatch cancelled
+/// it, thousands of times in 5 s.
+#[test]
+fn a_steady_stream_of_short_calls_does_not_start_and_cancel_boots() {
+    let mut sim = Sim::one_runner(2, 2, Duration::from_micros(200));
+    sim.callers(4);
+    sim.run_until(BOOT + Duration::from_secs(5));
+    assert!(sim.served > 40_000, "served {}", sim.served);
+    assert!(
+        sim.boots_started.len() <= 1,
+        "{} boots started in 5 s ({} cancelled)",
+        sim.boots_started.len(),
+        sim.cancelled.len()
+    );
+}
+
+#[test]
+fn a_burst_of_long_calls_boots_at_once() {
+    // A pool that has measured no pace yet boots for the queue at once.
+    let mut sim = Sim::one_runner(2, 2, Duration::from_secs(1));
+    sim.callers(10);
+    sim.run_until(BOOT + Duration::from_millis(1));
+    assert_eq!(sim.boots_started, [BOOT], "at the burst");
+
+    // One that measured a fast pace (short calls, no room to grow) boots within a quarter of
+    // a boot's time once the calls turn out slower.
+    let mut sim = Sim::one_runner(2, 1, Duration::from_micros(200));
+    sim.callers(4);
+    sim.run_until(Duration::from_secs(1));
+    sim.again = false;
+    sim.run_until(Duration::from_secs(2));
+    assert!(sim.boots_started.is_empty());
+    sim.call = Duration::from_secs(1);
+    sim.s.resize(limits(0, 2, 2));
+    sim.apply();
+    let burst = sim.now;
+    sim.callers(10);
+    sim.run_until(burst + BOOT);
+    let started = sim.boots_started.first().copied();
+    assert!(
+        started.is_some_and(|at| at - burst <= BOOT / 4),
+        "booted at {:?} after the burst",
+        started.map(|at| at - burst)
+    );
+}
+
+#[test]
+fn parked_machines_are_supply_a_burst_claims_before_it_creates() {
+    let mut s = TestScheduler::new(rules(), limits(0, 5, 2));
+    s.set_parked(3);
+    let _places: Vec<_> = (0..10).map(|i| queue(&mut s, i)).collect();
+    let booted = boots(&taken(&mut s));
+    assert_eq!(booted.len(), 3, "one boot per parked machine, no create");
+    // The boots take the parked machines; while they come up nothing more starts.
+    s.set_parked(0);
+    queue(&mut s, 10);
+    assert!(boots(&taken(&mut s)).is_empty());
+    // Once a claimed runner is up, what the queue still needs is decided as for any pool.
+    assert!(s.runner_up(booted[0].0, booted[0].0, 2));
+    assert!(!boots(&taken(&mut s)).is_empty(), "nothing measured: boots");
 }
 
 #[test]
@@ -537,6 +778,7 @@ struct Model {
     last_grant: Option<u64>,
     single_use_served: HashSet<RunnerId>,
     closed: bool,
+    boots_started: usize,
 }
 
 fn pick<T: Clone>(items: &[T], i: usize) -> Option<T> {
@@ -568,6 +810,7 @@ impl Model {
                 Action::Fail { waiter, .. } => self.queued.retain(|(w, _)| w.id != waiter.id),
                 Action::Boot { runner, .. } => {
                     assert!(!self.closed, "a boot after close");
+                    self.boots_started += 1;
                     self.booting.push(runner);
                     let machines = self.booting.len() + self.up.len() + self.ending.len();
                     assert!(
@@ -771,5 +1014,44 @@ proptest! {
             }
             model.step(&mut s, &rules, op);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Issue 22: no sequence of arrivals, call ends, boots coming up and time passing makes
+    /// the boots that serve no call grow without bound. Runners never leave here, so at most
+    /// `max` runners come up; the rest of the boots were cancelled, and a dispatch cancels
+    /// only before the pace is measured, each time after at least one sample of it.
+    #[test]
+    fn boots_that_serve_nobody_stay_bounded(
+        (max, concurrency) in (1..5usize, 1..4u32),
+        ops in proptest::collection::vec(
+            prop_oneof![
+                6 => Just(Op::Arrive),
+                6 => any::<usize>().prop_map(Op::Finish),
+                3 => (any::<usize>(), 1..4u32).prop_map(|(i, c)| Op::BootUp(i, c)),
+                3 => (0..30u64).prop_map(Op::Tick),
+            ],
+            1..600,
+        ),
+    ) {
+        let rules = rules();
+        let mut s = TestScheduler::new(rules, limits(0, max, concurrency));
+        let mut model = Model::default();
+        let mut started = 0usize;
+        let mut served = HashSet::new();
+        for op in ops {
+            model.step(&mut s, &rules, op);
+            started = model.boots_started;
+            served.extend(model.calls.iter().copied());
+        }
+        let unserved = started.saturating_sub(served.len());
+        let bound = max * (PACE_SAMPLES as usize + 2);
+        prop_assert!(
+            unserved <= bound,
+            "{started} boots started, {} served a call", served.len()
+        );
     }
 }
