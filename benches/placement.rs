@@ -35,6 +35,7 @@ fn rules(placement: Placement) -> Rules {
         max_queued: None,
         boot_attempts: 3,
         boot_retry_after: Duration::from_millis(100),
+        parks: false,
     }
 }
 

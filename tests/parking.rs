@@ -555,3 +555,105 @@ async fn a_killed_parent_s_parked_machines_are_reaped_by_the_next() {
     assert_eq!(fly.counts().starts, 0, "not adopted");
     shut_down_clean(pool, &fly).await;
 }
+
+/// Counts the runners that came up on a created machine, from the pool's events, until the
+/// returned handle is asked.
+fn count_created_runners(pool: &Pool) -> tokio::task::JoinHandle<usize> {
+    use futures_util::StreamExt as _;
+    let mut events = pool.events();
+    tokio::spawn(async move {
+        let mut created = 0;
+        while let Some(event) = events.next().await {
+            if let PoolEvent::RunnerUp {
+                kind: BootKind::Create,
+                ..
+            } = event
+            {
+                created += 1;
+            }
+        }
+        created
+    })
+}
+
+/// Issue 22: three callers that gave up while the only boot's create was in flight once left
+/// that machine to boot for nobody, idle out and be destroyed 6.1 s later.
+#[tokio::test]
+async fn callers_that_give_up_cancel_the_boot_and_its_machine_never_serves() {
+    let fly = fake().await;
+    fly.slow_creates(3 * SECOND);
+    let pool = pool(backend(&fly).build().unwrap())
+        .max(1)
+        .queue_timeout(SECOND)
+        .idle_shutdown_after(30 * SECOND)
+        .build()
+        .await
+        .unwrap();
+    let created = count_created_runners(&pool);
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call(&firebrand_runner::PID, ()).await })
+        })
+        .collect();
+    for call in calls {
+        let outcome = within(10 * SECOND, call).await.unwrap();
+        assert!(
+            matches!(outcome, Err(firebrand::CallError::QueueTimeout { .. })),
+            "{outcome:?}"
+        );
+    }
+    // The create answers at 3 s; its machine is destroyed then, with no runner ever up on it
+    // (without the cancel it would serve nobody until its 30 s idle timeout).
+    assert!(fly.all_destroyed(10 * SECOND).await, "{:?}", fly.machines());
+    assert_eq!(fly.created(), 1);
+    assert_eq!(pool.stats().ready, 0);
+    shut_down_clean(pool, &fly).await;
+    assert_eq!(created.await.unwrap(), 0, "no runner came up for nobody");
+}
+
+/// Issue 22: bursts that parked machines can serve once also created machines that were
+/// destroyed 0.6 s later, unused. Every create must boot a runner that serves.
+#[tokio::test]
+async fn bursts_on_parked_machines_create_only_machines_that_boot() {
+    let fly = fake().await;
+    // Fly's pace: a create takes 2 s, a resume 300 ms. Three machines stay parked of five.
+    fly.set_latency(firebrand_fly_fake::Latency::FLY);
+    let backend = backend(&fly)
+        .park(Park::Suspend)
+        .max_parked(3)
+        .build()
+        .unwrap();
+    let pool = parking_pool(backend, 5).await;
+    let created = count_created_runners(&pool);
+    let mut parked_after = Vec::new();
+    let mut first_burst = None;
+    for _ in 0..3 {
+        let calls: Vec<_> = (0..10)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.call(&firebrand_runner::SLEEP, 100).await })
+            })
+            .collect();
+        for call in calls {
+            within(30 * SECOND, call).await.unwrap().unwrap();
+        }
+        let mut stats = pool.watch_runners();
+        within(
+            20 * SECOND,
+            stats.wait_for(|s| s.ready == 0 && s.booting == 0 && s.draining == 0 && s.parked > 0),
+        )
+        .await
+        .unwrap();
+        parked_after.push(pool.stats().parked);
+        first_burst.get_or_insert(fly.created());
+    }
+    let machines = fly.created();
+    shut_down_clean(pool, &fly).await;
+    let booted = created.await.unwrap();
+    println!("created {machines} machines, {booted} booted a runner; parked after each burst: {parked_after:?}");
+    assert_eq!(machines, booted, "a created machine never booted a runner");
+    // The three parked machines serve the later bursts of 100 ms calls sooner than a 2 s create
+    // would come up: those bursts create nothing.
+    assert_eq!(Some(machines), first_burst, "later bursts created machines");
+}

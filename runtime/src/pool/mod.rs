@@ -182,6 +182,7 @@ impl Pool {
             max_queued: config.max_queued,
             boot_attempts: config.boot_attempts,
             boot_retry_after: config.boot_retry_after,
+            parks: parked_set.is_some(),
         };
         let shared = Arc::new_cyclic(|me| Shared {
             config,

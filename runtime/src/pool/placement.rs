@@ -67,6 +67,10 @@ pub struct Rules {
     pub boot_attempts: u32,
     /// The delay before a failed boot is retried, doubled with each failure in a row.
     pub boot_retry_after: Duration,
+    /// The backend parks the machines of runners that idle out: a runner booted for nobody
+    /// becomes a parked machine, supply for the next burst, so boots under way are not
+    /// cancelled because the queue emptied (only because callers left).
+    pub parks: bool,
 }
 
 /// What the driver must do, in order.
@@ -203,6 +207,8 @@ pub struct Scheduler<W, H> {
     last_end: Option<Duration>,
     /// How many samples `serve_interval` has taken.
     serve_samples: u32,
+    /// When the last runner came up, on the pool's clock.
+    last_up: Duration,
     /// When a boot put off for demand is due to be reconsidered.
     demand_check_at: Option<Duration>,
     /// Machines the backend holds parked for this pool: a boot claims one before it creates.
@@ -240,6 +246,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             serve_interval: None,
             last_end: None,
             serve_samples: 0,
+            last_up: Duration::ZERO,
             demand_check_at: None,
             parked: 0,
             claims: 0,
@@ -407,6 +414,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             self.boot_time = Some(estimate(self.boot_time, took));
         }
         let min = boot.is_some_and(|boot| boot.min);
+        self.last_up = self.now;
         if self.closed {
             return false;
         }
@@ -661,7 +669,8 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     ///
     /// When callers leave, at once. After a dispatch, only before the pool has measured a boot
     /// and the queue's pace ([`PACE_SAMPLES`] call ends while callers waited: a first burst),
-    /// and only while a ready runner has a free slot:
+    /// only while a ready runner has a free slot, and only if the backend does not park (a
+    /// runner that comes up for nobody then parks, and a cancelled create is a wasted one):
     /// once it has, boots start only for demand that lasts (see
     /// [`demand_boots_now`](Self::demand_boots_now)), and a boot that started for it is kept,
     /// though the queue empties for a moment between one call and the next. Cancelling those
@@ -673,7 +682,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             return;
         }
         let measured = self.boot_time.is_some() && self.serve_samples >= PACE_SAMPLES;
-        if !left && (measured || self.free.is_empty()) {
+        if !left && (measured || self.free.is_empty() || self.rules.parks) {
             return;
         }
         let per_runner = self.limits.max_concurrency as usize;
@@ -807,7 +816,12 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         // The pace is stale when no call has ended for several intervals: calls slower than
         // the ones it was measured on (a burst of long calls after short ones).
         let stall = interval.saturating_mul(STALL_INTERVALS).max(boot_time / 4);
-        let last_end = self.last_end.unwrap_or(oldest);
+        // Counted only while callers wait and runners serve: an idle pool has not stalled,
+        // and neither has one whose runner just came up.
+        let last_end = self
+            .last_end
+            .map_or(oldest, |end| end.max(oldest))
+            .max(self.last_up);
         let stalled = self.now.saturating_sub(last_end) >= stall;
         if waited >= boot_time || drains_in >= boot_time || stalled {
             return wanted;

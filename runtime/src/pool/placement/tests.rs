@@ -42,6 +42,7 @@ fn rules() -> Rules {
         max_queued: None,
         boot_attempts: 3,
         boot_retry_after: RETRY,
+        parks: false,
     }
 }
 
@@ -999,6 +1000,7 @@ proptest! {
             max_queued,
             boot_attempts: 3,
             boot_retry_after: RETRY,
+            parks: false,
         };
         let mut s = TestScheduler::new(rules, limits(min.min(max), max, concurrency));
         let mut model = Model::default();
