@@ -73,7 +73,7 @@ impl CongestionControl {
 ///
 /// `incoming_bidi` is how many calls the *peer* may run at once: the runner's concurrency on the
 /// runner, and one control stream on the parent. The peer may open
-/// [`STREAMS_PER_SLOT`] times that, plus slack.
+/// three times that (`STREAMS_PER_SLOT`), plus slack.
 pub fn transport_config(
     peer_timeout: Duration,
     keep_alive: Duration,

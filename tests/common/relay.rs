@@ -277,7 +277,7 @@ async fn serve(listen: Arc<UdpSocket>, shared: Arc<Shared>) {
         let Some(parent) = *shared.upstream.lock() else {
             continue;
         };
-        if !flows.contains_key(&from) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(from) {
             let bind: SocketAddr = if parent.is_ipv6() {
                 "[::1]:0"
             } else {
@@ -301,7 +301,7 @@ async fn serve(listen: Arc<UdpSocket>, shared: Arc<Shared>) {
                     down.send(&buf[..len], &down_cut);
                 }
             });
-            flows.insert(from, Flow { up, cut });
+            slot.insert(Flow { up, cut });
         }
         let flow = flows.get_mut(&from).expect("inserted above");
         let cut = Arc::clone(&flow.cut);

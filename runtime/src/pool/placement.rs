@@ -32,7 +32,7 @@ const ESTIMATE_WEIGHT: f64 = 0.125;
 
 /// Call ends seen while callers waited after which the queue's pace counts as measured: about
 /// what [`ESTIMATE_WEIGHT`] averages over.
-pub const PACE_SAMPLES: u32 = 8;
+pub(crate) const PACE_SAMPLES: u32 = 8;
 
 /// Call ends missed in a row, at the measured pace, after which the pace is taken to be stale
 /// and a boot for demand starts (but never sooner than a quarter of a boot's time).
