@@ -63,16 +63,20 @@ pub struct Latency {
     pub start: Duration,
     /// From a `start` of a suspended machine to its process going on.
     pub resume: Duration,
+    /// From a `suspend` to the machine reading `suspended`: the snapshot. Fly's machines "can
+    /// sit in `suspending` for many seconds".
+    pub suspend: Duration,
 }
 
 impl Latency {
     /// Fly's documented figures: a create about 2 s, a start of a stopped machine about 1 s
     /// ("well under a second" to a second), a resume from suspend about 300 ms ("a few hundred
-    /// milliseconds").
+    /// milliseconds"), a suspend's snapshot about a second.
     pub const FLY: Latency = Latency {
         create: Duration::from_secs(2),
         start: Duration::from_secs(1),
         resume: Duration::from_millis(300),
+        suspend: Duration::from_secs(1),
     };
 
     /// No added latency at all.
@@ -80,6 +84,7 @@ impl Latency {
         create: Duration::ZERO,
         start: Duration::ZERO,
         resume: Duration::ZERO,
+        suspend: Duration::ZERO,
     };
 }
 

@@ -332,6 +332,8 @@ async fn supervise(
                     if let Some(pid) = child.id() {
                         frozen(pid).await;
                     }
+                    let snapshot = state.latency.lock().suspend;
+                    tokio::time::sleep(snapshot).await;
                     let mut machines = state.machines.lock();
                     if let Some(machine) = machines.get_mut(&id) {
                         if machine.current() == "suspending" {

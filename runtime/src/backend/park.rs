@@ -31,6 +31,16 @@ pub trait ParkedSet: Send + Sync + 'static {
 
     /// How many machines `pool` has parked now, for [`PoolStats`](crate::PoolStats).
     fn count(&self, pool: PoolKey) -> usize;
+
+    /// Waits until a machine of `pool` that is being parked now (its runner idled out a moment
+    /// ago) has been parked, or could not be: `true` then, for a boot to try [`take`](Self::take)
+    /// again. `false` at once when none of `pool`'s machines is being parked. A boot waits
+    /// only where parking suspends, since the snapshot and a resume take less than a create.
+    /// The default: none ever is.
+    fn wait_parking(&self, pool: PoolKey) -> BoxFuture<'_, bool> {
+        let _ = pool;
+        Box::pin(std::future::ready(false))
+    }
 }
 
 /// How a backend parks the machine of a runner that idled out.
@@ -260,6 +270,10 @@ pub(crate) struct ParkedMachines<P: ParkPlatform> {
     max: usize,
     ttl: Duration,
     entries: parking_lot::Mutex<Vec<Entry<P::Machine>>>,
+    /// Machines being parked now, by pool.
+    parking_now: parking_lot::Mutex<std::collections::HashMap<PoolKey, usize>>,
+    /// Bumped whenever a park ends, either way.
+    park_ended: tokio::sync::watch::Sender<u64>,
 }
 
 #[cfg_attr(not(feature = "fly"), allow(dead_code))]
@@ -271,6 +285,8 @@ impl<P: ParkPlatform> ParkedMachines<P> {
             max,
             ttl,
             entries: parking_lot::Mutex::new(Vec::new()),
+            parking_now: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            park_ended: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -293,6 +309,8 @@ impl<P: ParkPlatform> ParkedMachines<P> {
         grace: Duration,
     ) -> Result<Parked, BackendError> {
         let id = P::id(&machine).to_owned();
+        // Counted until this returns, by when the machine is in the set or gone.
+        let _parking = ParkingNow::start(&self, ticket.pool);
         if self.is_full() {
             tracing::info!(machine = %id, max = self.max, "parked set full: destroying");
             self.platform.destroy(&machine).await?;
@@ -350,7 +368,42 @@ impl<P: ParkPlatform> ParkedMachines<P> {
     }
 }
 
+/// One machine of a pool being parked: counted while it lives, and a wake-up for the boots
+/// waiting on it when it goes.
+struct ParkingNow<'a, P: ParkPlatform> {
+    set: &'a ParkedMachines<P>,
+    pool: PoolKey,
+}
+
+impl<'a, P: ParkPlatform> ParkingNow<'a, P> {
+    fn start(set: &'a ParkedMachines<P>, pool: PoolKey) -> Self {
+        *set.parking_now.lock().entry(pool).or_insert(0) += 1;
+        Self { set, pool }
+    }
+}
+
+impl<P: ParkPlatform> Drop for ParkingNow<'_, P> {
+    fn drop(&mut self) {
+        let mut parking = self.set.parking_now.lock();
+        if let Some(count) = parking.get_mut(&self.pool) {
+            *count -= 1;
+            if *count == 0 {
+                parking.remove(&self.pool);
+            }
+        }
+        drop(parking);
+        self.set.park_ended.send_modify(|ended| *ended += 1);
+    }
+}
+
 impl<P: ParkPlatform> ParkedSet for ParkedMachines<P> {
+    fn wait_parking(&self, pool: PoolKey) -> BoxFuture<'_, bool> {
+        // Subscribed before the count is read, so that a park ending in between is not missed.
+        let mut ended = self.park_ended.subscribe();
+        let parking = self.parking_now.lock().contains_key(&pool);
+        Box::pin(async move { parking && ended.changed().await.is_ok() })
+    }
+
     fn parking(&self) -> Parking {
         Parking::new(self.mode, self.ttl)
     }

@@ -11,7 +11,7 @@ use super::handle::{supervise, RunnerHandle};
 use super::hooks::{self, GrowEnd, GrowStart};
 use super::listener::{Admitted, Expecting};
 use super::Shared;
-use crate::backend::{BootKind, BootRequest, Machine, ParkTicket, ParkedMachine};
+use crate::backend::{BootKind, BootRequest, Machine, Park, ParkTicket, ParkedMachine};
 use crate::error::{BootError, Report, RunnerId};
 use crate::tls::PARENT_SERVER_NAME;
 use crate::token::{BootToken, PARENT_ENV};
@@ -103,14 +103,29 @@ struct Booted {
 async fn boot(shared: &Shared, id: RunnerId, min: bool) -> Result<Booted, BootError> {
     let deadline = Instant::now() + shared.config.boot_timeout;
     if let Some(set) = &shared.parked_set {
-        while let Some(parked) = Arc::clone(set).take(shared.pool_key) {
+        // Once more after waiting for a machine being suspended: its snapshot and a resume
+        // take less than a create.
+        let mut waited = set.parking().mode != Park::Suspend;
+        loop {
+            while let Some(parked) = Arc::clone(set).take(shared.pool_key) {
+                shared.parked_changed();
+                if let Some(booted) = claim(shared, id, min, parked, deadline).await? {
+                    return Ok(booted);
+                }
+            }
+            // A claim that failed may have put its machine back.
             shared.parked_changed();
-            if let Some(booted) = claim(shared, id, min, parked, deadline).await? {
-                return Ok(booted);
+            if waited {
+                break;
+            }
+            waited = true;
+            let wait = set.wait_parking(shared.pool_key);
+            match tokio::time::timeout_at(deadline, wait).await {
+                Ok(true) => tracing::debug!("waited for a machine being parked, to claim it"),
+                Ok(false) => break,
+                Err(_) => return Err(BootError::Timeout(shared.config.boot_timeout)),
             }
         }
-        // A claim that failed may have put its machine back.
-        shared.parked_changed();
     }
     create(shared, id, min, deadline).await
 }

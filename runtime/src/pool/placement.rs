@@ -200,12 +200,13 @@ pub struct Scheduler<W, H> {
     now: Duration,
     /// How long a boot takes, from the boots that came up; `None` before the first.
     boot_time: Option<Duration>,
-    /// The time between call ends while callers wait: how fast the ready runners work off the
-    /// queue. `None` before it was seen.
-    serve_interval: Option<Duration>,
+    /// How long a call holds its slot, from the time between call ends while callers wait
+    /// times the slots then busy (Little's law: the pool is saturated while callers wait).
+    /// `None` before it was seen.
+    call_time: Option<Duration>,
     /// When the last call ended, on the pool's clock.
     last_end: Option<Duration>,
-    /// How many samples `serve_interval` has taken.
+    /// How many samples `call_time` has taken.
     serve_samples: u32,
     /// When the last runner came up, on the pool's clock.
     last_up: Duration,
@@ -243,7 +244,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             retry_at: None,
             now: Duration::ZERO,
             boot_time: None,
-            serve_interval: None,
+            call_time: None,
             last_end: None,
             serve_samples: 0,
             last_up: Duration::ZERO,
@@ -366,8 +367,9 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     pub fn slot_freed(&mut self, runner: RunnerId) {
         if !self.waiters.is_empty() {
             if let Some(last) = self.last_end {
-                let sample = self.now.saturating_sub(last);
-                self.serve_interval = Some(estimate(self.serve_interval, sample));
+                let busy = u32::try_from(self.in_flight_live.max(1)).unwrap_or(u32::MAX);
+                let sample = self.now.saturating_sub(last).saturating_mul(busy);
+                self.call_time = Some(estimate(self.call_time, sample));
                 self.serve_samples = self.serve_samples.saturating_add(1);
             }
         }
@@ -682,6 +684,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             return;
         }
         let measured = self.boot_time.is_some() && self.serve_samples >= PACE_SAMPLES;
+        debug_assert!(self.serve_samples == 0 || self.call_time.is_some());
         if !left && (measured || self.free.is_empty() || self.rules.parks) {
             return;
         }
@@ -804,9 +807,14 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             // Claims come up soon, and their runner's arrival decides again.
             return if self.claims > 0 { 0 } else { wanted };
         }
-        let (Some(boot_time), Some(interval)) = (self.boot_time, self.serve_interval) else {
+        let (Some(boot_time), Some(call_time)) = (self.boot_time, self.call_time) else {
             return wanted;
         };
+        // The time between call ends at the pool's size now.
+        let slots = self
+            .live
+            .saturating_mul(self.limits.max_concurrency as usize);
+        let interval = call_time / u32::try_from(slots.max(1)).unwrap_or(u32::MAX);
         let Some(&(_, oldest, _)) = self.waiters.front() else {
             return wanted;
         };

@@ -347,18 +347,27 @@ async fn serve_in_span(
     logs::set_filter(&token.settings.log_filter);
     let mut terminator = Terminator::new(&token.settings);
     let mut continued = park::Continued::watch();
+    // One listener for the runner's life: see `Terminator::stops`.
+    let mut sigterm = terminator::sigterm();
     let mut connected = dial::connect(&token, &registry, terminator.connect_failsafe()).await?;
     loop {
         tracing::info!("connected to parent");
         if let Some(idle) = connected.idle_override {
             terminator.override_idle(idle);
         }
-        let end = serve_connection(&token, &registry, &jobs, Arc::new(terminator), connected);
+        let end = serve_connection(
+            &token,
+            &registry,
+            &jobs,
+            Arc::new(terminator),
+            connected,
+            &mut sigterm,
+        );
         match end.await {
             Session::Ended(exit) => return Ok(exit),
             Session::Parked => tracing::info!("parked: waiting to be suspended"),
         }
-        match wait_parked(&token, &registry, &mut continued).await {
+        match wait_parked(&token, &registry, &mut continued, &mut sigterm).await {
             Some((resumed, again)) => (terminator, connected) = (resumed, again),
             None => return Ok(ServeExit::Released),
         }
@@ -381,6 +390,7 @@ async fn serve_connection(
     jobs: &tokio::runtime::Handle,
     terminator: Arc<Terminator>,
     connected: dial::Connected,
+    sigterm: &mut terminator::Sigterm,
 ) -> Session {
     let dial::Connected {
         endpoint,
@@ -399,7 +409,7 @@ async fn serve_connection(
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
         jobs: jobs.clone(),
     });
-    let mut stops = terminator.stops();
+    let mut stops = terminator.stops(sigterm);
     let exit = loop {
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
@@ -453,12 +463,12 @@ async fn wait_parked(
     token: &BootToken,
     registry: &Registry,
     continued: &mut park::Continued,
+    sigterm: &mut terminator::Sigterm,
 ) -> Option<(Terminator, dial::Connected)> {
-    let mut sigterm = terminator::sigterm();
     let mut deadline = terminator::after(token.settings.connect_failsafe);
     loop {
         // A backstop dial is one quick try; a resume gets the whole failsafe.
-        let failsafe = match park::wait(deadline, &mut sigterm, continued).await {
+        let failsafe = match park::wait(deadline, sigterm, continued).await {
             park::Wake::Resumed => {
                 deadline = terminator::after(token.settings.connect_failsafe);
                 deadline

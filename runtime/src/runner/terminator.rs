@@ -70,7 +70,7 @@ pub(crate) struct Terminator {
 /// The terminator's reasons to stop, in the order they come: see [`Terminator::stops`].
 pub(crate) struct Stops<'a> {
     terminator: &'a Terminator,
-    sigterm: Sigterm,
+    sigterm: &'a mut Sigterm,
     /// Once draining, the parent should release the runner when its calls finish; this bounds
     /// the wait for a parent that never does.
     exit_at: Option<Instant>,
@@ -106,11 +106,13 @@ impl Terminator {
         self.policy.idle_shutdown_after = idle_shutdown_after;
     }
 
-    /// The stops to come, for the serve loop to await one at a time.
-    pub(crate) fn stops(&self) -> Stops<'_> {
+    /// The stops to come, for the serve loop to await one at a time. `sigterm` is the
+    /// runner's one SIGTERM listener, kept across sessions: a SIGTERM delivered while no
+    /// listener exists is lost (a parked runner stopped just after its connection closed).
+    pub(super) fn stops<'a>(&'a self, sigterm: &'a mut Sigterm) -> Stops<'a> {
         Stops {
             terminator: self,
-            sigterm: sigterm(),
+            sigterm,
             exit_at: None,
         }
     }
