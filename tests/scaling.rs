@@ -531,3 +531,40 @@ async fn a_gpu_backend_without_gpus_is_refused_at_build() {
     let error = pool().backend(backend).build().await.expect_err("refused");
     assert!(error.to_string().contains("GPUs"), "{error}");
 }
+
+/// Issue 25: `min_idle_shutdown_after` once turned an idle pool into a boot loop (4 boots and 3
+/// idle stops in 2 s, for as long as it stayed idle). A min runner that idles out stays out
+/// until a call comes, and then `min` is kept again.
+#[tokio::test]
+async fn min_runners_that_idle_out_stay_out_until_a_call() {
+    for min in [1usize, 3] {
+        let backend = Recording::new(local_backend());
+        let pool = pool()
+            .backend(backend.clone())
+            .min(min)
+            .max(min)
+            .min_idle_shutdown_after(Duration::from_millis(500))
+            .build()
+            .await
+            .unwrap();
+        let mut stats = pool.watch_runners();
+        within(
+            10 * SECOND,
+            stats.wait_for(|s| s.min_lapsed && s.ready == 0 && s.draining == 0),
+        )
+        .await
+        .unwrap();
+        // Idle on: nothing boots (the loop booted again within 500 ms of each stop).
+        tokio::time::sleep(5 * SECOND).await;
+        assert_eq!(backend.boots(), min, "boots while idle, min({min})");
+        assert_eq!(pool.stats().ready + pool.stats().booting, 0);
+        // A call boots `min` again, is served, and the runners stay as min runners.
+        pool.call(&PID, ()).await.unwrap();
+        assert_eq!(backend.boots(), 2 * min, "min({min}) after the call");
+        within(10 * SECOND, stats.wait_for(|s| s.ready == min))
+            .await
+            .unwrap();
+        assert!(!pool.stats().min_lapsed);
+        pool.shutdown().await;
+    }
+}

@@ -264,6 +264,11 @@ impl PoolBuilder {
     }
 
     /// The same for the `min` runners. Default: `None`, never.
+    ///
+    /// A `min` runner that idles out is not replaced while the pool stays idle: `min` lapses
+    /// (see [`PoolStats::min_lapsed`](crate::PoolStats::min_lapsed)) until the next call, which
+    /// boots the `min` runners again; from then on `min` is kept until they idle out again.
+    /// A `min` runner lost for any other reason is replaced at once, as always.
     pub fn min_idle_shutdown_after(mut self, after: impl Into<Option<Duration>>) -> Self {
         self.config.min_idle_shutdown_after = after.into();
         self

@@ -258,7 +258,7 @@ impl Shared {
         if stats.queued != old.queued {
             self.observer.queue_length(stats.queued);
         }
-        let runners = |s: &PoolStats| (s.ready, s.booting, s.draining, s.parked);
+        let runners = |s: &PoolStats| (s.ready, s.booting, s.draining, s.parked, s.min_lapsed);
         if runners(&stats) != runners(&old) {
             self.observer.runner_counts(&stats);
             self.runner_counts.send_replace(stats);

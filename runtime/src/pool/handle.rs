@@ -351,7 +351,7 @@ pub(crate) async fn supervise(
                     if let (true, Some(parking)) = (drained_idle, shared.parking) {
                         let _ = handle.parks_as.set(parking.mode);
                     }
-                    shared.drive(|state| state.scheduler.runner_draining(handle.id));
+                    shared.drive(|state| state.scheduler.runner_draining(handle.id, drained_idle));
                 }
                 Ok(ControlMessage::Log(mut line)) => {
                     // The runner paces its lines and cuts long ones; the parent holds each

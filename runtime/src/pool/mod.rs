@@ -59,6 +59,9 @@ pub struct PoolStats {
     /// Idle runners' machines parked by the backend, to be claimed by later boots: see
     /// [`Backend::parked_set`](crate::Backend::parked_set).
     pub parked: usize,
+    /// The `min` runners idled out (`min_idle_shutdown_after`) and are not replaced until the
+    /// next call: a pool idle by choice, not one failing to boot.
+    pub min_lapsed: bool,
 }
 
 /// A pool of runners that execute jobs.

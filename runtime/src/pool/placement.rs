@@ -216,6 +216,8 @@ pub struct Scheduler<W, H> {
     parked: usize,
     /// Boots under way that started while machines were parked.
     claims: usize,
+    /// `min` runners idled out, and `min` is not kept until the next call.
+    min_lapsed: bool,
     actions: Vec<Action<W, H>>,
 }
 
@@ -251,6 +253,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             demand_check_at: None,
             parked: 0,
             claims: 0,
+            min_lapsed: false,
             actions: Vec::new(),
         }
     }
@@ -266,6 +269,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             in_flight: self.in_flight,
             queued: self.waiters.len(),
             parked: 0,
+            min_lapsed: self.min_lapsed,
         }
     }
 
@@ -320,6 +324,11 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     pub fn call_arrived(&mut self, waiter: impl FnOnce() -> W) -> Arrival<H> {
         if self.closed {
             return Arrival::Refused(CallError::Closed);
+        }
+        if self.min_lapsed {
+            // Demand is back: `min` is kept again from now on.
+            self.min_lapsed = false;
+            self.plan_boots();
         }
         while self.waiters.front().is_some_and(|(_, _, w)| w.is_gone()) {
             self.waiters.pop_front();
@@ -497,14 +506,27 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         }
     }
 
+    /// Whether `min` lapsed: its runners idled out, and none is booted until a call arrives.
+    pub fn min_lapsed(&self) -> bool {
+        self.min_lapsed
+    }
+
     /// Boots what `min` and the waiting callers need now: at build, and after a retry.
     pub fn grow(&mut self) {
         self.plan_boots();
     }
 
-    /// The runner said it drains: nothing more is placed on it.
-    pub fn runner_draining(&mut self, runner: RunnerId) {
-        self.update(runner, |slot| slot.draining = true);
+    /// The runner said it drains: nothing more is placed on it. A `min` runner that drains
+    /// because it idled out (`min_idle_shutdown_after`) lapses `min`: it is not replaced, nor
+    /// any other `min` runner, until the next call arrives.
+    pub fn runner_draining(&mut self, runner: RunnerId, idle: bool) {
+        let min = self.update(runner, |slot| {
+            slot.draining = true;
+            slot.min
+        });
+        if idle && min == Some(true) {
+            self.min_lapsed = true;
+        }
         self.release_if_drained(runner);
     }
 
@@ -726,7 +748,11 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         }
         let limits = self.limits;
         let per_runner = limits.max_concurrency as usize;
-        let min_missing = limits.min.saturating_sub(self.live_min + self.booting_min);
+        let min_missing = if self.min_lapsed {
+            0
+        } else {
+            limits.min.saturating_sub(self.live_min + self.booting_min)
+        };
         // Callers who gave up may still be counted until dispatch reaches them; that can only
         // bring a boot forward, never past `max`. A cancelled boot serves nobody.
         let serving_boots = self.booting_min + self.demand_boots.len();

@@ -195,6 +195,40 @@ fn boots_are_sized_to_the_callers_waiting() {
 }
 
 #[test]
+fn min_runners_that_idle_out_are_not_replaced_until_a_call_arrives() {
+    let mut s = TestScheduler::new(rules(), limits(2, 4, 1));
+    s.grow();
+    let booted = boots(&taken(&mut s));
+    assert_eq!(booted.len(), 2);
+    for (id, _) in &booted {
+        s.runner_up(*id, *id, 1);
+    }
+    taken(&mut s);
+    // Both idle out: neither is replaced, and the stats say why.
+    for (id, _) in &booted {
+        s.runner_draining(*id, true);
+        s.runner_gone(*id);
+    }
+    assert!(boots(&taken(&mut s)).is_empty());
+    assert!(s.stats().min_lapsed);
+    s.tick(Duration::from_secs(60));
+    assert!(boots(&taken(&mut s)).is_empty());
+    // A call brings `min` back: two min boots, which the call's demand rides on.
+    queue(&mut s, 0);
+    let again = boots(&taken(&mut s));
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again.iter().all(|(_, min)| *min));
+    assert!(!s.stats().min_lapsed);
+    // A min runner that drains for another reason (SIGTERM) is replaced as before.
+    s.runner_up(again[0].0, again[0].0, 1);
+    s.runner_up(again[1].0, again[1].0, 1);
+    taken(&mut s);
+    s.runner_draining(again[1].0, false);
+    s.runner_gone(again[1].0);
+    assert_eq!(boots(&taken(&mut s)).len(), 1);
+}
+
+#[test]
 fn min_runners_are_booted_and_replaced() {
     let mut s = TestScheduler::new(rules(), limits(2, 4, 1));
     s.grow();
@@ -919,7 +953,7 @@ impl Model {
             Op::Draining(i) => {
                 if let Some(runner) = pick(&self.up, i) {
                     self.draining.insert(runner);
-                    s.runner_draining(runner);
+                    s.runner_draining(runner, false);
                 }
             }
             Op::Die(i) => {
