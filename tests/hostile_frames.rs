@@ -253,6 +253,7 @@ async fn a_parent_s_memory_is_bounded_by_what_it_receives(logs: &common::Capture
         runner_id: token.runner_id,
         manifest: firebrand_runner::registry().manifest(),
         pid: std::process::id(),
+        claim: None,
     };
     wire::write_frame(&mut control, &hello).await.unwrap();
     let accepted: HelloReply = wire::read_head(&mut hello_reply).await.unwrap();

@@ -483,6 +483,61 @@ async fn a_stolen_boot_token_is_refused_while_parked_and_after_its_claim() {
     shut_down_clean(pool, &fly).await;
 }
 
+/// A copy of a parked runner's boot token that dials while a claim is open (the machine is
+/// still starting) is refused, because it lacks the claim's secret, and the claim goes on to
+/// admit the machine's own runner: stopped and suspended machines alike.
+#[tokio::test]
+async fn a_stolen_boot_token_cannot_win_a_claim() {
+    for mode in [Park::Stop, Park::Suspend] {
+        let fly = fake().await;
+        let pool = parking_pool(parking_backend(&fly, mode), 1).await;
+        pids_of(&pool, &fly, 1).await;
+        parked(&pool, 1).await;
+        let machine = live_machines(&fly).remove(0);
+        let stolen = machine.config["env"]["FIREBRAND_PARENT"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // A slow start holds the claim open long enough for the copy to dial inside it.
+        fly.set_latency(firebrand_fly_fake::Latency {
+            start: 3 * SECOND,
+            resume: 3 * SECOND,
+            ..firebrand_fly_fake::Latency::NONE
+        });
+        let leases = fly.counts().leases;
+        let caller = pool.clone();
+        let call = tokio::spawn(async move { caller.call(&firebrand_runner::PID, ()).await });
+        // The lease comes after the claim is open and before the start.
+        assert!(fly.wait_for(10 * SECOND, |c| c.leases > leases).await);
+        let output = within(
+            30 * SECOND,
+            common::spawn_runner(&stolen).wait_with_output(),
+        )
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(firebrand::runner::exit_code::REFUSED),
+            "{mode:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("claim is open") && stderr.contains("secret"),
+            "{mode:?}: {stderr}"
+        );
+        let served_by = within(30 * SECOND, call).await.unwrap().unwrap();
+        let machine_pid = live_machines(&fly).remove(0).pid;
+        assert_eq!(
+            Some(served_by),
+            machine_pid,
+            "{mode:?}: the machine's own runner"
+        );
+        assert_eq!(fly.created(), 1, "{mode:?}: claimed, not created");
+        fly.set_latency(firebrand_fly_fake::Latency::NONE);
+        shut_down_clean(pool, &fly).await;
+    }
+}
+
 /// Set for the parent helper, with the fake's URL.
 const HELPER_ENV: &str = "FIREBRAND_TEST_PARKING_PARENT";
 

@@ -154,6 +154,7 @@ async fn dial(
             runner_id: token.runner_id,
             manifest: firebrand_runner::registry().manifest(),
             pid: 1,
+            claim: None,
         };
         wire::write_frame(&mut send, &hello).await?;
         let reply: HelloReply = wire::read_head(&mut recv).await?;

@@ -154,6 +154,8 @@ pub struct Counts {
     pub suspends: usize,
     /// Leases taken or renewed.
     pub leases: usize,
+    /// Metadata keys set.
+    pub metadata_updates: usize,
     /// Requests answered 401: no token, or not the one accepted.
     pub unauthorized: usize,
 }
@@ -190,6 +192,10 @@ pub(crate) struct State {
     pub create_limiter: Option<governor::DefaultDirectRateLimiter>,
     pub next_id: std::sync::atomic::AtomicU64,
     pub latency: Mutex<Latency>,
+    /// Where each machine's machine-local API socket lives: removed with the fake.
+    pub socket_dir: PathBuf,
+    /// The tasks serving those sockets: aborted with the fake.
+    pub local_apis: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl FakeFly {
@@ -406,7 +412,22 @@ impl Drop for FakeFly {
         for machine in self.state.machines.lock().values_mut() {
             machine.kill();
         }
+        for serving in self.state.local_apis.lock().drain(..) {
+            serving.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.state.socket_dir);
     }
+}
+
+/// A fresh directory, readable by this user only, for the machines' API sockets. Short, since
+/// a socket's path must fit in 108 bytes.
+fn socket_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fbfly-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }
 
 impl FakeFlyBuilder {
@@ -474,6 +495,8 @@ impl FakeFlyBuilder {
             create_limiter: self.rate_limits.then(|| RateLimiter::direct(quota)),
             next_id: std::sync::atomic::AtomicU64::new(1),
             latency: Mutex::new(self.latency),
+            socket_dir: socket_dir()?,
+            local_apis: Mutex::default(),
         });
         let router = server::router(Arc::clone(&state));
         let server = tokio::spawn(async move {

@@ -56,6 +56,10 @@ pub(crate) fn router(state: Arc<State>) -> Router {
             "/v1/apps/{app}/machines/{id}/lease",
             axum::routing::post(lease).delete(release),
         )
+        .route(
+            "/v1/apps/{app}/machines/{id}/metadata/{key}",
+            axum::routing::post(set_metadata),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found", None) })
         .with_state(state)
 }
@@ -516,6 +520,62 @@ fn leased_by_other(machine: &FakeMachine, headers: &HeaderMap) -> Result<(), Res
             None,
         ))
     }
+}
+
+/// `POST .../metadata/{key}`: sets one key of the machine's metadata (its `config.metadata`, as
+/// Fly keeps it), refused while someone else holds the machine's lease.
+async fn set_metadata(
+    Extract(state): Shared,
+    Path((app, id, key)): Path<(String, String, String)>,
+    Query(query): Pairs,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    admit!(state, headers, app, spec::SET_METADATA, query);
+    let body = match checked_body(&state, &body, "upsertMetadataKeyRequest") {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let Some(value) = body["value"].as_str().map(str::to_owned) else {
+        return invalid(&state, StatusCode::BAD_REQUEST, "no metadata value".into());
+    };
+    let set = lookup_leased(&state, &id, &headers, |machine| {
+        if !machine.config["metadata"].is_object() {
+            machine.config["metadata"] = json!({});
+        }
+        machine.config["metadata"][key.as_str()] = Value::String(value);
+        Ok(())
+    });
+    if let Err(response) = set {
+        return response;
+    }
+    state.count(|c| c.metadata_updates += 1);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The machine-local API of machine `id`, as Fly serves it on `/.fly/api` inside the machine:
+/// no token, and only that machine's own metadata.
+pub(crate) fn machine_local_router(state: Arc<State>, id: String) -> Router {
+    Router::new()
+        .route(
+            "/v1/apps/{app}/machines/{machine}/metadata/{key}",
+            get(
+                move |Extract(state): Shared,
+                      Path((app, machine, key)): Path<(String, String, String)>| async move {
+                    if app != state.app || machine != id {
+                        return error(StatusCode::FORBIDDEN, "not this machine", None);
+                    }
+                    let value = lookup(&state, &machine, |m| m.metadata(&key).map(str::to_owned));
+                    match value {
+                        Ok(Some(value)) => reply(StatusCode::OK, json!({ "value": value })),
+                        Ok(None) => error(StatusCode::NOT_FOUND, "metadata key not found", None),
+                        Err(response) => response,
+                    }
+                },
+            ),
+        )
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not found", None) })
+        .with_state(state)
 }
 
 /// `start`: runs a stopped machine's process again from its config, or resumes a suspended one

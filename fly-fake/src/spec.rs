@@ -26,6 +26,10 @@ pub(crate) const START: (&str, &str) = ("post", "/v1/apps/{app_name}/machines/{m
 pub(crate) const SUSPEND: (&str, &str) =
     ("post", "/v1/apps/{app_name}/machines/{machine_id}/suspend");
 pub(crate) const LEASE: (&str, &str) = ("post", "/v1/apps/{app_name}/machines/{machine_id}/lease");
+pub(crate) const SET_METADATA: (&str, &str) = (
+    "post",
+    "/v1/apps/{app_name}/machines/{machine_id}/metadata/{key}",
+);
 pub(crate) const RELEASE: (&str, &str) =
     ("delete", "/v1/apps/{app_name}/machines/{machine_id}/lease");
 
@@ -46,10 +50,24 @@ impl Spec {
             ("CreateMachineRequest", schema("CreateMachineRequest")),
             ("StopRequest", schema("StopRequest")),
             ("CreateLeaseRequest", schema("CreateLeaseRequest")),
+            (
+                "upsertMetadataKeyRequest",
+                schema("upsertMetadataKeyRequest"),
+            ),
         ]);
         let mut queries = HashMap::new();
         for (method, path) in [
-            LIST, CREATE, SHOW, DELETE, WAIT, STOP, START, SUSPEND, LEASE, RELEASE,
+            LIST,
+            CREATE,
+            SHOW,
+            DELETE,
+            WAIT,
+            STOP,
+            START,
+            SUSPEND,
+            LEASE,
+            RELEASE,
+            SET_METADATA,
         ] {
             let parameters = spec["paths"][path][method]["parameters"]
                 .as_array()

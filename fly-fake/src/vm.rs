@@ -211,6 +211,21 @@ impl FakeMachine {
     }
 }
 
+/// The machine-local API socket of machine `id`, served from its first boot on.
+fn machine_local_api(state: &Arc<State>, id: &str) -> std::io::Result<std::path::PathBuf> {
+    let path = state.socket_dir.join(id);
+    if path.exists() {
+        return Ok(path);
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let router = super::server::machine_local_router(Arc::clone(state), id.to_owned());
+    let serving = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    state.local_apis.lock().push(serving);
+    Ok(path)
+}
+
 /// Starts (or restarts) the machine's process: the image's program, or a fault's stand-in.
 pub(crate) fn boot(state: &Arc<State>, id: &str) {
     let (crash, stall) = {
@@ -276,6 +291,12 @@ pub(crate) fn boot(state: &Arc<State>, id: &str) {
         .kill_on_drop(true);
     if let Some(image) = config["image"].as_str() {
         command.env("FLY_IMAGE_REF", image);
+    }
+    match machine_local_api(state, id) {
+        Ok(socket) => {
+            command.env("FIREBRAND_FLY_API_SOCKET", socket);
+        }
+        Err(error) => tracing::warn!(machine = id, %error, "no machine-local API socket"),
     }
     if let Some(memory) = config["guest"]["memory_mb"].as_u64() {
         command.env("FLY_VM_MEMORY_MB", memory.to_string());

@@ -13,6 +13,7 @@ use rustls::pki_types::CertificateDer;
 
 use super::Machine;
 use crate::error::{BackendError, RunnerId};
+use crate::wire::ClaimSecret;
 
 /// A backend's parked machines, the one object through which a pool finds, counts and releases
 /// them: see [`Backend::parked_set`](super::Backend::parked_set). A backend that parks keeps
@@ -171,13 +172,18 @@ pub trait ParkedMachine: Send + 'static {
     /// A description for logs: a machine id.
     fn describe(&self) -> String;
 
-    /// Wakes the machine: takes it for this parent (a lease) and starts or resumes it. The
-    /// pool has already opened the claim its runner is admitted under.
+    /// Wakes the machine: takes it for this parent (a lease), hands it `secret` where only its
+    /// own runner can read it (its runner sends it in its hello), and starts or resumes it. The
+    /// pool has already opened the claim its runner is admitted under, which admits only a
+    /// runner that sends `secret`.
     ///
     /// # Errors
     /// Why the claim failed (the machine is gone, someone else holds it); the pool then claims
     /// another or makes a new machine. A failed claim leaves nothing running.
-    fn claim(self: Box<Self>) -> BoxFuture<'static, Result<Claimed, BackendError>>;
+    fn claim(
+        self: Box<Self>,
+        secret: ClaimSecret,
+    ) -> BoxFuture<'static, Result<Claimed, BackendError>>;
 }
 
 /// A claimed machine, running again.
@@ -226,11 +232,12 @@ pub(crate) trait ParkPlatform: Send + Sync + Sized + 'static {
         grace: Duration,
     ) -> BoxFuture<'a, Option<Park>>;
 
-    /// Takes the machine for this parent and starts or resumes it; `set` is where the running
-    /// machine parks again.
+    /// Takes the machine for this parent, hands it `secret` (see [`ParkedMachine::claim`]),
+    /// and starts or resumes it; `set` is where the running machine parks again.
     fn claim(
         &self,
         machine: Self::Machine,
+        secret: ClaimSecret,
         set: std::sync::Arc<ParkedMachines<Self>>,
     ) -> BoxFuture<'static, Result<Box<dyn Machine>, ClaimRefused>>;
 }
@@ -494,7 +501,10 @@ impl<P: ParkPlatform> ParkedMachine for TakenMachine<P> {
             .map_or_else(String::new, |m| P::describe(m, self.mode))
     }
 
-    fn claim(mut self: Box<Self>) -> BoxFuture<'static, Result<Claimed, BackendError>> {
+    fn claim(
+        mut self: Box<Self>,
+        secret: ClaimSecret,
+    ) -> BoxFuture<'static, Result<Claimed, BackendError>> {
         Box::pin(async move {
             let machine = self
                 .machine
@@ -503,7 +513,7 @@ impl<P: ParkPlatform> ParkedMachine for TakenMachine<P> {
             let set = std::sync::Arc::clone(&self.set);
             match set
                 .platform
-                .claim(machine.clone(), std::sync::Arc::clone(&set))
+                .claim(machine.clone(), secret, std::sync::Arc::clone(&set))
                 .await
             {
                 Ok(running) => {

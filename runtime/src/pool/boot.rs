@@ -15,6 +15,7 @@ use crate::backend::{BootKind, BootRequest, Machine, Park, ParkTicket, ParkedMac
 use crate::error::{BootError, Report, RunnerId};
 use crate::tls::PARENT_SERVER_NAME;
 use crate::token::{BootToken, PARENT_ENV};
+use crate::wire::ClaimSecret;
 
 /// How long past its boot timeout a runner certificate stays valid. It is checked once, at
 /// the handshake, which the boot timeout already bounds.
@@ -152,7 +153,7 @@ async fn create(
         cert: cert.cert.clone(),
         capacity,
     };
-    let admitted = shared.listener.expect(id, cert.cert.clone(), None);
+    let admitted = shared.listener.expect(id, cert.cert.clone(), None, None);
     let mut settings = config.runner_settings(min, capacity);
     settings.forward_output = !shared.backend.brings_output();
     let token = BootToken::new(
@@ -201,11 +202,17 @@ async fn claim(
         .config
         .runner_settings(min, ticket.capacity)
         .idle_shutdown_after;
-    let admitted = shared
-        .listener
-        .expect(ticket.runner, ticket.cert.clone(), Some(idle));
+    // The secret ties the claim to the machine: the backend hands it to the machine, and a
+    // copy of the runner's boot token dialing from elsewhere does not have it.
+    let secret = ClaimSecret::random();
+    let admitted = shared.listener.expect(
+        ticket.runner,
+        ticket.cert.clone(),
+        Some(idle),
+        Some(secret.clone()),
+    );
     tracing::info!(machine = %described, parked_runner = %ticket.runner, "claiming a parked machine");
-    let claimed = match tokio::time::timeout_at(deadline, parked.claim()).await {
+    let claimed = match tokio::time::timeout_at(deadline, parked.claim(secret)).await {
         Ok(Ok(claimed)) => claimed,
         Ok(Err(e)) => {
             tracing::info!(machine = %described, error = %Report(&e), "claim failed; trying the next");

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{BootError, Report, RunnerId};
 use crate::manifest::Manifest;
-use crate::wire::{self, close, Hello, HelloReply};
+use crate::wire::{self, close, ClaimSecret, Hello, HelloReply};
 
 /// How long a connecting runner has to finish its handshake and hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +28,8 @@ type AdmitSender = oneshot::Sender<Result<Admitted, BootError>>;
 
 struct Expected {
     cert: CertificateDer<'static>,
+    /// A claim's secret: only a hello that carries it is admitted.
+    claim: Option<ClaimSecret>,
     admit: AdmitSender,
     idle_override: Option<Option<Duration>>,
 }
@@ -117,18 +119,21 @@ impl Listener {
 
     /// Expects runner `id` presenting `cert`, once, until the returned expectation is dropped;
     /// it resolves when the runner is admitted or refused. A claim of a parked runner passes
-    /// the idle setting the runner is to use.
+    /// the idle setting the runner is to use, and the claim's secret, which the runner's hello
+    /// must carry.
     pub(crate) fn expect(
         &self,
         id: RunnerId,
         cert: CertificateDer<'static>,
         idle_override: Option<Option<Duration>>,
+        claim: Option<ClaimSecret>,
     ) -> Expecting<'_> {
         let (admit, admitted) = oneshot::channel();
         self.table.lock().expected.insert(
             id,
             Expected {
                 cert,
+                claim,
                 admit,
                 idle_override,
             },
@@ -208,6 +213,24 @@ async fn admit(
         let mut table = table.lock();
         match table.expected.get(&id) {
             Some(e) if e.cert != cert => None,
+            // Refused without ending the claim: the machine's own runner may still dial.
+            Some(Expected {
+                claim: Some(secret),
+                ..
+            }) if !hello
+                .claim
+                .as_ref()
+                .is_some_and(|sent| secret.matches(sent)) =>
+            {
+                drop(table);
+                let why =
+                    format!(
+                    "runner {id}'s claim is open, but this dial {} its secret: it did not come \
+                     from the claimed machine",
+                    if hello.claim.is_some() { "has the wrong" } else { "lacks" }
+                );
+                return Err(refuse(&connection, why));
+            }
             Some(_) => {
                 table.retire(id, Retired::Admitted);
                 table.expected.remove(&id)

@@ -55,6 +55,8 @@ pub(super) async fn connect(
         runner_id: token.runner_id,
         manifest: registry.manifest(),
         pid: std::process::id(),
+        // Read at each connect: a resumed runner finds the secret of the claim that woke it.
+        claim: super::claim::read().await,
     };
     let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
     let mut backoffs = Backoff::steady(FIRST_DIAL_BACKOFF, MAX_DIAL_BACKOFF).unbounded();

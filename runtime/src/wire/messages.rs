@@ -18,6 +18,58 @@ pub struct Hello {
     pub manifest: Manifest,
     /// The runner's process id, for diagnostics.
     pub pid: u32,
+    /// The secret of the claim that woke the runner's machine, when it was parked and its
+    /// platform hands claims one (Fly: through the machine's metadata, read back over the
+    /// machine-local API). A parent that opened a claim with a secret admits only a hello that
+    /// carries it, so a copy of the boot token dialing from elsewhere cannot win the claim.
+    pub claim: Option<ClaimSecret>,
+}
+
+/// A claim's secret: random, made by the parent for one claim of a parked machine. `Debug`
+/// does not show it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ClaimSecret(String);
+
+impl ClaimSecret {
+    /// A fresh secret: 128 random bits, as 32 hex digits.
+    ///
+    /// # Panics
+    /// If the system's random source fails, as `ring` reports it.
+    #[must_use]
+    pub fn random() -> Self {
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .expect("the system's random source works");
+        Self(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The secret as read back from where the parent put it.
+    #[must_use]
+    pub fn from_text(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+
+    /// The secret's text, to hand to the machine.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `other` is the same secret, compared in time that does not depend on where the
+    /// two first differ.
+    #[must_use]
+    pub fn matches(&self, other: &ClaimSecret) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for ClaimSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClaimSecret(<redacted>)")
+    }
 }
 
 /// The parent's answer to an accepted [`Hello`].

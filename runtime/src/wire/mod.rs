@@ -36,10 +36,12 @@ pub use framing::{
     write_frame,
 };
 pub(crate) use messages::{encode_request, encode_small_request, CallHeadRef};
-pub use messages::{CallHead, ControlMessage, DrainReason, Hello, HelloReply, LogLine, ReplyHead};
+pub use messages::{
+    CallHead, ClaimSecret, ControlMessage, DrainReason, Hello, HelloReply, LogLine, ReplyHead,
+};
 
 /// The protocol version, sent as the first two bytes of the control stream.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The TLS application protocol name. It carries no version: a version mismatch must reach the
 /// parent, which refuses it with an error that names both versions.

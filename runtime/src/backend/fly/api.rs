@@ -266,6 +266,22 @@ impl MachinesApi {
         self.send(request).await.map(drop)
     }
 
+    /// `POST .../metadata/{key}`: sets one metadata key, as the holder of lease `nonce`.
+    pub(crate) async fn set_metadata(
+        &self,
+        id: &str,
+        key: &str,
+        value: &str,
+        nonce: &str,
+    ) -> Result<(), FlyError> {
+        let path = format!("/v1/apps/{}/machines/{id}/metadata/{key}", self.app);
+        let body = serde_json::json!({ "value": value });
+        let request = Request::new(Op::SetMetadata, &path, REQUEST_SLACK)
+            .body(&body)
+            .lease(nonce);
+        self.send(request).await.map(drop)
+    }
+
     /// `POST .../suspend`.
     pub(crate) async fn suspend(&self, id: &str) -> Result<(), FlyError> {
         let path = format!("/v1/apps/{}/machines/{id}/suspend", self.app);
@@ -507,6 +523,7 @@ pub(crate) enum Op {
     Start,
     Suspend,
     Stop,
+    SetMetadata,
 }
 
 impl Op {
@@ -522,6 +539,7 @@ impl Op {
             Op::Start => "start",
             Op::Suspend => "suspend",
             Op::Stop => "stop",
+            Op::SetMetadata => "set_metadata",
         }
     }
 
@@ -529,7 +547,9 @@ impl Op {
         match self {
             Op::Get | Op::List | Op::Wait => Method::GET,
             Op::Destroy | Op::ReleaseLease => Method::DELETE,
-            Op::Create | Op::Lease | Op::Start | Op::Suspend | Op::Stop => Method::POST,
+            Op::Create | Op::Lease | Op::Start | Op::Suspend | Op::Stop | Op::SetMetadata => {
+                Method::POST
+            }
         }
     }
 
@@ -550,6 +570,7 @@ impl Op {
             Op::Start => "/v1/apps/{app_name}/machines/{machine_id}/start",
             Op::Suspend => "/v1/apps/{app_name}/machines/{machine_id}/suspend",
             Op::Stop => "/v1/apps/{app_name}/machines/{machine_id}/stop",
+            Op::SetMetadata => "/v1/apps/{app_name}/machines/{machine_id}/metadata/{key}",
         }
     }
 }

@@ -18,6 +18,8 @@ use super::machine::{FlyMachine, MachineRef, ParkInto, ENDED};
 use crate::backend::park::{ClaimRefused, ParkPlatform, ParkedMachines};
 use crate::backend::{Machine, Park, ParkTicket, Parked};
 use crate::error::BackendError;
+use crate::runner::FLY_CLAIM_KEY;
+use crate::wire::ClaimSecret;
 
 /// How long a claim's lease lasts: it covers the `start`, after which it is released.
 const CLAIM_LEASE_TTL: Duration = Duration::from_secs(30);
@@ -138,9 +140,12 @@ impl ParkPlatform for FlyMachines {
         })
     }
 
+    /// A lease, the claim's secret in the machine's metadata (its runner reads it back through
+    /// the machine-local API), then `start`.
     fn claim(
         &self,
         machine: MachineRef,
+        secret: ClaimSecret,
         set: Arc<FlyParkedSet>,
     ) -> BoxFuture<'static, Result<Box<dyn Machine>, ClaimRefused>> {
         let api = Arc::clone(&self.api);
@@ -155,7 +160,14 @@ impl ParkPlatform for FlyMachines {
                 }
                 Err(error) => return Err(ClaimRefused::Failed(error.into())),
             };
-            let started = api.start(&id, &nonce).await;
+            // Written before the start, so the runner finds it as soon as it runs again.
+            let handed = api
+                .set_metadata(&id, FLY_CLAIM_KEY, secret.expose(), &nonce)
+                .await;
+            let started = match handed {
+                Ok(()) => api.start(&id, &nonce).await,
+                Err(error) => Err(error),
+            };
             if let Err(error) = api.release_lease(&id, &nonce).await {
                 tracing::debug!(machine = %id, %error, "could not release the claim's lease; it expires");
             }
