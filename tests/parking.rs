@@ -438,18 +438,23 @@ fn a_park_mode_fly_would_refuse_is_refused_at_build() {
         .unwrap();
 }
 
+/// The boot token of the fake's one live machine: anyone who can read the machine's config
+/// can read it.
+fn stolen_boot_token(fly: &FakeFly) -> String {
+    let machine = live_machines(fly).remove(0);
+    machine.config["env"]["FIREBRAND_PARENT"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn a_stolen_boot_token_is_refused_while_parked_and_after_its_claim() {
     let fly = fake().await;
     let pool = parking_pool(parking_backend(&fly, Park::Stop), 1).await;
     pids_of(&pool, &fly, 1).await;
     parked(&pool, 1).await;
-    // Anyone who can read the machine's config can read its runner's boot token.
-    let machine = live_machines(&fly).remove(0);
-    let stolen = machine.config["env"]["FIREBRAND_PARENT"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let stolen = stolen_boot_token(&fly);
     let replay = || async {
         let output = within(
             30 * SECOND,
@@ -493,11 +498,7 @@ async fn a_stolen_boot_token_cannot_win_a_claim() {
         let pool = parking_pool(parking_backend(&fly, mode), 1).await;
         pids_of(&pool, &fly, 1).await;
         parked(&pool, 1).await;
-        let machine = live_machines(&fly).remove(0);
-        let stolen = machine.config["env"]["FIREBRAND_PARENT"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let stolen = stolen_boot_token(&fly);
         // A slow start holds the claim open long enough for the copy to dial inside it.
         fly.set_latency(firebrand_fly_fake::Latency {
             start: 3 * SECOND,
