@@ -213,7 +213,7 @@ async fn create(
     // The image pull and the cold boot.
     let latency = state.latency.lock().create;
     tokio::time::sleep(latency).await;
-    vm::boot(&state, &id);
+    boot(&state, &id);
     // The machine exists from here on, whether or not the client hears of it.
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
@@ -553,9 +553,36 @@ async fn set_metadata(
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// Starts (or restarts) machine `id`'s process, with its machine-local API served.
+fn boot(state: &Arc<State>, id: &str) {
+    let local_api = match machine_local_api(state, id) {
+        Ok(socket) => Some(socket),
+        Err(error) => {
+            tracing::warn!(machine = id, %error, "no machine-local API socket");
+            None
+        }
+    };
+    vm::boot(state, id, local_api.as_deref());
+}
+
+/// The machine-local API socket of machine `id`, served from its first boot on.
+fn machine_local_api(state: &Arc<State>, id: &str) -> std::io::Result<std::path::PathBuf> {
+    let path = state.socket_dir.join(id);
+    if path.exists() {
+        return Ok(path);
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let router = machine_local_router(Arc::clone(state), id.to_owned());
+    let serving = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    state.local_apis.lock().push(serving);
+    Ok(path)
+}
+
 /// The machine-local API of machine `id`, as Fly serves it on `/.fly/api` inside the machine:
 /// no token, and only that machine's own metadata.
-pub(crate) fn machine_local_router(state: Arc<State>, id: String) -> Router {
+fn machine_local_router(state: Arc<State>, id: String) -> Router {
     Router::new()
         .route(
             "/v1/apps/{app}/machines/{machine}/metadata/{key}",
@@ -605,7 +632,7 @@ async fn start(
     match previous {
         "stopped" | "created" => {
             tokio::time::sleep(latency.start).await;
-            vm::boot(&state, &id);
+            boot(&state, &id);
         }
         "suspended" | "suspending" => {
             tokio::time::sleep(latency.resume).await;

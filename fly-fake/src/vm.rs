@@ -211,23 +211,9 @@ impl FakeMachine {
     }
 }
 
-/// The machine-local API socket of machine `id`, served from its first boot on.
-fn machine_local_api(state: &Arc<State>, id: &str) -> std::io::Result<std::path::PathBuf> {
-    let path = state.socket_dir.join(id);
-    if path.exists() {
-        return Ok(path);
-    }
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    let router = super::server::machine_local_router(Arc::clone(state), id.to_owned());
-    let serving = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    state.local_apis.lock().push(serving);
-    Ok(path)
-}
-
 /// Starts (or restarts) the machine's process: the image's program, or a fault's stand-in.
-pub(crate) fn boot(state: &Arc<State>, id: &str) {
+/// `local_api` is where the machine's process finds its machine-local API socket.
+pub(crate) fn boot(state: &Arc<State>, id: &str, local_api: Option<&std::path::Path>) {
     let (crash, stall) = {
         let mut faults = state.faults.lock();
         let crash = (!faults.crash_boots.is_empty()).then(|| faults.crash_boots.remove(0));
@@ -292,11 +278,8 @@ pub(crate) fn boot(state: &Arc<State>, id: &str) {
     if let Some(image) = config["image"].as_str() {
         command.env("FLY_IMAGE_REF", image);
     }
-    match machine_local_api(state, id) {
-        Ok(socket) => {
-            command.env("FIREBRAND_FLY_API_SOCKET", socket);
-        }
-        Err(error) => tracing::warn!(machine = id, %error, "no machine-local API socket"),
+    if let Some(socket) = local_api {
+        command.env("FIREBRAND_FLY_API_SOCKET", socket);
     }
     if let Some(memory) = config["guest"]["memory_mb"].as_u64() {
         command.env("FLY_VM_MEMORY_MB", memory.to_string());
@@ -448,6 +431,8 @@ fn exited(
         again
     };
     if restart {
-        boot(state, id);
+        // A restart keeps the socket its first boot was served.
+        let local_api = state.socket_dir.join(id);
+        boot(state, id, local_api.exists().then_some(local_api.as_path()));
     }
 }

@@ -11,10 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::wire::ClaimSecret;
-
-/// The metadata key a Fly claim's secret is written under.
-pub(crate) const FLY_CLAIM_KEY: &str = "firebrand_claim";
+use crate::wire::{ClaimSecret, FLY_CLAIM_KEY};
 
 /// Where Fly serves the machine-local API.
 const FLY_API_SOCKET: &str = "/.fly/api";

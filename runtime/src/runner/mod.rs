@@ -35,7 +35,6 @@ use tracing::Instrument as _;
 
 pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
 pub use claim::FLY_API_SOCKET_ENV;
-pub(crate) use claim::FLY_CLAIM_KEY;
 pub(crate) use logs::{cut as cut_log_text, pace as log_pace, MAX_LOG_LINE};
 pub use logs::{log_layer, LOG_BURST, MAX_LOG_LINES_PER_SECOND};
 pub use stats::RunnerStats;

@@ -25,6 +25,10 @@ pub struct Hello {
     pub claim: Option<ClaimSecret>,
 }
 
+/// The Fly machine metadata key a claim's secret is written under: the parent writes it there,
+/// the machine's runner reads it back.
+pub(crate) const FLY_CLAIM_KEY: &str = "firebrand_claim";
+
 /// A claim's secret: random, made by the parent for one claim of a parked machine. `Debug`
 /// does not show it.
 #[derive(Clone, Serialize, Deserialize)]

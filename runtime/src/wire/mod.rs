@@ -35,7 +35,7 @@ pub use framing::{
     encode_frame, message_limit, read_frame, read_head, read_message, read_message_after,
     write_frame,
 };
-pub(crate) use messages::{encode_request, encode_small_request, CallHeadRef};
+pub(crate) use messages::{encode_request, encode_small_request, CallHeadRef, FLY_CLAIM_KEY};
 pub use messages::{
     CallHead, ClaimSecret, ControlMessage, DrainReason, Hello, HelloReply, LogLine, ReplyHead,
 };

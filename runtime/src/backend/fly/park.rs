@@ -18,8 +18,8 @@ use super::machine::{FlyMachine, MachineRef, ParkInto, ENDED};
 use crate::backend::park::{ClaimRefused, ParkPlatform, ParkedMachines};
 use crate::backend::{Machine, Park, ParkTicket, Parked};
 use crate::error::BackendError;
-use crate::runner::FLY_CLAIM_KEY;
 use crate::wire::ClaimSecret;
+use crate::wire::FLY_CLAIM_KEY;
 
 /// How long a claim's lease lasts: it covers the `start`, after which it is released.
 const CLAIM_LEASE_TTL: Duration = Duration::from_secs(30);
