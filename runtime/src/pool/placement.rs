@@ -206,6 +206,9 @@ pub struct Scheduler<W, H> {
     call_time: Option<Duration>,
     /// When the last call ended, on the pool's clock.
     last_end: Option<Duration>,
+    /// When callers last began to wait on an empty queue: the start of the stretch that
+    /// `call_time` samples are taken in.
+    queued_since: Duration,
     /// How many samples `call_time` has taken.
     serve_samples: u32,
     /// When the last runner came up, on the pool's clock.
@@ -248,6 +251,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             boot_time: None,
             call_time: None,
             last_end: None,
+            queued_since: Duration::ZERO,
             serve_samples: 0,
             last_up: Duration::ZERO,
             demand_check_at: None,
@@ -355,6 +359,9 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         }
         let id = WaiterId(self.next_waiter);
         self.next_waiter += 1;
+        if self.waiters.is_empty() {
+            self.queued_since = self.now;
+        }
         self.waiters.push_back((id, self.now, waiter()));
         self.plan_boots();
         Arrival::Queued(id)
@@ -375,7 +382,12 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     /// runner with no call left is released.
     pub fn slot_freed(&mut self, runner: RunnerId) {
         if !self.waiters.is_empty() {
-            if let Some(last) = self.last_end {
+            // A sample is the time between two ends while callers waited all along and no
+            // runner came up: every slot busy, and as many of them. An end before the queue
+            // formed (the last call of an earlier burst, seconds ago) or before a runner came
+            // up measures idle or boot time, not a call's.
+            let since = self.queued_since.max(self.last_up);
+            if let Some(last) = self.last_end.filter(|&last| last >= since) {
                 let busy = u32::try_from(self.in_flight_live.max(1)).unwrap_or(u32::MAX);
                 let sample = self.now.saturating_sub(last).saturating_mul(busy);
                 self.call_time = Some(estimate(self.call_time, sample));

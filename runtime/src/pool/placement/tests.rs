@@ -524,6 +524,12 @@ struct Sim {
     capacity: u32,
     boots_started: Vec<Duration>,
     served: u64,
+    /// How long a boot that creates takes.
+    create: Duration,
+    /// How long a boot that claims a parked machine takes.
+    claim: Duration,
+    /// Machines parked for the pool: a claim takes one.
+    parked: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -535,9 +541,30 @@ enum Event {
 }
 
 impl Sim {
+    /// No runner yet, with room for `max` of `capacity`; boots take [`BOOT`].
+    fn empty(rules: Rules, capacity: u32, max: usize, call: Duration) -> Sim {
+        Sim {
+            s: TestScheduler::new(rules, limits(0, max, capacity)),
+            now: Duration::ZERO,
+            events: Default::default(),
+            seq: 0,
+            call,
+            again: true,
+            next_waiter: 0,
+            cancelled: HashSet::new(),
+            capacity,
+            boots_started: Vec::new(),
+            served: 0,
+            create: BOOT,
+            claim: BOOT,
+            parked: 0,
+        }
+    }
+
     /// One ready runner of `capacity` that booted in [`BOOT`], with room for `max` in all.
     fn one_runner(capacity: u32, max: usize, call: Duration) -> Sim {
-        let mut s = TestScheduler::new(rules(), limits(0, max, capacity));
+        let mut sim = Sim::empty(rules(), capacity, max, call);
+        let s = &mut sim.s;
         let id = RunnerId(Uuid::new_v4());
         s.booting.insert(
             id,
@@ -550,20 +577,21 @@ impl Sim {
         );
         s.advance(BOOT);
         assert!(s.runner_up(id, id, capacity));
-        taken(&mut s);
-        Sim {
-            s,
-            now: BOOT,
-            events: Default::default(),
-            seq: 0,
-            call,
-            again: true,
-            next_waiter: 0,
-            cancelled: HashSet::new(),
-            capacity,
-            boots_started: Vec::new(),
-            served: 0,
+        taken(s);
+        sim.now = BOOT;
+        sim
+    }
+
+    /// Every runner idles out and parks, as many as `parked` of them staying parked.
+    fn park_all(&mut self, parked: usize) {
+        let runners: Vec<RunnerId> = self.s.runners.keys().copied().collect();
+        for runner in runners {
+            self.s.runner_draining(runner, true);
+            self.s.runner_gone(runner);
         }
+        self.parked = parked;
+        self.s.set_parked(parked);
+        self.apply();
     }
 
     fn at(&mut self, when: Duration, event: Event) {
@@ -586,7 +614,15 @@ impl Sim {
                 Action::Grant { runner, .. } => self.at(self.now + self.call, Event::End(runner)),
                 Action::Boot { runner, .. } => {
                     self.boots_started.push(self.now);
-                    self.at(self.now + BOOT, Event::BootDone(runner));
+                    let took = if self.s.booting[&runner].claim && self.parked > 0 {
+                        // The backend takes the machine out of the parked set as it claims it.
+                        self.parked -= 1;
+                        self.s.set_parked(self.parked);
+                        self.claim
+                    } else {
+                        self.create
+                    };
+                    self.at(self.now + took, Event::BootDone(runner));
                 }
                 Action::CancelBoot(runner) => {
                     self.cancelled.insert(runner);
@@ -692,6 +728,40 @@ fn a_burst_of_long_calls_boots_at_once() {
         "booted at {:?} after the burst",
         started.map(|at| at - burst)
     );
+}
+
+/// Issue 22: on Fly's pace (a create 2 s, a resume 300 ms), later bursts of 10 calls of 100 ms
+/// that 3 parked machines serve in well under a create's time also created up to 4 machines:
+/// the first call end of a burst measured the slot time from the last call end of the
+/// previous burst, seconds before, and the pace looked too slow to wait for.
+#[test]
+fn a_burst_that_parked_machines_can_serve_creates_nothing() {
+    let rules = Rules {
+        parks: true,
+        ..rules()
+    };
+    let mut sim = Sim::empty(rules, 1, 5, Duration::from_millis(100));
+    sim.create = Duration::from_secs(2);
+    sim.claim = Duration::from_millis(300);
+    sim.again = false;
+    sim.callers(10);
+    sim.run_until(Duration::from_secs(30));
+    assert_eq!(sim.served, 10);
+    assert_eq!(
+        sim.boots_started.len(),
+        5,
+        "a first burst creates up to max"
+    );
+    for burst in 1..=3 {
+        sim.park_all(3);
+        let at = sim.now + Duration::from_secs(10);
+        sim.now = at;
+        sim.callers(10);
+        sim.run_until(at + Duration::from_secs(30));
+        assert_eq!(sim.served, 10 * (burst + 1));
+        let creates = sim.boots_started.len() - 5 - 3 * burst as usize;
+        assert_eq!(creates, 0, "burst {burst} created {creates}");
+    }
 }
 
 #[test]
