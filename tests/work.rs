@@ -189,3 +189,81 @@ async fn up_to_max_concurrency_non_yielding_async_jobs_all_make_progress() {
     assert_eq!(pool.stats().ready, 1, "one runner ran them all");
     pool.shutdown().await;
 }
+
+/// Runs `kept` calls that end soon and `dropped` calls that never end on one runner, drops the
+/// `dropped` ones once the runner runs them all, and shuts the pool down at once. Returns how
+/// long the shutdown took; the kept calls must have their results, and the runner must be gone.
+async fn drop_calls_then_shut_down(
+    never_ending: &firebrand::Job<u64, impl firebrand::Payload>,
+    dropped: usize,
+    kept: usize,
+) -> Duration {
+    use firebrand_runner::{PID, SLEEP, STATS};
+    let pool = pool()
+        .max(1)
+        .max_concurrency(16)
+        // Far past the bound below: a runner the parent has to kill shows as a slow shutdown.
+        .terminate_grace(10 * Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let pid = pool.call(&PID, ()).await.unwrap();
+    let never: Vec<_> = (0..dropped)
+        .map(|_| tokio::spawn(pool.call(never_ending, 3_600_000)))
+        .collect();
+    let soon: Vec<_> = (0..kept)
+        .map(|_| tokio::spawn(pool.call(&SLEEP, 200)))
+        .collect();
+    // Every call runs on the runner (the stats call counts itself).
+    within(Duration::from_secs(10), async {
+        while pool.call(&STATS, ()).await.unwrap().in_flight < (dropped + kept + 1) as u64 {}
+    })
+    .await;
+    for call in &never {
+        call.abort();
+    }
+    let started = std::time::Instant::now();
+    pool.shutdown().await;
+    let took = started.elapsed();
+    for call in soon {
+        call.await.unwrap().unwrap();
+    }
+    assert!(!common::alive(pid), "runner {pid} left running");
+    took
+}
+
+/// Issue 25: a call dropped just before `shutdown()` made 1 shutdown in 10 to 30 take 5 s and
+/// end in SIGKILL: the stream's reset did not reach the runner before the connection closed,
+/// and the runner drained a job whose result nobody could receive. A runner released by its
+/// parent now aborts its jobs and exits on its own. (On a multi-threaded runtime: there the
+/// close overtook the reset in 1 round of 6 to 30 here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdowns_right_after_dropped_calls_end_at_once_and_kill_nothing() {
+    use firebrand_runner::{SLEEP, SPIN, SPIN_BLOCKING};
+    let bound = Duration::from_secs(1);
+    for round in 0..100 {
+        let took = drop_calls_then_shut_down(&SLEEP, 1, 0).await;
+        assert!(took < bound, "round {round}: shutdown took {took:?}");
+    }
+    // Calls whose callers still wait are drained: they get their results.
+    for round in 0..10 {
+        let took = drop_calls_then_shut_down(&SLEEP, 4, 4).await;
+        assert!(
+            took < bound,
+            "round {round} of 8 calls: shutdown took {took:?}"
+        );
+    }
+    // Jobs that compute for an hour without awaiting, async or blocking, cannot be aborted:
+    // they end with the runner's process, which exits after its wait for them (0.5 s), well
+    // before the parent would kill it.
+    for job in [&SPIN, &SPIN_BLOCKING] {
+        for round in 0..3 {
+            let took = drop_calls_then_shut_down(job, 2, 0).await;
+            assert!(
+                took < 3 * bound,
+                "round {round} of {}: shutdown took {took:?}",
+                job.name()
+            );
+        }
+    }
+}

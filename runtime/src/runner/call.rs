@@ -8,6 +8,7 @@ use futures_util::FutureExt as _;
 use quinn::{RecvStream, SendStream};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::reply::{failure_head, finish, oversized, panic_message};
@@ -25,6 +26,9 @@ pub(crate) struct CallContext {
     /// Where calls are served and jobs run: never the connection's thread, which they could
     /// starve.
     pub(crate) jobs: Handle,
+    /// Cancelled when the parent releases the runner: no result can reach anyone from then
+    /// on, so every job still running is aborted rather than drained.
+    pub(crate) released: CancellationToken,
 }
 
 /// Reads one request, runs its job, and writes the reply. `busy` counts the call as work for
@@ -70,7 +74,11 @@ pub(crate) async fn serve_call(
         // The parent keeps within the runner's concurrency, so this wait is short; it exists so
         // that the limit holds even against a parent that does not. The permit goes with the
         // job, not this stream: a job that cannot be interrupted keeps its slot until it ends.
-        let Ok(permit) = Arc::clone(&cx.slots).acquire_owned().await else {
+        let permit = tokio::select! {
+            permit = Arc::clone(&cx.slots).acquire_owned() => permit,
+            () = cx.released.cancelled() => return,
+        };
+        let Ok(permit) = permit else {
             return;
         };
         STATS.running();
@@ -79,8 +87,12 @@ pub(crate) async fn serve_call(
         // drain while a job it gave up on still runs.
         if let Body::Stream(handler) = body {
             let _slot = (permit, busy);
-            let ending =
-                super::stream::serve(&handler, args, deadline, cx.max_payload_len, &mut send).await;
+            let served =
+                super::stream::serve(&handler, args, deadline, cx.max_payload_len, &mut send);
+            let ending = tokio::select! {
+                ending = served => ending,
+                () = cx.released.cancelled() => Ending::Cancelled,
+            };
             STATS.ended(ending);
             return;
         }
@@ -93,6 +105,8 @@ pub(crate) async fn serve_call(
         };
         tokio::pin!(job);
         let stopped = send.stopped();
+        let released = cx.released.cancelled();
+        tokio::pin!(released);
         let outcome = tokio::select! {
             // The job first: one that finishes at once never polls `stopped`, which takes the
             // connection's lock.
@@ -106,10 +120,18 @@ pub(crate) async fn serve_call(
                     STATS.ended(Ending::Cancelled);
                     return;
                 }
-                // The connection is gone. Let the job finish within its deadline (the serve
-                // loop bounds the whole drain), though its result has nowhere to go.
-                Err(_) => job.await,
+                // The connection is gone. Unless the parent released the runner, let the job
+                // finish within its deadline (the serve loop bounds the whole drain), though
+                // its result has nowhere to go.
+                Err(_) => tokio::select! {
+                    biased;
+                    outcome = &mut job => outcome,
+                    () = &mut released => return abandoned(),
+                },
             },
+            // The parent released the runner: whoever called is no longer waiting. The
+            // parent's reset of this stream may never have left it (a close overtakes it).
+            () = &mut released => return abandoned(),
         };
         if let Some(Ok(Ok(Made {
             reply,
@@ -142,6 +164,13 @@ pub(crate) async fn serve_call(
     }
     .instrument(span)
     .await;
+}
+
+/// Ends a call whose job is dropped because the parent released the runner: an async job is
+/// aborted at its next await, a blocking one runs on with nobody to take its result.
+fn abandoned() {
+    tracing::debug!("call abandoned: the parent released the runner");
+    STATS.ended(Ending::Cancelled);
 }
 
 /// What a job's task returns: its result, or the payload of its panic.

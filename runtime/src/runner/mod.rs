@@ -31,6 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 pub use crate::token::{TokenError, PARENT_ENV, PARENT_FD_ENV};
@@ -46,6 +48,12 @@ use call::{serve_call, CallContext};
 pub(crate) use resources::Resources;
 use stats::STATS;
 use terminator::{Stop, Terminator};
+
+/// How long a runner its parent released waits for the jobs it aborted to unwind. An async job
+/// is dropped at its next await, which one that computes without awaiting may not reach for a
+/// long time; a blocking one cannot be stopped at all. Either ends with the process. Well
+/// under the parent's `terminate_grace` (5 s by default), so that the runner exits on its own.
+const ABORT_WAIT: Duration = Duration::from_millis(500);
 
 /// Process exit codes of a runner.
 pub mod exit_code {
@@ -410,7 +418,11 @@ async fn serve_connection(
         slots: Arc::new(Semaphore::new(settings.max_concurrency as usize)),
         max_payload_len: usize::try_from(settings.max_payload_len).unwrap_or(usize::MAX),
         jobs: jobs.clone(),
+        released: CancellationToken::new(),
     });
+    // The tasks serving calls, to wait for once their jobs are aborted.
+    let serving = TaskTracker::new();
+    let mut released = false;
     let mut stops = terminator.stops(sigterm);
     let exit = loop {
         tokio::select! {
@@ -419,14 +431,16 @@ async fn serve_connection(
                     let guard = terminator.stream_started();
                     let served = Arc::clone(&cx);
                     // Served on the jobs' runtime: this thread only drives the connection.
-                    cx.jobs
-                        .spawn(serve_call(served, send, recv, guard).in_current_span());
+                    serving.spawn_on(serve_call(served, send, recv, guard).in_current_span(), &cx.jobs);
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE => {
+                    released = true;
                     break ServeExit::Released;
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::PARKED => {
-                    // The parent parks only a runner that drained: no call is left.
+                    // The parent parks only a runner that drained: no call is left, unless one
+                    // whose reset the close overtook.
+                    cx.released.cancel();
                     cx.resources.clear();
                     drop(drains);
                     let _ = writer.await;
@@ -450,9 +464,24 @@ async fn serve_connection(
     }
     // Nobody can use them any more; calls still running keep theirs until they end.
     cx.resources.clear();
-    terminator
-        .drain_calls(matches!(exit, ServeExit::ParentLost(_)))
-        .await;
+    if released {
+        // The parent released the runner once its callers had their results: a job still
+        // running is one whose caller gave up (its stream's reset can arrive after the close,
+        // or never), and nobody can take its result. It is aborted, not drained. A blocking
+        // job cannot be: it is left to end with the process.
+        cx.released.cancel();
+        serving.close();
+        if tokio::time::timeout(ABORT_WAIT, serving.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("jobs still run after their abort; exiting");
+        }
+    } else {
+        terminator
+            .drain_calls(matches!(exit, ServeExit::ParentLost(_)))
+            .await;
+    }
     connection.close(close::RUNNER_EXIT, b"runner exiting");
     // Give the close frame a moment to leave; the parent also sees the process exit.
     let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
