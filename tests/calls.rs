@@ -511,3 +511,141 @@ async fn a_resource_job_and_a_job_using_it_declared_with_the_attribute() {
     drop(table);
     pool.shutdown().await;
 }
+
+/// The phase a call's deadline passed in, or a panic naming what the call got instead.
+fn deadline_phase<T: std::fmt::Debug>(
+    result: Result<T, CallError>,
+    deadline: Duration,
+) -> firebrand::DeadlinePhase {
+    match result {
+        Err(CallError::DeadlinePassed {
+            deadline: set,
+            phase,
+        }) => {
+            assert_eq!(set, deadline);
+            phase
+        }
+        other => panic!("expected DeadlinePassed, got {other:?}"),
+    }
+}
+
+/// Issue 25: `.timeout(100 ms)` on a full pool waited in the queue for seconds and then
+/// succeeded. A deadline bounds the queue too, and says how many calls were ahead.
+#[tokio::test]
+async fn a_deadline_passes_in_the_queue_and_names_the_calls_ahead() {
+    let pool = one_runner(1).await;
+    let ahead = common::spawn_sleeps(&pool, 5, 1_000);
+    // One runs; four wait.
+    let mut stats = pool.watch_runners();
+    let _ = stats.borrow_and_update();
+    while pool.stats().queued < 4 {
+        tokio::task::yield_now().await;
+    }
+    let deadline = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let result = pool.call(&PID, ()).deadline(deadline).await;
+    assert_eq!(
+        deadline_phase(result, deadline),
+        firebrand::DeadlinePhase::Queued { behind: 4 }
+    );
+    // The queue timeout (20 s here) is not what ended it.
+    assert!(started.elapsed() < 5 * SECOND, "{:?}", started.elapsed());
+    assert_eq!(pool.stats().queued, 4, "it left the queue");
+    for call in ahead {
+        call.await.unwrap().unwrap();
+    }
+    pool.shutdown().await;
+}
+
+/// A deadline that passes while the job runs cancels it on the runner, and says for how long
+/// it ran; the same through `spawn`, `map` and a stream, and as the pool's default.
+#[tokio::test]
+async fn a_deadline_passes_while_the_job_runs_and_cancels_it_everywhere() {
+    let deadline = Duration::from_millis(300);
+    let pool = one_runner(4).await;
+    let result = pool
+        .call(&SLEEP, 60_000)
+        .timeout(None)
+        .deadline(deadline)
+        .await;
+    match deadline_phase(result, deadline) {
+        // It ran from its placement on: all but the moment it took to place it.
+        firebrand::DeadlinePhase::Running { ran_for, .. } => {
+            assert!(ran_for > deadline / 2, "{ran_for:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let stats = stats_until(&pool, |s| s.in_flight == 1).await;
+    assert_eq!(stats.cancelled, 1, "aborted on the runner: {stats:?}");
+
+    let spawned = pool.call(&SLEEP, 60_000).deadline(deadline).spawn();
+    assert!(matches!(
+        deadline_phase(spawned.await, deadline),
+        firebrand::DeadlinePhase::Running { .. }
+    ));
+    let results = pool
+        .map(&SLEEP, [60_000, 10])
+        .deadline(deadline)
+        .results()
+        .await;
+    assert!(matches!(
+        deadline_phase(results[0].clone(), deadline),
+        firebrand::DeadlinePhase::Running { .. }
+    ));
+    results[1].clone().unwrap();
+    let args = firebrand_runner::BlobArgs {
+        count: 1_000,
+        bytes: 4,
+        delay_ms: 50,
+        fail_at: None,
+        block: false,
+    };
+    let items: Vec<_> = futures_util::StreamExt::collect(
+        pool.stream(&firebrand_runner::BLOBS, args)
+            .deadline(deadline),
+    )
+    .await;
+    let (last, before) = items.split_last().unwrap();
+    assert!(before.iter().all(Result::is_ok) && !before.is_empty());
+    assert!(matches!(
+        deadline_phase(last.clone(), deadline),
+        firebrand::DeadlinePhase::Running { .. }
+    ));
+    let stats = stats_until(&pool, |s| s.in_flight == 1).await;
+    assert_eq!(stats.cancelled, 4, "{stats:?}");
+    pool.shutdown().await;
+
+    let pool = common::pool()
+        .max(1)
+        .deadline(deadline)
+        .build()
+        .await
+        .unwrap();
+    let result = pool.call(&SLEEP, 60_000).await;
+    assert!(matches!(
+        deadline_phase(result, deadline),
+        firebrand::DeadlinePhase::Running { .. }
+    ));
+    // A call can lift it.
+    pool.call(&SLEEP, 400).deadline(None).await.unwrap();
+    pool.shutdown().await;
+}
+
+/// A deadline that passes between retries says so, with the attempts made.
+#[tokio::test]
+async fn a_deadline_passes_while_a_call_waits_to_retry() {
+    let pool = one_runner(1).await;
+    let deadline = Duration::from_millis(250);
+    let result = pool
+        .call(&FAIL, "again".into())
+        .idempotent()
+        .retries(10)
+        .retry_job_errors()
+        .deadline(deadline)
+        .await;
+    match deadline_phase(result, deadline) {
+        firebrand::DeadlinePhase::Retrying { attempts } => assert!(attempts >= 1),
+        other => panic!("{other:?}"),
+    }
+    pool.shutdown().await;
+}

@@ -875,3 +875,36 @@ async fn every_machines_api_request_is_traced_and_counted() {
             && key.labels().any(|l| l.key() == "op" && l.value() == "wait")
     }));
 }
+
+/// Issue 25: a deadline that passes while the only runner boots names that runner, and the
+/// boot nobody waits for any more is cancelled: its machine never serves.
+#[tokio::test]
+async fn a_deadline_passes_while_the_runner_boots_and_names_it() {
+    let fly = fake().await;
+    fly.slow_creates(3 * SECOND);
+    let pool = pool(backend(&fly).build().unwrap()).build().await.unwrap();
+    let deadline = Duration::from_millis(300);
+    let started = Instant::now();
+    let result = pool.call(&PID, ()).deadline(deadline).await;
+    match &result {
+        Err(
+            error @ firebrand::CallError::DeadlinePassed {
+                phase: firebrand::DeadlinePhase::Booting { runner },
+                ..
+            },
+        ) => {
+            let shown = error.to_string();
+            assert!(
+                shown.contains(&format!("passed while runner {runner} booted")),
+                "{shown}"
+            );
+        }
+        other => panic!("expected a deadline while booting, got {other:?}"),
+    }
+    assert!(started.elapsed() < 3 * SECOND, "{:?}", started.elapsed());
+    // The create answers at 3 s; its machine is destroyed then, with no runner ever up on it.
+    assert!(fly.wait_for(10 * SECOND, |c| c.created == 1).await);
+    assert!(fly.all_destroyed(10 * SECOND).await, "{:?}", fly.machines());
+    assert_eq!(pool.stats().ready, 0);
+    shut_down_clean(pool, &fly).await;
+}

@@ -69,6 +69,16 @@ pub enum CallError<E = RemoteError> {
         /// The execution timeout.
         after: Duration,
     },
+    /// The call's [`deadline`](crate::Call::deadline) passed. It bounds the caller's whole
+    /// wait (queue, boot, sending and the job's run together); the call was cancelled, on its
+    /// runner too.
+    #[error("the call's deadline of {} passed {phase}", Shown(deadline))]
+    DeadlinePassed {
+        /// The deadline, as set.
+        deadline: Duration,
+        /// What the call was waiting for when it passed.
+        phase: DeadlinePhase,
+    },
     /// The runner was lost while the call ran. The job may or may not have run.
     #[error(
         "runner {runner} was lost mid-call ({reason}); the job may or may not have run: mark \
@@ -143,6 +153,57 @@ pub enum CallError<E = RemoteError> {
     /// A [`RemoteTask`](crate::RemoteTask) was aborted; its job was cancelled on the runner.
     #[error("the task was aborted, and its job cancelled on the runner")]
     Aborted,
+}
+
+/// What a call was waiting for when its deadline passed: the phase
+/// [`CallError::DeadlinePassed`] names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadlinePhase {
+    /// Waiting for a slot, with `behind` calls ahead of it in the queue.
+    Queued {
+        /// How many calls were ahead of it.
+        behind: usize,
+    },
+    /// Waiting for a slot while `runner` booted, with no runner up to serve it.
+    Booting {
+        /// The runner booting (the one that started first, if several were).
+        runner: RunnerId,
+    },
+    /// Its request being sent: a large argument encoded, the request written.
+    Sending,
+    /// Its job running on `runner`, for `ran_for`.
+    Running {
+        /// The runner the job ran on.
+        runner: RunnerId,
+        /// How long the job had run.
+        ran_for: Duration,
+    },
+    /// Waiting to retry, after `attempts` attempts failed.
+    Retrying {
+        /// How many attempts had failed.
+        attempts: usize,
+    },
+}
+
+impl fmt::Display for DeadlinePhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeadlinePhase::Queued { behind: 0 } => f.write_str("while queued, first in line"),
+            DeadlinePhase::Queued { behind: 1 } => f.write_str("while queued behind 1 call"),
+            DeadlinePhase::Queued { behind } => write!(f, "while queued behind {behind} calls"),
+            DeadlinePhase::Booting { runner } => write!(f, "while runner {runner} booted"),
+            DeadlinePhase::Sending => f.write_str("while its request was sent"),
+            DeadlinePhase::Running { runner, ran_for } => write!(
+                f,
+                "while the job ran for {} on runner {runner}",
+                Shown(ran_for)
+            ),
+            DeadlinePhase::Retrying { attempts } => {
+                write!(f, "while waiting to retry after {attempts} failed attempts")
+            }
+        }
+    }
 }
 
 /// A duration as people read it: `250ms`, `30s`, `1.5s`, never `0ns`.
@@ -240,6 +301,7 @@ impl CallError<RemoteError> {
             C::QueueTimeout { waited } => C::QueueTimeout { waited },
             C::Overloaded { queued } => C::Overloaded { queued },
             C::Timeout { after } => C::Timeout { after },
+            C::DeadlinePassed { deadline, phase } => C::DeadlinePassed { deadline, phase },
             C::RunnerLost { runner, reason } => C::RunnerLost { runner, reason },
             C::Panicked { message } => C::Panicked { message },
             C::UnknownJob { job } => C::UnknownJob { job },
@@ -472,6 +534,23 @@ mod tests {
                 "raise the pool's `max`",
             ),
             (CallError::Overloaded { queued: 9 }, "raise `max`"),
+            (
+                CallError::DeadlinePassed {
+                    deadline: Duration::from_millis(100),
+                    phase: DeadlinePhase::Queued { behind: 4 },
+                },
+                "the call's deadline of 100ms passed while queued behind 4 calls",
+            ),
+            (
+                CallError::DeadlinePassed {
+                    deadline: Duration::from_millis(100),
+                    phase: DeadlinePhase::Running {
+                        runner,
+                        ran_for: Duration::from_millis(80),
+                    },
+                },
+                "passed while the job ran for 80ms on runner 00000000",
+            ),
             (
                 CallError::Timeout {
                     after: Duration::from_secs(30),

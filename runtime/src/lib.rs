@@ -58,7 +58,8 @@ pub use backend::fly::FlyBackend;
 pub use backend::kubernetes::KubernetesBackend;
 pub use backend::{Backend, LocalBackend};
 pub use error::{
-    BackendError, BootError, CallError, PoolError, ProviderError, RemoteError, RunnerId,
+    BackendError, BootError, CallError, DeadlinePhase, PoolError, ProviderError, RemoteError,
+    RunnerId,
 };
 pub use job::{
     IntoJobError, Job, JobError, Payload, ResourceJob, StreamJob, TypedJobError, UsingJob,

@@ -35,6 +35,8 @@ pub mod defaults {
     pub const TIMEOUT: Duration = Duration::from_secs(30);
     /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A call's default [`deadline`](crate::PoolBuilder::deadline): none.
+    pub const DEADLINE: Option<Duration> = None;
     /// [`drain_grace`](crate::PoolBuilder::drain_grace).
     pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
     /// [`terminate_grace`](crate::PoolBuilder::terminate_grace).

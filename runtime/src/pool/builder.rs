@@ -27,6 +27,7 @@ pub(crate) struct PoolConfig {
     pub(crate) runner_log_level: String,
     pub(crate) call_timeout: Option<Duration>,
     pub(crate) queue_timeout: Duration,
+    pub(crate) deadline: Option<Duration>,
     pub(crate) single_use: bool,
     pub(crate) drain_grace: Duration,
     pub(crate) terminate_grace: Duration,
@@ -91,6 +92,7 @@ impl PoolConfig {
             ("boot_timeout", Some(self.boot_timeout), false),
             ("queue_timeout", Some(self.queue_timeout), false),
             ("timeout", self.call_timeout, false),
+            ("deadline", self.deadline, false),
             ("idle_shutdown_after", self.idle_shutdown_after, false),
             (
                 "min_idle_shutdown_after",
@@ -195,6 +197,7 @@ impl PoolBuilder {
                 boot_timeout: defaults::BOOT_TIMEOUT,
                 call_timeout: Some(defaults::TIMEOUT),
                 queue_timeout: defaults::QUEUE_TIMEOUT,
+                deadline: defaults::DEADLINE,
                 single_use: false,
                 drain_grace: defaults::DRAIN_GRACE,
                 terminate_grace: defaults::TERMINATE_GRACE,
@@ -295,6 +298,16 @@ impl PoolBuilder {
     /// How long a call may wait for a free runner slot. Default: [`defaults::QUEUE_TIMEOUT`], 30 s.
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.config.queue_timeout = timeout;
+        self
+    }
+
+    /// The default [`deadline`](crate::Call::deadline) of every call, stream and resource:
+    /// one bound on the caller's whole wait (queue, boot, sending, the job's run and retries
+    /// together); `None` for none. Default: [`defaults::DEADLINE`], none: `queue_timeout` and
+    /// `timeout` bound their own phases. See `docs/timeouts.md` for how the three compare
+    /// with FLAME's `timeout` and a gRPC deadline.
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.config.deadline = deadline.into();
         self
     }
 

@@ -18,7 +18,7 @@ use super::observe::CallOutcome;
 use super::task::RemoteTask;
 use super::Shared;
 use crate::backoff::Backoff;
-use crate::error::{CallError, RemoteError, RunnerId};
+use crate::error::{CallError, DeadlinePhase, RemoteError, RunnerId};
 use crate::job::{Job, JobDefaults, JobError, Payload};
 use crate::trace::TraceId;
 use crate::wire;
@@ -63,6 +63,8 @@ pub(super) struct Options {
     pub(super) timeout: Option<Duration>,
     /// How long a call may wait for a slot.
     pub(super) queue_timeout: Duration,
+    /// The bound on the caller's whole wait; `None` for none.
+    pub(super) deadline: Option<Duration>,
     /// The trace id; a new one per call when unset.
     pub(super) trace_id: Option<TraceId>,
 }
@@ -73,6 +75,7 @@ impl Options {
         Self {
             timeout: shared.config.call_timeout,
             queue_timeout: shared.config.queue_timeout,
+            deadline: shared.config.deadline,
             trace_id: None,
         }
     }
@@ -159,6 +162,27 @@ impl<A: Payload, R: Payload, E: JobError> Call<A, R, E> {
     /// [`queue_timeout`](crate::PoolBuilder::queue_timeout).
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.options.queue_timeout = timeout;
+        self
+    }
+
+    /// One bound on this call's whole wait: the queue, a boot, sending the request, the job's
+    /// run and any retries together, from the first poll. When it passes, the call is
+    /// cancelled (on its runner too) and fails with [`CallError::DeadlinePassed`], which says
+    /// what it was waiting for. `timeout` and `queue_timeout` still bound their own phase.
+    /// `None` for none. Default: the pool's [`deadline`](crate::PoolBuilder::deadline), none
+    /// unless set.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: firebrand::Pool) -> Result<(), firebrand::CallError> {
+    /// # const JOB: firebrand::Job<u32, u32> = firebrand::Job::new("job");
+    /// use std::time::Duration;
+    ///
+    /// // Answer within 100 ms, or not at all, whether the pool is full, booting or slow.
+    /// let out = pool.call(&JOB, 7).deadline(Duration::from_millis(100)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.options.deadline = deadline.into();
         self
     }
 
@@ -264,6 +288,7 @@ impl<A: Payload, R: Payload, E: JobError> Call<A, R, E> {
             deferred,
             timeout,
             queue_timeout: self.options.queue_timeout,
+            deadline: Deadline::after(self.options.deadline),
             retry: self.retry,
             trace_id,
             output: std::marker::PhantomData,
@@ -284,19 +309,70 @@ pub(super) struct Prepared<R> {
     deferred: Option<DeferredEncoding>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
+    deadline: Option<Deadline>,
     retry: Retry,
     trace_id: TraceId,
     output: std::marker::PhantomData<fn() -> R>,
 }
 
+/// When a call's [`deadline`](Call::deadline) passes, from its first poll.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    at: Instant,
+    /// As set, for the error.
+    length: Duration,
+}
+
+impl Deadline {
+    /// The deadline `length` from now; `None` for none, or for one too far off to represent.
+    pub(super) fn after(length: Option<Duration>) -> Option<Self> {
+        let length = length?;
+        Some(Self {
+            at: Instant::now().checked_add(length)?,
+            length,
+        })
+    }
+
+    /// When it passes.
+    pub(super) fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// The error of a call whose deadline passed in `phase`.
+    pub(super) fn passed(&self, phase: DeadlinePhase) -> CallError {
+        CallError::DeadlinePassed {
+            deadline: self.length,
+            phase,
+        }
+    }
+
+    /// `future`, unless `deadline` passes first; then the error for `phase`.
+    pub(super) async fn bound<T>(
+        deadline: Option<&Deadline>,
+        future: impl Future<Output = Result<T, CallError>>,
+        phase: impl FnOnce() -> DeadlinePhase,
+    ) -> Result<T, CallError> {
+        match deadline {
+            None => future.await,
+            Some(deadline) => tokio::time::timeout_at(deadline.at, future)
+                .await
+                .unwrap_or_else(|_| Err(deadline.passed(phase()))),
+        }
+    }
+}
+
 impl<R: Payload> Prepared<R> {
     pub(super) async fn run(mut self, shared: &Arc<Shared>) -> Result<R, CallError> {
         if let Some(encoding) = self.deferred.take() {
-            self.request = encoding.await.unwrap_or_else(|e| {
-                Err(CallError::Encode {
-                    message: format!("encoding the argument failed: {e}"),
+            let encoded = async {
+                encoding.await.unwrap_or_else(|e| {
+                    Err(CallError::Encode {
+                        message: format!("encoding the argument failed: {e}"),
+                    })
                 })
-            })?;
+            };
+            self.request =
+                Deadline::bound(self.deadline.as_ref(), encoded, || DeadlinePhase::Sending).await?;
         }
         if self.retry.retries == 0 {
             let request = std::mem::take(&mut self.request);
@@ -318,7 +394,15 @@ impl<R: Payload> Prepared<R> {
             match next {
                 Some(delay) => {
                     tracing::debug!(job = self.job, attempt = failures.len(), ?delay, error = %failures[failures.len() - 1], "retrying");
-                    tokio::time::sleep(delay).await;
+                    let attempts = failures.len();
+                    let wait = async {
+                        tokio::time::sleep(delay).await;
+                        Ok(())
+                    };
+                    Deadline::bound(self.deadline.as_ref(), wait, || DeadlinePhase::Retrying {
+                        attempts,
+                    })
+                    .await?;
                 }
                 None if failures.len() == 1 => return Err(failures.remove(0)),
                 None => return Err(CallError::Attempts { attempts: failures }),
@@ -327,7 +411,8 @@ impl<R: Payload> Prepared<R> {
     }
 
     async fn attempt(&self, shared: &Arc<Shared>, request: Request) -> Result<R, CallError> {
-        let placed = place(shared, self.job, self.queue_timeout, &request).await?;
+        let deadline = self.deadline.as_ref();
+        let placed = place(shared, self.job, self.queue_timeout, deadline, &request).await?;
         drop(request);
         let span = tracing::debug_span!(
             "call",
@@ -342,9 +427,17 @@ impl<R: Payload> Prepared<R> {
             stream,
             queued_for,
         } = placed;
-        exchange(shared, lease, stream, self.job, queued_for, self.timeout)
-            .instrument(span)
-            .await
+        exchange(
+            shared,
+            lease,
+            stream,
+            self.job,
+            queued_for,
+            self.timeout,
+            deadline,
+        )
+        .instrument(span)
+        .await
     }
 }
 
@@ -363,19 +456,22 @@ pub(super) struct Placed<S: std::ops::Deref<Target = Shared>> {
 /// Takes a slot and sends `request` on it. A runner whose connection is found gone before the
 /// request left never received the call: it is marked dead (no call is placed on it again)
 /// and the call is placed anew, on another runner or one that boots for it. Only a call the
-/// runner may have received fails with [`CallError::RunnerLost`].
+/// runner may have received fails with [`CallError::RunnerLost`]. `deadline` bounds it all.
 pub(super) async fn place<'a>(
     shared: &'a Arc<Shared>,
     job: &'static str,
     queue_timeout: Duration,
+    deadline: Option<&Deadline>,
     request: &Request,
 ) -> Result<Placed<&'a Shared>, CallError> {
     let queued_at = Instant::now();
     let mut placements = 0;
     loop {
-        let lease = shared.acquire(job, queue_timeout).await?;
+        let lease = shared.acquire(job, queue_timeout, deadline).await?;
         let runner = Arc::clone(lease.runner());
-        let error = match runner.open(request.clone()).await {
+        let opened = async { Ok(runner.open(request.clone()).await) };
+        let opened = Deadline::bound(deadline, opened, || DeadlinePhase::Sending).await?;
+        let error = match opened {
             Ok(stream) => {
                 return Ok(Placed {
                     lease,
@@ -462,7 +558,8 @@ fn encode_error(error: wire::WireError) -> CallError {
 /// Reads the reply to a request sent on `stream` to the runner `slot` reaches, reporting the
 /// call started and finished, and decodes its result. The slot (a lease, or a plain reference)
 /// is let go as soon as the reply is in, before decoding. The current span's `ran_ms` field,
-/// where it has one, gets the run time.
+/// where it has one, gets the run time. When `deadline` passes first, the stream is dropped,
+/// which cancels the job on the runner.
 pub(super) async fn exchange<R: Payload>(
     shared: &Shared,
     slot: impl Borrow<RunnerHandle>,
@@ -470,13 +567,19 @@ pub(super) async fn exchange<R: Payload>(
     job: &'static str,
     queued_for: Duration,
     timeout: Option<Duration>,
+    deadline: Option<&Deadline>,
 ) -> Result<R, CallError> {
     let runner = slot.borrow();
     let mut running = Running::start(shared, job, runner.id, queued_for);
-    let reply = runner
-        .reply(stream, timeout)
-        .await
-        .map_err(|e| super::handle::named(e, job));
+    let started = running.started;
+    let reply = Deadline::bound(deadline, runner.reply(stream, timeout), || {
+        DeadlinePhase::Running {
+            runner: runner.id,
+            ran_for: started.elapsed(),
+        }
+    })
+    .await
+    .map_err(|e| super::handle::named(e, job));
     drop(slot);
     let output = match reply {
         Ok(reply) => decode_reply(reply).await,
@@ -518,7 +621,7 @@ pub(super) struct Running<S: std::ops::Deref<Target = Shared>> {
     shared: S,
     pub(super) job: &'static str,
     runner: RunnerId,
-    started: Instant,
+    pub(super) started: Instant,
     pub(super) outcome: CallOutcome,
 }
 

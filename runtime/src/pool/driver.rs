@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::call::Deadline;
 use super::handle::RunnerHandle;
 use super::placement::{Action, Arrival, Scheduler, Waiter, WaiterId};
 use super::{PoolStats, Shared};
@@ -272,6 +274,7 @@ impl Shared {
         &self,
         job: &'static str,
         queue_timeout: Duration,
+        deadline: Option<&Deadline>,
     ) -> Result<Lease<&Self>, CallError> {
         let mut receiver = None;
         let arrival = self.drive(|state| {
@@ -295,8 +298,15 @@ impl Shared {
         let queued = receiver.expect("made for the queue");
         self.observer.emit(|| super::PoolEvent::CallQueued { job });
         let place = QueuePlace { shared: self, id };
+        // Whichever comes first: the queue timeout, or the call's deadline.
+        let queue_ends = Instant::now().checked_add(queue_timeout);
+        let by_deadline = deadline.filter(|d| queue_ends.is_none_or(|ends| d.at() < ends));
+        let ends = by_deadline.map(Deadline::at).or(queue_ends);
         // The receiver is dropped with the timeout future, before the state is locked below.
-        let outcome = tokio::time::timeout(queue_timeout, queued).await;
+        let outcome = match ends {
+            Some(ends) => tokio::time::timeout_at(ends, queued).await,
+            None => Ok(queued.await),
+        };
         match outcome {
             Ok(Ok(granted)) => {
                 // Served: it left the queue when it was granted.
@@ -314,8 +324,12 @@ impl Shared {
             Err(_) => {
                 std::mem::forget(place);
                 Err(self.drive(|state| {
+                    let error = match by_deadline {
+                        Some(deadline) => deadline.passed(state.scheduler.queued_phase(id)),
+                        None => state.scheduler.queue_timeout_error(queue_timeout),
+                    };
                     state.scheduler.waiter_left(id);
-                    state.scheduler.queue_timeout_error(queue_timeout)
+                    error
                 }))
             }
         }

@@ -4,6 +4,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_util::stream::{BoxStream, Stream, StreamExt as _};
+use std::time::Duration;
+
 use sync_wrapper::SyncWrapper;
 
 use super::Pool;
@@ -58,6 +60,8 @@ pub struct Map<A, R, E = RemoteError> {
     ordered: bool,
     in_flight: Option<usize>,
     stop_on_error: bool,
+    /// Each input's call's deadline, when set.
+    deadline: Option<Option<Duration>>,
     progress: SyncWrapper<Option<Hook>>,
     running: SyncWrapper<Option<Results<R, E>>>,
     stopped: bool,
@@ -91,6 +95,7 @@ impl<A: Payload, R: Payload, E: JobError> Map<A, R, E> {
             ordered: true,
             in_flight: None,
             stop_on_error: false,
+            deadline: None,
             progress: SyncWrapper::new(None),
             running: SyncWrapper::new(None),
             stopped: false,
@@ -106,6 +111,14 @@ impl<A: Payload, R: Payload, E: JobError> Map<A, R, E> {
     /// The most calls running at once. Default: the pool's `max × max_concurrency`.
     pub fn in_flight(mut self, n: usize) -> Self {
         self.in_flight = Some(n.max(1));
+        self
+    }
+
+    /// Each input's call's [`deadline`](crate::Call::deadline), from when that call starts
+    /// (not from the map's start): an input that waits behind the map's own `in_flight` limit
+    /// has not started. Default: the pool's [`deadline`](crate::PoolBuilder::deadline).
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.deadline = Some(deadline.into());
         self
     }
 
@@ -147,8 +160,12 @@ impl<A: Payload, R: Payload, E: JobError> Map<A, R, E> {
         let (inputs, total) = self.inputs.get_mut().take().expect("started once");
         let pool = self.pool.clone();
         let job = self.job;
+        let deadline = self.deadline;
         let calls = inputs.enumerate().map(move |(index, args)| {
-            let call = pool.call(&job, args);
+            let mut call = pool.call(&job, args);
+            if let Some(deadline) = deadline {
+                call = call.deadline(deadline);
+            }
             async move { (index, call.await) }
         });
         let limit = self.in_flight.unwrap_or_else(|| self.pool.slots()).max(1);

@@ -24,7 +24,7 @@ use super::builder::Placement;
 use super::resize::Limits;
 use super::PoolStats;
 use crate::backoff::Backoff;
-use crate::error::{BootError, CallError, RunnerId};
+use crate::error::{BootError, CallError, DeadlinePhase, RunnerId};
 
 /// The weight of the newest sample in the boot-time and serve-interval estimates: about the
 /// last eight count.
@@ -304,6 +304,24 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             Some(error) if self.runners.is_empty() => CallError::BootFailed(Arc::clone(error)),
             _ => CallError::QueueTimeout { waited },
         }
+    }
+
+    /// What waiting caller `id` waits for: a boot, when no runner is up and one boots (the
+    /// one that started first), else its turn, behind the living callers ahead of it.
+    pub fn queued_phase(&self, id: WaiterId) -> DeadlinePhase {
+        if self.live == 0 {
+            let first = self.booting.iter().min_by_key(|(_, boot)| boot.started);
+            if let Some((runner, _)) = first {
+                return DeadlinePhase::Booting { runner: *runner };
+            }
+        }
+        let behind = self
+            .waiters
+            .iter()
+            .take_while(|(waiter, _, _)| *waiter != id)
+            .filter(|(_, _, waiter)| !waiter.is_gone())
+            .count();
+        DeadlinePhase::Queued { behind }
     }
 
     /// Moves the actions the last events produced into `into`.

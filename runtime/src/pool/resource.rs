@@ -8,12 +8,12 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use sync_wrapper::SyncWrapper;
 
-use super::call::{check_callable, encode, exchange, place, Options, Placed, Running};
+use super::call::{check_callable, encode, exchange, place, Deadline, Options, Placed, Running};
 use super::driver::Lease;
 use super::handle::RunnerHandle;
 use super::observe::CallOutcome;
 use super::{Pool, Shared};
-use crate::error::{CallError, RemoteError, RunnerId};
+use crate::error::{CallError, DeadlinePhase, RemoteError, RunnerId};
 use crate::job::{JobError, Payload, ResourceJob, UsingJob};
 use crate::trace::TraceId;
 use crate::wire;
@@ -107,6 +107,14 @@ impl<A: Payload, T: 'static> MakeResource<A, T> {
         self
     }
 
+    /// One bound on the whole wait for the resource: queue, boot and the job that makes it,
+    /// as [`Call::deadline`](crate::Call::deadline). Default: the pool's
+    /// [`deadline`](crate::PoolBuilder::deadline).
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.options.deadline = deadline.into();
+        self
+    }
+
     /// The trace id the runner's log lines for the job carry. Default: a new one.
     pub fn trace_id(mut self, id: TraceId) -> Self {
         self.options.trace_id = Some(id);
@@ -122,6 +130,8 @@ impl<A: Payload, T: 'static> MakeResource<A, T> {
             ..
         } = self;
         check_callable(&shared, name)?;
+        let deadline = Deadline::after(options.deadline);
+        let deadline = deadline.as_ref();
         let request = encode(
             &shared,
             name,
@@ -134,11 +144,20 @@ impl<A: Payload, T: 'static> MakeResource<A, T> {
             lease,
             mut stream,
             queued_for,
-        } = place(&shared, name, options.queue_timeout, &request).await?;
+        } = place(&shared, name, options.queue_timeout, deadline, &request).await?;
         let lease = lease.into_owned(Arc::clone(&shared));
         let runner = Arc::clone(lease.runner());
         let mut running = Running::start(&*shared, name, runner.id, queued_for);
-        let made = runner.resource_reply(&mut stream, options.timeout).await;
+        let started = running.started;
+        let made = Deadline::bound(
+            deadline,
+            runner.resource_reply(&mut stream, options.timeout),
+            || DeadlinePhase::Running {
+                runner: runner.id,
+                ran_for: started.elapsed(),
+            },
+        )
+        .await;
         running.outcome = CallOutcome::of(&made.as_ref().map(|_| ()));
         drop(running);
         let id = made?;
@@ -249,6 +268,14 @@ impl<'a, A: Payload, R: Payload, E: JobError> ResourceCall<'a, A, R, E> {
         self
     }
 
+    /// One bound on the call's whole wait, sending and the job's run, as
+    /// [`Call::deadline`](crate::Call::deadline) (a call on a resource never queues: the
+    /// resource holds its slot). Default: the pool's [`deadline`](crate::PoolBuilder::deadline).
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.options.deadline = deadline.into();
+        self
+    }
+
     /// The trace id the runner's log lines for the call carry. Default: a new one.
     pub fn trace_id(mut self, id: TraceId) -> Self {
         self.options.trace_id = Some(id);
@@ -258,6 +285,8 @@ impl<'a, A: Payload, R: Payload, E: JobError> ResourceCall<'a, A, R, E> {
     async fn run(self) -> Result<R, CallError> {
         let name = self.job;
         check_callable(self.shared, name)?;
+        let deadline = Deadline::after(self.options.deadline);
+        let deadline = deadline.as_ref();
         let request = encode(
             self.shared,
             name,
@@ -268,10 +297,8 @@ impl<'a, A: Payload, R: Payload, E: JobError> ResourceCall<'a, A, R, E> {
         )?;
         // No placement: the resource lives on this runner, and the handle holds its slot.
         let runner = self.runner;
-        let stream = runner
-            .open(request)
-            .await
-            .map_err(|e| runner.wire_error(e))?;
+        let opened = async { runner.open(request).await.map_err(|e| runner.wire_error(e)) };
+        let stream = Deadline::bound(deadline, opened, || DeadlinePhase::Sending).await?;
         exchange(
             self.shared,
             &**runner,
@@ -279,6 +306,7 @@ impl<'a, A: Payload, R: Payload, E: JobError> ResourceCall<'a, A, R, E> {
             name,
             Duration::ZERO,
             self.options.timeout,
+            deadline,
         )
         .await
     }

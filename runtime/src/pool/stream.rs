@@ -9,12 +9,12 @@ use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use sync_wrapper::SyncWrapper;
 use tokio::time::Instant;
 
-use super::call::{check_callable, encode, place, Options, Request, Running};
+use super::call::{check_callable, encode, place, Deadline, Options, Request, Running};
 use super::driver::Lease;
 use super::handle::{reply_error, CallStream};
 use super::observe::CallOutcome;
 use super::Shared;
-use crate::error::CallError;
+use crate::error::{CallError, DeadlinePhase};
 use crate::job::{Payload, StreamJob};
 use crate::trace::TraceId;
 use crate::wire::{self, ReplyHead};
@@ -78,6 +78,17 @@ impl<T: Payload> RemoteStream<T> {
         self
     }
 
+    /// One bound on the whole stream, from its first poll to its last item: queue, boot and
+    /// the job's run together, as [`Call::deadline`](crate::Call::deadline). When it passes,
+    /// the stream yields [`CallError::DeadlinePassed`] and ends, and the job is cancelled.
+    /// Default: the pool's [`deadline`](crate::PoolBuilder::deadline).
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        if let Some(pending) = self.pending.get_mut() {
+            pending.options.deadline = deadline.into();
+        }
+        self
+    }
+
     /// The trace id the runner's log lines for this stream carry. Default: a new one.
     pub fn trace_id(mut self, id: TraceId) -> Self {
         if let Some(pending) = self.pending.get_mut() {
@@ -92,6 +103,7 @@ impl<T: Payload> RemoteStream<T> {
         let start = Start {
             timeout: pending.options.timeout,
             queue_timeout: pending.options.queue_timeout,
+            deadline: Deadline::after(pending.options.deadline),
             shared: pending.shared,
             job: pending.job,
             request,
@@ -150,6 +162,7 @@ struct Start {
     request: Result<Request, CallError>,
     timeout: Option<Duration>,
     queue_timeout: Duration,
+    deadline: Option<Deadline>,
 }
 
 struct Open {
@@ -162,6 +175,8 @@ struct Open {
     /// that stops sending while its connection stays up (a job that blocks its thread) must
     /// not hang the reader.
     deadline: Option<Instant>,
+    /// The caller's [`deadline`](RemoteStream::deadline) for the whole stream.
+    call_deadline: Option<Deadline>,
 }
 
 pub(super) fn start<A: Payload, T: Payload>(
@@ -187,7 +202,15 @@ pub(super) fn start<A: Payload, T: Payload>(
 impl Start {
     async fn open(self) -> Result<Open, CallError> {
         let request = self.request?;
-        let placed = place(&self.shared, self.job, self.queue_timeout, &request).await?;
+        let deadline = self.deadline.as_ref();
+        let placed = place(
+            &self.shared,
+            self.job,
+            self.queue_timeout,
+            deadline,
+            &request,
+        )
+        .await?;
         drop(request);
         let lease = placed.lease.into_owned(Arc::clone(&self.shared));
         let runner = Arc::clone(lease.runner());
@@ -204,23 +227,36 @@ impl Start {
             lease,
             timeout: self.timeout,
             deadline: self.timeout.and_then(|t| Instant::now().checked_add(t)),
+            call_deadline: self.deadline,
         })
     }
 }
 
 /// Reads the next item, or the stream's end or error, by the stream's deadline.
 async fn next_item<T: Payload>(mut open: Open) -> Option<(Result<T, CallError>, Step)> {
-    let deadline = open.deadline;
+    let timeout = open.timeout.unwrap_or_default();
+    let call_deadline = open.call_deadline;
+    let runner = open.lease.runner().id;
+    let started = open.running.started;
+    // The earlier of the two: the stream's execution timeout, or the caller's deadline.
+    let ends = match (open.deadline, call_deadline) {
+        (Some(at), Some(deadline)) if deadline.at() < at => Some((deadline.at(), call_deadline)),
+        (Some(at), _) => Some((at, None)),
+        (None, Some(deadline)) => Some((deadline.at(), call_deadline)),
+        (None, None) => None,
+    };
     let read = read_item::<T>(&mut open);
-    let read = match deadline {
+    let read = match ends {
         None => read.await,
-        Some(deadline) => tokio::time::timeout_at(deadline, read)
-            .await
-            .unwrap_or_else(|_| {
-                Read::Failed(CallError::Timeout {
-                    after: open.timeout.unwrap_or_default(),
-                })
-            }),
+        Some((at, by_deadline)) => tokio::time::timeout_at(at, read).await.unwrap_or_else(|_| {
+            Read::Failed(match by_deadline {
+                Some(deadline) => deadline.passed(DeadlinePhase::Running {
+                    runner,
+                    ran_for: started.elapsed(),
+                }),
+                None => CallError::Timeout { after: timeout },
+            })
+        }),
     };
     match read {
         Read::Item(item) => Some((Ok(item), Step::Open(open))),

@@ -131,6 +131,19 @@ pub enum KubernetesError {
         /// How: `exit code 3 (Error)`, `exit code 137 (OOMKilled)`.
         exit: String,
     },
+    /// The runner pod was deleted while it booted because its parent pod is gone: Kubernetes'
+    /// garbage collector takes every pod the parent makes. Permanent: the pool boots no more.
+    #[error(
+        "runner pod {pod} was deleted while it booted: its parent pod {parent} is gone, and \
+         the garbage collector takes every runner pod it owns; this parent's container is \
+         being stopped"
+    )]
+    ParentGone {
+        /// The pod.
+        pod: String,
+        /// The parent pod's name.
+        parent: String,
+    },
     /// The runner pod was deleted while it booted, by someone other than this backend.
     #[error("runner pod {pod} was deleted while it booted")]
     Deleted {
@@ -155,7 +168,8 @@ impl KubernetesError {
             | KubernetesError::Invalid { .. }
             | KubernetesError::Unschedulable { .. }
             | KubernetesError::ImagePull { .. }
-            | KubernetesError::Container { .. } => true,
+            | KubernetesError::Container { .. }
+            | KubernetesError::ParentGone { .. } => true,
             // 401: expired or wrong credentials; 403 from neither RBAC, Pod Security nor quota:
             // an admission webhook or policy, which refuses the next pod the same way.
             KubernetesError::Api { code, .. } => matches!(code, 401 | 403),

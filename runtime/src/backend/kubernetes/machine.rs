@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::api::KubeApi;
-use super::pod::{progress, Progress, TERMINATION_MARGIN};
+use super::pod::{progress, ParentPod, Progress, TERMINATION_MARGIN};
 use super::watch::{Follower, PodWatch, Seen, WatchFailure};
 use super::KubernetesError;
 use crate::backend::{Exit, Machine};
@@ -31,6 +31,9 @@ pub(crate) struct RunnerPod {
     image: String,
     /// How long the pod may stay unschedulable while it boots.
     unschedulable_grace: Duration,
+    /// The parent pod that owns it: when the pod is deleted while it boots, whether its
+    /// parent is gone too tells a permanent failure from a passing one.
+    parent: ParentPod,
     /// Until `terminate` takes over, dropping this deletes the pod.
     armed: bool,
 }
@@ -44,6 +47,7 @@ impl RunnerPod {
         name: String,
         image: String,
         unschedulable_grace: Duration,
+        parent: ParentPod,
     ) -> Self {
         let follower = watch.follow(&name);
         Self {
@@ -53,7 +57,26 @@ impl RunnerPod {
             follower,
             image,
             unschedulable_grace,
+            parent,
             armed: true,
+        }
+    }
+
+    /// Why the pod was deleted while it booted: with its parent pod, by the garbage collector
+    /// (every pod this parent makes goes the same way, so it is permanent), or by someone else.
+    async fn deleted(&self, pod: String) -> KubernetesError {
+        match self.api.get_pod(&self.parent.name).await {
+            Ok(found)
+                if found.as_ref().and_then(|p| p.metadata.uid.as_deref())
+                    != Some(self.parent.uid.as_str()) =>
+            {
+                KubernetesError::ParentGone {
+                    pod,
+                    parent: self.parent.name.clone(),
+                }
+            }
+            // Alive, or unknown: a read that failed says nothing of the parent.
+            _ => KubernetesError::Deleted { pod },
         }
     }
 
@@ -70,7 +93,7 @@ impl RunnerPod {
             let mut wake_at = None;
             match seen {
                 Seen::NotYet => {}
-                Seen::Gone(_) => return KubernetesError::Deleted { pod },
+                Seen::Gone(_) => return self.deleted(pod).await,
                 Seen::Pod(state) => match progress(&state) {
                     Progress::Running | Progress::Waiting => {}
                     Progress::Unschedulable(message) => {
@@ -127,7 +150,7 @@ impl RunnerPod {
             tokio::select! {
                 changed = self.follower.seen.changed() => {
                     if changed.is_err() {
-                        return KubernetesError::Deleted { pod };
+                        return self.deleted(pod).await;
                     }
                 }
                 _ = self.follower.failure.changed() => {}

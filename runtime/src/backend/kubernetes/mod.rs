@@ -245,6 +245,7 @@ impl Backend for KubernetesBackend {
                 template.pod_name(request.runner_id),
                 template.image.clone(),
                 *unschedulable_grace,
+                template.parent.clone(),
             );
             // The machine is made once its pod and Secret are: the pool admits the runner when
             // it says hello, and the watch only brings the reasons it never will.
