@@ -193,6 +193,7 @@ fn the_readme_lists_the_defaults_the_builder_uses() {
         ("`boot_timeout`", secs(d::BOOT_TIMEOUT)),
         ("`timeout`", secs(d::TIMEOUT)),
         ("`queue_timeout`", secs(d::QUEUE_TIMEOUT)),
+        ("`deadline`", d::DEADLINE.map_or("none".to_owned(), secs)),
         ("`drain_grace`", secs(d::DRAIN_GRACE)),
         (
             "`boot_retry_after` / `boot_attempts`",

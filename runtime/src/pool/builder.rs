@@ -304,7 +304,7 @@ impl PoolBuilder {
     /// The default [`deadline`](crate::Call::deadline) of every call, stream and resource:
     /// one bound on the caller's whole wait (queue, boot, sending, the job's run and retries
     /// together); `None` for none. Default: [`defaults::DEADLINE`], none: `queue_timeout` and
-    /// `timeout` bound their own phases. See `docs/timeouts.md` for how the three compare
+    /// `timeout` bound their own phases. See `docs/lifecycle.md` for how the three compare
     /// with FLAME's `timeout` and a gRPC deadline.
     pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
         self.config.deadline = deadline.into();

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::call::Deadline;
+use super::deadline::Deadline;
 use super::handle::RunnerHandle;
 use super::placement::{Action, Arrival, Scheduler, Waiter, WaiterId};
 use super::{PoolStats, Shared};

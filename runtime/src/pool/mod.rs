@@ -3,6 +3,7 @@
 mod boot;
 mod builder;
 mod call;
+mod deadline;
 mod driver;
 mod handle;
 mod hooks;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use sync_wrapper::SyncWrapper;
 
-use super::call::{check_callable, encode, exchange, place, Deadline, Options, Placed, Running};
+use super::call::{check_callable, encode, exchange, place, Options, Placed, Running};
+use super::deadline::Deadline;
 use super::driver::Lease;
 use super::handle::RunnerHandle;
 use super::observe::CallOutcome;

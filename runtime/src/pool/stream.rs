@@ -9,7 +9,8 @@ use futures_util::stream::{BoxStream, Stream, StreamExt as _};
 use sync_wrapper::SyncWrapper;
 use tokio::time::Instant;
 
-use super::call::{check_callable, encode, place, Deadline, Options, Request, Running};
+use super::call::{check_callable, encode, place, Options, Request, Running};
+use super::deadline::Deadline;
 use super::driver::Lease;
 use super::handle::{reply_error, CallStream};
 use super::observe::CallOutcome;
