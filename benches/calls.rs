@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use firebrand_runner::{ByteBuf, ECHO_BYTES, LOG, SPIN_BLOCKING};
-use support::{run_in_flight, warm_pool, Latencies, QuicEcho, TcpEcho};
+use support::{run_in_flight, warm_pool, GrpcEcho, Latencies, QuicEcho, TcpEcho};
 
 fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let latencies = Latencies::default();
@@ -58,6 +58,25 @@ fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     });
     drop(quic);
 
+    let grpc = rt.block_on(GrpcEcho::start());
+    let bytes = bytes::Bytes::from(payload.clone());
+    group.bench_function("baseline_grpc", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut nanos = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let reply = grpc.client.echo(bytes.clone()).await;
+                    nanos.push(started.elapsed().as_nanos() as u64);
+                    assert_eq!(reply.len(), 64);
+                }
+                latencies.record("baseline_grpc", nanos.clone());
+                Duration::from_nanos(nanos.iter().sum())
+            })
+        })
+    });
+    drop(grpc);
+
     let mut tcp = TcpEcho::start();
     let mut reply = [0u8; 64];
     group.bench_function("baseline_tcp", |b| {
@@ -93,6 +112,8 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         (4, rt.block_on(warm_pool(4))),
     ];
     let quic = rt.block_on(QuicEcho::start());
+    let grpc = rt.block_on(GrpcEcho::start());
+    let bytes = bytes::Bytes::from(payload.clone());
     let raw = rt.block_on(support::RawParent::start());
     let mut raw_request = firebrand::internals::wire::Chunks::new();
     raw_request
@@ -115,6 +136,17 @@ fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 b.iter_custom(|iters| {
                     rt.block_on(run_in_flight(iters * CALLS, k, || async {
                         assert_eq!(quic.echo(&payload).await.len(), 64);
+                    }))
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("baseline_grpc", in_flight),
+            &in_flight,
+            |b, &k| {
+                b.iter_custom(|iters| {
+                    rt.block_on(run_in_flight(iters * CALLS, k, || async {
+                        assert_eq!(grpc.client.echo(bytes.clone()).await.len(), 64);
                     }))
                 })
             },
@@ -158,10 +190,28 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         .measurement_time(Duration::from_secs(4));
     let pool = rt.block_on(warm_pool(1));
     let quic = rt.block_on(QuicEcho::start());
+    let grpc = rt.block_on(GrpcEcho::start());
     for size in [1usize << 20, 16 << 20, 64 << 20] {
         let data = vec![0x5Au8; size];
         // The argument goes out and the result comes back: both directions count.
         group.throughput(Throughput::Bytes(2 * size as u64));
+        group.bench_with_input(
+            BenchmarkId::new("baseline_grpc", size >> 20),
+            &size,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            // As the Firebrand caller does: its own copy of the data each time.
+                            let sent = bytes::Bytes::from(data.clone());
+                            assert_eq!(grpc.client.echo(sent).await.len(), size);
+                        }
+                        started.elapsed()
+                    })
+                })
+            },
+        );
         group.bench_with_input(
             BenchmarkId::new("baseline_quic", size >> 20),
             &size,
@@ -238,6 +288,59 @@ fn cpu_per_call(rt: &tokio::runtime::Runtime) {
     });
     let results = serde_json::Value::Object(results.into_inner().unwrap());
     support::write_results("cpu", &results);
+}
+
+/// Wake-ups per warm call: how often each side's threads block and are woken again, for
+/// 64-byte echo calls one at a time, on Firebrand, the raw QUIC floor and tonic, in the same run.
+/// On this VM a blocked thread whose vCPU halts costs tens of µs to wake: the count is where
+/// the warm path's time beyond the floor goes.
+fn wakeups_per_call(rt: &tokio::runtime::Runtime) {
+    const CALLS: u64 = 5_000;
+    let payload = vec![7u8; 64];
+    let me = std::process::id();
+    let mut results = serde_json::Map::new();
+    let mut measure = |name: &str, peer: u32, run: &dyn Fn()| {
+        run();
+        let (parent, child) = (support::blocks_of(me), support::blocks_of(peer));
+        run();
+        let parent = (support::blocks_of(me) - parent) as f64 / CALLS as f64;
+        let child = (support::blocks_of(peer) - child) as f64 / CALLS as f64;
+        println!("{name:>14}: wake-ups per call: parent {parent:.2}, peer {child:.2}");
+        results.insert(
+            name.to_string(),
+            serde_json::json!({ "parent": parent, "peer": child }),
+        );
+    };
+    let pool = rt.block_on(warm_pool(1));
+    let runner = rt.block_on(pool.call(&firebrand_runner::PID, ())).unwrap();
+    measure("firebrand", runner, &|| {
+        rt.block_on(async {
+            for _ in 0..CALLS {
+                let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
+                assert_eq!(reply.unwrap().len(), 64);
+            }
+        })
+    });
+    rt.block_on(pool.shutdown());
+    let quic = rt.block_on(QuicEcho::start());
+    measure("baseline_quic", quic.pid(), &|| {
+        rt.block_on(async {
+            for _ in 0..CALLS {
+                assert_eq!(quic.echo(&payload).await.len(), 64);
+            }
+        })
+    });
+    drop(quic);
+    let grpc = rt.block_on(GrpcEcho::start());
+    let bytes = bytes::Bytes::from(payload.clone());
+    measure("baseline_grpc", grpc.pid(), &|| {
+        rt.block_on(async {
+            for _ in 0..CALLS {
+                assert_eq!(grpc.client.echo(bytes.clone()).await.len(), 64);
+            }
+        })
+    });
+    support::write_results("wakeups", &serde_json::Value::Object(results));
 }
 
 /// The median time of `calls` 64-byte echo calls, one at a time, in µs.
@@ -339,6 +442,7 @@ fn main() {
     c.final_summary();
     // Not on `--list` or the `--test` pass that `cargo test --benches` makes.
     if !std::env::args().any(|a| a == "--list" || a == "--test") {
+        wakeups_per_call(&rt);
         cpu_per_call(&rt);
         busy_runner(&rt);
         logging_runner(&rt);

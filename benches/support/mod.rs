@@ -3,6 +3,8 @@
 //! `benches/summary.py`.
 #![allow(dead_code)]
 
+pub mod grpc;
+
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
@@ -39,6 +41,9 @@ pub fn run_peer_if_asked() {
             .unwrap()
             .block_on(quic_peer(BootToken::decode(&arg).unwrap())),
         "tcp" => tcp_peer(&arg),
+        "grpc" => tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(grpc::serve(arg.parse().unwrap())),
         other => panic!("unknown peer kind {other}"),
     }
     std::process::exit(0);
@@ -117,6 +122,11 @@ impl QuicEcho {
         }
     }
 
+    /// The peer process's pid.
+    pub fn pid(&self) -> u32 {
+        self._peer.0.id()
+    }
+
     pub async fn echo(&self, payload: &[u8]) -> Vec<u8> {
         let (mut send, mut recv) = self.connection.open_bi().await.unwrap();
         send.write_all(payload).await.unwrap();
@@ -149,6 +159,32 @@ async fn quic_peer(token: BootToken) {
                 let _ = send.finish();
             }
         });
+    }
+}
+
+/// Baseline C: tonic gRPC unary echo, plaintext, to a peer process (see [`grpc`]).
+pub struct GrpcEcho {
+    pub client: grpc::GrpcClient,
+    _peer: Peer,
+}
+
+impl GrpcEcho {
+    pub async fn start() -> Self {
+        // A free port for the peer to bind: taken here and let go at once.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let peer = Peer(spawn_peer("grpc", &addr.to_string()));
+        Self {
+            client: grpc::GrpcClient::connect(addr).await,
+            _peer: peer,
+        }
+    }
+
+    /// The peer process's pid.
+    pub fn pid(&self) -> u32 {
+        self._peer.0.id()
     }
 }
 
@@ -353,6 +389,24 @@ impl RawParent {
         send.finish().unwrap();
         recv.read_to_end(1 << 30).await.unwrap()
     }
+}
+
+/// How many times the threads of process `pid` have blocked so far (voluntary context
+/// switches, from /proc): each is a sleep that a later wake-up ends.
+pub fn blocks_of(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// CPU time (user + system) of this process so far.
