@@ -30,6 +30,18 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 pub const CONCURRENCY: u32 = 256;
 
+/// The congestion controller of every connection in the benches, Firebrand's and baseline A's
+/// alike: the default (BBR), or `FIREBRAND_BENCH_CONGESTION=cubic` (or `newreno`), to compare
+/// them in the same bench.
+pub fn congestion() -> firebrand::CongestionControl {
+    match std::env::var("FIREBRAND_BENCH_CONGESTION").as_deref() {
+        Ok("cubic") => firebrand::CongestionControl::Cubic,
+        Ok("newreno") => firebrand::CongestionControl::NewReno,
+        Ok("bbr") | Err(_) => firebrand::CongestionControl::Bbr,
+        Ok(other) => panic!("FIREBRAND_BENCH_CONGESTION={other}: bbr, cubic or newreno"),
+    }
+}
+
 /// If this process was started as a baseline peer, serves as one and exits.
 pub fn run_peer_if_asked() {
     let Ok(kind) = std::env::var(PEER_ENV) else {
@@ -75,7 +87,7 @@ fn test_parent() -> (quinn::Endpoint, BootToken) {
     let endpoint = transport::server_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         tls::server_crypto(ca.cert(), &server).unwrap(),
-        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1, Default::default()),
+        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, 1, congestion()),
     )
     .unwrap();
     let id = uuid::Uuid::new_v4();
@@ -142,7 +154,7 @@ async fn quic_peer(token: BootToken) {
     let endpoint = transport::client_endpoint(
         target,
         crypto,
-        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, CONCURRENCY, Default::default()),
+        transport::transport_config(PEER_TIMEOUT, KEEP_ALIVE, CONCURRENCY, congestion()),
     )
     .unwrap();
     let connection = endpoint
@@ -237,6 +249,7 @@ pub async fn warm_pool(runners: usize) -> Pool {
         .min_idle_shutdown_after(None)
         .peer_timeout(PEER_TIMEOUT)
         .keep_alive(KEEP_ALIVE)
+        .congestion_control(congestion())
         .max_payload_len(1 << 30)
         .build()
         .await
