@@ -25,17 +25,10 @@ fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let pool = rt.block_on(warm_pool(1));
     group.bench_function("firebrand", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut nanos = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
-                    nanos.push(started.elapsed().as_nanos() as u64);
-                    assert_eq!(reply.unwrap().len(), 64);
-                }
-                latencies.record("firebrand", nanos.clone());
-                Duration::from_nanos(nanos.iter().sum())
-            })
+            rt.block_on(one_at_a_time(&latencies, "firebrand", iters, || async {
+                let reply = pool.call(&ECHO_BYTES, ByteBuf::from(payload.clone())).await;
+                reply.unwrap().len()
+            }))
         })
     });
     rt.block_on(pool.shutdown());
@@ -43,17 +36,12 @@ fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let quic = rt.block_on(QuicEcho::start());
     group.bench_function("baseline_quic", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut nanos = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    let reply = quic.echo(&payload).await;
-                    nanos.push(started.elapsed().as_nanos() as u64);
-                    assert_eq!(reply.len(), 64);
-                }
-                latencies.record("baseline_quic", nanos.clone());
-                Duration::from_nanos(nanos.iter().sum())
-            })
+            rt.block_on(one_at_a_time(
+                &latencies,
+                "baseline_quic",
+                iters,
+                || async { quic.echo(&payload).await.len() },
+            ))
         })
     });
     drop(quic);
@@ -62,17 +50,12 @@ fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let bytes = bytes::Bytes::from(payload.clone());
     group.bench_function("baseline_grpc", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut nanos = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    let reply = grpc.client.echo(bytes.clone()).await;
-                    nanos.push(started.elapsed().as_nanos() as u64);
-                    assert_eq!(reply.len(), 64);
-                }
-                latencies.record("baseline_grpc", nanos.clone());
-                Duration::from_nanos(nanos.iter().sum())
-            })
+            rt.block_on(one_at_a_time(
+                &latencies,
+                "baseline_grpc",
+                iters,
+                || async { grpc.client.echo(bytes.clone()).await.len() },
+            ))
         })
     });
     drop(grpc);
@@ -93,6 +76,38 @@ fn latency(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     });
     group.finish();
     support::write_results("latency", &latencies.summary());
+}
+
+/// `iters` 64-byte echoes by `call` (which returns the reply's length), one at a time: their
+/// total time, with each one's recorded under `name`.
+async fn one_at_a_time<F, Fut>(latencies: &Latencies, name: &str, iters: u64, call: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    let mut nanos = Vec::with_capacity(iters as usize);
+    for _ in 0..iters {
+        let started = Instant::now();
+        let len = call().await;
+        nanos.push(started.elapsed().as_nanos() as u64);
+        assert_eq!(len, 64);
+    }
+    latencies.record(name, nanos.clone());
+    Duration::from_nanos(nanos.iter().sum())
+}
+
+/// `iters` echoes of `size` bytes by `call` (which returns the reply's length), one after the
+/// other: their total time.
+async fn echoes<F, Fut>(iters: u64, size: usize, call: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    let started = Instant::now();
+    for _ in 0..iters {
+        assert_eq!(call().await, size);
+    }
+    started.elapsed()
 }
 
 fn throughput(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
@@ -200,15 +215,11 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             &size,
             |b, _| {
                 b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let started = Instant::now();
-                        for _ in 0..iters {
-                            // As the Firebrand caller does: its own copy of the data each time.
-                            let sent = bytes::Bytes::from(data.clone());
-                            assert_eq!(grpc.client.echo(sent).await.len(), size);
-                        }
-                        started.elapsed()
-                    })
+                    // As the Firebrand caller does: its own copy of the data each time.
+                    rt.block_on(echoes(iters, size, || async {
+                        let sent = bytes::Bytes::from(data.clone());
+                        grpc.client.echo(sent).await.len()
+                    }))
                 })
             },
         );
@@ -217,26 +228,18 @@ fn payload(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             &size,
             |b, _| {
                 b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let started = Instant::now();
-                        for _ in 0..iters {
-                            assert_eq!(quic.echo(&data).await.len(), size);
-                        }
-                        started.elapsed()
-                    })
+                    rt.block_on(echoes(iters, size, || async {
+                        quic.echo(&data).await.len()
+                    }))
                 })
             },
         );
         group.bench_with_input(BenchmarkId::new("firebrand", size >> 20), &size, |b, _| {
             b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        let reply = pool.call(&ECHO_BYTES, ByteBuf::from(data.clone())).await;
-                        assert_eq!(reply.unwrap().len(), size);
-                    }
-                    started.elapsed()
-                })
+                rt.block_on(echoes(iters, size, || async {
+                    let reply = pool.call(&ECHO_BYTES, ByteBuf::from(data.clone())).await;
+                    reply.unwrap().len()
+                }))
             })
         });
     }

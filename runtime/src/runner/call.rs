@@ -75,6 +75,9 @@ pub(crate) async fn serve_call(
         // that the limit holds even against a parent that does not. The permit goes with the
         // job, not this stream: a job that cannot be interrupted keeps its slot until it ends.
         let permit = tokio::select! {
+            // The permit first: it is free at once on the warm path, where polling the token
+            // first would register a waiter with it for nothing.
+            biased;
             permit = Arc::clone(&cx.slots).acquire_owned() => permit,
             () = cx.released.cancelled() => return,
         };
