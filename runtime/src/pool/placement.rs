@@ -221,6 +221,10 @@ pub struct Scheduler<W, H> {
     claims: usize,
     /// `min` runners idled out, and `min` is not kept until the next call.
     min_lapsed: bool,
+    /// A boot failed for good (a refused config, a parent pod gone): nothing boots again, for
+    /// `min` or for the callers already waiting, until a call arrives, a resize asks, or a boot
+    /// already under way comes up.
+    boots_refused: bool,
     actions: Vec<Action<W, H>>,
 }
 
@@ -258,6 +262,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
             parked: 0,
             claims: 0,
             min_lapsed: false,
+            boots_refused: false,
             actions: Vec::new(),
         }
     }
@@ -347,9 +352,11 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         if self.closed {
             return Arrival::Refused(CallError::Closed);
         }
-        if self.min_lapsed {
-            // Demand is back: `min` is kept again from now on.
+        if self.min_lapsed || self.boots_refused {
+            // Demand is back: `min` is kept again from now on, and a refused boot is tried
+            // again for it.
             self.min_lapsed = false;
+            self.boots_refused = false;
             self.plan_boots();
         }
         while self.waiters.front().is_some_and(|(_, _, w)| w.is_gone()) {
@@ -461,6 +468,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
         }
         self.boot_failures = 0;
         self.last_boot_error = None;
+        self.boots_refused = false;
         let slot = Slot {
             handle,
             seq: self.next_seq,
@@ -512,7 +520,14 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
                 });
             }
         }
-        if permanent || self.closed || self.retry_at.is_some() {
+        if permanent {
+            // Not retried, whatever else was pending: every later event (a runner gone, a
+            // tick) would otherwise boot `min` into the same refusal again, forever.
+            self.boots_refused = true;
+            self.retry_at = None;
+            return;
+        }
+        if self.closed || self.retry_at.is_some() {
             return;
         }
         let first = self.rules.boot_retry_after;
@@ -588,6 +603,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
     /// New limits. Shrinking drains runners, least busy first; growing boots what is needed. A
     /// lower `max_concurrency` applies to every runner at once.
     pub fn resize(&mut self, limits: Limits) {
+        self.boots_refused = false;
         let concurrency_changed = limits.max_concurrency != self.limits.max_concurrency;
         self.limits = limits;
         if concurrency_changed {
@@ -773,7 +789,7 @@ impl<W: Waiter, H: Clone> Scheduler<W, H> {
 
     /// Boots what `min`, the waiting callers and pre-warming need, within `max`.
     fn plan_boots(&mut self) {
-        if self.closed {
+        if self.closed || self.boots_refused {
             return;
         }
         let limits = self.limits;

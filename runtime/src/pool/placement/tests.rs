@@ -423,6 +423,29 @@ fn a_permanent_boot_failure_fails_callers_at_once_and_is_not_retried() {
     assert_eq!(boots(&taken(&mut s)).len(), 1);
 }
 
+/// A pool whose parent pod was deleted booted `min` runner pods, which the garbage collector
+/// took at once, for as long as it ran: each refusal was followed by another boot (a runner
+/// gone, a retry already due). A permanent refusal stops `min` too until a call arrives.
+#[test]
+fn a_permanent_boot_failure_stops_min_boots_until_a_call() {
+    let mut s = TestScheduler::new(rules(), limits(2, 2, 1));
+    s.plan_boots();
+    let booted = boots(&taken(&mut s));
+    assert_eq!(booted.len(), 2);
+    // One fails as it may pass, which schedules a retry; the other for good.
+    s.boot_failed(booted[0].0, failed(false), Duration::ZERO);
+    s.boot_failed(booted[1].0, failed(true), Duration::ZERO);
+    taken(&mut s);
+    s.tick(Duration::from_secs(60));
+    assert!(
+        boots(&taken(&mut s)).is_empty(),
+        "retried after a refusal for good"
+    );
+    // A call asks again.
+    arrive(&mut s, 0).unwrap_err();
+    assert!(!boots(&taken(&mut s)).is_empty());
+}
+
 #[test]
 fn a_runner_known_dead_gets_no_call() {
     let (mut s, ids) = with_runners(rules(), 2, 1);
